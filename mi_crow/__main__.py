@@ -1,0 +1,3 @@
+from mi_crow.cli import main
+
+raise SystemExit(main())
