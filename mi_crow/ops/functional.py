@@ -1,0 +1,173 @@
+"""Public functional API of the accelerated TopK SAE ops.
+
+These wrappers validate arguments (clear ``TypeError``/``ValueError`` naming the argument) and call the
+``mi_crow`` custom ops; the dispatcher picks the kernel from the tensors' device.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class TopKCode(NamedTuple):
+    """A sparse TopK code.
+
+    Attributes:
+        values: ``[tokens, k]`` after ReLU (may be 0), sorted descending per row.
+        indices: ``[tokens, k]`` int64 latent indices.
+        aux_values: ``[tokens, k_aux]`` top-k_aux among the dead latents (after ReLU), or None.
+        aux_indices: ``[tokens, k_aux]`` int64, or None. Padding slots (fewer dead latents than ``k_aux``) hold
+            value 0 and index 0.
+    """
+
+    values: Tensor
+    indices: Tensor
+    aux_values: Tensor | None = None
+    aux_indices: Tensor | None = None
+
+
+def _check_tensor(fn: str, name: str, t: object, ndim: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _check_float(fn: str, name: str, t: Tensor) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}"
+        )
+
+
+def _check_int(fn: str, name: str, v: object, low: int, high: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__} {v!r}")
+    if not low <= v <= high:
+        raise ValueError(f"{fn}: {name} must be in [{low}, {high}], got {v}")
+    return v
+
+
+def _check_device(fn: str, ref: Tensor, **tensors: Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but the other tensors are on {ref.device}")
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None = None,
+    k_aux: int = 0,
+) -> TopKCode:
+    """Fused encode + top-k: ``relu(topk((x - b_dec) @ W_enc.T + b_enc, k))``.
+
+    The matrix product runs in ``x.dtype`` (pass bf16 ``x`` and ``W_enc`` for a bf16 encoder product); the
+    biases are cast to ``x.dtype``. On the fused kernels the full ``[tokens, n_latents]`` pre-activation matrix
+    is never materialised. Differentiable w.r.t. ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values``
+    and ``aux_values``.
+
+    Args:
+        x: ``[tokens, d_in]`` inputs (callers flatten leading dimensions).
+        W_enc: ``[n_latents, d_in]`` encoder weight, same dtype as ``x``.
+        b_enc: ``[n_latents]`` encoder bias.
+        b_dec: ``[d_in]`` decoder bias, subtracted from ``x`` before encoding.
+        k: active latents per token, ``1 <= k <= n_latents``.
+        dead_mask: optional ``[n_latents]`` bool, True for dead latents (for the AuxK loss).
+        k_aux: auxiliary latents per token chosen among dead latents, ``0 <= k_aux <= n_latents``.
+
+    Returns:
+        :class:`TopKCode` with ``values``/``indices`` ``[tokens, k]`` and, when ``dead_mask`` is given and
+        ``k_aux > 0``, ``aux_values``/``aux_indices`` ``[tokens, k_aux]`` (else None).
+    """
+    fn = "topk_encode"
+    _check_tensor(fn, "x", x, 2)
+    _check_tensor(fn, "W_enc", W_enc, 2)
+    _check_tensor(fn, "b_enc", b_enc, 1)
+    _check_tensor(fn, "b_dec", b_dec, 1)
+    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
+        _check_float(fn, name, t)
+    n, d = W_enc.shape
+    if x.shape[1] != d:
+        raise ValueError(
+            f"{fn}: x must have d_in = W_enc.shape[1] = {d} columns, got x of shape {tuple(x.shape)}"
+        )
+    if b_enc.shape[0] != n:
+        raise ValueError(f"{fn}: b_enc must have shape [{n}] (n_latents), got {tuple(b_enc.shape)}")
+    if b_dec.shape[0] != d:
+        raise ValueError(f"{fn}: b_dec must have shape [{d}] (d_in), got {tuple(b_dec.shape)}")
+    if W_enc.dtype != x.dtype:
+        raise TypeError(
+            f"{fn}: W_enc must have the dtype of x ({x.dtype}) because the product runs in x.dtype, "
+            f"got {W_enc.dtype}; cast one of them"
+        )
+    _check_int(fn, "k", k, 1, n)
+    _check_int(fn, "k_aux", k_aux, 0, n)
+    if dead_mask is not None:
+        if not isinstance(dead_mask, Tensor):
+            raise TypeError(f"{fn}: dead_mask must be a bool Tensor or None, got {type(dead_mask).__name__}")
+        if dead_mask.dtype != torch.bool:
+            raise TypeError(f"{fn}: dead_mask must have dtype torch.bool, got {dead_mask.dtype}")
+        if dead_mask.shape != (n,):
+            raise ValueError(f"{fn}: dead_mask must have shape [{n}] (n_latents), got {tuple(dead_mask.shape)}")
+    _check_device(fn, x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, dead_mask=dead_mask)
+    if b_enc.dtype != x.dtype:
+        b_enc = b_enc.to(x.dtype)
+    if b_dec.dtype != x.dtype:
+        b_dec = b_dec.to(x.dtype)
+    if dead_mask is None or k_aux == 0:
+        dead_mask, k_aux = None, 0
+    values, indices, aux_values, aux_indices = torch.ops.mi_crow.topk_encode(
+        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux
+    )
+    if dead_mask is None:
+        return TopKCode(values, indices, None, None)
+    return TopKCode(values, indices, aux_values, aux_indices)
+
+
+def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """Sparse decode: ``x_hat[b] = b_dec + sum_j values[b, j] * W_dec[indices[b, j]]``.
+
+    Gathers ``k'`` decoder rows per token instead of a dense ``[tokens, n_latents] @ W_dec`` product. Values
+    and ``b_dec`` are cast to ``W_dec.dtype``. Differentiable w.r.t. ``values``, ``W_dec`` and ``b_dec``; the
+    decoder-weight gradient is a scatter-add over the active rows only.
+
+    Args:
+        values: ``[tokens, k']`` code values (any ``k'``, e.g. a modified code with extra latents).
+        indices: ``[tokens, k']`` int64 latent indices in ``[0, n_latents)``.
+        W_dec: ``[n_latents, d_in]`` decoder weight.
+        b_dec: ``[d_in]`` decoder bias.
+
+    Returns:
+        ``[tokens, d_in]`` reconstruction in ``W_dec.dtype``.
+    """
+    fn = "sparse_decode"
+    _check_tensor(fn, "values", values, 2)
+    _check_tensor(fn, "indices", indices, 2)
+    _check_tensor(fn, "W_dec", W_dec, 2)
+    _check_tensor(fn, "b_dec", b_dec, 1)
+    for name, t in (("values", values), ("W_dec", W_dec), ("b_dec", b_dec)):
+        _check_float(fn, name, t)
+    if indices.dtype != torch.int64:
+        raise TypeError(f"{fn}: indices must have dtype torch.int64, got {indices.dtype}")
+    if indices.shape != values.shape:
+        raise ValueError(
+            f"{fn}: indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}"
+        )
+    if b_dec.shape[0] != W_dec.shape[1]:
+        raise ValueError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
+    _check_device(fn, W_dec, values=values, indices=indices, b_dec=b_dec)
+    if values.dtype != W_dec.dtype:
+        values = values.to(W_dec.dtype)
+    if b_dec.dtype != W_dec.dtype:
+        b_dec = b_dec.to(W_dec.dtype)
+    return torch.ops.mi_crow.sparse_decode(values, indices, W_dec, b_dec)

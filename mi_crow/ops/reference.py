@@ -1,0 +1,133 @@
+"""Plain-PyTorch references of the ``mi_crow`` ops: the specification, the fallback and the benchmark baseline.
+
+Each function has exactly the signature of its op (see :mod:`mi_crow.ops.schemas`) and is differentiable by
+ordinary autograd when called directly. Low-precision inputs are accumulated in float32 and the result is cast
+back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Bounds the [chunk, k, d] temporary of gather_dot_ref, so the fallback never needs a [B*k, d] buffer at once.
+_GATHER_CHUNK_ELEMENTS = 1 << 22
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def topk_encode_ref(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None,
+    k_aux: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Encode and keep the top-k latents per token.
+
+    ``pre = (x - b_dec) @ W_enc.T + b_enc`` is computed in ``x.dtype``; ``values = relu(topk(pre, k))`` sorted
+    descending. The auxiliary code is the top-``k_aux`` of ``pre`` among latents where ``dead_mask`` is True
+    (ReLU applied). When fewer than ``k_aux`` latents are dead, the missing slots hold value 0 and index 0
+    (a padding slot has value 0, so it contributes nothing to a decode and receives no gradient).
+
+    Args:
+        x: ``[B, d]`` inputs.
+        W_enc: ``[n, d]`` encoder weight.
+        b_enc: ``[n]`` encoder bias.
+        b_dec: ``[d]`` decoder bias, subtracted from ``x`` first.
+        k: active latents per token, ``1 <= k <= n``.
+        dead_mask: ``[n]`` bool or None.
+        k_aux: auxiliary latents per token, ``0 <= k_aux <= n``.
+
+    Returns:
+        ``(values [B, k], indices [B, k] int64, aux_values [B, k_aux], aux_indices [B, k_aux] int64)``; the aux
+        tensors are ``[B, 0]`` when ``k_aux == 0`` or ``dead_mask`` is None.
+    """
+    pre = (x - b_dec) @ W_enc.t() + b_enc
+    top = pre.topk(k, dim=1, sorted=True)
+    values = torch.relu(top.values)
+    indices = top.indices
+    if dead_mask is None or k_aux == 0:
+        empty = x.new_empty((x.shape[0], 0))
+        return values, indices, empty, indices.new_empty((x.shape[0], 0))
+    masked = pre.masked_fill(~dead_mask.to(torch.bool), float("-inf"))
+    aux = masked.topk(k_aux, dim=1, sorted=True)
+    is_pad = torch.isinf(aux.values) & (aux.values < 0)
+    aux_values = torch.relu(aux.values.masked_fill(is_pad, 0.0))
+    aux_indices = aux.indices.masked_fill(is_pad, 0)
+    return values, indices, aux_values, aux_indices
+
+
+def sparse_decode_ref(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    """Decode a sparse code: ``x_hat[b] = b_dec + sum_j values[b, j] * W_dec[indices[b, j]]``.
+
+    Args:
+        values: ``[B, k']`` code values.
+        indices: ``[B, k']`` int64 latent indices.
+        W_dec: ``[n, d]`` decoder weight.
+        b_dec: ``[d]`` decoder bias.
+
+    Returns:
+        ``[B, d]`` reconstruction in ``W_dec.dtype``.
+    """
+    acc = _acc_dtype(W_dec.dtype)
+    if values.shape[1] == 0:
+        return (b_dec.to(acc).expand(values.shape[0], -1)).to(W_dec.dtype).clone()
+    out = F.embedding_bag(indices, W_dec.to(acc), per_sample_weights=values.to(acc), mode="sum")
+    return (out + b_dec.to(acc)).to(W_dec.dtype)
+
+
+def gather_dot_ref(grad_out: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    """Dot each token's vector with its selected rows: ``out[b, j] = <grad_out[b], W[indices[b, j]]>``.
+
+    This is the gradient of :func:`sparse_decode_ref` with respect to ``values``.
+
+    Args:
+        grad_out: ``[B, d]``.
+        indices: ``[B, k]`` int64.
+        W: ``[n, d]``.
+
+    Returns:
+        ``[B, k]`` in ``grad_out.dtype``.
+    """
+    acc = _acc_dtype(grad_out.dtype)
+    B, k = indices.shape
+    d = grad_out.shape[1]
+    chunk = max(1, _GATHER_CHUNK_ELEMENTS // max(1, k * d))
+    parts = []
+    for start in range(0, B, chunk):
+        rows = W[indices[start : start + chunk]].to(acc)  # [chunk, k, d]
+        parts.append(torch.einsum("bkd,bd->bk", rows, grad_out[start : start + chunk].to(acc)))
+    if not parts:
+        return grad_out.new_empty((0, k))
+    return torch.cat(parts).to(grad_out.dtype)
+
+
+def scatter_rows_ref(coef: Tensor, indices: Tensor, x: Tensor, n: int) -> Tensor:
+    """Scatter-add scaled token vectors into latent rows.
+
+    ``out[i] = sum over (b, j) with indices[b, j] == i of coef[b, j] * x[b]``. With ``coef = values`` and
+    ``x = grad_out`` this is the decoder-weight gradient of :func:`sparse_decode_ref`.
+
+    Args:
+        coef: ``[B, k]``.
+        indices: ``[B, k]`` int64.
+        x: ``[B, d]``.
+        n: number of output rows.
+
+    Returns:
+        ``[n, d]`` in ``x.dtype``.
+    """
+    acc = _acc_dtype(x.dtype)
+    out = torch.zeros((n, x.shape[1]), dtype=acc, device=x.device)
+    xa = x.to(acc)
+    ca = coef.to(acc)
+    # One column of the code at a time keeps the temporary at [B, d] instead of [B*k, d].
+    for j in range(indices.shape[1]):
+        out = out.index_add(0, indices[:, j], xa * ca[:, j : j + 1])
+    return out.to(x.dtype)

@@ -1,0 +1,286 @@
+"""Kernel registration for the ``mi_crow`` ops: reference, C++ extension, Triton, fakes and autograd.
+
+Import order matters and is fixed here: schemas are defined first, then the reference is registered as the
+backend-agnostic kernel (``CompositeExplicitAutograd``), then ``mi_crow._C`` is loaded (its
+``TORCH_LIBRARY_IMPL`` blocks add CPU kernels, and CUDA C++ kernels where it was built with CUDA), then the
+Triton launchers are registered for CUDA for every op the extension did not already cover. A device-specific
+kernel always wins over the composite one, so the dispatcher picks the fastest available path from the tensors.
+
+Environment switches (read once, at import):
+
+- ``MI_CROW_DISABLE_EXTENSION=1``: do not load ``mi_crow._C``; CPU uses the reference.
+- ``MI_CROW_DISABLE_TRITON=1``: do not register Triton kernels; CUDA uses the reference.
+- ``MI_CROW_REQUIRE_EXTENSION=1``: a missing or broken ``mi_crow._C`` raises ``ImportError``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from mi_crow.ops import reference
+from mi_crow.ops.schemas import LIB, OP_NAMES, qualname
+
+logger = logging.getLogger(__name__)
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference kernels (every device without a specific kernel)
+# ---------------------------------------------------------------------------------------------------------------
+_REFERENCES = {
+    "topk_encode": reference.topk_encode_ref,
+    "sparse_decode": reference.sparse_decode_ref,
+    "gather_dot": reference.gather_dot_ref,
+    "scatter_rows": reference.scatter_rows_ref,
+}
+for _name, _fn in _REFERENCES.items():
+    LIB.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes and dtypes only, for torch.compile and FakeTensor tracing
+# ---------------------------------------------------------------------------------------------------------------
+@torch.library.register_fake(qualname("topk_encode"))
+def _topk_encode_fake(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor | None, k_aux: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B = x.shape[0]
+    ka = k_aux if dead_mask is not None else 0
+    return (
+        x.new_empty((B, k)),
+        x.new_empty((B, k), dtype=torch.int64),
+        x.new_empty((B, ka)),
+        x.new_empty((B, ka), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake(qualname("sparse_decode"))
+def _sparse_decode_fake(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor) -> Tensor:
+    return W_dec.new_empty((values.shape[0], W_dec.shape[1]))
+
+
+@torch.library.register_fake(qualname("gather_dot"))
+def _gather_dot_fake(grad_out: Tensor, indices: Tensor, W: Tensor) -> Tensor:
+    return grad_out.new_empty((indices.shape[0], indices.shape[1]))
+
+
+@torch.library.register_fake(qualname("scatter_rows"))
+def _scatter_rows_fake(coef: Tensor, indices: Tensor, x: Tensor, n: int) -> Tensor:
+    return x.new_empty((n, x.shape[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd: every backward is expressed with the ops themselves, so it runs on the same fast kernels and never
+# builds a dense [B, n] matrix or a [B*k, d] temporary.
+# ---------------------------------------------------------------------------------------------------------------
+def _sum_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    return t.sum(0, dtype=acc).to(dtype)
+
+
+def _topk_encode_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    x, W_enc, b_enc, b_dec, _k, _dead_mask, _k_aux = inputs
+    values, indices, aux_values, aux_indices = output
+    ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
+    ctx.b_enc_dtype = b_enc.dtype
+
+
+def _topk_encode_backward(ctx, grad_values, _gi, grad_aux_values, _gai):  # type: ignore[no-untyped-def]
+    x, W_enc, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
+    need_x, need_w, need_be, need_bd = ctx.needs_input_grad[:4]
+    n = W_enc.shape[0]
+    coefs, idxs = [], []
+    # ReLU gradient: a slot whose value was clipped to 0 (or an aux padding slot) passes nothing back.
+    if grad_values is not None:
+        coefs.append(grad_values * (values > 0))
+        idxs.append(indices)
+    if grad_aux_values is not None and aux_values.shape[1] > 0:
+        coefs.append(grad_aux_values * (aux_values > 0))
+        idxs.append(aux_indices)
+    grad_x = grad_w = grad_be = grad_bd = None
+    if not coefs:
+        return grad_x, grad_w, grad_be, grad_bd, None, None, None
+    grad_pre = coefs[0] if len(coefs) == 1 else torch.cat(coefs, dim=1)
+    idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs, dim=1)
+    grad_pre = grad_pre.to(x.dtype)
+    if need_w:
+        grad_w = torch.ops.mi_crow.scatter_rows(grad_pre, idx, x - b_dec, n)
+    if need_be:
+        acc = torch.float64 if grad_pre.dtype == torch.float64 else torch.float32
+        grad_be = torch.zeros(n, dtype=acc, device=grad_pre.device)
+        grad_be = grad_be.index_add(0, idx.reshape(-1), grad_pre.reshape(-1).to(acc)).to(ctx.b_enc_dtype)
+    if need_x or need_bd:
+        zero_bias = W_enc.new_zeros((W_enc.shape[1],))
+        gx = torch.ops.mi_crow.sparse_decode(grad_pre, idx, W_enc, zero_bias)
+        if need_x:
+            grad_x = gx.to(x.dtype)
+        if need_bd:
+            grad_bd = -_sum_rows(gx, b_dec.dtype)
+    return grad_x, grad_w, grad_be, grad_bd, None, None, None
+
+
+def _sparse_decode_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    values, indices, W_dec, b_dec = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+    ctx.b_dec_dtype = b_dec.dtype
+
+
+def _sparse_decode_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    values, indices, W_dec = ctx.saved_tensors
+    need_v, _, need_w, need_b = ctx.needs_input_grad
+    grad_out = grad_out.to(W_dec.dtype)
+    grad_v = grad_w = grad_b = None
+    if need_v:
+        grad_v = torch.ops.mi_crow.gather_dot(grad_out, indices, W_dec).to(values.dtype)
+    if need_w:
+        grad_w = torch.ops.mi_crow.scatter_rows(values.to(grad_out.dtype), indices, grad_out, W_dec.shape[0])
+    if need_b:
+        grad_b = _sum_rows(grad_out, ctx.b_dec_dtype)
+    return grad_v, None, grad_w, grad_b
+
+
+def _gather_dot_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    grad_out, indices, W = inputs
+    ctx.save_for_backward(grad_out, indices, W)
+
+
+def _gather_dot_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    g, indices, W = ctx.saved_tensors
+    need_g, _, need_w = ctx.needs_input_grad
+    grad_g = grad_w = None
+    if need_g:
+        grad_g = torch.ops.mi_crow.sparse_decode(grad.to(W.dtype), indices, W, W.new_zeros((W.shape[1],)))
+        grad_g = grad_g.to(g.dtype)
+    if need_w:
+        grad_w = torch.ops.mi_crow.scatter_rows(grad.to(g.dtype), indices, g, W.shape[0]).to(W.dtype)
+    return grad_g, None, grad_w
+
+
+def _scatter_rows_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    coef, indices, x, _n = inputs
+    ctx.save_for_backward(coef, indices, x)
+
+
+def _scatter_rows_backward(ctx, grad):  # type: ignore[no-untyped-def]
+    coef, indices, x = ctx.saved_tensors
+    need_c, _, need_x, _ = ctx.needs_input_grad
+    grad_c = grad_x = None
+    grad = grad.to(x.dtype)
+    if need_c:
+        grad_c = torch.ops.mi_crow.gather_dot(x, indices, grad).to(coef.dtype)
+    if need_x:
+        grad_x = torch.ops.mi_crow.sparse_decode(coef.to(x.dtype), indices, grad, grad.new_zeros((grad.shape[1],)))
+    return grad_c, None, grad_x, None
+
+
+torch.library.register_autograd(
+    qualname("topk_encode"), _topk_encode_backward, setup_context=_topk_encode_setup
+)
+torch.library.register_autograd(
+    qualname("sparse_decode"), _sparse_decode_backward, setup_context=_sparse_decode_setup
+)
+torch.library.register_autograd(qualname("gather_dot"), _gather_dot_backward, setup_context=_gather_dot_setup)
+torch.library.register_autograd(
+    qualname("scatter_rows"), _scatter_rows_backward, setup_context=_scatter_rows_setup
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Native kernels
+# ---------------------------------------------------------------------------------------------------------------
+def _load_extension() -> ModuleType | None:
+    if _flag("MI_CROW_DISABLE_EXTENSION"):
+        if _flag("MI_CROW_REQUIRE_EXTENSION"):
+            raise ImportError(
+                "mi_crow.ops: MI_CROW_REQUIRE_EXTENSION=1 and MI_CROW_DISABLE_EXTENSION=1 contradict each other; "
+                "unset one of them"
+            )
+        logger.info("mi_crow._C disabled by MI_CROW_DISABLE_EXTENSION; CPU ops use the PyTorch reference")
+        return None
+    try:
+        return importlib.import_module("mi_crow._C")
+    except ImportError as exc:
+        if _flag("MI_CROW_REQUIRE_EXTENSION"):
+            raise ImportError(
+                "mi_crow.ops: MI_CROW_REQUIRE_EXTENSION=1 but the C++ extension mi_crow._C could not be loaded "
+                f"({exc}); build it with `pip install --no-build-isolation -e .` or "
+                "`python setup.py build_ext --inplace`"
+            ) from exc
+        logger.warning("mi_crow._C could not be loaded (%s); CPU ops use the PyTorch reference", exc)
+        return None
+
+
+EXTENSION: ModuleType | None = _load_extension()
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(qualname(op), key))
+
+
+# Ops whose CUDA kernel came from the C++ extension (csrc/cuda/); these take precedence over Triton.
+NATIVE_CUDA_OPS: frozenset[str] = frozenset(
+    op for op in OP_NAMES if EXTENSION is not None and _has_kernel(op, "CUDA")
+)
+NATIVE_CPU_OPS: frozenset[str] = frozenset(op for op in OP_NAMES if EXTENSION is not None and _has_kernel(op, "CPU"))
+
+
+def _register_triton() -> frozenset[str]:
+    if _flag("MI_CROW_DISABLE_TRITON"):
+        logger.info("Triton kernels disabled by MI_CROW_DISABLE_TRITON; CUDA ops without a C++ kernel use the reference")
+        return frozenset()
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return frozenset()
+    try:
+        kernels = importlib.import_module("mi_crow.ops.triton_kernels")
+    except Exception as exc:  # a broken optional backend must never make the package unusable
+        logger.warning("mi_crow.ops.triton_kernels could not be imported (%s); CUDA uses the reference", exc)
+        return frozenset()
+    registered = set()
+    for op in OP_NAMES:
+        launcher = getattr(kernels, f"{op}_triton", None)
+        if launcher is None or op in NATIVE_CUDA_OPS:
+            continue
+        LIB.impl(op, launcher, "CUDA")
+        registered.add(op)
+    return frozenset(registered)
+
+
+TRITON_OPS: frozenset[str] = _register_triton()
+
+
+def backends(device_type: str = "cpu") -> dict[str, str]:
+    """Report which implementation serves each op on a device type.
+
+    Args:
+        device_type: ``"cpu"``, ``"cuda"`` or any other torch device type (e.g. ``"mps"``).
+
+    Returns:
+        Op name -> ``"cpp"`` (C++ CPU kernel), ``"cuda"`` (CUDA C++ kernel), ``"triton"`` or ``"reference"``.
+    """
+    if not isinstance(device_type, str):
+        raise TypeError(f"backends: device_type must be a str such as 'cpu' or 'cuda', got {device_type!r}")
+    device_type = torch.device(device_type).type
+    result = {}
+    for op in OP_NAMES:
+        if device_type == "cpu" and op in NATIVE_CPU_OPS:
+            result[op] = "cpp"
+        elif device_type == "cuda" and op in NATIVE_CUDA_OPS:
+            result[op] = "cuda"
+        elif device_type == "cuda" and op in TRITON_OPS:
+            result[op] = "triton"
+        else:
+            result[op] = "reference"
+    return result

@@ -1,0 +1,38 @@
+"""The one place where the ``mi_crow`` operator schemas are declared.
+
+Every implementation (reference, C++ CPU, Triton, CUDA C++) registers a kernel for exactly these signatures.
+Shapes: tokens ``B``, input width ``d``, latents ``n``, active ``k``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "mi_crow"
+
+SCHEMAS: dict[str, str] = {
+    # x [B, d], W_enc [n, d], b_enc [n], b_dec [d] -> values [B, k], indices [B, k] int64,
+    # aux_values [B, k_aux], aux_indices [B, k_aux] (both [B, 0] when k_aux == 0 or dead_mask is None).
+    "topk_encode": (
+        "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k, Tensor? dead_mask, int k_aux)"
+        " -> (Tensor values, Tensor indices, Tensor aux_values, Tensor aux_indices)"
+    ),
+    # values [B, k'], indices [B, k'] int64, W_dec [n, d], b_dec [d] -> x_hat [B, d]
+    "sparse_decode": "sparse_decode(Tensor values, Tensor indices, Tensor W_dec, Tensor b_dec) -> Tensor",
+    # grad_out [B, d], indices [B, k], W [n, d] -> [B, k]
+    "gather_dot": "gather_dot(Tensor grad_out, Tensor indices, Tensor W) -> Tensor",
+    # coef [B, k], indices [B, k], x [B, d] -> [n, d]
+    "scatter_rows": "scatter_rows(Tensor coef, Tensor indices, Tensor x, int n) -> Tensor",
+}
+
+OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)
+
+# Kept alive for the life of the process: dropping a Library object unregisters what it defined.
+LIB = torch.library.Library(NAMESPACE, "DEF")
+for _schema in SCHEMAS.values():
+    LIB.define(_schema)
+
+
+def qualname(op: str) -> str:
+    """Return the fully qualified operator name, e.g. ``"mi_crow::topk_encode"``."""
+    return f"{NAMESPACE}::{op}"
