@@ -1,0 +1,322 @@
+"""Streaming, shuffled, padding-free reader over a stored activation run.
+
+Design (why it looks like this):
+
+* Each epoch visits the run's complete batch files in an order permuted with ``(seed, epoch)``.
+* Files are consumed in *groups*: consecutive files (in that order) are loaded until the group would exceed
+  ``buffer_tokens`` real tokens. The group's real tokens (padding dropped with the attention mask) go into one
+  preallocated buffer, a random permutation seeded with ``(seed, epoch, group)`` is drawn, and batches are gathered
+  from the buffer with ``index_select`` on slices of that permutation. Tokens that do not fill a last batch are
+  carried into the next group, where they are shuffled again.
+* Because the groups, permutations and carries are all functions of the seed and the per-batch token counts in
+  ``meta.json``, a position in the stream is described by (epoch, first file of the group, group number, batches
+  taken from the group, carried tokens), and resuming from that state re-creates exactly the same batches.
+
+Memory holds one group: at most ``max(buffer_tokens, batch_size - 1 + largest file's tokens)`` token vectors, plus
+one file's padded tensor while it is being loaded, whatever the size of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mi_crow.store.base import _check_segment
+from mi_crow.store.errors import CorruptStoreFileError
+
+if TYPE_CHECKING:
+    from mi_crow.store.base import Store
+
+logger = logging.getLogger(__name__)
+
+_STATE_VERSION = 1
+_MASK64 = (1 << 63) - 1
+
+
+def _mix_seed(*values: int) -> int:
+    # splitmix64-style mixing: nearby (seed, epoch, group) triples give unrelated generator seeds.
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+        h = h * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 29
+    return h & _MASK64
+
+
+def _generator(*values: int) -> torch.Generator:
+    gen = torch.Generator()
+    gen.manual_seed(_mix_seed(*values))
+    return gen
+
+
+def _positive_int(value: object, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} must be an int, got {type(value).__name__} ({value!r})")
+    if value <= 0:
+        raise ValueError(f"{argument} must be > 0, got {value}")
+    return value
+
+
+class ActivationReader:
+    """Iterable of ``Tensor[batch_size, d_in]`` token vectors from one layer of a stored run.
+
+    Only real tokens (``attention_mask == 1``) are yielded; each real token appears exactly once per epoch
+    (with ``drop_last=True`` the last incomplete batch of each epoch is dropped). With ``shuffle=True`` tokens are
+    mixed across files inside a bounded shuffle buffer; with ``shuffle=False`` they come in storage order.
+
+    Iterating continues from the reader's current position; :meth:`state_dict` captures that position and
+    :meth:`load_state_dict` restores it, so a reader restored from a state taken after ``N`` batches yields exactly
+    batches ``N+1, N+2, ...`` of an uninterrupted reader with the same arguments. :meth:`reset` goes back to the start.
+
+    Args:
+        store: the store holding the run.
+        run_id: activation run id.
+        layer: layer name as stored.
+        batch_size: tokens per yielded batch (> 0).
+        shuffle: shuffle file order per epoch and tokens within the buffer.
+        buffer_tokens: shuffle buffer size in tokens (> 0); bounds memory.
+        seed: seed of every permutation.
+        dtype: dtype of yielded tensors (``None`` = as stored).
+        drop_last: drop the last batch of an epoch when it has fewer than ``batch_size`` tokens.
+        epochs: number of passes over the run, or ``None`` for an endless stream.
+
+    Attributes:
+        n_tokens: real tokens per epoch (from ``meta.json``).
+        d_in: width of the layer.
+        batches_per_epoch: batches yielded per epoch.
+        peak_buffered_tokens: the largest number of token vectors held in the buffer so far.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        run_id: str,
+        layer: str,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        buffer_tokens: int = 2**18,
+        seed: int = 0,
+        dtype: torch.dtype | None = None,
+        drop_last: bool = True,
+        epochs: int | None = 1,
+    ) -> None:
+        _check_segment(run_id, "run_id")
+        _check_segment(layer, "layer")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.buffer_tokens = _positive_int(buffer_tokens, "buffer_tokens")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+        if epochs is not None:
+            _positive_int(epochs, "epochs")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+        if dtype is not None and not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        self.store = store
+        self.run_id = run_id
+        self.layer = layer
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.dtype = dtype
+        self.drop_last = bool(drop_last)
+        self.epochs = epochs
+
+        meta = store.read_run_meta(run_id)
+        layer_dims = meta.get("layer_dims", {})
+        if layer not in layer_dims:
+            raise ValueError(f"layer {layer!r} is not stored in run {run_id!r}; stored layers: {sorted(layer_dims)}")
+        self.d_in: int = int(layer_dims[layer])
+        self.files: list[int] = sorted(int(i) for i in meta.get("complete_batches", []))
+        tokens = meta.get("batch_tokens", {})
+        self.file_tokens: dict[int, int] = {i: int(tokens[str(i)]) for i in self.files}
+        self.n_tokens: int = sum(self.file_tokens.values())
+        if self.n_tokens == 0:
+            raise ValueError(f"run {run_id!r} has no real tokens in complete batches (complete: {self.files})")
+        if self.drop_last and self.n_tokens < self.batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} exceeds the {self.n_tokens} tokens of run {run_id!r}: with "
+                "drop_last=True no batch could ever be yielded"
+            )
+        self.stored_dtype = getattr(torch, meta.get("layer_dtypes", {}).get(layer, "float32"))
+        self.out_dtype: torch.dtype = dtype if dtype is not None else self.stored_dtype
+        self.peak_buffered_tokens = 0
+        self.reset()
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def batches_per_epoch(self) -> int:
+        """Number of batches in one epoch."""
+        full, rest = divmod(self.n_tokens, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an ActivationReader with epochs=None is endless and has no len()")
+        return self.batches_per_epoch * self.epochs
+
+    def __repr__(self) -> str:
+        return (f"ActivationReader(run_id={self.run_id!r}, layer={self.layer!r}, batch_size={self.batch_size}, "
+                f"n_tokens={self.n_tokens}, d_in={self.d_in}, shuffle={self.shuffle}, epochs={self.epochs})")
+
+    # ------------------------------------------------------------------ position
+    def reset(self) -> None:
+        """Go back to the start of epoch 0."""
+        self._epoch = 0
+        self._cursor = 0
+        self._group = 0
+        self._taken = 0
+        self._carry = torch.empty(0, self.d_in, dtype=self.out_dtype)
+        self._batches_yielded = 0
+        self._finished = False
+
+    @property
+    def batches_yielded(self) -> int:
+        """Batches yielded since the start (across epochs and resumes)."""
+        return self._batches_yielded
+
+    @property
+    def epoch(self) -> int:
+        """Current epoch (0-based)."""
+        return self._epoch
+
+    def _config(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "layer": self.layer, "batch_size": self.batch_size,
+                "buffer_tokens": self.buffer_tokens, "shuffle": self.shuffle, "seed": self.seed,
+                "drop_last": self.drop_last, "files": list(self.files)}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the stream plus the arguments it depends on.
+
+        Contains only ints, strings, lists and one tensor (the ``[m, d_in]`` carried tokens, ``m < batch_size``), so
+        it can be saved with ``torch.save`` and read back with ``torch.load(weights_only=True)``.
+        """
+        return {
+            "version": _STATE_VERSION,
+            **self._config(),
+            "epoch": self._epoch,
+            "cursor": self._cursor,
+            "group": self._group,
+            "taken": self._taken,
+            "carry": self._carry.clone(),
+            "batches_yielded": self._batches_yielded,
+            "finished": self._finished,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position taken with :meth:`state_dict` from a reader built with the same arguments.
+
+        Raises:
+            ValueError: the state comes from a reader with different arguments or run content (the differing field
+                is named), or is malformed.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict from ActivationReader.state_dict(), got {type(state).__name__}")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"state version must be {_STATE_VERSION}, got {state.get('version')!r}")
+        for name, value in self._config().items():
+            if state.get(name) != value:
+                raise ValueError(
+                    f"state was taken from a reader with {name}={state.get(name)!r}, this reader has {name}={value!r}"
+                )
+        carry = state.get("carry")
+        if not isinstance(carry, torch.Tensor) or carry.dim() != 2 or carry.shape[1] != self.d_in:
+            raise ValueError(f"state['carry'] must be a Tensor[m, {self.d_in}], got {carry!r}")
+        self._epoch = int(state["epoch"])
+        self._cursor = int(state["cursor"])
+        self._group = int(state["group"])
+        self._taken = int(state["taken"])
+        self._carry = carry.to(self.out_dtype).clone()
+        self._batches_yielded = int(state["batches_yielded"])
+        self._finished = bool(state["finished"])
+
+    # ------------------------------------------------------------------ iteration
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(self.files)
+        perm = torch.randperm(len(self.files), generator=_generator(self.seed, epoch, -1))
+        return [self.files[i] for i in perm.tolist()]
+
+    def _group_files(self, order: list[int], cursor: int, carried: int) -> list[int]:
+        files: list[int] = []
+        total = carried
+        for index in order[cursor:]:
+            n = self.file_tokens[index]
+            if files and total + n > self.buffer_tokens:
+                break
+            files.append(index)
+            total += n
+            if total >= self.buffer_tokens:
+                break
+        return files
+
+    def _load_group(self, files: list[int], carry: torch.Tensor) -> torch.Tensor:
+        total = carry.shape[0] + sum(self.file_tokens[i] for i in files)
+        buffer = torch.empty(total, self.d_in, dtype=self.out_dtype)
+        buffer[: carry.shape[0]].copy_(carry)
+        offset = carry.shape[0]
+        for index in files:
+            batch = self.store._load_layer_file(self.run_id, index, self.layer)
+            acts, mask = batch.activations, batch.attention_mask
+            n = self.file_tokens[index]
+            key = self.store.batch_key(self.run_id, index, self.layer)
+            if acts.shape[2] != self.d_in:
+                raise CorruptStoreFileError(
+                    f"{self.store.location(key)} has width {acts.shape[2]}, meta.json says d={self.d_in}")
+            rows = mask.reshape(-1).nonzero().squeeze(1)
+            if rows.numel() != n:
+                raise CorruptStoreFileError(
+                    f"{self.store.location(key)} has {rows.numel()} real tokens, meta.json says {n}")
+            flat = acts.reshape(-1, self.d_in)
+            if flat.dtype == self.out_dtype:
+                torch.index_select(flat, 0, rows, out=buffer[offset: offset + n])
+            else:
+                buffer[offset: offset + n].copy_(flat.index_select(0, rows))
+            offset += n
+        self.peak_buffered_tokens = max(self.peak_buffered_tokens, total)
+        return buffer
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        bs = self.batch_size
+        while not self._finished:
+            order = self._epoch_order(self._epoch)
+            while self._cursor < len(order):
+                files = self._group_files(order, self._cursor, self._carry.shape[0])
+                last_group = self._cursor + len(files) >= len(order)
+                buffer = self._load_group(files, self._carry)
+                total = buffer.shape[0]
+                perm = (torch.randperm(total, generator=_generator(self.seed, self._epoch, self._group))
+                        if self.shuffle else None)
+                n_full = total // bs
+                while self._taken < n_full:
+                    start = self._taken * bs
+                    batch = (buffer.index_select(0, perm[start: start + bs]) if perm is not None
+                             else buffer[start: start + bs].clone())
+                    self._taken += 1
+                    self._batches_yielded += 1
+                    yield batch
+                rest = (perm[n_full * bs:] if perm is not None
+                        else torch.arange(n_full * bs, total))
+                if last_group:
+                    if rest.numel() and not self.drop_last and self._taken == n_full:
+                        self._taken += 1
+                        self._batches_yielded += 1
+                        yield buffer.index_select(0, rest)
+                    carry = buffer[:0].clone()
+                else:
+                    carry = buffer.index_select(0, rest)
+                del buffer
+                self._carry = carry
+                self._cursor += len(files)
+                self._group += 1
+                self._taken = 0
+            self._epoch += 1
+            self._cursor = 0
+            self._group = 0
+            self._carry = self._carry[:0]
+            if self.epochs is not None and self._epoch >= self.epochs:
+                self._finished = True
