@@ -1,0 +1,36 @@
+"""TopK sparse autoencoders: the model (`TopKSae`), its training (`SaeTrainer`, `SaeTrainingConfig`), evaluation
+(`evaluate`) and concepts (`AutoencoderConcepts`, in ``concepts.py``)."""
+
+from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_median
+from mi_crow.mechanistic.sae.sae import SaeOutput, SparseCode, TopKSae
+from mi_crow.mechanistic.sae.trainer import (
+    LossOutput,
+    NonFiniteTrainingError,
+    SaeTrainer,
+    StepInfo,
+    TrainingResult,
+    lr_at_step,
+)
+
+__all__ = [
+    "LossOutput",
+    "NonFiniteTrainingError",
+    "SaeOutput",
+    "SaeTrainer",
+    "SaeTrainingConfig",
+    "SparseCode",
+    "StepInfo",
+    "TensorActivationReader",
+    "TopKSae",
+    "TrainingResult",
+    "geometric_median",
+    "lr_at_step",
+]
+
+try:  # concepts.py is written separately; the SAE works without it
+    from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts  # noqa: F401
+except ImportError:
+    pass
+else:
+    __all__.append("AutoencoderConcepts")

@@ -1,0 +1,302 @@
+"""Configuration of TopK sparse-autoencoder training.
+
+`SaeTrainingConfig` holds every knob of `SaeTrainer`. It validates itself on construction (naming the field and the
+value that is wrong) and round-trips through JSON so that the configuration of a run is saved beside its history,
+its checkpoints and the trained SAE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["SaeTrainingConfig"]
+
+_LR_DECAYS = ("none", "linear", "cosine")
+_B_DEC_INITS = ("geometric_median", "mean", "zeros")
+_ENCODE_DTYPES = ("float32", "bfloat16")
+_OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class SaeTrainingConfig:
+    """Every knob of TopK SAE training (see `SaeTrainer`).
+
+    The defaults follow OpenAI's "Scaling and evaluating sparse autoencoders" (Gao et al., 2024): Adam with a learning
+    rate scaled by the dictionary size, MSE plus AuxK on dead latents with coefficient 1/32 and ``k_aux = d_in / 2``,
+    unit-norm decoder rows, decoder bias initialised to the geometric median of the data and the encoder initialised as
+    the decoder's transpose.
+
+    Raises:
+        ValueError / TypeError: from ``__post_init__`` when a field has a wrong type or value; the message names the
+            field, the value and what was expected.
+    """
+
+    n_tokens: int | None = None
+    """Token budget: train for ``n_tokens // batch_size`` optimizer steps (the data is repeated, reshuffled, if the run
+    is shorter). Mutually exclusive with ``epochs``; when both are None, one epoch over the run is used."""
+
+    epochs: float | None = None
+    """Number of passes over the activation run (fractions allowed). Mutually exclusive with ``n_tokens``."""
+
+    batch_size: int = 4096
+    """Tokens (activation vectors) per optimizer step."""
+
+    lr: float | None = None
+    """Peak learning rate. None scales it with the dictionary size as in OpenAI's paper:
+    ``2e-4 / sqrt(n_latents / 2**14)``."""
+
+    warmup_steps: int | None = None
+    """Steps of linear learning-rate warm-up from 0. None means ``min(1000, total_steps // 20)``."""
+
+    lr_decay: str = "linear"
+    """Learning-rate decay after ``lr_decay_start``: ``"none"``, ``"linear"`` or ``"cosine"``."""
+
+    lr_decay_start: float = 0.8
+    """Fraction of the total steps after which the learning rate starts to decay (in [0, 1])."""
+
+    lr_final_fraction: float = 0.0
+    """Learning rate at the last step as a fraction of the peak (in [0, 1])."""
+
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2), each in [0, 1)."""
+
+    adam_eps: float = 6.25e-10
+    """Adam's epsilon (OpenAI's value)."""
+
+    optimizer_impl: str = "auto"
+    """Adam implementation: ``"fused"``, ``"foreach"``, ``"for_loop"`` or ``"auto"`` (fused where torch offers it for
+    the parameters' device and dtype, else foreach)."""
+
+    auxk_coef: float = 1.0 / 32.0
+    """Weight of the AuxK loss (0 turns it off)."""
+
+    k_aux: int | None = None
+    """Number of dead latents used by the AuxK loss. None means ``n_inputs // 2`` (capped at ``n_latents``)."""
+
+    dead_window_tokens: int = 10_000_000
+    """A latent is dead when it has not been active (value > 0) on any of the last ``dead_window_tokens`` tokens."""
+
+    normalize_decoder: bool = True
+    """Keep decoder rows at unit norm: the gradient component along each row is removed before the optimizer step and
+    the rows are renormalised after it."""
+
+    b_dec_init: str = "geometric_median"
+    """Decoder-bias initialisation from a sample of the data: ``"geometric_median"``, ``"mean"`` or ``"zeros"``."""
+
+    b_dec_init_tokens: int = 32768
+    """Size of the data sample used for ``b_dec_init``."""
+
+    init_encoder_from_decoder: bool = True
+    """Initialise the encoder weight as the decoder's transpose (``W_enc = W_dec`` in the [n_latents, d_in] layout)."""
+
+    reinit_weights: bool = True
+    """Draw fresh unit-norm decoder rows from ``seed`` before training; False keeps the SAE's current weights (for
+    fine-tuning an existing SAE; ``b_dec_init`` and ``init_encoder_from_decoder`` still apply)."""
+
+    seed: int = 0
+    """Seed of the weight initialisation and of the data shuffling."""
+
+    encode_dtype: str = "float32"
+    """dtype of the encoder matrix product: ``"float32"`` or ``"bfloat16"`` (x and the encoder weights are cast for that
+    product only; the master weights, the decoder and the optimizer stay in the SAE's dtype)."""
+
+    shuffle: bool = True
+    """Shuffle tokens across the run's files (through the store reader's shuffle buffer)."""
+
+    shuffle_buffer_tokens: int | None = None
+    """Size of the reader's shuffle buffer in tokens; None uses the store's default."""
+
+    log_every: int = 50
+    """Record metrics in the history (and the progress bar) every this many steps."""
+
+    checkpoint_every: int | None = 1000
+    """Write a checkpoint every this many steps; None turns checkpointing off."""
+
+    resume: bool = False
+    """Continue from the last checkpoint of ``training_run_id`` (which must then be given). Without a checkpoint the
+    run starts from scratch."""
+
+    training_run_id: str | None = None
+    """Name of the training run (``runs/<training_run_id>/``). None generates one."""
+
+    sae_id: str | None = None
+    """Name under which the trained SAE is saved (``sae_models/<sae_id>/``). None uses the training run id."""
+
+    save_sae: bool = True
+    """Save the SAE to the store at the end of training."""
+
+    max_nonfinite_fraction: float = 0.01
+    """Batches with NaN/Inf activations (or a non-finite loss) are skipped; training stops with an error once the
+    skipped fraction exceeds this value (checked after ``nonfinite_grace_batches`` batches and at the end)."""
+
+    nonfinite_grace_batches: int = 100
+    """Number of batches seen before ``max_nonfinite_fraction`` is enforced during training."""
+
+    progress: bool = True
+    """Show a tqdm progress bar with the live metrics."""
+
+    rank: int = 0
+    """Data-parallel rank (reserved for distributed training; must be 0 for now)."""
+
+    world_size: int = 1
+    """Data-parallel world size (reserved for distributed training; must be 1 for now)."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form metadata saved with the configuration (e.g. notes about the experiment)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)  # JSON has no tuples
+        self._check_optional_positive_int("n_tokens")
+        if self.epochs is not None:
+            if not _is_real(self.epochs) or not math.isfinite(self.epochs) or self.epochs <= 0:
+                raise ValueError(f"SaeTrainingConfig.epochs must be a positive number or None, got {self.epochs!r}")
+        if self.n_tokens is not None and self.epochs is not None:
+            raise ValueError(
+                f"SaeTrainingConfig: give either n_tokens or epochs, not both "
+                f"(got n_tokens={self.n_tokens!r}, epochs={self.epochs!r})"
+            )
+        self._check_positive_int("batch_size")
+        if self.n_tokens is not None and self.n_tokens < self.batch_size:
+            raise ValueError(
+                f"SaeTrainingConfig.n_tokens must be at least batch_size={self.batch_size} (one step), "
+                f"got {self.n_tokens!r}"
+            )
+        if self.lr is not None:
+            self._check_positive_real("lr")
+        if self.warmup_steps is not None:
+            if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+                raise ValueError(
+                    f"SaeTrainingConfig.warmup_steps must be a non-negative int or None, got {self.warmup_steps!r}"
+                )
+        self._check_choice("lr_decay", _LR_DECAYS)
+        self._check_unit_interval("lr_decay_start")
+        self._check_unit_interval("lr_final_fraction")
+        betas = self.adam_betas
+        if (
+            not isinstance(betas, tuple)
+            or len(betas) != 2
+            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            raise ValueError(f"SaeTrainingConfig.adam_betas must be two numbers in [0, 1), got {betas!r}")
+        self._check_positive_real("adam_eps")
+        self._check_choice("optimizer_impl", _OPTIMIZER_IMPLS)
+        if not _is_real(self.auxk_coef) or not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
+            raise ValueError(f"SaeTrainingConfig.auxk_coef must be a finite number >= 0, got {self.auxk_coef!r}")
+        self._check_optional_positive_int("k_aux")
+        self._check_positive_int("dead_window_tokens")
+        self._check_bool("normalize_decoder")
+        self._check_choice("b_dec_init", _B_DEC_INITS)
+        self._check_positive_int("b_dec_init_tokens")
+        self._check_bool("init_encoder_from_decoder")
+        self._check_bool("reinit_weights")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"SaeTrainingConfig.seed must be a non-negative int, got {self.seed!r}")
+        self._check_choice("encode_dtype", _ENCODE_DTYPES)
+        self._check_bool("shuffle")
+        self._check_optional_positive_int("shuffle_buffer_tokens")
+        self._check_positive_int("log_every")
+        self._check_optional_positive_int("checkpoint_every")
+        self._check_bool("resume")
+        for name in ("training_run_id", "sae_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not _valid_id(value)):
+                raise ValueError(
+                    f"SaeTrainingConfig.{name} must be None or a non-empty name without '/', '\\\\' or '..', "
+                    f"got {value!r}"
+                )
+        if self.resume and self.training_run_id is None:
+            raise ValueError(
+                "SaeTrainingConfig.resume=True needs training_run_id (the run to continue), got training_run_id=None"
+            )
+        self._check_bool("save_sae")
+        self._check_unit_interval("max_nonfinite_fraction")
+        self._check_positive_int("nonfinite_grace_batches")
+        self._check_bool("progress")
+        if self.world_size != 1:
+            raise ValueError(
+                f"SaeTrainingConfig.world_size must be 1 (data-parallel training is not implemented yet), "
+                f"got {self.world_size!r}"
+            )
+        if self.rank != 0:
+            raise ValueError(f"SaeTrainingConfig.rank must be 0 while world_size is 1, got {self.rank!r}")
+        if not isinstance(self.extra, dict):
+            raise TypeError(f"SaeTrainingConfig.extra must be a dict, got {type(self.extra).__name__}")
+
+    # -- validation helpers -------------------------------------------------------------------------------------
+    def _check_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value <= 0:
+            raise ValueError(f"SaeTrainingConfig.{name} must be a positive int, got {value!r}")
+
+    def _check_optional_positive_int(self, name: str) -> None:
+        value = getattr(self, name)
+        if value is not None and (not _is_int(value) or value <= 0):
+            raise ValueError(f"SaeTrainingConfig.{name} must be a positive int or None, got {value!r}")
+
+    def _check_positive_real(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_real(value) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"SaeTrainingConfig.{name} must be a positive finite number, got {value!r}")
+
+    def _check_unit_interval(self, name: str) -> None:
+        value = getattr(self, name)
+        if not _is_real(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"SaeTrainingConfig.{name} must be a number in [0, 1], got {value!r}")
+
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ValueError(f"SaeTrainingConfig.{name} must be one of {list(choices)}, got {value!r}")
+
+    def _check_bool(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"SaeTrainingConfig.{name} must be a bool, got {value!r}")
+
+    # -- serialisation ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the configuration as a JSON-compatible dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["adam_betas"] = list(self.adam_betas)
+        return out
+
+    def to_json(self) -> str:
+        """Returns the configuration as a JSON string."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SaeTrainingConfig:
+        """Builds a configuration from `to_dict` output.
+
+        Raises:
+            ValueError: ``data`` has keys that are not fields of the configuration (named in the message).
+        """
+        if not isinstance(data, dict):
+            raise TypeError(f"SaeTrainingConfig.from_dict: data must be a dict, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"SaeTrainingConfig.from_dict: unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> SaeTrainingConfig:
+        """Builds a configuration from `to_json` output."""
+        return cls.from_dict(json.loads(text))
+
+
+def _valid_id(value: str) -> bool:
+    return bool(value) and "/" not in value and "\\" not in value and ".." not in value and value.strip() == value

@@ -1,0 +1,514 @@
+"""`TopKSae`: a TopK sparse autoencoder that is also a hook on a language-model layer."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+import mi_crow
+from mi_crow import ops
+from mi_crow.hooks import Controller, HookType
+
+if TYPE_CHECKING:
+    from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+    from mi_crow.mechanistic.sae.trainer import TrainingResult
+    from mi_crow.store import Store
+
+__all__ = ["SaeOutput", "SparseCode", "TopKSae"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+FORMAT_VERSION = 1
+_MODES = ("observe", "replace")
+_PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SparseCode(NamedTuple):
+    """A TopK code: the ``k`` active latents of each token.
+
+    Attributes:
+        values: ``[..., k]`` activations after ReLU (may be 0), sorted descending.
+        indices: ``[..., k]`` int64 latent indices.
+    """
+
+    values: Tensor
+    indices: Tensor
+
+
+class SaeOutput(NamedTuple):
+    """Result of `TopKSae.forward`.
+
+    Attributes:
+        reconstruction: ``[..., n_inputs]`` decoded input.
+        code: the `SparseCode` (``[..., k]`` values and indices).
+    """
+
+    reconstruction: Tensor
+    code: SparseCode
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sae_key(sae_id: str, name: str = "") -> str:
+    """Store key of a file of a saved SAE: ``sae_models/<sae_id>/<name>``."""
+    if not isinstance(sae_id, str) or not sae_id or "/" in sae_id or "\\" in sae_id or ".." in sae_id:
+        raise ValueError(f"sae_id must be a non-empty name without '/', '\\\\' or '..', got {sae_id!r}")
+    return f"sae_models/{sae_id}/{name}" if name else f"sae_models/{sae_id}"
+
+
+class TopKSae(nn.Module, Controller):
+    """TopK sparse autoencoder (Gao et al., 2024) that can be attached to a layer as a forward hook.
+
+    ``code = topk(relu((x - b_dec) @ W_enc.T + b_enc), k)`` and ``x_hat = b_dec + sum_j values_j * W_dec[idx_j]``.
+    The encoder, top-k and sparse decoder run on the `mi_crow.ops` kernels (C++ on CPU, Triton on CUDA).
+
+    Attached to a layer (``lm.attach_sae(sae, layer)``) the SAE encodes every token of the layer's output:
+    - ``mode="observe"`` (default) and no concept manipulation: the output is returned untouched (bit-exact); the
+      codes only feed concept tracking;
+    - with manipulations (``sae.concepts``): ``output + decode(modified code) - decode(code)``, so the
+      reconstruction error is kept and only the change is added;
+    - ``mode="replace"``: the output is replaced by the reconstruction (of the modified code, if any).
+    The SAE computes in its own dtype and casts its result back to the layer's dtype (bf16 models work).
+
+    Args:
+        n_latents: dictionary size ``n`` (positive int).
+        n_inputs: input width ``d`` (positive int), the hidden size of the layer it reads.
+        k: active latents per token, ``1 <= k <= n_latents``; used everywhere (encode, training, hooks).
+        device: where the parameters live.
+        dtype: floating dtype of the parameters.
+        mode: ``"observe"`` or ``"replace"`` (see above).
+        layer_signature: the layer this SAE belongs to (set by ``lm.attach_sae``; also saved with the SAE).
+        hook_id: the hook id (random when omitted).
+
+    Parameters (``nn.Parameter``): ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]`` with unit-norm rows,
+    ``b_dec [d]``.
+
+    Raises:
+        TypeError / ValueError: a size is not a positive int, ``k > n_latents``, an unknown mode or a non-floating
+            dtype.
+    """
+
+    def __init__(
+        self,
+        n_latents: int,
+        n_inputs: int,
+        k: int,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        mode: str = "observe",
+        layer_signature: str | int | None = None,
+        hook_id: str | None = None,
+    ) -> None:
+        for name, value in (("n_latents", n_latents), ("n_inputs", n_inputs), ("k", k)):
+            if not _is_int(value):
+                raise TypeError(f"TopKSae: {name} must be a positive int, got {type(value).__name__}: {value!r}")
+            if value <= 0:
+                raise ValueError(f"TopKSae: {name} must be a positive int, got {value!r}")
+        if k > n_latents:
+            raise ValueError(f"TopKSae: k must be <= n_latents={n_latents}, got k={k}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"TopKSae: dtype must be a floating torch.dtype, got {dtype!r}")
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"TopKSae: device must be a torch device or its name, got {device!r}") from exc
+        nn.Module.__init__(self)
+        Controller.__init__(self, layer_signature=layer_signature, hook_type=HookType.FORWARD, hook_id=hook_id)
+        self.n_latents = n_latents
+        self.n_inputs = n_inputs
+        self.k = k
+        self.mode = mode
+        self.W_enc = nn.Parameter(torch.empty(n_latents, n_inputs, device=device, dtype=dtype))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, n_inputs, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(n_inputs, device=device, dtype=dtype))
+        self.reset_parameters()
+        # What the SAE was trained on; written to config.json by `save`.
+        self.metadata: dict[str, Any] = {
+            "layer": layer_signature,
+            "model_id": None,
+            "activation_run_id": None,
+            "training_run_id": None,
+        }
+        self.concepts = self._make_concepts()
+
+    # -- construction helpers ---------------------------------------------------------------------------------
+    def _make_concepts(self) -> Any:
+        try:
+            from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
+        except ImportError:  # concepts are optional for encoding, decoding and training
+            logger.debug("mi_crow.mechanistic.sae.concepts is not available; concept tracking is off")
+            return None
+        return AutoencoderConcepts(self)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw fresh weights: random unit-norm decoder rows, encoder = decoder transpose, zero biases.
+
+        Args:
+            generator: optional CPU generator for reproducible weights (the global RNG otherwise).
+        """
+        w = torch.randn(self.n_latents, self.n_inputs, generator=generator, dtype=torch.float32)
+        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        """``"observe"`` (leave the layer output unchanged unless concepts are manipulated) or ``"replace"``."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in _MODES:
+            raise ValueError(f"TopKSae.mode must be one of {list(_MODES)}, got {value!r}")
+        self._mode = value
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters."""
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the parameters (the dtype the SAE computes in)."""
+        return self.W_dec.dtype
+
+    # -- core ---------------------------------------------------------------------------------------------------
+    def _check_input(self, x: Any, name: str = "x") -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"TopKSae: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"TopKSae: {name} must be a floating tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[-1] != self.n_inputs:
+            raise ValueError(
+                f"TopKSae: {name} must have shape [..., n_inputs={self.n_inputs}], got {tuple(x.shape)}"
+            )
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """Encode inputs into their TopK code.
+
+        Args:
+            x: ``[..., n_inputs]`` inputs (any leading shape; cast to the SAE's device and dtype).
+
+        Returns:
+            `SparseCode` with ``values [..., k]`` (after ReLU, sorted descending) and ``indices [..., k]`` int64.
+        """
+        x = self._check_input(x)
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.n_inputs)
+        code = ops.topk_encode(flat, self.W_enc, self.b_enc, self.b_dec, self.k)
+        return SparseCode(code.values.reshape(*lead, self.k), code.indices.reshape(*lead, self.k))
+
+    def dense(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
+        """Dense view of a sparse code.
+
+        Args:
+            code: values and indices ``[..., k']``.
+
+        Returns:
+            ``[..., n_latents]`` with the code values scattered at their indices, zeros elsewhere.
+        """
+        values, indices = self._unpack_code(code)
+        out = values.new_zeros(*values.shape[:-1], self.n_latents)
+        return out.scatter_add(-1, indices, values)
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        """``dense(encode(x))``: ``[..., n_inputs]`` -> ``[..., n_latents]``."""
+        return self.dense(self.encode(x))
+
+    def _unpack_code(self, code: Any) -> tuple[Tensor, Tensor]:
+        try:
+            values, indices = code[0], code[1]
+        except (TypeError, IndexError, KeyError):
+            raise TypeError(
+                f"TopKSae: code must be a SparseCode or a (values, indices) pair, got {type(code).__name__}"
+            ) from None
+        if not isinstance(values, Tensor) or not isinstance(indices, Tensor):
+            raise TypeError("TopKSae: code values and indices must be tensors")
+        if values.shape != indices.shape or values.dim() == 0:
+            raise ValueError(
+                f"TopKSae: code values and indices must have the same shape [..., k], got "
+                f"{tuple(values.shape)} and {tuple(indices.shape)}"
+            )
+        if indices.dtype != torch.int64:
+            raise TypeError(f"TopKSae: code indices must be int64, got {indices.dtype}")
+        return values, indices
+
+    def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
+        """Reconstruct from a sparse code (any number of active latents ``k'``).
+
+        Args:
+            code: ``values [..., k']`` and int64 ``indices [..., k']``.
+
+        Returns:
+            ``[..., n_inputs]`` reconstruction ``b_dec + sum_j values_j * W_dec[indices_j]`` in the SAE's dtype.
+        """
+        values, indices = self._unpack_code(code)
+        lead = values.shape[:-1]
+        kk = values.shape[-1]
+        flat_v = values.reshape(-1, kk).to(device=self.device, dtype=self.dtype)
+        flat_i = indices.reshape(-1, kk).to(self.device)
+        out = ops.sparse_decode(flat_v, flat_i, self.W_dec, self.b_dec)
+        return out.reshape(*lead, self.n_inputs)
+
+    def forward(self, x: Tensor) -> SaeOutput:
+        """Encode and decode.
+
+        Args:
+            x: ``[..., n_inputs]``.
+
+        Returns:
+            `SaeOutput` with ``reconstruction [..., n_inputs]`` and ``code`` (``[..., k]``).
+        """
+        code = self.encode(x)
+        return SaeOutput(self.decode(code), code)
+
+    # -- hook -----------------------------------------------------------------------------------------------------
+    def modify_activations(self, module: nn.Module, inputs: Any, output: Any) -> Tensor | None:
+        """Forward-hook body (see the class docstring for the three behaviours).
+
+        Args:
+            module: the hooked layer.
+            inputs: the layer's inputs (unused).
+            output: ``[batch, seq, n_inputs]`` (or any ``[..., n_inputs]``) hidden state of the layer.
+
+        Returns:
+            None (observe, nothing manipulated) or a tensor of ``output``'s shape, dtype and device.
+        """
+        if not isinstance(output, Tensor):
+            raise TypeError(f"TopKSae: the hooked layer's output must be a tensor, got {type(output).__name__}")
+        if output.shape[-1] != self.n_inputs:
+            raise ValueError(
+                f"TopKSae: layer output width {output.shape[-1]} does not match the SAE's n_inputs={self.n_inputs}"
+            )
+        code = self.encode(output)
+        concepts = self.concepts
+        modified = None
+        if concepts is not None:
+            if concepts.tracking_enabled:
+                concepts.observe(code.values, code.indices, self.context)
+            modified = concepts.modify_code(code.values, code.indices)
+        if modified is None:
+            if self.mode == "observe":
+                return None
+            return self.decode(code).to(device=output.device, dtype=output.dtype)
+        new_recon = self.decode(SparseCode(modified[0], modified[1]))
+        if self.mode == "replace":
+            return new_recon.to(device=output.device, dtype=output.dtype)
+        # Only the change is added, so the SAE's reconstruction error stays in the stream.
+        delta = new_recon - self.decode(code)
+        return (output.to(self.dtype).to(self.device) + delta).to(device=output.device, dtype=output.dtype)
+
+    # -- nn.Module.train doubles as the training entry point ---------------------------------------------------
+    def train(  # type: ignore[override]
+        self,
+        store: Store | bool = True,
+        run_id: str | None = None,
+        layer: str | None = None,
+        config: SaeTrainingConfig | None = None,
+        **kwargs: Any,
+    ) -> TopKSae | TrainingResult:
+        """Train this SAE on a stored activation run, or set the module's training flag.
+
+        ``sae.train(store, run_id, layer, config)`` is ``SaeTrainer(sae, store).train(run_id, layer, config)``.
+        ``sae.train()`` / ``sae.train(False)`` keep their ``nn.Module`` meaning (``eval()`` relies on it).
+
+        Args:
+            store: the store holding ``activations/<run_id>/`` (or a bool: nn.Module training mode).
+            run_id: activation run to train on.
+            layer: layer name inside the run.
+            config: `SaeTrainingConfig` (defaults when None).
+            **kwargs: passed to `SaeTrainer.train` (e.g. ``callbacks``).
+
+        Returns:
+            `TrainingResult` when training, else ``self``.
+        """
+        if isinstance(store, bool):
+            return nn.Module.train(self, store)
+        from mi_crow.mechanistic.sae.trainer import SaeTrainer
+
+        if run_id is None or layer is None:
+            raise ValueError(f"TopKSae.train: run_id and layer are required, got run_id={run_id!r}, layer={layer!r}")
+        return SaeTrainer(self, store).train(run_id, layer, config, **kwargs)
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """Everything needed to rebuild this SAE (written to ``config.json`` by `save`)."""
+        dtype_name = str(self.dtype).replace("torch.", "")
+        return {
+            "class": type(self).__name__,
+            "format_version": FORMAT_VERSION,
+            "n_latents": self.n_latents,
+            "n_inputs": self.n_inputs,
+            "k": self.k,
+            "dtype": dtype_name,
+            "mode": self.mode,
+            "layer": self.metadata.get("layer"),
+            "model_id": self.metadata.get("model_id"),
+            "activation_run_id": self.metadata.get("activation_run_id"),
+            "training_run_id": self.metadata.get("training_run_id"),
+            "mi_crow_version": mi_crow.__version__,
+        }
+
+    def _state_tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name).detach().to("cpu").contiguous() for name in _PARAM_NAMES}
+
+    def save(self, store: Store, sae_id: str) -> str:
+        """Save weights and configuration to ``sae_models/<sae_id>/`` (atomically, through the store).
+
+        Writes ``model.safetensors`` (W_enc, b_enc, W_dec, b_dec: no pickled code) and ``config.json``; the concept
+        dictionary and manipulations too when the concepts object can save itself.
+
+        Args:
+            store: the destination store.
+            sae_id: name of the saved SAE.
+
+        Returns:
+            The store key of the SAE's folder.
+        """
+        folder = sae_key(sae_id)
+        store.put_tensors(sae_key(sae_id, MODEL_FILE), self._state_tensors(), metadata={"format": "mi_crow.TopKSae"})
+        store.put_json(sae_key(sae_id, CONFIG_FILE), self.config_dict())
+        if self.concepts is not None and hasattr(self.concepts, "save"):
+            self.concepts.save(store, sae_id)
+        logger.info("saved SAE to %s", folder)
+        return folder
+
+    @classmethod
+    def _from_parts(
+        cls,
+        config: dict[str, Any],
+        tensors: dict[str, Tensor],
+        where: str,
+        device: str | torch.device | None,
+    ) -> TopKSae:
+        if not isinstance(config, dict):
+            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} must hold a JSON object")
+        missing = [key for key in ("n_latents", "n_inputs", "k", "dtype") if key not in config]
+        if missing:
+            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} lacks the keys {missing}")
+        if config["dtype"] not in _DTYPES:
+            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} has an unknown dtype {config['dtype']!r}")
+        sae = cls(
+            config["n_latents"],
+            config["n_inputs"],
+            config["k"],
+            device="cpu",
+            dtype=_DTYPES[config["dtype"]],
+            mode=config.get("mode", "observe"),
+            layer_signature=config.get("layer"),
+        )
+        absent = [name for name in _PARAM_NAMES if name not in tensors]
+        if absent:
+            raise ValueError(f"TopKSae.load: {where}/{MODEL_FILE} lacks the tensors {absent}")
+        with torch.no_grad():
+            for name in _PARAM_NAMES:
+                param = getattr(sae, name)
+                tensor = tensors[name]
+                if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
+                    raise ValueError(
+                        f"TopKSae.load: tensor {name} in {where}/{MODEL_FILE} has shape {tuple(tensor.shape)} "
+                        f"{tensor.dtype}, expected {tuple(param.shape)} {param.dtype} from {CONFIG_FILE}"
+                    )
+                param.copy_(tensor)
+        for key in ("model_id", "activation_run_id", "training_run_id", "layer"):
+            sae.metadata[key] = config.get(key)
+        if device is not None:
+            sae.to(device)
+        return sae
+
+    @classmethod
+    def load(
+        cls,
+        store: Store | str | Path,
+        sae_id: str | None = None,
+        *,
+        device: str | torch.device | None = None,
+    ) -> TopKSae:
+        """Load an SAE saved by `save`.
+
+        Args:
+            store: the store it was saved to, or a plain folder (then ``sae_id`` is omitted, see `load_from_dir`).
+            sae_id: name it was saved under.
+            device: where to put the parameters (CPU when None).
+
+        Returns:
+            The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
+        """
+        if isinstance(store, (str, Path)):
+            if sae_id is not None:
+                raise ValueError(
+                    f"TopKSae.load: pass either a store and sae_id or a folder path, got path {store!r} and "
+                    f"sae_id={sae_id!r}"
+                )
+            return cls.load_from_dir(store, device=device)
+        if sae_id is None:
+            raise ValueError("TopKSae.load: sae_id is required when loading from a store")
+        where = sae_key(sae_id)
+        if not store.exists(sae_key(sae_id, CONFIG_FILE)):
+            raise FileNotFoundError(f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {where}/{CONFIG_FILE})")
+        config = store.get_json(sae_key(sae_id, CONFIG_FILE))
+        tensors = store.get_tensors(sae_key(sae_id, MODEL_FILE))
+        sae = cls._from_parts(config, tensors, where, device)
+        if sae.concepts is not None and hasattr(sae.concepts, "load"):
+            sae.concepts.load(store, sae_id)
+        return sae
+
+    @classmethod
+    def load_from_dir(cls, path: str | Path, *, device: str | torch.device | None = None) -> TopKSae:
+        """Load an SAE from a plain folder holding ``model.safetensors`` and ``config.json``.
+
+        Args:
+            path: the folder (e.g. ``<store>/sae_models/<sae_id>``).
+            device: where to put the parameters (CPU when None).
+        """
+        from safetensors.torch import load_file
+
+        folder = Path(path)
+        config_path = folder / CONFIG_FILE
+        model_path = folder / MODEL_FILE
+        for file in (config_path, model_path):
+            if not file.is_file():
+                raise FileNotFoundError(f"TopKSae.load_from_dir: missing file {file}")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"TopKSae.load_from_dir: {config_path} is not valid JSON: {exc}") from exc
+        try:
+            tensors = load_file(str(model_path))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise ValueError(f"TopKSae.load_from_dir: cannot read {model_path}: {exc}") from exc
+        return cls._from_parts(config, tensors, str(folder), device)
+
+    def extra_repr(self) -> str:
+        return f"n_latents={self.n_latents}, n_inputs={self.n_inputs}, k={self.k}, mode={self.mode!r}"
+
+    def __repr__(self) -> str:  # Hook.__repr__ would hide the module view
+        return nn.Module.__repr__(self)
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale decoder rows to unit norm in place (rows of norm 0 are left as they are)."""
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
+
+    def default_lr(self) -> float:
+        """OpenAI's learning rate for this dictionary size: ``2e-4 / sqrt(n_latents / 2**14)``."""
+        return 2e-4 / math.sqrt(self.n_latents / 2**14)
