@@ -27,8 +27,9 @@ Tracking semantics (documented choices):
 * Only texts that some buffer refers to are kept. The text table is pruned whenever it has grown to twice its size
   after the previous prune (and at least 1024 entries), so it holds at most about ``2 * n_latents * top_k`` texts
   and usually far fewer; pruning is amortised O(1) per text.
-* Forwards whose sequence shape differs from the batch context (e.g. the single-token steps of cached generation)
-  are not tracked: their tokens do not belong to the context's texts.
+* During ``generate`` only the forward over the prompt is tracked (``generation_step`` 0); the tokens generated
+  afterwards are not part of the context's texts. A forward whose shape does not match its batch context is not
+  tracked either (with a one-time warning).
 """
 
 from __future__ import annotations
@@ -382,6 +383,7 @@ class AutoencoderConcepts:
         self._scales: dict[int, float] = {}
         self._additions: dict[int, _Addition] = {}
         self._scale_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+        self._prompt_lengths: Tensor | None = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -463,6 +465,9 @@ class AutoencoderConcepts:
             ValueError: ``values`` is not ``[batch, seq, k]`` or the context's batch does not match.
         """
         if not self._tracking or self._tracker is None:
+            return
+        if context is not None and (getattr(context, "generation_step", None) or 0) >= 1:
+            # Generated tokens are not part of the context's texts.
             return
         if context is None:
             raise RuntimeError(
@@ -708,10 +713,11 @@ class AutoencoderConcepts:
 
         Positions: ``None`` means every token of every forward pass. Otherwise a list of token positions within
         each text, as in tracking's ``token_position`` (padding excluded, special tokens counted; negative values
-        count from the text's end, ``-1`` is its last token). Positions past a text's length are ignored. When a
-        forward pass does not match the batch context (e.g. each single-token step of cached generation), the
-        positions index that forward's own tokens instead, so ``[-1]`` steers the prompt's last token and every
-        generated token.
+        count from the text's end, ``-1`` is its last token). Positions past a text's length are ignored. During
+        ``generate`` the text grows: each generated token is the text's newest token, so ``[-1]`` steers the
+        prompt's last token and then every generated token, and a position ``p >= len(prompt)`` steers the
+        generated token that lands there. Without a batch context describing the forward (the SAE used outside a
+        LanguageModel), positions index the forward's own sequence axis (``dim=-2`` of the code).
 
         Args:
             neuron_idx_or_name: neuron index or concept name.
@@ -829,23 +835,44 @@ class AutoencoderConcepts:
             self._scale_tables[key] = table
         return table
 
-    def _addition_mask(self, positions: tuple[int, ...], lead: torch.Size, device: torch.device) -> Tensor:
-        """``lead``-shaped bool mask (``[batch, seq]`` or ``[seq]``) of the tokens an addition applies to."""
-        seq = lead[-1]
+    def _token_layout(self, lead: torch.Size, device: torch.device) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Where the tokens of this forward sit in their texts, from the SAE's batch context.
+
+        Returns ``(text_pos [b, s], text_len [b, 1], real [b, s])`` or ``None`` when the context does not describe
+        this forward. During cached generation (``generation_step >= 1``) the fed tokens continue the texts whose
+        prompt lengths were recorded at step 0.
+        """
         context = getattr(self.sae, "context", None)
         attention = getattr(context, "attention_mask", None) if context is not None else None
+        if attention is None or len(lead) != 2 or tuple(attention.shape) != tuple(lead):
+            return None
+        real = attention.to(device=device).bool()
+        text_pos = real.to(torch.int64).cumsum(dim=1) - 1
+        length = real.sum(dim=1, keepdim=True)
+        step = getattr(context, "generation_step", None)
+        if step is None:
+            return text_pos, length, real
+        if step == 0:
+            self._prompt_lengths = length.clone()
+            return text_pos, length, real
+        prompt = self._prompt_lengths
+        if prompt is None or prompt.shape[0] != lead[0] or prompt.device != device:
+            return None
+        offset = prompt + (step - 1)
+        return text_pos + offset, length + offset, real
+
+    def _addition_mask(self, positions: tuple[int, ...], lead: torch.Size, device: torch.device) -> Tensor:
+        """``lead``-shaped bool mask (``[batch, seq]`` or ``[tokens]``) of the tokens an addition applies to."""
         want = torch.tensor(positions, dtype=torch.int64, device=device)
-        if attention is not None and len(lead) == 2 and tuple(attention.shape) == tuple(lead):
-            attention = attention.to(device=device).bool()
-            text_pos = attention.to(torch.int64).cumsum(dim=1) - 1  # [b, s]
-            length = attention.sum(dim=1, keepdim=True)  # [b, 1]
+        layout = self._token_layout(lead, device)
+        if layout is not None:
+            text_pos, length, real = layout
             # Negative positions count from each text's own end.
             target = torch.where(want < 0, want.view(1, 1, -1) + length.unsqueeze(-1), want.view(1, 1, -1))
-            hit = (text_pos.unsqueeze(-1) == target).any(dim=-1)
-            return hit & attention
-        pos = torch.arange(seq, device=device)
+            return (text_pos.unsqueeze(-1) == target).any(dim=-1) & real
+        seq = lead[-1]
         target = torch.where(want < 0, want + seq, want)
-        hit = (pos.unsqueeze(-1) == target).any(dim=-1)  # [seq]
+        hit = (torch.arange(seq, device=device).unsqueeze(-1) == target).any(dim=-1)  # [seq]
         return hit.expand(lead)
 
     def modify_code(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor] | None:
