@@ -1,0 +1,56 @@
+// mi_crow::gather_dot on CPU: out[b, j] = <grad_out[b], W[indices[b, j]]>, the gradient of sparse_decode
+// w.r.t. the code values. One token per task; its row of grad_out is converted once and dotted with k rows.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+
+namespace mi_crow {
+
+at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& W) {
+  constexpr const char* op = "gather_dot";
+  check_dim(op, "grad_out", grad_out, 2);
+  check_dim(op, "indices", indices, 2);
+  check_dim(op, "W", W, 2);
+  check_float(op, "grad_out", grad_out);
+  check_same_dtype(op, "W", W, grad_out, "grad_out");
+  TORCH_CHECK(grad_out.size(1) == W.size(1), op, ": grad_out must have W.shape[1] = ", W.size(1),
+              " columns, got shape ", grad_out.sizes());
+  TORCH_CHECK(indices.size(0) == grad_out.size(0), op, ": indices must have ", grad_out.size(0),
+              " rows (the rows of grad_out), got shape ", indices.sizes());
+  const int64_t B = indices.size(0), k = indices.size(1), n = W.size(0), d = W.size(1);
+  auto g = grad_out.contiguous();
+  auto idx = indices.contiguous();
+  auto Wc = W.contiguous();
+  check_indices(op, idx, n);
+  auto out = at::empty({B, k}, g.options());
+  if (B == 0 || k == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "gather_dot_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.data_ptr<scalar_t>();   // [B, d]
+    const int64_t* ip = idx.data_ptr<int64_t>();   // [B, k]
+    const scalar_t* wp = Wc.data_ptr<scalar_t>();  // [n, d]
+    scalar_t* op_ = out.data_ptr<scalar_t>();      // [B, k]
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d * k));
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> grow(d);
+      for (int64_t b = begin; b < end; ++b) {
+        to_acc(gp + b * d, grow.data(), d);
+        const acc_t* gr = grow.data();
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* row = wp + ip[b * k + j] * d;
+          acc_t s = 0;
+          for (int64_t c = 0; c < d; ++c) s += gr[c] * static_cast<acc_t>(row[c]);
+          op_[b * k + j] = static_cast<scalar_t>(s);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace mi_crow
+
+TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("gather_dot", &mi_crow::gather_dot_cpu); }

@@ -1,0 +1,78 @@
+// mi_crow::scatter_rows on CPU: out[i] = sum over (b, j) with indices[b, j] == i of coef[b, j] * x[b].
+// Serves the decoder-weight gradient and the encoder-weight gradient restricted to active latents.
+// Contributions are grouped by latent with a counting sort, then each latent row is accumulated by exactly one
+// thread in (b, j) order: deterministic, no atomics, and no [B*k, d] temporary.
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+
+namespace mi_crow {
+
+at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& x, int64_t n) {
+  constexpr const char* op = "scatter_rows";
+  check_dim(op, "coef", coef, 2);
+  check_dim(op, "indices", indices, 2);
+  check_dim(op, "x", x, 2);
+  check_float(op, "x", x);
+  check_same_dtype(op, "coef", coef, x, "x");
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  TORCH_CHECK(indices.sizes() == coef.sizes(), op, ": indices must have the shape of coef ", coef.sizes(),
+              ", got ", indices.sizes());
+  TORCH_CHECK(coef.size(0) == x.size(0), op, ": coef must have ", x.size(0), " rows (the rows of x), got shape ",
+              coef.sizes());
+  const int64_t B = coef.size(0), k = coef.size(1), d = x.size(1);
+  auto cf = coef.contiguous();
+  auto idx = indices.contiguous();
+  check_indices(op, idx, n);
+  auto out = at::empty({n, d}, x.options());
+  if (n == 0 || d == 0) return out;
+
+  // Counting sort of the flat (b, j) positions by latent; stable, so the summation order is fixed.
+  const int64_t total = B * k;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  std::vector<int64_t> start(n + 1, 0);
+  for (int64_t p = 0; p < total; ++p) ++start[ip[p] + 1];
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  std::vector<int64_t> order(total);
+  {
+    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < total; ++p) order[cursor[ip[p]]++] = p;
+  }
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scatter_rows_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Low-precision rows are converted once instead of once per (b, j) that uses them.
+    at::Tensor xa = x.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* xp = xa.data_ptr<acc_t>();      // [B, d]
+    const scalar_t* cp = cf.data_ptr<scalar_t>();  // [B, k]
+    scalar_t* op_ = out.data_ptr<scalar_t>();      // [n, d]
+    const int64_t* sp = start.data();
+    const int64_t* orderp = order.data();
+    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(d);
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* o = op_ + i * d;
+        if (sp[i] == sp[i + 1]) {
+          for (int64_t c = 0; c < d; ++c) o[c] = scalar_t(0);
+          continue;
+        }
+        acc_t* a = acc.data();
+        for (int64_t c = 0; c < d; ++c) a[c] = 0;
+        for (int64_t q = sp[i]; q < sp[i + 1]; ++q) {
+          const int64_t p = orderp[q];
+          const acc_t w = static_cast<acc_t>(cp[p]);
+          const acc_t* row = xp + (p / k) * d;
+          for (int64_t c = 0; c < d; ++c) a[c] += w * row[c];
+        }
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace mi_crow
+
+TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("scatter_rows", &mi_crow::scatter_rows_cpu); }
