@@ -622,8 +622,16 @@ class AutoencoderConcepts:
             raise ValueError(f"sae_id must be a non-empty relative name, got {sae_id!r}")
         return f"sae_models/{sae_id}/concepts.json"
 
+    def _document(self) -> dict[str, Any]:
+        data = self.dictionary.to_dict()
+        data["manipulations"] = self.get_manipulation_config()
+        return data
+
     def save_dictionary(self, target: Any, sae_id: str | None = None) -> str | Path:
-        """Save the concept dictionary as JSON.
+        """Save the concept dictionary (and, for the record, the current manipulations) as JSON.
+
+        The document is ``{"version", "n_latents", "concepts": [{"neuron", "name", "notes"}], "manipulations":
+        <get_manipulation_config()>}``.
 
         Args:
             target: a store (``put_json``) — then it goes to ``sae_models/<sae_id>/concepts.json`` — or a file path.
@@ -632,7 +640,7 @@ class AutoencoderConcepts:
         Returns:
             The store key or the path written.
         """
-        data = self.dictionary.to_dict()
+        data = self._document()
         if hasattr(target, "put_json"):
             key = self._store_key(sae_id)
             target.put_json(key, data)
@@ -641,10 +649,30 @@ class AutoencoderConcepts:
             raise ValueError(f"sae_id is only used with a store; got a path {target!r} and sae_id={sae_id!r}")
         if not isinstance(target, (str, os.PathLike)):
             raise TypeError(f"target must be a Store or a path, got {type(target).__name__}")
-        return self.dictionary.save_json(target)
+        path = Path(target)
+        _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        return path
+
+    def _read_document(self, source: Any, sae_id: str | None) -> tuple[dict[str, Any], str]:
+        if hasattr(source, "get_json"):
+            key = self._store_key(sae_id)
+            return source.get_json(key), key
+        if sae_id is not None:
+            raise ValueError(f"sae_id is only used with a store; got a path {source!r} and sae_id={sae_id!r}")
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"source must be a Store or a path, got {type(source).__name__}")
+        path = Path(source)
+        try:
+            return json.loads(path.read_text(encoding="utf-8")), str(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"concept dictionary file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"concept dictionary file {path} is not valid JSON: {exc}") from None
 
     def load_dictionary(self, source: Any, sae_id: str | None = None) -> ConceptDictionary:
-        """Load a concept dictionary saved by :meth:`save_dictionary`, replacing the current one.
+        """Load the concept dictionary saved by :meth:`save_dictionary`, replacing the current one.
+
+        Manipulations in the file are not applied (use :meth:`load` for both).
 
         Args:
             source: a store (``get_json``; reads ``sae_models/<sae_id>/concepts.json``) or a file path.
@@ -654,30 +682,42 @@ class AutoencoderConcepts:
             The loaded dictionary (also set as :attr:`dictionary`).
 
         Raises:
-            ValueError: the file is malformed or for a different ``n_latents``.
+            FileNotFoundError: no such file.
+            ValueError: the file is malformed or for a different ``n_latents`` (the message names the file).
         """
-        if hasattr(source, "get_json"):
-            key = self._store_key(sae_id)
-            try:
-                loaded = ConceptDictionary.from_dict(source.get_json(key), self.n_latents)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{key}: {exc}") from None
-        else:
-            if sae_id is not None:
-                raise ValueError(f"sae_id is only used with a store; got a path {source!r} and sae_id={sae_id!r}")
-            if not isinstance(source, (str, os.PathLike)):
-                raise TypeError(f"source must be a Store or a path, got {type(source).__name__}")
-            loaded = ConceptDictionary.load_json(source, self.n_latents)
+        data, where = self._read_document(source, sae_id)
+        try:
+            loaded = ConceptDictionary.from_dict(data, self.n_latents)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
         self._dictionary = loaded
         return loaded
 
     def save(self, store: Any, sae_id: str) -> str:
-        """Save the dictionary beside the SAE: ``sae_models/<sae_id>/concepts.json``. Returns the key."""
+        """Save the dictionary and the manipulations beside the SAE: ``sae_models/<sae_id>/concepts.json``.
+
+        Returns:
+            The store key.
+        """
         return str(self.save_dictionary(store, sae_id))
 
     def load(self, store: Any, sae_id: str) -> ConceptDictionary:
-        """Load ``sae_models/<sae_id>/concepts.json`` from a store."""
-        return self.load_dictionary(store, sae_id)
+        """Load ``sae_models/<sae_id>/concepts.json`` from a store: the dictionary and the saved manipulations.
+
+        Returns:
+            The loaded dictionary.
+        """
+        data, where = self._read_document(store, sae_id)
+        previous = self._dictionary
+        loaded = self.load_dictionary(store, sae_id)
+        manipulations = data.get("manipulations") if isinstance(data, dict) else None
+        if manipulations is not None:
+            try:
+                self.load_manipulation_config(manipulations)
+            except (TypeError, ValueError) as exc:
+                self._dictionary = previous
+                raise type(exc)(f"{where}: {exc}") from None
+        return loaded
 
     # ------------------------------------------------------------------ manipulation
     def manipulate_concept(self, neuron_idx_or_name: int | str, scale: float) -> None:
