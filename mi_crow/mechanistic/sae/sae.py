@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+CONCEPTS_FILE = "concepts.json"
 FORMAT_VERSION = 1
 _MODES = ("observe", "replace")
 _PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -298,8 +299,15 @@ class TopKSae(nn.Module, Controller):
             raise ValueError(
                 f"TopKSae: layer output width {output.shape[-1]} does not match the SAE's n_inputs={self.n_inputs}"
             )
-        code = self.encode(output)
         concepts = self.concepts
+        if (
+            self.mode == "observe"
+            and concepts is not None
+            and not concepts.tracking_enabled
+            and not getattr(concepts, "has_manipulations", True)
+        ):
+            return None  # nothing would use the code: skip the encoder entirely
+        code = self.encode(output)
         modified = None
         if concepts is not None:
             if concepts.tracking_enabled:
@@ -467,7 +475,7 @@ class TopKSae(nn.Module, Controller):
         config = store.get_json(sae_key(sae_id, CONFIG_FILE))
         tensors = store.get_tensors(sae_key(sae_id, MODEL_FILE))
         sae = cls._from_parts(config, tensors, where, device)
-        if sae.concepts is not None and hasattr(sae.concepts, "load"):
+        if sae.concepts is not None and hasattr(sae.concepts, "load") and store.exists(sae_key(sae_id, CONCEPTS_FILE)):
             sae.concepts.load(store, sae_id)
         return sae
 
