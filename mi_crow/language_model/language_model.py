@@ -151,17 +151,27 @@ class LanguageModel:
         name = str(name_or_path)
         is_local = Path(name).is_dir()
         model_kwargs = dict(model_params or {})
+        tokenizer_kwargs = dict(tokenizer_params or {})
         if torch_dtype is not None:
             model_kwargs.setdefault("dtype", torch_dtype)
+        offline = _hub_offline()
+        if offline:
+            # huggingface_hub reads HF_HUB_OFFLINE once at import; honour a later setting without network retries.
+            model_kwargs.setdefault("local_files_only", True)
+            tokenizer_kwargs.setdefault("local_files_only", True)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name, **(tokenizer_params or {}))
+            tokenizer = AutoTokenizer.from_pretrained(name, **tokenizer_kwargs)
             model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             if is_local:
-                raise ValueError(f"name_or_path={name!r} is a local directory but no model could be loaded from it: {exc}") from exc
+                raise ValueError(
+                    f"name_or_path={name!r} is a local directory but no model could be loaded from it: {exc}"
+                ) from exc
+            if not isinstance(exc, OSError):
+                raise
             where = (
                 "the HuggingFace hub is offline (HF_HUB_OFFLINE is set) and it is not in the local cache"
-                if _hub_offline()
+                if offline
                 else "it is neither a local directory nor a model the HuggingFace hub could provide"
             )
             raise ValueError(
