@@ -128,11 +128,11 @@ class HuggingFaceDataset(BaseDataset):
                 "HuggingFaceDataset('json', data_files='data.jsonl'), HuggingFaceDataset('text', data_files='a.txt'), "
                 "a folder written by Dataset.save_to_disk, or TextDataset.from_jsonl(path)."
             ) from exc
+        except StopIteration as exc:  # some builders (json) fail this way on an empty file
+            raise ValueError(f"dataset {self.name!r} (split {self.split!r}) has no rows") from exc
         except ValueError as exc:
-            # datasets reports an unknown split as ValueError; say which argument it was.
-            if "split" in str(exc).lower():
-                raise ValueError(f"split {self.split!r} is not available for dataset {self.name!r}: {exc}") from exc
-            raise
+            # datasets reports an unknown split or an empty source as a bare ValueError; add which dataset it was.
+            raise ValueError(f"dataset {self.name!r} (split {self.split!r}) could not be loaded: {exc}") from exc
         return self._apply_limit(data)
 
     def _apply_limit(self, data: Any) -> Any:
