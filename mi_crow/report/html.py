@@ -1,0 +1,447 @@
+"""Write the browsable feature report: one self-contained HTML file (inline CSS, JS, SVG and JSON data)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from mi_crow.report.stats import FeatureStats
+from mi_crow.report.svg import histogram_chart, line_chart
+from mi_crow.report.template import PAGE
+
+logger = logging.getLogger(__name__)
+
+# Labels and explanations of the metrics the evaluation and the trainer report.
+_METRIC_LABELS = {
+    "fvu": ("FVU", "fraction of variance unexplained by the reconstruction (lower is better)"),
+    "l0": ("L0", "mean number of active latents per token"),
+    "dead_fraction": ("dead fraction", "fraction of latents that never fired on the evaluation tokens"),
+    "loss_recovered": ("loss recovered", "share of the LM loss gap (zero-ablation vs clean) that the SAE closes"),
+    "mse": ("MSE", "mean squared reconstruction error"),
+    "ce_loss_clean": ("LM loss (clean)", "cross-entropy of the model without the SAE"),
+    "ce_loss_sae": ("LM loss (SAE)", "cross-entropy with the SAE reconstruction spliced in"),
+    "ce_loss_zero": ("LM loss (zero)", "cross-entropy with the layer output zeroed"),
+    "n_tokens": ("tokens", "tokens evaluated"),
+}
+
+_HISTORY_CHARTS = (
+    ("loss", ("loss", "mse", "auxk_loss"), False),
+    ("FVU", ("fvu",), False),
+    ("L0", ("l0",), False),
+    ("dead fraction", ("dead_fraction",), False),
+)
+
+
+def _check_path(path: Any) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}: {path!r}")
+    return Path(path)
+
+
+def _get(item: Any, names: Sequence[str], default: Any = None) -> Any:
+    """First present field among ``names`` of a dict, NamedTuple or object."""
+    if isinstance(item, Mapping):
+        for n in names:
+            if n in item and item[n] is not None:
+                return item[n]
+        return default
+    if hasattr(item, "_asdict"):
+        return _get(item._asdict(), names, default)
+    for n in names:
+        value = getattr(item, n, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _as_float(value: Any) -> float | None:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _token_display(token: str | None, tokenizer: Any) -> str:
+    """Readable form of a vocabulary token (byte-level BPE ``Ġ``/``Ċ`` and sentencepiece ``▁`` markers undone)."""
+    if not token:
+        return ""
+    if tokenizer is not None and hasattr(tokenizer, "convert_tokens_to_string"):
+        try:
+            return str(tokenizer.convert_tokens_to_string([token]))
+        except Exception:  # noqa: BLE001 - some tokenizers reject lone pieces; fall back to the marker rules
+            pass
+    return token.replace("\u0120", " ").replace("\u010a", "\n").replace("\u2581", " ")
+
+
+class _Locator:
+    """Finds the character span of a tracked token inside its text, with tokenizer offsets when possible."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[str, tuple[list[tuple[int, int]], list[str]] | None] = {}
+
+    def _encode(self, text: str) -> tuple[list[tuple[int, int]], list[str]] | None:
+        if text in self._cache:
+            return self._cache[text]
+        result = None
+        if self.tokenizer is not None:
+            try:
+                enc = self.tokenizer(text, return_offsets_mapping=True)
+                ids = enc["input_ids"]
+                tokens = list(self.tokenizer.convert_ids_to_tokens(ids))
+                result = ([tuple(o) for o in enc["offset_mapping"]], tokens)
+            except Exception:  # noqa: BLE001 - slow tokenizers have no offsets: use the string search below
+                result = None
+        self._cache[text] = result
+        return result
+
+    def locate(self, text: str, position: int | None, token: str | None, shown: str) -> tuple[int, int]:
+        enc = self._encode(text)
+        if enc is not None and position is not None:
+            offsets, tokens = enc
+            candidates = range(len(tokens))
+            if token:
+                # The tracker's position may be counted with padding or a BOS the offsets lack: prefer the
+                # closest position whose token string agrees with the tracked one.
+                matching = [p for p in candidates if tokens[p] == token]
+                if matching:
+                    p = min(matching, key=lambda q: abs(q - position))
+                    s, e = offsets[p]
+                    if e > s:
+                        return s, e
+            if 0 <= position < len(offsets):
+                s, e = offsets[position]
+                if e > s:
+                    return s, e
+        needle = shown.strip() or shown
+        if needle:
+            found = text.find(needle)
+            if found >= 0:
+                return found, found + len(needle)
+        return 0, 0
+
+
+def _normalize_top_texts(top_texts: Any) -> dict[int, list[Any]]:
+    if top_texts is None:
+        return {}
+    if isinstance(top_texts, Mapping) and isinstance(top_texts.get("neurons"), list):
+        # The layout of ``sae.concepts.export_top_texts_json``.
+        items: Iterable[tuple[Any, Any]] = [(row["neuron"], row.get("top_texts", [])) for row in top_texts["neurons"]]
+    elif isinstance(top_texts, Mapping):
+        items = top_texts.items()
+    elif isinstance(top_texts, Sequence) and not isinstance(top_texts, (str, bytes)):
+        items = enumerate(top_texts)
+    else:
+        raise TypeError(
+            f"top_texts must be a mapping neuron -> list of examples (or a list indexed by neuron), "
+            f"got {type(top_texts).__name__}"
+        )
+    out: dict[int, list[Any]] = {}
+    for key, examples in items:
+        try:
+            idx = int(key)
+        except (TypeError, ValueError):
+            raise TypeError(f"top_texts keys must be neuron indices, got {key!r}") from None
+        if examples is None:
+            continue
+        if isinstance(examples, (str, bytes)) or not isinstance(examples, Iterable):
+            raise TypeError(f"top_texts[{idx}] must be a list of examples, got {type(examples).__name__}")
+        out[idx] = list(examples)
+    return out
+
+
+def _normalize_history(history: Any) -> list[dict[str, Any]]:
+    if history is None:
+        return []
+    if isinstance(history, Mapping):
+        for key in ("history", "steps", "log", "records"):
+            if isinstance(history.get(key), list):
+                return _normalize_history(history[key])
+        lists = {k: v for k, v in history.items() if isinstance(v, list)}
+        if lists:  # column format: {"loss": [...], "l0": [...]}
+            n = max(len(v) for v in lists.values())
+            return [{k: (v[i] if i < len(v) else None) for k, v in lists.items()} for i in range(n)]
+        raise TypeError(f"history must be a list of per-step dicts or a dict of lists, got keys {list(history)}")
+    if isinstance(history, Sequence) and not isinstance(history, (str, bytes)):
+        rows = []
+        for i, row in enumerate(history):
+            if isinstance(row, Mapping):
+                rows.append(dict(row))
+            elif hasattr(row, "_asdict"):
+                rows.append(dict(row._asdict()))
+            elif hasattr(row, "__dict__"):
+                rows.append(dict(vars(row)))
+            else:
+                raise TypeError(f"history[{i}] must be a dict of metrics, got {type(row).__name__}")
+        return rows
+    raise TypeError(f"history must be a list of per-step dicts, got {type(history).__name__}")
+
+
+def _concept_names(concepts: Any) -> dict[int, tuple[str, str]]:
+    if concepts is None:
+        return {}
+    if isinstance(concepts, Mapping):
+        out = {}
+        for k, v in concepts.items():
+            if isinstance(v, str):
+                out[int(k)] = (v, "")
+            else:
+                out[int(k)] = (str(_get(v, ("name",), "")), str(_get(v, ("notes",), "") or ""))
+        return out
+    if hasattr(concepts, "to_dict") and not isinstance(concepts, Iterable):
+        return _concept_names(concepts.to_dict())
+    if isinstance(concepts, Iterable):
+        out = {}
+        for c in concepts:
+            neuron = _get(c, ("neuron", "neuron_idx", "index"))
+            name = _get(c, ("name",))
+            if neuron is None or name is None:
+                raise TypeError(f"concepts entries need a neuron index and a name, got {c!r}")
+            out[int(neuron)] = (str(name), str(_get(c, ("notes",), "") or ""))
+        return out
+    raise TypeError(f"concepts must be a mapping neuron -> name or a ConceptDictionary, got {type(concepts).__name__}")
+
+
+def _json_for_script(data: Any) -> str:
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    # Inside <script>, "</script" or "<!--" in a string would end or confuse the element.
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026") \
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _overview_svgs(history: list[dict[str, Any]], stats: FeatureStats | None, n_latents: int) -> list[str]:
+    charts = []
+    if history:
+        x_key = "tokens" if any(_as_float(r.get("tokens")) is not None for r in history) else "step"
+        for title, keys, log_y in _HISTORY_CHARTS:
+            series = {}
+            for key in keys:
+                pts = [(
+                    _as_float(r.get(x_key)) if r.get(x_key) is not None else float(i),
+                    _as_float(r.get(key)),
+                ) for i, r in enumerate(history)]
+                pts = [(x, y) for x, y in pts if x is not None and y is not None]
+                if pts:
+                    series[key] = pts
+            if series:
+                charts.append(line_chart(series, title=f"{title} during training", x_label=x_key, log_y=log_y))
+    if stats is not None and stats.n_tokens > 0:
+        freq = stats.frequency
+        alive = freq[freq > 0]
+        dead = n_latents - int(alive.numel())
+        if alive.numel():
+            logf = alive.log10()
+            lo = math.floor(float(logf.min()) * 2) / 2
+            hi = 0.0
+            n_bins = max(1, int(round((hi - lo) / 0.25)))
+            edges = [lo + (hi - lo) * j / n_bins for j in range(n_bins + 1)]
+            idx = ((logf - lo) / (hi - lo) * n_bins).floor().clamp(0, n_bins - 1).long()
+            counts = [int(c) for c in idx.bincount(minlength=n_bins)]
+            labels = [f"1e{round(e):d}" if abs(e - round(e)) < 1e-9 else "" for e in edges]
+            charts.append(histogram_chart(
+                counts, edges, edge_labels=labels,
+                title=f"firing frequency (log scale); {dead} of {n_latents} dead",
+                x_label="fraction of tokens a feature fires on", y_label="features"))
+    return charts
+
+
+def write_feature_report(
+    path: str | os.PathLike[str],
+    sae: Any = None,
+    *,
+    top_texts: Any = None,
+    history: Any = None,
+    eval_metrics: Mapping[str, Any] | None = None,
+    feature_stats: FeatureStats | None = None,
+    concepts: Any = None,
+    tokenizer: Any = None,
+    title: str = "mi_crow feature report",
+    metadata: Mapping[str, Any] | None = None,
+    window_chars: int = 120,
+    max_examples: int = 10,
+    initial_feature: int | None = None,
+) -> Path:
+    """Write one self-contained HTML page to browse an SAE's features.
+
+    The page has an overview (metric cards, training curves of loss/FVU/L0/dead fraction, a log-scale histogram of
+    firing frequencies), a sortable and searchable table of features (index, concept name, firing frequency, mean
+    and max activation, top token) and, per feature, its top texts with the firing token highlighted by strength,
+    its activation histogram and its concept name. Everything (CSS, JS, SVG, data as JSON) is inline: the file
+    opens from disk without network.
+
+    Args:
+        path: output file (written atomically).
+        sae: the autoencoder (for ``n_latents``, ``n_inputs``, ``k``); optional if ``feature_stats`` or
+            ``top_texts`` tell the number of features.
+        top_texts: neuron -> list of examples, strongest first, as returned by ``sae.concepts.get_top_texts()``;
+            or the JSON of ``sae.concepts.export_top_texts_json``; each example a ``TopText``, dict or object with
+            ``text``, ``activation`` (or ``score``), the token position ``token_position`` (special tokens
+            included, padding excluded) and the token string ``token``.
+        history: training history: a list of per-step dicts (``step``, ``tokens``, ``loss``, ``mse``, ``fvu``,
+            ``l0``, ``dead_fraction``, ``auxk_loss`` ...), or a dict holding such a list under ``history``.
+        eval_metrics: evaluation numbers (``fvu``, ``l0``, ``dead_fraction``, ``loss_recovered`` ...).
+        feature_stats: per-feature firing statistics (:func:`mi_crow.report.compute_feature_stats`).
+        concepts: neuron -> name (or a ``ConceptDictionary``).
+        tokenizer: the model's tokenizer, to locate the tracked token in its text via offsets (optional: without
+            it the token string is searched in the text).
+        title: page title.
+        metadata: shown in the header (``model``, ``layer``, ``sae``, ``tokens`` ...).
+        window_chars: characters of context shown on each side of the firing token.
+        max_examples: top texts kept per feature.
+        initial_feature: feature opened when the page loads (default: the first feature with texts).
+
+    Returns:
+        The path written.
+    """
+    out = _check_path(path)
+    for name, value, minimum in (("window_chars", window_chars, 1), ("max_examples", max_examples, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if eval_metrics is not None and not isinstance(eval_metrics, Mapping):
+        raise TypeError(f"eval_metrics must be a mapping of metric name -> number, got {type(eval_metrics).__name__}")
+    if feature_stats is not None and not isinstance(feature_stats, FeatureStats):
+        raise TypeError(f"feature_stats must be a FeatureStats, got {type(feature_stats).__name__}")
+    if not isinstance(title, str):
+        raise TypeError(f"title must be a str, got {type(title).__name__}")
+    examples_by_neuron = _normalize_top_texts(top_texts)
+    rows = _normalize_history(history)
+    names = _concept_names(concepts)
+
+    n_latents = None
+    if sae is not None:
+        n_latents = int(sae.n_latents)
+    if feature_stats is not None:
+        if n_latents is not None and feature_stats.n_latents != n_latents:
+            raise ValueError(
+                f"feature_stats has {feature_stats.n_latents} features but the SAE has n_latents={n_latents}"
+            )
+        n_latents = feature_stats.n_latents
+    if n_latents is None:
+        if not examples_by_neuron:
+            raise ValueError("write_feature_report needs sae, feature_stats or top_texts to know the features")
+        n_latents = max(examples_by_neuron) + 1
+    bad = [i for i in list(examples_by_neuron) + list(names) if not 0 <= i < n_latents]
+    if bad:
+        raise ValueError(f"neuron index {bad[0]} in top_texts/concepts is out of range [0, {n_latents})")
+    if initial_feature is not None and not (isinstance(initial_feature, int) and 0 <= initial_feature < n_latents):
+        raise ValueError(f"initial_feature must be a feature index in [0, {n_latents}), got {initial_feature!r}")
+
+    locator = _Locator(tokenizer)
+    texts: list[str] = []
+    text_ids: dict[str, int] = {}
+    examples_json: dict[str, list[list[Any]]] = {}
+    top_tokens: dict[int, str] = {}
+    for idx, examples in examples_by_neuron.items():
+        rows_ex = []
+        token_counts: Counter[str] = Counter()
+        for ex in examples[:max_examples]:
+            text = _get(ex, ("text",))
+            if not isinstance(text, str):
+                raise TypeError(f"top_texts[{idx}] example has no 'text' string: {ex!r}")
+            score = _as_float(_get(ex, ("score", "activation", "value", "act"), 0.0)) or 0.0
+            position = _get(ex, ("token_position", "token_idx", "token_index", "position", "pos"))
+            token = _get(ex, ("token", "token_str", "token_string"))
+            token = str(token) if token is not None else None
+            shown = _token_display(token, tokenizer)
+            start, end = locator.locate(text, int(position) if position is not None else None, token, shown)
+            tid = text_ids.setdefault(text, len(texts))
+            if tid == len(texts):
+                texts.append(text)
+            rows_ex.append([tid, start, end, score, shown])
+            if shown.strip():
+                token_counts[shown.strip()] += 1
+        examples_json[str(idx)] = rows_ex
+        if token_counts:
+            top_tokens[idx] = token_counts.most_common(1)[0][0]
+
+    features = []
+    hist_edges: list[float] = []
+    if feature_stats is not None:
+        freq = feature_stats.frequency.tolist()
+        mean = feature_stats.mean_activation.tolist()
+        amax = feature_stats.act_max.tolist()
+        hist = feature_stats.hist_counts
+        hist_edges = [round(float(e), 6) for e in feature_stats.hist_log10_edges]
+        nz = hist > 0
+        any_nz = nz.any(dim=1)
+        first = nz.float().argmax(dim=1).tolist()
+        last = (hist.shape[1] - 1 - nz.flip(1).float().argmax(dim=1)).tolist()
+        any_nz = any_nz.tolist()
+        hist_rows = hist.tolist()
+    for i in range(n_latents):
+        name, notes = names.get(i, ("", ""))
+        f: dict[str, Any] = {"i": i, "n": name, "t": top_tokens.get(i, "")}
+        if notes:
+            f["notes"] = notes
+        if feature_stats is not None:
+            f.update(f=freq[i], m=round(mean[i], 6), x=round(amax[i], 6), d=feature_stats.fire_count[i].item() == 0)
+            if any_nz[i]:
+                f["hs"] = first[i]
+                f["h"] = hist_rows[i][first[i]: last[i] + 1]
+        else:
+            ex = examples_json.get(str(i), [])
+            f.update(f=None, m=None, x=max((e[3] for e in ex), default=None), d=False)
+        features.append(f)
+
+    metrics = dict(eval_metrics or {})
+    cards = []
+    for key, value in metrics.items():
+        v = _as_float(value)
+        if v is None:
+            continue
+        label, help_text = _METRIC_LABELS.get(key, (key.replace("_", " "), ""))
+        cards.append({"label": label, "value": v, "help": help_text})
+    if feature_stats is not None and "dead_fraction" not in metrics:
+        cards.append({"label": "dead fraction", "value": feature_stats.dead_fraction,
+                      "help": f"features that never fired on the {feature_stats.n_tokens} report tokens"})
+
+    meta: dict[str, Any] = {}
+    if sae is not None:
+        meta.update(n_latents=int(sae.n_latents), n_inputs=int(getattr(sae, "n_inputs", 0)) or None,
+                    k=getattr(sae, "k", None))
+    if feature_stats is not None:
+        meta["tokens"] = feature_stats.n_tokens
+    for key, value in (metadata or {}).items():
+        meta[str(key)] = value if isinstance(value, (int, float, str)) or value is None else str(value)
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+    if initial_feature is None:
+        with_examples = [int(k) for k, v in examples_json.items() if v]
+        initial_feature = min(with_examples) if with_examples else None
+
+    data = {
+        "meta": meta,
+        "cards": cards,
+        "features": features,
+        "texts": texts,
+        "examples": examples_json,
+        "hist_edges": hist_edges,
+        "window": window_chars,
+        "initial_feature": initial_feature,
+        "metrics": {k: _as_float(v) for k, v in metrics.items()},
+    }
+    overview = "".join(_overview_svgs(rows, feature_stats, n_latents))
+    page = (PAGE.replace("@@TITLE@@", escape(title))
+            .replace("@@OVERVIEW@@", overview)
+            .replace("@@DATA@@", _json_for_script(data)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("wrote feature report %s (%d features, %d texts)", out, n_latents, len(texts))
+    return out

@@ -1,0 +1,165 @@
+"""Per-feature statistics of a sparse autoencoder over a stream of activations.
+
+One pass, vectorised (``bincount``/``index_add``/``scatter_reduce`` on the sparse code; no Python loop over
+features or tokens), bounded memory: only ``[n_latents]`` accumulators and a ``[n_latents, n_bins]`` histogram.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mi_crow.store import Store
+
+# Histogram of activation values on a log10 axis: SAE latents span several orders of magnitude.
+DEFAULT_LOG10_RANGE = (-3.0, 3.0)
+DEFAULT_BINS = 24
+
+
+@dataclass
+class FeatureStats:
+    """How often and how strongly each SAE feature fires over a set of tokens.
+
+    A feature "fires" on a token when it is among the token's top-k latents with a positive value.
+    """
+
+    n_tokens: int
+    """Number of tokens seen."""
+    fire_count: Tensor
+    """``[n_latents]`` int64: tokens on which each feature fired."""
+    act_sum: Tensor
+    """``[n_latents]`` float64: sum of the feature's activation over the tokens where it fired."""
+    act_max: Tensor
+    """``[n_latents]`` float32: largest activation (0 for features that never fired)."""
+    hist_counts: Tensor
+    """``[n_latents, n_bins]`` int64: histogram of positive activations over log10-spaced bins."""
+    hist_log10_edges: Tensor
+    """``[n_bins + 1]`` float64: bin edges as log10 of the activation (values outside are clipped into the ends)."""
+
+    @property
+    def n_latents(self) -> int:
+        """Number of features."""
+        return int(self.fire_count.numel())
+
+    @property
+    def frequency(self) -> Tensor:
+        """``[n_latents]`` float64: fraction of tokens on which each feature fired."""
+        return self.fire_count.double() / max(self.n_tokens, 1)
+
+    @property
+    def mean_activation(self) -> Tensor:
+        """``[n_latents]`` float64: mean activation over the tokens where the feature fired (0 if never)."""
+        return self.act_sum / self.fire_count.clamp_min(1).double()
+
+    @property
+    def dead_fraction(self) -> float:
+        """Fraction of features that never fired."""
+        return float((self.fire_count == 0).double().mean()) if self.n_latents else 0.0
+
+
+def _check_int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def compute_feature_stats(
+    sae: Any,
+    batches: Iterable[Tensor],
+    *,
+    n_bins: int = DEFAULT_BINS,
+    log10_range: tuple[float, float] = DEFAULT_LOG10_RANGE,
+    max_tokens: int | None = None,
+) -> FeatureStats:
+    """Encode activations with ``sae`` and accumulate per-feature firing statistics.
+
+    Args:
+        sae: the autoencoder; needs ``encode(x) -> (values, indices)`` (each ``[tokens, k]``), ``n_latents`` and
+            ``n_inputs``.
+        batches: iterable of activation tensors ``[tokens, d_in]`` (or ``[batch, seq, d_in]``, flattened; padding
+            must already be removed).
+        n_bins: number of histogram bins.
+        log10_range: ``(lo, hi)`` of the histogram on the log10 activation axis.
+        max_tokens: stop after this many tokens (``None``: all).
+
+    Returns:
+        The statistics (on CPU).
+    """
+    n_bins = _check_int(n_bins, "n_bins", 1)
+    if max_tokens is not None:
+        _check_int(max_tokens, "max_tokens", 1)
+    lo, hi = (float(v) for v in log10_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"log10_range must be (lo, hi) with finite lo < hi, got {log10_range!r}")
+    n = _check_int(int(sae.n_latents), "sae.n_latents", 1)
+    d = int(sae.n_inputs)
+    fire = torch.zeros(n, dtype=torch.int64)
+    act_sum = torch.zeros(n, dtype=torch.float64)
+    act_max = torch.zeros(n, dtype=torch.float32)
+    hist = torch.zeros(n * n_bins, dtype=torch.int64)
+    seen = 0
+    with torch.no_grad():
+        for x in batches:
+            if not isinstance(x, Tensor):
+                raise TypeError(f"batches must yield tensors, got {type(x).__name__}")
+            if x.shape[-1] != d:
+                raise ValueError(f"activations have width {x.shape[-1]} but the SAE expects n_inputs={d}")
+            x = x.reshape(-1, d)
+            if max_tokens is not None:
+                x = x[: max_tokens - seen]
+            if x.shape[0] == 0:
+                break
+            values, indices = sae.encode(x)[:2]
+            values = values.detach().float().cpu().reshape(-1)
+            indices = indices.detach().cpu().reshape(-1)
+            active = values > 0
+            values, indices = values[active], indices[active]
+            fire += torch.bincount(indices, minlength=n)
+            act_sum.index_add_(0, indices, values.double())
+            act_max.scatter_reduce_(0, indices, values, reduce="amax")
+            bins = ((values.log10() - lo) / (hi - lo) * n_bins).floor().clamp_(0, n_bins - 1).long()
+            hist += torch.bincount(indices * n_bins + bins, minlength=n * n_bins)
+            seen += x.shape[0]
+            if max_tokens is not None and seen >= max_tokens:
+                break
+    return FeatureStats(
+        n_tokens=seen,
+        fire_count=fire,
+        act_sum=act_sum,
+        act_max=act_max,
+        hist_counts=hist.view(n, n_bins),
+        hist_log10_edges=torch.linspace(lo, hi, n_bins + 1, dtype=torch.float64),
+    )
+
+
+def feature_stats_from_store(
+    sae: Any,
+    store: "Store",
+    run_id: str,
+    layer: str,
+    *,
+    max_tokens: int | None = None,
+    batch_size: int = 4096,
+    **kwargs: Any,
+) -> FeatureStats:
+    """:func:`compute_feature_stats` over a saved activation run, streamed padding-free from the store.
+
+    Args:
+        sae: the autoencoder.
+        store: the store holding ``activations/<run_id>``.
+        run_id: the activation run.
+        layer: the layer name as saved in the run.
+        max_tokens: stop after this many tokens (``None``: the whole run).
+        batch_size: tokens per encoded batch.
+        **kwargs: passed to :func:`compute_feature_stats` (``n_bins``, ``log10_range``).
+
+    Returns:
+        The statistics.
+    """
+    reader = store.activation_reader(run_id, layer, batch_size, shuffle=False, drop_last=False)
+    return compute_feature_stats(sae, reader, max_tokens=max_tokens, **kwargs)
