@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ logger = logging.getLogger(__name__)
 SAVE_FORMAT_VERSION = 1
 
 # Fields of meta.json that must agree before a run is resumed: anything else would mix incompatible batches.
-_RESUME_KEYS = ("model_id", "layers", "dtype", "batch_size", "max_length", "dataset")
+_RESUME_KEYS = ("model_id", "layers", "dtype", "batch_size", "max_length", "dataset", "dataset_sha256")
 
 
 class _StopForward(Exception):
@@ -66,6 +67,18 @@ def _as_dataset(dataset_or_texts: Any) -> Any:
 def _jsonable(value: Any) -> Any:
     """The value as it reads back from JSON (tuples become lists), so stored and requested meta compare equal."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _fingerprint(dataset: Any) -> str | None:
+    """SHA-256 of an in-memory dataset's texts, so a resume with other texts of the same count is refused."""
+    texts = getattr(dataset, "texts", None)
+    if not isinstance(texts, list):
+        return None
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -157,6 +170,7 @@ class LanguageModelActivations:
             "d": widths,
             "dtype": _dtype_name(save_dtype or model_dtype),
             "dataset": _jsonable(dataset.describe()) if hasattr(dataset, "describe") else None,
+            "dataset_sha256": _fingerprint(dataset),
             "batch_size": batch_size,
             "max_length": max_length,
             "padding_side": "right",
