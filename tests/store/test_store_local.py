@@ -221,3 +221,20 @@ def test_atomic_write_content_is_complete_json(tmp_path):
     payload = {"x": list(range(1000))}
     store.put_json("p.json", payload)
     assert json.loads((tmp_path / "p.json").read_text()) == payload
+
+
+def test_activation_run_api_on_a_primitives_only_backend():
+    store = DictStore()
+    g = torch.Generator().manual_seed(0)
+    written, full = [], []
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    for i in range(3):
+        acts = torch.randn(2, 5, 3, generator=g)
+        store.write_activation_batch("r", i, {"model.layers.0": acts}, mask)
+        written.append(acts[mask.bool()])
+        full.append(acts)
+    assert store.list_runs() == ["r"] and store.list_batches("r") == [0, 1, 2]
+    back = store.load_batch("r", 1, "model.layers.0")
+    assert torch.equal(back.activations, full[1]) and torch.equal(back.attention_mask, mask)
+    got = torch.cat(list(store.activation_reader("r", "model.layers.0", 4, shuffle=False, drop_last=False)))
+    assert torch.equal(got, torch.cat(written))
