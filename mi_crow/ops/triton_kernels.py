@@ -6,7 +6,9 @@ dispatch key; importing this module requires ``triton`` (the registration code i
 
 The launchers accept CUDA tensors, and CPU tensors when ``TRITON_INTERPRET=1`` is set before triton is imported
 (that is how the kernels are checked on machines without a GPU). Float tensors may be float32, bfloat16 or
-float16; every kernel accumulates in float32.
+float16; every kernel accumulates in float32. Output dtypes follow the references in :mod:`mi_crow.ops.reference`.
+float64 inputs (used by ``gradcheck``) are served by those references, since the kernels rank and accumulate in
+float32.
 
 Design notes (why the kernels look the way they do):
 
@@ -16,10 +18,11 @@ Design notes (why the kernels look the way they do):
   network over plain integers carries indices, each candidate is packed into one int64 key: the float's bits
   mapped to an order-preserving int32 in the high word, ``INT32_MAX - index`` in the low word (ties go to the
   lower index, as a stable descending sort would). A merge takes the tile's own top-k (bitonic top-k) and
-  combines it with the running buffer by one bitonic merge. A tile whose best candidate cannot enter any row's buffer is skipped. When there are few
-  row blocks, the latents are split across programs (for occupancy) and a second small kernel merges the
-  ``[tokens, splits, K_PAD]`` candidate keys — a buffer of ``splits * K_PAD`` keys per token, far below
-  ``n_latents``. The optional AuxK top-k among dead latents is a second buffer filled in the same pass.
+  combines it with the running buffer by one bitonic merge. A tile whose best candidate cannot enter any row's
+  buffer skips the merge. When there are few row blocks, the latents are split across programs (for occupancy)
+  and a second small kernel merges the ``[tokens, splits, K_PAD]`` candidate keys — ``splits * K_PAD`` keys per
+  token, far below ``n_latents``. The optional AuxK top-k among dead latents is a second buffer filled in the
+  same pass.
 * ``scatter_rows`` is deterministic: the launcher sorts the ``(token, slot)`` pairs by latent (a stable sort of
   ``tokens * k`` indices), and one program per (latent, column block) sums its contiguous segment in a fixed
   order. No atomics, so results are bit-for-bit reproducible.
@@ -33,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mi_crow.ops import reference
+
 __all__ = [
     "topk_encode_triton",
     "sparse_decode_triton",
@@ -40,7 +45,9 @@ __all__ = [
     "scatter_rows_triton",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Largest k (and k_aux) the fused encode keeps in registers; larger requests are rejected with a clear error.
+_MAX_K = 1024
 # Smallest int64: marks an empty slot of a top-k buffer (below every real key, including -inf or NaN ones).
 _EMPTY_KEY = -(2**63)
 _INT32_MAX = 2**31 - 1
@@ -61,7 +68,7 @@ def _check_tensor(op: str, name: str, t: object, ndim: int, *, floating: bool) -
     if t.dim() != ndim:
         raise ValueError(f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if floating and t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+        raise TypeError(f"{op}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}")
     if not floating and t.dtype != torch.int64:
         raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
     if not t.is_cuda and not _interpreting():
@@ -103,6 +110,19 @@ def _target_programs(device: torch.device) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # topk_encode
 # --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _round_to(v, dtype: tl.constexpr):
+    """Round float32 v to dtype, to nearest even, and return it in dtype."""
+    if dtype == tl.bfloat16:
+        # Done on the bits because the interpreter truncates float32 -> bfloat16 casts; a GPU rounds to nearest
+        # even, which is what this computes, so both paths agree with PyTorch's rounding.
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return v.to(dtype)
 
 
 @triton.jit
@@ -249,7 +269,7 @@ def _topk_encode_kernel(
             ).to(tl.float32)
             bd = tl.load(b_dec_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)
             # Round the centred input to the input dtype, as the reference's (x - b_dec) does.
-            xc = (xt - bd[None, :]).to(dtype)
+            xc = _round_to(xt - bd[None, :], dtype)
             wt = tl.load(
                 w_ptr + cols[:, None] * stride_wn + dd[None, :] * stride_wd,
                 mask=col_mask[:, None] & d_mask[None, :],
@@ -263,7 +283,7 @@ def _topk_encode_kernel(
             acc = tl.dot(xc, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
         be = tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
         # The reference rounds the product and the biased sum to the input dtype; so do we (no-ops for fp32).
-        pre = (acc.to(dtype).to(tl.float32) + be[None, :]).to(dtype).to(tl.float32)
+        pre = _round_to(_round_to(acc, dtype).to(tl.float32) + be[None, :], dtype).to(tl.float32)
         keys = _float_to_key(pre, cols)
         keys = tl.where(col_mask[None, :], keys, -(2**63))
 
@@ -327,7 +347,8 @@ def _topk_finalize_kernel(
     val = tl.where(empty, 0.0, tl.maximum(val, 0.0))
     idx = tl.where(empty, 0, idx)
     out_mask = row_mask[:, None] & (kk < k)[None, :]
-    tl.store(values_ptr + rows[:, None] * k + kk[None, :], val.to(values_ptr.dtype.element_ty), mask=out_mask)
+    out_val = _round_to(val, values_ptr.dtype.element_ty)
+    tl.store(values_ptr + rows[:, None] * k + kk[None, :], out_val, mask=out_mask)
     tl.store(indices_ptr + rows[:, None] * k + kk[None, :], idx, mask=out_mask)
 
 
@@ -347,9 +368,9 @@ def topk_encode_triton(
         W_enc: ``[n_latents, d_in]`` encoder weight, same dtype as ``x``.
         b_enc: ``[n_latents]`` encoder bias.
         b_dec: ``[d_in]`` decoder bias, subtracted from ``x`` first.
-        k: number of active latents per token, ``1 <= k <= min(n_latents, 128)``.
+        k: number of active latents per token, ``1 <= k <= min(n_latents, 1024)`` (fastest up to 128).
         dead_mask: ``[n_latents]`` bool, True for dead latents, or None.
-        k_aux: number of AuxK latents to pick among the dead ones, ``0 <= k_aux <= min(n_latents, 512)``.
+        k_aux: number of AuxK latents to pick among the dead ones, ``0 <= k_aux <= min(n_latents, 1024)``.
 
     Returns:
         ``(values, indices, aux_values, aux_indices)``: ``values [tokens, k]`` in ``x.dtype``, after ReLU,
@@ -375,12 +396,14 @@ def topk_encode_triton(
         raise ValueError(f"{op}: b_dec must have shape [{d}], got {tuple(b_dec.shape)}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= min(n, 128):
-        raise ValueError(f"{op}: k must be in [1, min(n_latents, 128)] = [1, {min(n, 128)}], got {k}")
+    if not 1 <= k <= min(n, _MAX_K):
+        raise ValueError(f"{op}: k must be in [1, min(n_latents, {_MAX_K})] = [1, {min(n, _MAX_K)}], got {k}")
     if isinstance(k_aux, bool) or not isinstance(k_aux, int):
         raise TypeError(f"{op}: k_aux must be an int, got {type(k_aux).__name__}")
-    if not 0 <= k_aux <= min(n, 512):
-        raise ValueError(f"{op}: k_aux must be in [0, min(n_latents, 512)] = [0, {min(n, 512)}], got {k_aux}")
+    if not 0 <= k_aux <= min(n, _MAX_K):
+        raise ValueError(
+            f"{op}: k_aux must be in [0, min(n_latents, {_MAX_K})] = [0, {min(n, _MAX_K)}], got {k_aux}"
+        )
     if dead_mask is not None:
         if not isinstance(dead_mask, torch.Tensor):
             raise TypeError(f"{op}: dead_mask must be a torch.Tensor or None, got {type(dead_mask).__name__}")
@@ -393,7 +416,12 @@ def topk_encode_triton(
     else:
         _check_same_device(op, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
 
+    if x.dtype == torch.float64:
+        return reference.topk_encode_ref(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
     has_aux = dead_mask is not None and k_aux > 0
+    # The kernel indexes the bias vectors with unit stride.
+    b_enc = b_enc.contiguous()
+    b_dec = b_dec.contiguous()
     device = x.device
     values = torch.empty((B, k), dtype=x.dtype, device=device)
     indices = torch.empty((B, k), dtype=torch.int64, device=device)
@@ -500,7 +528,7 @@ def _sparse_decode_kernel(
         ).to(tl.float32)
         acc += tl.sum(v[:, None] * w, axis=0)
     acc += tl.load(b_ptr + dd, mask=d_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * d + dd, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_ptr + row * d + dd, _round_to(acc, out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def _check_code(op: str, values: torch.Tensor, indices: torch.Tensor) -> None:
@@ -525,8 +553,7 @@ def sparse_decode_triton(
         b_dec: ``[d_in]`` decoder bias.
 
     Returns:
-        ``x_hat [tokens, d_in]`` in the promoted dtype of ``values``, ``W_dec`` and ``b_dec``, accumulated in
-        float32.
+        ``x_hat [tokens, d_in]`` in ``W_dec.dtype``, accumulated in float32.
     """
     op = "sparse_decode"
     _check_code(op, values, indices)
@@ -537,9 +564,11 @@ def sparse_decode_triton(
         raise ValueError(f"{op}: b_dec must have shape [{d}] to match W_dec, got {tuple(b_dec.shape)}")
     _check_same_device(op, values=values, indices=indices, W_dec=W_dec, b_dec=b_dec)
     _check_index_range(op, "indices", indices, n)
+    if torch.float64 in (values.dtype, W_dec.dtype, b_dec.dtype):
+        return reference.sparse_decode_ref(values, indices, W_dec, b_dec)
     B, K = values.shape
-    out_dtype = torch.promote_types(torch.promote_types(values.dtype, W_dec.dtype), b_dec.dtype)
-    out = torch.empty((B, d), dtype=out_dtype, device=values.device)
+    b_dec = b_dec.contiguous()
+    out = torch.empty((B, d), dtype=W_dec.dtype, device=values.device)
     if B == 0 or d == 0:
         return out
     block_d = min(128, max(16, _next_pow2(d)))
@@ -596,7 +625,7 @@ def _gather_dot_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(w * g[None, :], axis=1)
-    tl.store(out_ptr + row * K + kk, acc.to(out_ptr.dtype.element_ty), mask=k_mask)
+    tl.store(out_ptr + row * K + kk, _round_to(acc, out_ptr.dtype.element_ty), mask=k_mask)
 
 
 def gather_dot_triton(grad_out: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -608,7 +637,7 @@ def gather_dot_triton(grad_out: torch.Tensor, indices: torch.Tensor, W: torch.Te
         W: ``[n_latents, d_in]`` weight whose rows are gathered (the decoder weight).
 
     Returns:
-        ``[tokens, k]`` in the promoted dtype of ``grad_out`` and ``W``, accumulated in float32.
+        ``[tokens, k]`` in ``grad_out.dtype``, accumulated in float32.
     """
     op = "gather_dot"
     _check_tensor(op, "grad_out", grad_out, 2, floating=True)
@@ -622,8 +651,10 @@ def gather_dot_triton(grad_out: torch.Tensor, indices: torch.Tensor, W: torch.Te
     _check_same_device(op, grad_out=grad_out, indices=indices, W=W)
     n = W.shape[0]
     _check_index_range(op, "indices", indices, n)
+    if torch.float64 in (grad_out.dtype, W.dtype):
+        return reference.gather_dot_ref(grad_out, indices, W)
     K = indices.shape[1]
-    out = torch.empty((B, K), dtype=torch.promote_types(grad_out.dtype, W.dtype), device=grad_out.device)
+    out = torch.empty((B, K), dtype=grad_out.dtype, device=grad_out.device)
     if B == 0 or K == 0:
         return out
     block_k = min(32, max(1, _next_pow2(K)))
@@ -684,7 +715,7 @@ def _scatter_rows_kernel(
             other=0.0,
         ).to(tl.float32)
         acc += tl.sum(c[:, None] * xv, axis=0)
-    tl.store(out_ptr + latent * d + dd, acc.to(out_ptr.dtype.element_ty), mask=d_mask)
+    tl.store(out_ptr + latent * d + dd, _round_to(acc, out_ptr.dtype.element_ty), mask=d_mask)
 
 
 def scatter_rows_triton(coef: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -701,8 +732,7 @@ def scatter_rows_triton(coef: torch.Tensor, indices: torch.Tensor, x: torch.Tens
         n: number of output rows (latents), ``n >= 0``.
 
     Returns:
-        ``[n, d_in]`` in the promoted dtype of ``coef`` and ``x``, accumulated in float32; rows no index points
-        to are zero.
+        ``[n, d_in]`` in ``x.dtype``, accumulated in float32; rows no index points to are zero.
     """
     op = "scatter_rows"
     _check_tensor(op, "coef", coef, 2, floating=True)
@@ -720,9 +750,11 @@ def scatter_rows_triton(coef: torch.Tensor, indices: torch.Tensor, x: torch.Tens
         raise ValueError(f"{op}: n must be >= 0, got {n}")
     _check_same_device(op, coef=coef, indices=indices, x=x)
     _check_index_range(op, "indices", indices, n)
+    if torch.float64 in (coef.dtype, x.dtype):
+        return reference.scatter_rows_ref(coef, indices, x, n)
     B, K = coef.shape
     d = x.shape[1]
-    out = torch.empty((n, d), dtype=torch.promote_types(coef.dtype, x.dtype), device=x.device)
+    out = torch.empty((n, d), dtype=x.dtype, device=x.device)
     if n == 0 or d == 0:
         return out
     flat_idx = indices.reshape(-1)

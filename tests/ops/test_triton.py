@@ -1,0 +1,491 @@
+"""Triton kernels run under the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors, checked against the
+plain-PyTorch references of ``mi_crow.ops.reference``.
+
+The interpreter only works when ``TRITON_INTERPRET=1`` is set before ``triton`` itself is imported (triton's own
+``tl.max``/``tl.sum`` are JIT functions created at import), and ``import mi_crow.ops`` imports triton in this
+process. So the launchers run in one worker subprocess started with the variable set; each test sends it the
+call (tensors serialised with ``torch.save``) and gets the result, or the exception type and message, back.
+Argument checks happen before any kernel launch, so the bad-input tests call this process's module directly.
+
+Top-k comparisons do not depend on tie order: the kernel's indices must select the same pre-activation values as
+the reference's top-k, values must equal relu(pre) at those indices, and indices are distinct per row. Low
+precision is judged against PyTorch's own error in the same dtype (both measured against a float64 reference).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from mi_crow.ops.reference import (  # noqa: E402
+    gather_dot_ref,
+    scatter_rows_ref,
+    sparse_decode_ref,
+    topk_encode_ref,
+)
+
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+
+_WORKER = r"""
+import io, os, struct, sys
+import torch
+protocol = os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol stream
+import mi_crow.ops.triton_kernels as tk
+requests = sys.stdin.buffer
+while True:
+    header = requests.read(8)
+    if len(header) < 8:
+        break
+    (size,) = struct.unpack("<Q", header)
+    name, args = torch.load(io.BytesIO(requests.read(size)), weights_only=True)
+    try:
+        if name == "kernel_kind":
+            reply = (True, type(tk._topk_encode_kernel).__name__)
+        else:
+            reply = (True, getattr(tk, name)(*args))
+    except Exception as exc:
+        reply = (False, (type(exc).__name__, str(exc)))
+    buffer = io.BytesIO()
+    torch.save(reply, buffer)
+    data = buffer.getvalue()
+    protocol.write(struct.pack("<Q", len(data)) + data)
+    protocol.flush()
+"""
+
+
+class _InterpretedKernels:
+    """Calls ``mi_crow.ops.triton_kernels.<name>(*args)`` in a worker process running the Triton interpreter."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env
+        )
+
+    def call(self, name: str, *args: Any) -> Any:
+        buffer = io.BytesIO()
+        torch.save((name, args), buffer)
+        data = buffer.getvalue()
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(struct.pack("<Q", len(data)) + data)
+        self._proc.stdin.flush()
+        header = self._proc.stdout.read(8)
+        if len(header) < 8:
+            raise RuntimeError(f"Triton interpreter worker died (exit code {self._proc.poll()})")
+        (size,) = struct.unpack("<Q", header)
+        ok, payload = torch.load(io.BytesIO(self._proc.stdout.read(size)), weights_only=True)
+        if not ok:
+            kind, message = payload
+            raise {"ValueError": ValueError, "TypeError": TypeError}.get(kind, RuntimeError)(f"{kind}: {message}")
+        return payload
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.endswith("_triton"):
+            raise AttributeError(name)
+        return lambda *args: self.call(name, *args)
+
+    def close(self) -> None:
+        assert self._proc.stdin is not None
+        self._proc.stdin.close()
+        self._proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tk() -> Iterator[_InterpretedKernels]:
+    worker = _InterpretedKernels()
+    try:
+        assert worker.call("kernel_kind") == "InterpretedFunction"
+        yield worker
+    finally:
+        worker.close()
+
+
+@pytest.fixture
+def tk_local(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """This process's module, for argument checks (they raise before any kernel is launched)."""
+    import mi_crow.ops.triton_kernels as module
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return module
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _encoder(B: int, d: int, n: int, dtype: torch.dtype, seed: int):  # type: ignore[no-untyped-def]
+    g = _gen(seed)
+    x = torch.randn(B, d, generator=g).to(dtype)
+    W = (torch.randn(n, d, generator=g) / d**0.5).to(dtype)
+    b_enc = (0.3 * torch.randn(n, generator=g)).to(dtype)
+    b_dec = (0.2 * torch.randn(d, generator=g)).to(dtype)
+    return x, W, b_enc, b_dec
+
+
+def _pre64(x, W, b_enc, b_dec) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    return (x.double() - b_dec.double()) @ W.double().T + b_enc.double()
+
+
+def _check_selection(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    pre: torch.Tensor,
+    k: int,
+    atol: float,
+    candidates: torch.Tensor | None = None,
+) -> None:
+    """Tie-order-independent check of a top-k result against float64 pre-activations [B, n].
+
+    ``candidates`` ([n] bool) restricts the choice (the dead latents of the aux code).
+    """
+    B = pre.shape[0]
+    assert values.shape == (B, k) and indices.shape == (B, k)
+    assert indices.dtype == torch.int64
+    pool = pre if candidates is None else pre.masked_fill(~candidates, float("-inf"))
+    n_real = k if candidates is None else min(k, int(candidates.sum()))
+    ref_top = pool.topk(n_real, dim=1).values
+    real_idx = indices[:, :n_real]
+    assert bool(((real_idx >= 0) & (real_idx < pre.shape[1])).all())
+    if candidates is not None:
+        assert bool(candidates[real_idx].all()), "an aux index points to a latent that is not dead"
+    # Distinct latents per row.
+    assert bool((real_idx.sort(dim=1).values.diff(dim=1) != 0).all())
+    picked = pre.gather(1, real_idx)
+    torch.testing.assert_close(picked, ref_top, atol=atol, rtol=0)
+    torch.testing.assert_close(values[:, :n_real].double(), picked.clamp_min(0), atol=atol, rtol=0)
+    # Sorted descending.
+    assert bool((values.double().diff(dim=1) <= 0).all())
+    if n_real < k:  # padding: value 0 at index 0, as the reference documents
+        assert bool((values[:, n_real:] == 0).all()) and bool((indices[:, n_real:] == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# topk_encode
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("B", "d", "n", "k"),
+    [
+        (1, 48, 100, 1),  # one token, one latent, n below one tile
+        (5, 64, 200, 7),  # n not a multiple of the tile, latents split across programs
+        (7, 96, 257, 32),
+        (3, 64, 300, 128),  # the largest k of the issue
+        (129, 48, 150, 5),  # many row blocks: one latent split, partial last row block
+    ],
+)
+def test_topk_encode_fp32_matches_reference(tk: _InterpretedKernels, B: int, d: int, n: int, k: int) -> None:
+    x, W, b_enc, b_dec = _encoder(B, d, n, torch.float32, seed=B * 1000 + n + k)
+    values, indices, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, k, None, 0)
+    assert values.dtype == torch.float32
+    assert aux_v.shape == (B, 0) and aux_i.shape == (B, 0) and aux_i.dtype == torch.int64
+    _check_selection(values, indices, _pre64(x, W, b_enc, b_dec), k, atol=1e-5)
+    ref_v, _, _, _ = topk_encode_ref(x, W, b_enc, b_dec, k, None, 0)
+    torch.testing.assert_close(values, ref_v, atol=1e-5, rtol=1e-5)
+
+
+def test_topk_encode_negative_pre_activations_give_zero_values_and_true_indices(tk: _InterpretedKernels) -> None:
+    x, W, b_enc, b_dec = _encoder(6, 48, 90, torch.float32, seed=3)
+    b_enc = b_enc - 100.0  # every pre-activation is negative: values clip to 0, the ranking must not
+    values, indices, _, _ = tk.topk_encode_triton(x, W, b_enc, b_dec, 4, None, 0)
+    assert bool((values == 0).all())
+    _check_selection(values, indices, _pre64(x, W, b_enc, b_dec), 4, atol=1e-4)
+
+
+def test_topk_encode_skips_hopeless_tiles_correctly(tk: _InterpretedKernels) -> None:
+    # A steep bias ranking early latents far above later ones makes later tiles skip the merge.
+    x, W, b_enc, b_dec = _encoder(4, 64, 400, torch.float32, seed=4)
+    b_enc = torch.linspace(50.0, -50.0, 400)
+    values, indices, _, _ = tk.topk_encode_triton(x, W, b_enc, b_dec, 8, None, 0)
+    _check_selection(values, indices, _pre64(x, W, b_enc, b_dec), 8, atol=1e-4)
+    assert bool((indices < 64).all())
+
+
+def test_topk_encode_accepts_strided_inputs(tk: _InterpretedKernels) -> None:
+    x, W, b_enc, b_dec = _encoder(5, 48, 120, torch.float32, seed=5)
+    x_t = x.T.contiguous().T  # same values, column-major
+    W_wide = torch.cat([W, torch.zeros_like(W)], dim=1)[:, :48]  # row stride 96
+    b_enc_strided = torch.stack([b_enc, b_enc], dim=1)[:, 0]
+    values, indices, _, _ = tk.topk_encode_triton(x_t, W_wide, b_enc_strided, b_dec, 6, None, 0)
+    _check_selection(values, indices, _pre64(x, W, b_enc, b_dec), 6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("B", "d", "n", "k", "k_aux", "p_dead"),
+    [
+        (5, 48, 200, 4, 9, 0.5),
+        (3, 96, 257, 1, 64, 0.5),
+        (1, 64, 130, 2, 16, 0.04),  # about 5 dead latents for 16 aux slots: padding
+        (4, 64, 100, 3, 8, 0.0),  # no dead latent at all: all padding
+    ],
+)
+def test_topk_encode_aux_matches_reference(
+    tk: _InterpretedKernels, B: int, d: int, n: int, k: int, k_aux: int, p_dead: float
+) -> None:
+    x, W, b_enc, b_dec = _encoder(B, d, n, torch.float32, seed=n + k_aux)
+    dead = torch.rand(n, generator=_gen(n)) < p_dead
+    values, indices, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, k, dead, k_aux)
+    pre = _pre64(x, W, b_enc, b_dec)
+    _check_selection(values, indices, pre, k, atol=1e-5)
+    assert aux_v.shape == (B, k_aux) and aux_i.dtype == torch.int64
+    _check_selection(aux_v, aux_i, pre, k_aux, atol=1e-5, candidates=dead)
+    ref = topk_encode_ref(x, W, b_enc, b_dec, k, dead, k_aux)
+    torch.testing.assert_close(aux_v, ref[2], atol=1e-5, rtol=0)
+    assert torch.equal(aux_i == 0, ref[3] == 0) or bool((aux_v > 0).all())
+
+
+def test_topk_encode_aux_is_empty_without_mask_or_k_aux(tk: _InterpretedKernels) -> None:
+    x, W, b_enc, b_dec = _encoder(3, 48, 80, torch.float32, seed=6)
+    dead = torch.ones(80, dtype=torch.bool)
+    _, _, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, 2, None, 5)
+    assert aux_v.shape == (3, 0) and aux_i.shape == (3, 0)
+    _, _, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, 2, dead, 0)
+    assert aux_v.shape == (3, 0) and aux_i.shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_topk_encode_low_precision_within_torch_error(tk: _InterpretedKernels, dtype: torch.dtype) -> None:
+    B, d, n, k, k_aux = 7, 64, 200, 16, 8
+    x, W, b_enc, b_dec = _encoder(B, d, n, dtype, seed=7)
+    dead = torch.rand(n, generator=_gen(8)) < 0.5
+    values, indices, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, k, dead, k_aux)
+    assert values.dtype == dtype and aux_v.dtype == dtype
+    pre = _pre64(x, W, b_enc, b_dec)
+    exact_v = pre.topk(k, dim=1).values.clamp_min(0)
+    torch_v = topk_encode_ref(x, W, b_enc, b_dec, k, dead, k_aux)[0].double()
+    torch_err = (torch_v - exact_v).abs().max().item()
+    kernel_err = (values.double() - exact_v).abs().max().item()
+    assert kernel_err <= 2 * torch_err + 1e-6, (kernel_err, torch_err)
+    # The chosen latents are near-optimal: their exact pre-activations are within PyTorch's error of the best.
+    picked = pre.gather(1, indices).clamp_min(0)
+    assert (picked - exact_v).abs().max().item() <= 2 * torch_err + 1e-6
+    assert bool(dead[aux_i].all())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparse_decode and gather_dot
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _code(B: int, k: int, n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = _gen(seed)
+    values = torch.rand(B, k, generator=g).to(dtype)
+    indices = torch.randint(0, n, (B, k), generator=g)
+    return values, indices
+
+
+@pytest.mark.parametrize(
+    ("B", "k", "d", "n"),
+    [(1, 1, 48, 10), (5, 7, 64, 100), (3, 40, 96, 77), (9, 0, 48, 5), (2, 33, 64, 3)],
+)
+def test_sparse_decode_fp32_matches_reference(tk: _InterpretedKernels, B: int, k: int, d: int, n: int) -> None:
+    values, indices = _code(B, k, n, torch.float32, seed=B + k + d)
+    g = _gen(d)
+    W = torch.randn(n, d, generator=g)
+    b = torch.randn(d, generator=g)
+    out = tk.sparse_decode_triton(values, indices, W, b)
+    assert out.shape == (B, d) and out.dtype == torch.float32
+    torch.testing.assert_close(out, sparse_decode_ref(values, indices, W, b), atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_decode_accepts_strided_code(tk: _InterpretedKernels) -> None:
+    values, indices = _code(6, 10, 50, torch.float32, seed=11)
+    W = torch.randn(50, 64, generator=_gen(12))
+    b = torch.randn(64, generator=_gen(13))
+    out = tk.sparse_decode_triton(values[:, ::2], indices[:, ::2], W, b)
+    torch.testing.assert_close(out, sparse_decode_ref(values[:, ::2], indices[:, ::2], W, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_sparse_decode_low_precision_within_torch_error(tk: _InterpretedKernels, dtype: torch.dtype) -> None:
+    values, indices = _code(7, 24, 90, dtype, seed=14)
+    W = torch.randn(90, 96, generator=_gen(15)).to(dtype)
+    b = torch.randn(96, generator=_gen(16)).to(dtype)
+    exact = sparse_decode_ref(values.double(), indices, W.double(), b.double())
+    # PyTorch's own low-precision decode: gather, multiply and sum in the dtype.
+    plain = b + (values[:, :, None] * W[indices]).sum(dim=1)
+    out = tk.sparse_decode_triton(values, indices, W, b)
+    assert out.dtype == dtype
+    kernel_err = (out.double() - exact).abs().max().item()
+    torch_err = (plain.double() - exact).abs().max().item()
+    assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
+
+
+@pytest.mark.parametrize(("B", "k", "d", "n"), [(1, 1, 48, 10), (5, 7, 64, 100), (3, 40, 96, 77), (4, 0, 64, 9)])
+def test_gather_dot_fp32_matches_reference(tk: _InterpretedKernels, B: int, k: int, d: int, n: int) -> None:
+    _, indices = _code(B, k, n, torch.float32, seed=B * k + d)
+    g = _gen(n)
+    grad = torch.randn(B, d, generator=g)
+    W = torch.randn(n, d, generator=g)
+    out = tk.gather_dot_triton(grad, indices, W)
+    assert out.shape == (B, k) and out.dtype == torch.float32
+    torch.testing.assert_close(out, gather_dot_ref(grad, indices, W), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_gather_dot_low_precision_within_torch_error(tk: _InterpretedKernels, dtype: torch.dtype) -> None:
+    _, indices = _code(6, 20, 70, dtype, seed=17)
+    grad = torch.randn(6, 96, generator=_gen(18)).to(dtype)
+    W = torch.randn(70, 96, generator=_gen(19)).to(dtype)
+    exact = gather_dot_ref(grad.double(), indices, W.double())
+    plain = (W[indices] * grad[:, None, :]).sum(dim=-1)
+    out = tk.gather_dot_triton(grad, indices, W)
+    assert out.dtype == dtype
+    kernel_err = (out.double() - exact).abs().max().item()
+    torch_err = (plain.double() - exact).abs().max().item()
+    assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scatter_rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("B", "k", "d", "n"),
+    [(1, 1, 48, 10), (5, 7, 64, 100), (9, 16, 96, 13), (3, 40, 48, 4), (4, 0, 64, 6)],
+)
+def test_scatter_rows_fp32_matches_reference(tk: _InterpretedKernels, B: int, k: int, d: int, n: int) -> None:
+    # Small n relative to B*k forces repeated latents within and across rows.
+    coef, indices = _code(B, k, n, torch.float32, seed=B + k * 3 + n)
+    x = torch.randn(B, d, generator=_gen(d + n))
+    out = tk.scatter_rows_triton(coef, indices, x, n)
+    assert out.shape == (n, d) and out.dtype == torch.float32
+    torch.testing.assert_close(out, scatter_rows_ref(coef, indices, x, n), atol=1e-5, rtol=1e-5)
+    unused = torch.ones(n, dtype=torch.bool)
+    unused[indices.reshape(-1)] = False
+    assert bool((out[unused] == 0).all())
+
+
+def test_scatter_rows_is_deterministic_and_handles_repeats_in_a_row(tk: _InterpretedKernels) -> None:
+    indices = torch.tensor([[3, 3, 0], [3, 1, 3]])
+    coef = torch.tensor([[1.0, 2.0, -1.0], [0.5, 4.0, -2.0]])
+    x = torch.randn(2, 48, generator=_gen(20))
+    out = tk.scatter_rows_triton(coef, indices, x, 5)
+    expected = torch.zeros(5, 48)
+    expected[3] = 3.0 * x[0] - 1.5 * x[1]
+    expected[0] = -1.0 * x[0]
+    expected[1] = 4.0 * x[1]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    coef2, idx2 = _code(33, 16, 7, torch.float32, seed=21)
+    x2 = torch.randn(33, 64, generator=_gen(22))
+    first = tk.scatter_rows_triton(coef2, idx2, x2, 7)
+    assert torch.equal(first, tk.scatter_rows_triton(coef2, idx2, x2, 7))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_scatter_rows_low_precision_within_torch_error(tk: _InterpretedKernels, dtype: torch.dtype) -> None:
+    coef, indices = _code(40, 8, 30, dtype, seed=23)
+    x = torch.randn(40, 64, generator=_gen(24)).to(dtype)
+    exact = scatter_rows_ref(coef.double(), indices, x.double(), 30)
+    # PyTorch's own low-precision scatter-add, accumulating in the dtype.
+    plain = torch.zeros(30, 64, dtype=dtype).index_add_(
+        0, indices.reshape(-1), (coef[:, :, None] * x[:, None, :]).reshape(-1, 64)
+    )
+    out = tk.scatter_rows_triton(coef, indices, x, 30)
+    assert out.dtype == dtype
+    kernel_err = (out.double() - exact).abs().max().item()
+    torch_err = (plain.double() - exact).abs().max().item()
+    assert kernel_err <= 2 * torch_err, (kernel_err, torch_err)
+
+
+def test_float64_is_served_exactly(tk: _InterpretedKernels) -> None:
+    # float64 (gradcheck) goes to the references: results must match them exactly.
+    x, W, b_enc, b_dec = _encoder(3, 48, 60, torch.float64, seed=25)
+    got = tk.topk_encode_triton(x, W, b_enc, b_dec, 4, None, 0)
+    want = topk_encode_ref(x, W, b_enc, b_dec, 4, None, 0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    coef, indices = _code(3, 4, 60, torch.float64, seed=26)
+    assert torch.equal(tk.scatter_rows_triton(coef, indices, x, 60), scatter_rows_ref(coef, indices, x, 60))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_topk_encode_rejects_bad_input(tk_local: Any) -> None:
+    x, W, b_enc, b_dec = _encoder(3, 48, 60, torch.float32, seed=27)
+    enc = tk_local.topk_encode_triton
+    with pytest.raises(ValueError, match="x must be 2-D"):
+        enc(x[0], W, b_enc, b_dec, 2, None, 0)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        enc(x.tolist(), W, b_enc, b_dec, 2, None, 0)
+    with pytest.raises(TypeError, match="x must be float32"):
+        enc(x.to(torch.int32), W, b_enc, b_dec, 2, None, 0)
+    with pytest.raises(ValueError, match=r"W_enc must have shape \[n_latents, 48\]"):
+        enc(x, W[:, :40], b_enc, b_dec, 2, None, 0)
+    with pytest.raises(TypeError, match="W_enc must have the dtype of x"):
+        enc(x, W.half(), b_enc, b_dec, 2, None, 0)
+    with pytest.raises(ValueError, match=r"b_enc must have shape \[60\]"):
+        enc(x, W, b_enc[:5], b_dec, 2, None, 0)
+    with pytest.raises(ValueError, match=r"b_dec must have shape \[48\]"):
+        enc(x, W, b_enc, b_dec[:5], 2, None, 0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, .*got 0"):
+        enc(x, W, b_enc, b_dec, 0, None, 0)
+    with pytest.raises(ValueError, match=r"k must be in \[1, .*got 61"):
+        enc(x, W, b_enc, b_dec, 61, None, 0)
+    with pytest.raises(TypeError, match="k must be an int, got float"):
+        enc(x, W, b_enc, b_dec, 2.0, None, 0)
+    with pytest.raises(ValueError, match=r"k_aux must be in \[0, .*got -1"):
+        enc(x, W, b_enc, b_dec, 2, None, -1)
+    with pytest.raises(ValueError, match=r"dead_mask must be a bool tensor of shape \[60\]"):
+        enc(x, W, b_enc, b_dec, 2, torch.ones(59, dtype=torch.bool), 3)
+    with pytest.raises(ValueError, match="dead_mask must be a bool tensor"):
+        enc(x, W, b_enc, b_dec, 2, torch.ones(60), 3)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        enc(x, W, b_enc, b_dec.to("meta"), 2, None, 0)
+
+
+def test_code_ops_reject_bad_input(tk_local: Any) -> None:
+    values, indices = _code(3, 4, 10, torch.float32, seed=28)
+    W = torch.randn(10, 48)
+    b = torch.randn(48)
+    grad = torch.randn(3, 48)
+    with pytest.raises(ValueError, match="values and indices must have the same shape"):
+        tk_local.sparse_decode_triton(values, indices[:, :3], W, b)
+    with pytest.raises(TypeError, match="indices must be int64"):
+        tk_local.sparse_decode_triton(values, indices.int(), W, b)
+    with pytest.raises(ValueError, match=r"b_dec must have shape \[48\]"):
+        tk_local.sparse_decode_triton(values, indices, W, b[:3])
+    too_big = indices.clone()
+    too_big[1, 2] = 10
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\), got values in \[.*, 10\]"):
+        tk_local.sparse_decode_triton(values, too_big, W, b)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 10\), got values in \[-1"):
+        tk_local.gather_dot_triton(grad, indices - 1, W)
+    with pytest.raises(ValueError, match="indices must have 3 rows"):
+        tk_local.gather_dot_triton(grad, indices[:2], W)
+    with pytest.raises(ValueError, match=r"W must have shape \[n_latents, 48\]"):
+        tk_local.gather_dot_triton(grad, indices, W[:, :8])
+    with pytest.raises(ValueError, match="coef and indices must have the same shape"):
+        tk_local.scatter_rows_triton(values[:, :2], indices, grad, 10)
+    with pytest.raises(ValueError, match="x must have 3 rows"):
+        tk_local.scatter_rows_triton(values, indices, grad[:2], 10)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        tk_local.scatter_rows_triton(values, indices, grad, -1)
+    with pytest.raises(TypeError, match="n must be an int"):
+        tk_local.scatter_rows_triton(values, indices, grad, 10.0)
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 5\)"):
+        tk_local.scatter_rows_triton(values, indices, grad, 5)
+
+
+def test_cpu_tensors_are_rejected_outside_the_interpreter(tk_local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET")
+    values, indices = _code(2, 3, 10, torch.float32, seed=29)
+    with pytest.raises(ValueError, match="values must be a CUDA tensor"):
+        tk_local.sparse_decode_triton(values, indices, torch.randn(10, 48), torch.randn(48))
+    x, W, b_enc, b_dec = _encoder(2, 48, 10, torch.float32, seed=30)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        tk_local.topk_encode_triton(x, W, b_enc, b_dec, 2, None, 0)
