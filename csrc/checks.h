@@ -12,26 +12,26 @@ inline bool is_supported_float(at::ScalarType t) {
 }
 
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), op, ": ", name,
               " must be float32, bfloat16, float16 or float64, got ", t.scalar_type());
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
 }
 
 inline void check_cpu(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
 }
 
 inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref,
                              const char* ref_name) {
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
               ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 inline void check_indices(const char* op, const at::Tensor& indices, int64_t n) {
-  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
   const int64_t* p = indices.data_ptr<int64_t>();
   const int64_t total = indices.numel();
   int64_t bad = -1;
@@ -41,7 +41,7 @@ inline void check_indices(const char* op, const at::Tensor& indices, int64_t n) 
       break;
     }
   }
-  TORCH_CHECK(bad < 0, op, ": indices must lie in [0, ", n, "), got ", (bad < 0 ? 0 : p[bad]), " at flat position ",
+  TORCH_CHECK_VALUE(bad < 0, op, ": indices must lie in [0, ", n, "), got ", (bad < 0 ? 0 : p[bad]), " at flat position ",
               bad);
 }
 

@@ -15,9 +15,9 @@ at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
   check_dim(op, "W", W, 2);
   check_float(op, "grad_out", grad_out);
   check_same_dtype(op, "W", W, grad_out, "grad_out");
-  TORCH_CHECK(grad_out.size(1) == W.size(1), op, ": grad_out must have W.shape[1] = ", W.size(1),
+  TORCH_CHECK_VALUE(grad_out.size(1) == W.size(1), op, ": grad_out must have W.shape[1] = ", W.size(1),
               " columns, got shape ", grad_out.sizes());
-  TORCH_CHECK(indices.size(0) == grad_out.size(0), op, ": indices must have ", grad_out.size(0),
+  TORCH_CHECK_VALUE(indices.size(0) == grad_out.size(0), op, ": indices must have ", grad_out.size(0),
               " rows (the rows of grad_out), got shape ", indices.sizes());
   const int64_t B = indices.size(0), k = indices.size(1), n = W.size(0), d = W.size(1);
   auto g = grad_out.contiguous();

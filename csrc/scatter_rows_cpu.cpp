@@ -17,10 +17,10 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
   check_dim(op, "x", x, 2);
   check_float(op, "x", x);
   check_same_dtype(op, "coef", coef, x, "x");
-  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
-  TORCH_CHECK(indices.sizes() == coef.sizes(), op, ": indices must have the shape of coef ", coef.sizes(),
+  TORCH_CHECK_VALUE(n >= 0, op, ": n must be >= 0, got ", n);
+  TORCH_CHECK_VALUE(indices.sizes() == coef.sizes(), op, ": indices must have the shape of coef ", coef.sizes(),
               ", got ", indices.sizes());
-  TORCH_CHECK(coef.size(0) == x.size(0), op, ": coef must have ", x.size(0), " rows (the rows of x), got shape ",
+  TORCH_CHECK_VALUE(coef.size(0) == x.size(0), op, ": coef must have ", x.size(0), " rows (the rows of x), got shape ",
               coef.sizes());
   const int64_t B = coef.size(0), k = coef.size(1), d = x.size(1);
   auto cf = coef.contiguous();

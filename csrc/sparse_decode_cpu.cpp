@@ -18,9 +18,9 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
   check_float(op, "W_dec", W_dec);
   check_same_dtype(op, "values", values, W_dec, "W_dec");
   check_same_dtype(op, "b_dec", b_dec, W_dec, "W_dec");
-  TORCH_CHECK(indices.sizes() == values.sizes(), op, ": indices must have the shape of values ", values.sizes(),
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), op, ": indices must have the shape of values ", values.sizes(),
               ", got ", indices.sizes());
-  TORCH_CHECK(b_dec.size(0) == W_dec.size(1), op, ": b_dec must have shape [", W_dec.size(1), "], got ",
+  TORCH_CHECK_VALUE(b_dec.size(0) == W_dec.size(1), op, ": b_dec must have shape [", W_dec.size(1), "], got ",
               b_dec.sizes());
   const int64_t B = values.size(0), k = values.size(1), n = W_dec.size(0), d = W_dec.size(1);
   auto v = values.contiguous();

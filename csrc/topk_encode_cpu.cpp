@@ -169,6 +169,8 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
 
   // Product of one token block with one latent tile into scratch, then the scan of its rows.
   auto process = [&](int64_t blk, int64_t tile, int64_t seg, at::Tensor& scratch, at::Tensor& scratch_acc) {
+    // Dispatch-key guards are thread-local, and this may run on a worker thread.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t row0 = blk * kTileTokens, rows = std::min(kTileTokens, B - row0);
     const int64_t lat0 = tile * kTileLatents, len = std::min(kTileLatents, n - lat0);
     at::Tensor out = scratch.narrow(0, 0, rows * len).view({rows, len});
@@ -260,16 +262,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
   check_same_dtype(op, "b_enc", b_enc, x, "x");
   check_same_dtype(op, "b_dec", b_dec, x, "x");
   const int64_t B = x.size(0), d = x.size(1), n = W_enc.size(0);
-  TORCH_CHECK(W_enc.size(1) == d, op, ": W_enc must have x.shape[1] = ", d, " columns, got shape ", W_enc.sizes());
-  TORCH_CHECK(b_enc.size(0) == n, op, ": b_enc must have shape [", n, "], got ", b_enc.sizes());
-  TORCH_CHECK(b_dec.size(0) == d, op, ": b_dec must have shape [", d, "], got ", b_dec.sizes());
-  TORCH_CHECK(k >= 1 && k <= n, op, ": k must be in [1, ", n, "], got ", k);
-  TORCH_CHECK(k_aux >= 0 && k_aux <= n, op, ": k_aux must be in [0, ", n, "], got ", k_aux);
+  TORCH_CHECK_VALUE(W_enc.size(1) == d, op, ": W_enc must have x.shape[1] = ", d, " columns, got shape ", W_enc.sizes());
+  TORCH_CHECK_VALUE(b_enc.size(0) == n, op, ": b_enc must have shape [", n, "], got ", b_enc.sizes());
+  TORCH_CHECK_VALUE(b_dec.size(0) == d, op, ": b_dec must have shape [", d, "], got ", b_dec.sizes());
+  TORCH_CHECK_VALUE(k >= 1 && k <= n, op, ": k must be in [1, ", n, "], got ", k);
+  TORCH_CHECK_VALUE(k_aux >= 0 && k_aux <= n, op, ": k_aux must be in [0, ", n, "], got ", k_aux);
   at::Tensor dead;
   if (dead_mask.has_value() && dead_mask->defined()) {
-    TORCH_CHECK(dead_mask->scalar_type() == at::kBool, op, ": dead_mask must be bool, got ",
+    TORCH_CHECK_TYPE(dead_mask->scalar_type() == at::kBool, op, ": dead_mask must be bool, got ",
                 dead_mask->scalar_type());
-    TORCH_CHECK(dead_mask->dim() == 1 && dead_mask->size(0) == n, op, ": dead_mask must have shape [", n,
+    TORCH_CHECK_VALUE(dead_mask->dim() == 1 && dead_mask->size(0) == n, op, ": dead_mask must have shape [", n,
                 "], got ", dead_mask->sizes());
     dead = dead_mask->contiguous();
   }
@@ -280,8 +282,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
   auto aux_indices = at::empty({B, ka}, x.options().dtype(at::kLong));
   if (B == 0) return {values, indices, aux_values, aux_indices};
 
-  at::Tensor xc = at::sub(x, b_dec).contiguous();
-  at::Tensor W = W_enc.contiguous();
+  // This kernel sits below autograd; the ATen calls it makes must not record (or refuse) autograd history.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::Tensor xc = at::sub(x.detach(), b_dec.detach()).contiguous();
+  at::Tensor W = W_enc.detach().contiguous();
   at::Tensor be = b_enc.contiguous();
   const bool* dp = (dead.defined() && ka > 0) ? dead.data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_cpu", [&] {

@@ -166,6 +166,14 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     if b_dec.shape[0] != W_dec.shape[1]:
         raise ValueError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
     _check_device(fn, W_dec, values=values, indices=indices, b_dec=b_dec)
+    # Range check on CPU only: on an accelerator it would force a device sync on every call.
+    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= W_dec.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{fn}: indices must lie in [0, {W_dec.shape[0]}) (n_latents of W_dec), got {bad}"
+            )
     if values.dtype != W_dec.dtype:
         values = values.to(W_dec.dtype)
     if b_dec.dtype != W_dec.dtype:
