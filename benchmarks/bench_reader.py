@@ -129,6 +129,7 @@ def run_case(case: Case, min_run_time: float) -> list[dict]:
         rows = [{"path": "in-memory index_select", "s_per_batch": time_median(in_memory, min_run_time)}]
         variants = [("reader shuffled, buffer 2^18", dict(shuffle=True, buffer_tokens=2**18)),
                     ("reader shuffled, buffer 2^15", dict(shuffle=True, buffer_tokens=2**15)),
+                    ("reader shuffled, buffer 2^15, prefetch", dict(shuffle=True, buffer_tokens=2**15, prefetch=True)),
                     ("reader unshuffled", dict(shuffle=False))]
         for label, kwargs in variants:
             def epoch(kwargs=kwargs) -> None:

@@ -394,6 +394,7 @@ class Store(ABC):
         dtype: torch.dtype | None = None,
         drop_last: bool = True,
         epochs: int | None = 1,
+        prefetch: bool = False,
     ) -> ActivationReader:
         """Stream run ``run_id``'s ``layer`` as padding-free token vectors in batches.
 
@@ -402,7 +403,7 @@ class Store(ABC):
         from mi_crow.store.reader import ActivationReader
 
         return ActivationReader(self, run_id, layer, batch_size, shuffle=shuffle, buffer_tokens=buffer_tokens,
-                                seed=seed, dtype=dtype, drop_last=drop_last, epochs=epochs)
+                                seed=seed, dtype=dtype, drop_last=drop_last, epochs=epochs, prefetch=prefetch)
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None

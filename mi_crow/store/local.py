@@ -44,12 +44,12 @@ class LocalStore(Store):
         if not isinstance(base_path, (str, os.PathLike)):
             raise TypeError(f"base_path must be a str or os.PathLike, got {type(base_path).__name__} ({base_path!r})")
         path = Path(base_path).expanduser()
+        if path.exists() and not path.is_dir():
+            raise StoreNotWritableError(f"base_path {str(path)!r} exists and is not a directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreNotWritableError(f"base_path {str(path)!r} cannot be created as a store directory: {exc}") from exc
-        if not path.is_dir():
-            raise StoreNotWritableError(f"base_path {str(path)!r} exists and is not a directory")
         # os.access alone misses read-only mounts and is always True for root, so probe with a real write.
         try:
             fd, probe = tempfile.mkstemp(prefix=".write_probe-", suffix=_TMP_SUFFIX, dir=path)

@@ -13,13 +13,15 @@ Design (why it looks like this):
   taken from the group, carried tokens), and resuming from that state re-creates exactly the same batches.
 
 Memory holds one group: at most ``max(buffer_tokens, batch_size - 1 + largest file's tokens)`` token vectors, plus
-one file's padded tensor while it is being loaded, whatever the size of the run.
+one file's padded tensor while it is being loaded, whatever the size of the run (two groups with ``prefetch=True``,
+where the next group is loaded in a background thread while the current one is served).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -83,6 +85,8 @@ class ActivationReader:
         dtype: dtype of yielded tensors (``None`` = as stored).
         drop_last: drop the last batch of an epoch when it has fewer than ``batch_size`` tokens.
         epochs: number of passes over the run, or ``None`` for an endless stream.
+        prefetch: load the next buffer in a background thread while the current one is consumed (hides file
+            reading behind the consumer's work; holds up to two buffers). Yields exactly the same batches.
 
     Attributes:
         n_tokens: real tokens per epoch (from ``meta.json``).
@@ -104,6 +108,7 @@ class ActivationReader:
         dtype: torch.dtype | None = None,
         drop_last: bool = True,
         epochs: int | None = 1,
+        prefetch: bool = False,
     ) -> None:
         _check_segment(run_id, "run_id")
         _check_segment(layer, "layer")
@@ -125,6 +130,7 @@ class ActivationReader:
         self.dtype = dtype
         self.drop_last = bool(drop_last)
         self.epochs = epochs
+        self.prefetch = bool(prefetch)
 
         meta = store.read_run_meta(run_id)
         layer_dims = meta.get("layer_dims", {})
@@ -254,11 +260,15 @@ class ActivationReader:
                 break
         return files
 
-    def _load_group(self, files: list[int], carry: torch.Tensor) -> torch.Tensor:
-        total = carry.shape[0] + sum(self.file_tokens[i] for i in files)
+    def _fill_group(self, files: list[int], n_carry: int) -> torch.Tensor:
+        """Buffer ``[n_carry + real tokens of files, d_in]`` with the files' real tokens from row ``n_carry`` on.
+
+        Rows ``[:n_carry]`` are left for the caller to fill with the carried tokens, so this can run in a
+        background thread before the carry is known.
+        """
+        total = n_carry + sum(self.file_tokens[i] for i in files)
         buffer = torch.empty(total, self.d_in, dtype=self.out_dtype)
-        buffer[: carry.shape[0]].copy_(carry)
-        offset = carry.shape[0]
+        offset = n_carry
         for index in files:
             batch = self.store._load_layer_file(self.run_id, index, self.layer)
             acts, mask = batch.activations, batch.attention_mask
@@ -280,43 +290,71 @@ class ActivationReader:
         self.peak_buffered_tokens = max(self.peak_buffered_tokens, total)
         return buffer
 
+    def _next_group(self, order: list[int], files: list[int], n_rest: int, last_group: bool
+                    ) -> tuple[int, int, list[int], int] | None:
+        """(epoch, cursor, files, n_carry) of the group after the current one, or None at the end of the stream."""
+        if not last_group:
+            cursor = self._cursor + len(files)
+            return self._epoch, cursor, self._group_files(order, cursor, n_rest), n_rest
+        if self.epochs is not None and self._epoch + 1 >= self.epochs:
+            return None
+        next_order = self._epoch_order(self._epoch + 1)
+        return self._epoch + 1, 0, self._group_files(next_order, 0, 0), 0
+
     def __iter__(self) -> Iterator[torch.Tensor]:
         bs = self.batch_size
-        while not self._finished:
-            order = self._epoch_order(self._epoch)
-            while self._cursor < len(order):
-                files = self._group_files(order, self._cursor, self._carry.shape[0])
-                last_group = self._cursor + len(files) >= len(order)
-                buffer = self._load_group(files, self._carry)
-                total = buffer.shape[0]
-                perm = (torch.randperm(total, generator=_generator(self.seed, self._epoch, self._group))
-                        if self.shuffle else None)
-                n_full = total // bs
-                while self._taken < n_full:
-                    start = self._taken * bs
-                    batch = (buffer.index_select(0, perm[start: start + bs]) if perm is not None
-                             else buffer[start: start + bs].clone())
-                    self._taken += 1
-                    self._batches_yielded += 1
-                    yield batch
-                rest = (perm[n_full * bs:] if perm is not None
-                        else torch.arange(n_full * bs, total))
-                if last_group:
-                    if rest.numel() and not self.drop_last and self._taken == n_full:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi_crow-reader") if self.prefetch else None
+        pending: tuple[tuple[int, int, int], Future[torch.Tensor]] | None = None
+        try:
+            while not self._finished:
+                order = self._epoch_order(self._epoch)
+                while self._cursor < len(order):
+                    n_carry = self._carry.shape[0]
+                    files = self._group_files(order, self._cursor, n_carry)
+                    last_group = self._cursor + len(files) >= len(order)
+                    if pending is not None and pending[0] == (self._epoch, self._cursor, n_carry):
+                        buffer = pending[1].result()
+                    else:
+                        buffer = self._fill_group(files, n_carry)
+                    pending = None
+                    buffer[:n_carry].copy_(self._carry)
+                    total = buffer.shape[0]
+                    n_full = total // bs
+                    if executor is not None:
+                        upcoming = self._next_group(order, files, total - n_full * bs, last_group)
+                        if upcoming is not None:
+                            epoch, cursor, next_files, next_carry = upcoming
+                            pending = ((epoch, cursor, next_carry),
+                                       executor.submit(self._fill_group, next_files, next_carry))
+                    perm = (torch.randperm(total, generator=_generator(self.seed, self._epoch, self._group))
+                            if self.shuffle else None)
+                    while self._taken < n_full:
+                        start = self._taken * bs
+                        batch = (buffer.index_select(0, perm[start: start + bs]) if perm is not None
+                                 else buffer[start: start + bs].clone())
                         self._taken += 1
                         self._batches_yielded += 1
-                        yield buffer.index_select(0, rest)
-                    carry = buffer[:0].clone()
-                else:
-                    carry = buffer.index_select(0, rest)
-                del buffer
-                self._carry = carry
-                self._cursor += len(files)
-                self._group += 1
-                self._taken = 0
-            self._epoch += 1
-            self._cursor = 0
-            self._group = 0
-            self._carry = self._carry[:0]
-            if self.epochs is not None and self._epoch >= self.epochs:
-                self._finished = True
+                        yield batch
+                    rest = perm[n_full * bs:] if perm is not None else torch.arange(n_full * bs, total)
+                    if last_group:
+                        if rest.numel() and not self.drop_last and self._taken == n_full:
+                            self._taken += 1
+                            self._batches_yielded += 1
+                            yield buffer.index_select(0, rest)
+                        carry = buffer[:0].clone()
+                    else:
+                        carry = buffer.index_select(0, rest)
+                    del buffer
+                    self._carry = carry
+                    self._cursor += len(files)
+                    self._group += 1
+                    self._taken = 0
+                self._epoch += 1
+                self._cursor = 0
+                self._group = 0
+                self._carry = self._carry[:0]
+                if self.epochs is not None and self._epoch >= self.epochs:
+                    self._finished = True
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)

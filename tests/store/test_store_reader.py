@@ -143,11 +143,12 @@ def test_buffer_smaller_than_a_file(run):
     assert reader.peak_buffered_tokens <= 3 - 1 + max_file
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("drop_last", [True, False])
 @pytest.mark.parametrize("buffer_tokens", [12, 10_000])
-def test_exact_resume(run, drop_last, buffer_tokens):
+def test_exact_resume(run, drop_last, buffer_tokens, prefetch):
     store, _ = run
-    kwargs = dict(shuffle=True, buffer_tokens=buffer_tokens, seed=7, drop_last=drop_last, epochs=2)
+    kwargs = dict(shuffle=True, buffer_tokens=buffer_tokens, seed=7, drop_last=drop_last, epochs=2, prefetch=prefetch)
     full = list(store.activation_reader("run", LAYER, 5, **kwargs))
     for n in range(0, len(full) + 1):
         reader = store.activation_reader("run", LAYER, 5, **kwargs)
@@ -254,3 +255,41 @@ def test_reader_class_is_public_and_direct_construction_works(run):
     store, origin = run
     reader = ActivationReader(store, "run", LAYER, 7, drop_last=False)
     assert sum(b.shape[0] for b in reader) == len(origin)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("buffer_tokens", [9, 30, 10_000])
+def test_prefetch_yields_identical_batches(run, drop_last, buffer_tokens):
+    store, _ = run
+    kwargs = dict(buffer_tokens=buffer_tokens, seed=3, drop_last=drop_last, epochs=3)
+    plain = list(store.activation_reader("run", LAYER, 5, **kwargs))
+    fetched = list(store.activation_reader("run", LAYER, 5, prefetch=True, **kwargs))
+    assert len(plain) == len(fetched) and all(torch.equal(a, b) for a, b in zip(plain, fetched))
+
+
+def test_prefetch_resume_and_early_stop(run):
+    import threading
+
+    store, _ = run
+    kwargs = dict(buffer_tokens=12, seed=5, epochs=2, prefetch=True)
+    full = list(store.activation_reader("run", LAYER, 5, **kwargs))
+    baseline_threads = threading.active_count()
+    reader = store.activation_reader("run", LAYER, 5, **kwargs)
+    it = iter(reader)
+    head = [next(it) for _ in range(7)]
+    state = reader.state_dict()
+    it.close()  # stopping early shuts the background loader down
+    assert threading.active_count() == baseline_threads
+    restored = store.activation_reader("run", LAYER, 5, **kwargs)
+    restored.load_state_dict(state)
+    tail = list(restored)
+    assert len(head) + len(tail) == len(full)
+    assert all(torch.equal(a, b) for a, b in zip(head + tail, full))
+
+
+def test_prefetch_error_in_background_reaches_caller(run):
+    store, _ = run
+    path = store.path(f"activations/run/batch_5/{LAYER}/activations.safetensors")
+    path.write_bytes(path.read_bytes()[:64])
+    with pytest.raises(CorruptStoreFileError, match=re.escape(str(path))):
+        list(store.activation_reader("run", LAYER, 2, shuffle=False, buffer_tokens=8, prefetch=True))
