@@ -225,6 +225,13 @@ class ActivationReader:
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"state version must be {_STATE_VERSION}, got {state.get('version')!r}")
         for name, value in self._config().items():
+            if name == "files" and state.get(name) != value:
+                then = state.get(name)
+                raise ValueError(
+                    f"the complete batches of run {self.run_id!r} changed since the state was taken "
+                    f"({len(then) if isinstance(then, list) else then!r} batches then, {len(value)} now); "
+                    "an exact resume needs the same run content"
+                )
             if state.get(name) != value:
                 raise ValueError(
                     f"state was taken from a reader with {name}={state.get(name)!r}, this reader has {name}={value!r}"

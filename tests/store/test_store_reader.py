@@ -247,6 +247,9 @@ def test_state_from_different_reader_refused(run):
         store.activation_reader("run", LAYER, 5, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size=5.*batch_size=6"):
         store.activation_reader("run", LAYER, 6, seed=1).load_state_dict(state)
+    store.write_activation_batch("run", 99, {LAYER: torch.ones(1, 2, D)}, torch.ones(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"complete batches of run 'run' changed .*\(7 batches then, 8 now\)"):
+        store.activation_reader("run", LAYER, 5, seed=1).load_state_dict(state)
     with pytest.raises(TypeError, match="state must be a dict"):
         store.activation_reader("run", LAYER, 5, seed=1).load_state_dict([1])  # type: ignore[arg-type]
 
