@@ -40,6 +40,12 @@ class FeatureStats:
     """``[n_latents, n_bins]`` int64: histogram of positive activations over log10-spaced bins."""
     hist_log10_edges: Tensor
     """``[n_bins + 1]`` float64: bin edges as log10 of the activation (values outside are clipped into the ends)."""
+    sq_error_sum: float | None = None
+    """Sum over tokens of ``||x - decode(encode(x))||^2`` (None when the SAE has no ``decode``)."""
+    x_sum: Tensor | None = None
+    """``[d_in]`` float64: sum of the inputs (for the variance in FVU)."""
+    x_sq_sum: float | None = None
+    """Sum over tokens of ``||x||^2``."""
 
     @property
     def n_latents(self) -> int:
@@ -55,6 +61,27 @@ class FeatureStats:
     def mean_activation(self) -> Tensor:
         """``[n_latents]`` float64: mean activation over the tokens where the feature fired (0 if never)."""
         return self.act_sum / self.fire_count.clamp_min(1).double()
+
+    @property
+    def l0(self) -> float:
+        """Mean number of active (positive) latents per token."""
+        return float(self.fire_count.sum()) / max(self.n_tokens, 1)
+
+    @property
+    def mse(self) -> float | None:
+        """Mean squared reconstruction error per element (None without reconstruction)."""
+        if self.sq_error_sum is None or self.x_sum is None:
+            return None
+        return self.sq_error_sum / max(self.n_tokens * self.x_sum.numel(), 1)
+
+    @property
+    def fvu(self) -> float | None:
+        """Fraction of variance unexplained: ``sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (None without
+        reconstruction)."""
+        if self.sq_error_sum is None or self.x_sum is None or self.x_sq_sum is None or self.n_tokens == 0:
+            return None
+        total = self.x_sq_sum - float((self.x_sum**2).sum()) / self.n_tokens
+        return self.sq_error_sum / total if total > 0 else float("nan")
 
     @property
     def dead_fraction(self) -> float:
@@ -80,7 +107,8 @@ def compute_feature_stats(
 
     Args:
         sae: the autoencoder; needs ``encode(x) -> (values, indices)`` (each ``[tokens, k]``), ``n_latents`` and
-            ``n_inputs``.
+            ``n_inputs``; with ``decode((values, indices)) -> [tokens, d_in]`` the reconstruction error (MSE, FVU)
+            is measured too.
         batches: iterable of activation tensors ``[tokens, d_in]`` (or ``[batch, seq, d_in]``, flattened; padding
             must already be removed).
         n_bins: number of histogram bins.
@@ -102,6 +130,10 @@ def compute_feature_stats(
     act_sum = torch.zeros(n, dtype=torch.float64)
     act_max = torch.zeros(n, dtype=torch.float32)
     hist = torch.zeros(n * n_bins, dtype=torch.int64)
+    can_decode = callable(getattr(sae, "decode", None))
+    sq_err = 0.0
+    x_sum = torch.zeros(d, dtype=torch.float64)
+    x_sq = 0.0
     seen = 0
     with torch.no_grad():
         for x in batches:
@@ -115,6 +147,12 @@ def compute_feature_stats(
             if x.shape[0] == 0:
                 break
             values, indices = sae.encode(x)[:2]
+            if can_decode:
+                recon = sae.decode((values, indices))
+                xd = x.to(device=recon.device, dtype=torch.float64)
+                sq_err += float(((xd - recon.double()) ** 2).sum())
+                x_sum += xd.sum(0).cpu()
+                x_sq += float((xd**2).sum())
             values = values.detach().float().cpu().reshape(-1)
             indices = indices.detach().cpu().reshape(-1)
             active = values > 0
@@ -134,6 +172,9 @@ def compute_feature_stats(
         act_max=act_max,
         hist_counts=hist.view(n, n_bins),
         hist_log10_edges=torch.linspace(lo, hi, n_bins + 1, dtype=torch.float64),
+        sq_error_sum=sq_err if can_decode else None,
+        x_sum=x_sum if can_decode else None,
+        x_sq_sum=x_sq if can_decode else None,
     )
 
 
