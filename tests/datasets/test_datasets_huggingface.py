@@ -130,3 +130,10 @@ def test_local_missing_data_file_is_not_reported_as_offline(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         HuggingFaceDataset("json", data_files=str(tmp_path / "missing.jsonl"), cache_dir=str(tmp_path / "c"))
     assert not isinstance(info.value, DatasetUnavailableOfflineError)
+
+
+def test_local_folder_of_data_files(jsonl, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(jsonl.read_text())
+    assert list(HuggingFaceDataset(str(folder), cache_dir=str(tmp_path / "c"))) == TEXTS
