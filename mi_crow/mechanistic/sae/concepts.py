@@ -262,38 +262,63 @@ class TopTextTracker:
             0, key, torch.where(is_winner, seq_pos, torch.full_like(seq_pos, s)), reduce="amin"
         )
 
-        cand_v = best.view(b, n).t()
-        cand_v = torch.where(cand_v > 0, cand_v, torch.full((), -math.inf, device=device))  # [n, b]
-
         batch_ids_list, maybe_duplicate = self._assign_text_ids(texts)
         if len(set(batch_ids_list)) != b:
             maybe_duplicate = True
         batch_ids = torch.tensor(batch_ids_list, dtype=torch.int64, device=device)
 
-        all_v = torch.cat([self.values, cand_v], dim=1)  # [n, top + b]
+        # Only neurons whose best candidate beats their current weakest entry can change, so the merge runs on
+        # those rows alone: after warm-up that is a small fraction of n_latents. A text seen before can only
+        # replace its own entry with a stronger activation, which then also beats the weakest entry.
+        best = best.view(b, n)
+        best_max = best.amax(dim=0)  # [n]
+        rows_to_merge = ((best_max > 0) & (best_max > self.values[:, top - 1])).nonzero().squeeze(1)  # [u]
+        if rows_to_merge.numel() > 0:
+            self._merge_rows(rows_to_merge, best, best_pos.view(b, n), batch_ids, maybe_duplicate,
+                             input_ids.to(device), text_positions.to(device), s)
+
+        if len(self._id_to_text) > self._prune_at:
+            self._prune_texts()
+
+    def _merge_rows(
+        self,
+        rows: Tensor,
+        best: Tensor,
+        best_pos: Tensor,
+        batch_ids: Tensor,
+        maybe_duplicate: bool,
+        input_ids: Tensor,
+        text_positions: Tensor,
+        s: int,
+    ) -> None:
+        """One top-k over ``[buffer | candidates]`` for the neurons in ``rows`` (``[u]``); ``best``/``best_pos``
+        are the batch's per-(text, neuron) maxima and their seq positions, ``[batch, n_latents]``."""
+        top = self.top_k
+        cand_v = best[:, rows].t()  # [u, b]
+        cand_v = torch.where(cand_v > 0, cand_v, torch.full((), -math.inf, device=cand_v.device))
+        buf_ids = self.text_ids[rows]
+        all_v = torch.cat([self.values[rows], cand_v], dim=1)  # [u, top + b]
         if maybe_duplicate:
-            all_v = self._drop_duplicate_texts(all_v, batch_ids)
+            all_v = self._drop_duplicate_texts(all_v, buf_ids, batch_ids)
         top_v, top_j = all_v.topk(top, dim=1)  # sorted descending
 
         from_buf = top_j < top
         jb = top_j.clamp(max=top - 1)
         jc = (top_j - top).clamp(min=0)  # candidate column = batch row
-        neuron = torch.arange(n, device=device).view(n, 1)
-        p = best_pos[jc * n + neuron].clamp(max=s - 1)  # seq position of the winning token
-        empty = torch.isinf(top_v)
-        new_ids = torch.where(from_buf, self.text_ids.gather(1, jb), batch_ids[jc])
-        self.text_ids = torch.where(empty, torch.full_like(new_ids, -1), new_ids)
-        self.positions = torch.where(from_buf, self.positions.gather(1, jb), text_positions.to(device)[jc, p])
-        self.token_ids = torch.where(from_buf, self.token_ids.gather(1, jb), input_ids.to(device)[jc, p])
-        self.values = top_v
+        p = best_pos[jc, rows.view(-1, 1)].clamp(max=s - 1)  # seq position of the winning token
+        new_ids = torch.where(from_buf, buf_ids.gather(1, jb), batch_ids[jc])
+        new_ids = torch.where(torch.isinf(top_v), torch.full_like(new_ids, -1), new_ids)
+        new_pos = torch.where(from_buf, self.positions[rows].gather(1, jb), text_positions[jc, p])
+        new_tok = torch.where(from_buf, self.token_ids[rows].gather(1, jb), input_ids[jc, p])
+        self.values.index_copy_(0, rows, top_v)
+        self.text_ids.index_copy_(0, rows, new_ids)
+        self.positions.index_copy_(0, rows, new_pos)
+        self.token_ids.index_copy_(0, rows, new_tok)
 
-        if len(self._id_to_text) > self._prune_at:
-            self._prune_texts()
-
-    def _drop_duplicate_texts(self, all_v: Tensor, batch_ids: Tensor) -> Tensor:
-        """Keep, per neuron row, only the strongest entry of each text id; the others become ``-inf``."""
-        n = self.n_latents
-        all_ids = torch.cat([self.text_ids, batch_ids.view(1, -1).expand(n, -1)], dim=1)
+    @staticmethod
+    def _drop_duplicate_texts(all_v: Tensor, buf_ids: Tensor, batch_ids: Tensor) -> Tensor:
+        """Keep, per row, only the strongest entry of each text id; the others become ``-inf``."""
+        all_ids = torch.cat([buf_ids, batch_ids.view(1, -1).expand(buf_ids.shape[0], -1)], dim=1)
         # Stable sorts: first by value (descending), then by id; the first entry of each id group is its maximum
         # and, on equal values, the buffer entry (buffer columns come first) is kept.
         order_v = torch.sort(all_v, dim=1, descending=True, stable=True).indices
