@@ -396,9 +396,23 @@ class Store(ABC):
         epochs: int | None = 1,
         prefetch: bool = False,
     ) -> ActivationReader:
-        """Stream run ``run_id``'s ``layer`` as padding-free token vectors in batches.
+        """Stream run ``run_id``'s ``layer`` as padding-free token vectors in batches (see ``ActivationReader``).
 
-        See :class:`~mi_crow.store.reader.ActivationReader` for the arguments and guarantees.
+        Args:
+            run_id: activation run id.
+            layer: layer name as stored.
+            batch_size: tokens per batch.
+            shuffle: permute files per epoch and mix tokens across files in the shuffle buffer.
+            buffer_tokens: shuffle buffer size in tokens; bounds memory.
+            seed: seed of all permutations (same seed, same stream).
+            dtype: dtype of the yielded tensors (``None`` = as stored).
+            drop_last: drop each epoch's last batch when it is short.
+            epochs: passes over the run, ``None`` = endless.
+            prefetch: load the next buffer in a background thread.
+
+        Returns:
+            An :class:`~mi_crow.store.reader.ActivationReader`: an iterable of ``Tensor[batch_size, d_in]`` with
+            ``n_tokens``, ``d_in``, ``state_dict()`` and ``load_state_dict()``.
         """
         from mi_crow.store.reader import ActivationReader
 
