@@ -101,9 +101,10 @@ def test_unknown_split_of_builder(jsonl, tmp_path):
         HuggingFaceDataset("json", data_files=str(jsonl), split="test", cache_dir=str(tmp_path / "c"))
 
 
-def test_hub_name_offline_says_so_and_suggests_local(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_hub_name_offline_says_so_and_suggests_local(tmp_path, streaming):
     with pytest.raises(DatasetUnavailableOfflineError, match="offline") as info:
-        HuggingFaceDataset("someone/surely-not-cached-dataset", cache_dir=str(tmp_path / "c"))
+        HuggingFaceDataset("someone/surely-not-cached-dataset", streaming=streaming, cache_dir=str(tmp_path / "c"))
     message = str(info.value)
     assert "'someone/surely-not-cached-dataset'" in message and "save_to_disk" in message
     assert "data_files" in message
