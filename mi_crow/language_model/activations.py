@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -223,6 +224,10 @@ class LanguageModelActivations:
 
         bar = tqdm(desc=f"saving {run_id}", unit="tok", unit_scale=True, disable=not progress, leave=False)
         n_saved = 0
+        # Batch i is written by a worker thread while batch i+1 runs through the model, so file writes (and fsync)
+        # overlap compute. At most one write is in flight: memory stays bounded by two batches.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi_crow-save")
+        pending: Future[None] | None = None
         with lm.layers.hooks(list(detectors.values())):
             # Registered after the detectors so that the detectors of the last layer run before the stop.
             handles = [lm.layers.get_module(name).register_forward_hook(stopper(name)) for name in names]
@@ -240,12 +245,30 @@ class LanguageModelActivations:
                         if detector.activations is None:
                             raise RuntimeError(f"layer {name!r} did not run during the forward pass of batch {index}")
                         acts[name] = detector.activations
-                    lm.store.write_activation_batch(
-                        run_id, index, acts, mask, extra={"input_ids": encodings["input_ids"]}
+                    if pending is not None:
+                        pending.result()  # surfaces a failed write before more work is done
+                    pending = writer.submit(
+                        lm.store.write_activation_batch,
+                        run_id,
+                        index,
+                        acts,
+                        mask,
+                        extra={"input_ids": encodings["input_ids"]},
                     )
                     n_saved += 1
                     bar.update(int(mask.sum()))
+                if pending is not None:
+                    pending.result()
+                    pending = None
             finally:
+                # On an interruption the batch already computed is still written in full (then marked complete),
+                # so a resumed run loses at most the batch that was in the forward pass.
+                if pending is not None:
+                    try:
+                        pending.result()
+                    except Exception:  # noqa: BLE001 - the interrupting exception is the one to report
+                        logger.exception("writing the last batch of run %r failed during an interruption", run_id)
+                writer.shutdown(wait=True)
                 for handle in handles:
                     handle.remove()
                 bar.close()
