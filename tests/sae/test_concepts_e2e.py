@@ -197,16 +197,15 @@ def test_add_concept_adds_the_decoder_direction(tiny_lm, sample_texts):
 def test_steered_generation_differs_and_reset_restores_it(tiny_lm, sample_texts):
     prompts = sample_texts[:4]
     lm = tiny_lm
-    plain = lm.generate(prompts, max_new_tokens=8)
+    plain = lm.generate(prompts, max_new_tokens=6)
     sae = make_sae(lm, seed=5)
     lm.attach_sae(sae, LAYER)
-    assert lm.generate(prompts, max_new_tokens=8) == plain
-    hidden_scale = float(lm.forwards(prompts).logits.new_tensor(1.0))  # keep the forward path warm
-    sae.concepts.add_concept(7, 20.0 * hidden_scale)
-    steered = lm.generate(prompts, max_new_tokens=8)
+    assert lm.generate(prompts, max_new_tokens=6) == plain
+    sae.concepts.add_concept(7, 20.0)
+    steered = lm.generate(prompts, max_new_tokens=6)
     assert steered != plain
     sae.concepts.reset_manipulations()
-    assert lm.generate(prompts, max_new_tokens=8) == plain
+    assert lm.generate(prompts, max_new_tokens=6) == plain
 
 
 def test_concepts_are_saved_and_loaded_with_the_sae(tiny_gpt2, store):

@@ -4,9 +4,11 @@ Three parts, all reached through ``sae.concepts`` (an :class:`AutoencoderConcept
 
 * **Discovery** (:class:`TopTextTracker`): while tracking is on, every forward pass through a model with the SAE
   attached updates, for every neuron, the ``top_k`` texts that activate it most, with the activation, the token
-  position and the token where it fired, plus per-neuron firing statistics. The update is vectorised: one
-  ``scatter_reduce`` builds the per-(text, neuron) maxima of a batch and one ``topk`` merges them into persistent
-  ``[n_latents, top_k]`` buffers, so memory is O(n_latents * top_k) whatever the dataset size.
+  position and the token where it fired, plus per-neuron firing statistics. The update is vectorised (no Python
+  loop over neurons, tokens or texts): one ``scatter_reduce`` builds the per-(text, neuron) maxima of a batch and
+  one ``topk`` over ``[buffer | candidates]`` merges them into persistent ``[n_latents, top_k]`` buffers, run only
+  on the neurons whose best candidate beats their weakest entry. Memory is O(n_latents * top_k) (plus one batch's
+  ``[batch, n_latents]`` scratch) whatever the dataset size.
 * **Naming** (:class:`~mi_crow.mechanistic.sae.concept_dictionary.ConceptDictionary`): neuron -> name and notes,
   saved as ``sae_models/<sae_id>/concepts.json`` in a store (or any path), importable from CSV.
 * **Steering**: ``manipulate_concept`` scales a neuron's activation where it fires (1.5 amplifies, 0.5 suppresses,
@@ -27,6 +29,7 @@ Tracking semantics (documented choices):
 * Only texts that some buffer refers to are kept. The text table is pruned whenever it has grown to twice its size
   after the previous prune (and at least 1024 entries), so it holds at most about ``2 * n_latents * top_k`` texts
   and usually far fewer; pruning is amortised O(1) per text.
+* Statistics (:class:`NeuronStats`) count every tracked forward: a text seen twice counts twice there.
 * During ``generate`` only the forward over the prompt is tracked (``generation_step`` 0); the tokens generated
   afterwards are not part of the context's texts. A forward whose shape does not match its batch context is not
   tracked either (with a one-time warning).
@@ -52,7 +55,6 @@ from mi_crow.mechanistic.sae.concept_dictionary import (
     Concept,
     ConceptDictionary,
     _atomic_write_text,
-    check_neuron_index,
 )
 
 logger = logging.getLogger(__name__)
