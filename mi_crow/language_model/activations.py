@@ -112,7 +112,8 @@ class LanguageModelActivations:
         later layers and the LM head never run. Registered hooks stay active (controllers included). Each batch is
         written as ``activations/<run_id>/batch_<i>/<layer>/activations.safetensors`` (``activations [b, seq, d]``
         and ``attention_mask [b, seq]``; texts right-padded, so position ``j`` is token ``j`` of every text), plus
-        ``input_ids [b, seq]`` in the batch's extra tensors, and only then marked complete. Memory holds one batch.
+        ``input_ids [b, seq]`` in the batch's extra tensors, and only then marked complete. Batch ``i`` is written in a
+        worker thread while batch ``i+1`` runs, so memory holds at most two batches whatever the dataset size.
 
         Re-running with the same ``run_id`` (after an interruption) skips the complete batches, leaving their files
         untouched, and continues with the first incomplete one.
