@@ -272,6 +272,12 @@ class Store(ABC):
         meta = self.read_run_meta(run_id) if self.run_exists(run_id) else {"run_id": run_id}
         layer_dims = dict(meta.get("layer_dims", {}))
         layer_dtypes = dict(meta.get("layer_dtypes", {}))
+        if meta.get("complete_batches") and set(activations) != set(layer_dims):
+            # Readers expect every complete batch to hold every layer of the run.
+            raise ValueError(
+                f"activations must hold the same layers as the earlier batches of run {run_id!r}: "
+                f"expected {sorted(layer_dims)}, got {sorted(activations)}"
+            )
         for layer, tensor in activations.items():
             _check_segment(layer, "layer name")
             if layer == EXTRA_FILE:

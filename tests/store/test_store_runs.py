@@ -214,3 +214,12 @@ def test_delete_run(store: LocalStore):
     store.write_activation_batch("s", 0, *_batch(0))
     store.delete_run("r")
     assert store.list_runs() == ["s"]
+
+
+def test_later_batch_with_other_layers_refused(store: LocalStore):
+    acts, mask = _batch(0)
+    store.write_activation_batch("r", 0, acts, mask)
+    with pytest.raises(ValueError, match=r"same layers as the earlier batches.*expected \['model.layers.0', "
+                                         r"'transformer.h.1.mlp'\], got \['model.layers.0'\]"):
+        store.write_activation_batch("r", 1, {"model.layers.0": acts["model.layers.0"]}, mask)
+    assert store.list_batches("r") == [0]
