@@ -68,7 +68,8 @@ class LocalStore(Store):
         """Filesystem path of ``key`` (``""`` is the base directory).
 
         Raises:
-            ValueError: the key is absolute or contains ``..``/``.`` segments or backslashes.
+            ValueError: the key is absolute, contains ``..``/``.``/empty parts or backslashes, or a part starts
+                with ``.`` (reserved for temporary files).
         """
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, got {type(key).__name__} ({key!r})")
@@ -77,6 +78,9 @@ class LocalStore(Store):
         parts = key.strip("/").split("/")
         if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
             raise ValueError(f"key must be a relative '/'-separated path without '.', '..' or empty parts, got {key!r}")
+        if any(p.startswith(".") for p in parts):
+            # Names starting with "." are reserved for temporary files of in-flight writes (never listed).
+            raise ValueError(f"key must not have a part starting with '.', got {key!r}")
         return self.base_path.joinpath(*parts)
 
     def location(self, key: str) -> str:
