@@ -45,10 +45,12 @@ class SaeTrainingConfig:
 
     n_tokens: int | None = None
     """Token budget: train for ``n_tokens // batch_size`` optimizer steps (the data is repeated, reshuffled, if the run
-    is shorter). Mutually exclusive with ``epochs``; when both are None, one epoch over the run is used."""
+    is shorter; skipped non-finite batches do not count). Mutually exclusive with ``epochs``; when both are None, one
+    epoch over the run is used."""
 
     epochs: float | None = None
-    """Number of passes over the activation run (fractions allowed). Mutually exclusive with ``n_tokens``."""
+    """Number of passes over the activation run (fractions allowed): ``int(epochs * (run tokens // batch_size))``
+    optimizer steps. Mutually exclusive with ``n_tokens``."""
 
     batch_size: int = 4096
     """Tokens (activation vectors) per optimizer step."""

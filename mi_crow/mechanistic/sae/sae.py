@@ -202,6 +202,12 @@ class TopKSae(nn.Module, Controller):
             )
         return x.to(device=self.device, dtype=self.dtype)
 
+    def _weights(self, *names: str) -> tuple[Tensor, ...]:
+        # Without grad mode (inference, hooks) the autograd wrapper of the ops would be pure overhead.
+        if torch.is_grad_enabled():
+            return tuple(getattr(self, name) for name in names)
+        return tuple(getattr(self, name).detach() for name in names)
+
     def encode(self, x: Tensor) -> SparseCode:
         """Encode inputs into their TopK code.
 
@@ -214,7 +220,8 @@ class TopKSae(nn.Module, Controller):
         x = self._check_input(x)
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.n_inputs)
-        code = ops.topk_encode(flat, self.W_enc, self.b_enc, self.b_dec, self.k)
+        W_enc, b_enc, b_dec = self._weights("W_enc", "b_enc", "b_dec")
+        code = ops.topk_encode(flat, W_enc, b_enc, b_dec, self.k)
         return SparseCode(code.values.reshape(*lead, self.k), code.indices.reshape(*lead, self.k))
 
     def dense(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
@@ -266,7 +273,8 @@ class TopKSae(nn.Module, Controller):
         kk = values.shape[-1]
         flat_v = values.reshape(-1, kk).to(device=self.device, dtype=self.dtype)
         flat_i = indices.reshape(-1, kk).to(self.device)
-        out = ops.sparse_decode(flat_v, flat_i, self.W_dec, self.b_dec)
+        W_dec, b_dec = self._weights("W_dec", "b_dec")
+        out = ops.sparse_decode(flat_v, flat_i, W_dec, b_dec)
         return out.reshape(*lead, self.n_inputs)
 
     def forward(self, x: Tensor) -> SaeOutput:

@@ -572,15 +572,25 @@ class SaeTrainer:
             acc_steps = int(checkpoint["window"]["steps"])
             acc_tokens = int(checkpoint["window"]["tokens"])
         iterator = iter(reader)
-        epoch_batches = 1  # the resumed (or first) epoch may legitimately be exhausted already
+        epoch_batches = 0
+        in_resumed_epoch = checkpoint is not None  # its batches before the checkpoint are not counted here
+        epoch_start_step = step if checkpoint is None else -1  # a resumed epoch began before the checkpoint
         try:
             while step < total_steps:
                 try:
                     batch = next(iterator)
                 except StopIteration:
-                    if epoch_batches == 0:
+                    if epoch_batches == 0 and not in_resumed_epoch:
                         raise ValueError(f"SaeTrainer: epoch {epoch} of the activation reader yields no batch") from None
+                    if step == epoch_start_step:
+                        # Another pass would see the same batches again: stop instead of looping forever.
+                        raise NonFiniteTrainingError(
+                            f"SaeTrainer: every one of the {epoch_batches} batches of epoch {epoch} had non-finite "
+                            f"activations or loss; nothing could be trained"
+                        ) from None
                     epoch_batches = 0
+                    in_resumed_epoch = False
+                    epoch_start_step = step
                     epoch += 1
                     reader = reader_factory(epoch)
                     iterator = iter(reader)
