@@ -298,3 +298,21 @@ def test_attach_sae_width_mismatch_names_both_numbers(tiny_gpt2):
     with pytest.raises(TypeError, match=r"sae must be a mi_crow hook"):
         tiny_gpt2.attach_sae(nn.Linear(2, 2), 1)
     assert tiny_gpt2.layers.get_hooks() == []
+
+
+def test_iter_inference_streams_batches_with_context(tiny_gpt2):
+    starts = []
+
+    class Recorder(Detector):
+        def on_batch_start(self, context):
+            super().on_batch_start(context)
+            starts.append(list(context.texts))
+
+        def process_activations(self, module, inputs, output):
+            pass
+
+    with tiny_gpt2.layers.hooks(Recorder(0)):
+        sizes = [enc["input_ids"].shape[0] for _, enc in tiny_gpt2.inference.iter_inference(TEXTS, batch_size=3)]
+    assert sizes == [3, 1]
+    assert starts == [TEXTS[:3], TEXTS[3:]]
+    assert tiny_gpt2.layers.get_hooks() == []
