@@ -183,7 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes: the tiny model, few texts")
     parser.add_argument("--no-default", action="store_true", help="skip the embedded default model")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timed passes per case (tiny model)")
+    parser.add_argument("--default-repeats", type=int, default=3, help="timed passes per case (default model)")
+    parser.add_argument("--default-texts", type=int, default=16, help="texts for the default model (batch 8, 64 tok)")
     args = parser.parse_args()
 
     repeats = args.repeats or (7 if args.quick else 5)
@@ -209,8 +211,8 @@ def main() -> None:
                 print(f"default model unavailable ({exc}); skipped")
             if probe is not None:
                 del probe
-                texts = make_texts(64, corpus)
-                rows += bench_model("SmolLM2-135M (30x576)", load_default, texts, 16, 128, repeats, workdir)
+                texts = make_texts(args.default_texts, corpus)
+                rows += bench_model("SmolLM2-135M (30x576)", load_default, texts, 8, 64, args.default_repeats, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
