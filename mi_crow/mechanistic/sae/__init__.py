@@ -3,6 +3,7 @@
 
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_median
+from mi_crow.mechanistic.sae.evaluate import evaluate
 from mi_crow.mechanistic.sae.sae import SaeOutput, SparseCode, TopKSae
 from mi_crow.mechanistic.sae.trainer import (
     LossOutput,
@@ -24,6 +25,7 @@ __all__ = [
     "TensorActivationReader",
     "TopKSae",
     "TrainingResult",
+    "evaluate",
     "geometric_median",
     "lr_at_step",
 ]
