@@ -296,31 +296,29 @@ class TopTextTracker:
         """One top-k over ``[buffer | candidates]`` for the neurons in ``rows`` (``[u]``); ``best``/``best_pos``
         are the batch's per-(text, neuron) maxima and their seq positions, ``[batch, n_latents]``."""
         top = self.top_k
-        cand_v = best[:, rows].t()  # [u, b]
+        u, b = rows.numel(), best.shape[0]
+        # index_select/take rather than advanced indexing: much cheaper on CPU for these shapes.
+        cand_v = best.index_select(1, rows).t()  # [u, b]
         cand_v = torch.where(cand_v > 0, cand_v, torch.full((), -math.inf, device=cand_v.device))
-        buf_ids = self.text_ids[rows]
-        all_v = torch.cat([self.values[rows], cand_v], dim=1)  # [u, top + b]
+        cand_seq = best_pos.index_select(1, rows).t().clamp(max=s - 1)  # [u, b] seq position of each candidate
+        flat = cand_seq + torch.arange(b, device=rows.device).view(1, b) * s
+        all_ids = torch.cat([self.text_ids.index_select(0, rows), batch_ids.view(1, b).expand(u, b)], dim=1)
+        all_v = torch.cat([self.values.index_select(0, rows), cand_v], dim=1)  # [u, top + b]
         if maybe_duplicate:
-            all_v = self._drop_duplicate_texts(all_v, buf_ids, batch_ids)
+            all_v = self._drop_duplicate_texts(all_v, all_ids)
         top_v, top_j = all_v.topk(top, dim=1)  # sorted descending
-
-        from_buf = top_j < top
-        jb = top_j.clamp(max=top - 1)
-        jc = (top_j - top).clamp(min=0)  # candidate column = batch row
-        p = best_pos[jc, rows.view(-1, 1)].clamp(max=s - 1)  # seq position of the winning token
-        new_ids = torch.where(from_buf, buf_ids.gather(1, jb), batch_ids[jc])
-        new_ids = torch.where(torch.isinf(top_v), torch.full_like(new_ids, -1), new_ids)
-        new_pos = torch.where(from_buf, self.positions[rows].gather(1, jb), text_positions[jc, p])
-        new_tok = torch.where(from_buf, self.token_ids[rows].gather(1, jb), input_ids[jc, p])
+        all_pos = torch.cat([self.positions.index_select(0, rows), text_positions.take(flat)], dim=1)
+        all_tok = torch.cat([self.token_ids.index_select(0, rows), input_ids.take(flat)], dim=1)
+        new_ids = all_ids.gather(1, top_j)
+        new_ids.masked_fill_(torch.isinf(top_v), -1)
         self.values.index_copy_(0, rows, top_v)
         self.text_ids.index_copy_(0, rows, new_ids)
-        self.positions.index_copy_(0, rows, new_pos)
-        self.token_ids.index_copy_(0, rows, new_tok)
+        self.positions.index_copy_(0, rows, all_pos.gather(1, top_j))
+        self.token_ids.index_copy_(0, rows, all_tok.gather(1, top_j))
 
     @staticmethod
-    def _drop_duplicate_texts(all_v: Tensor, buf_ids: Tensor, batch_ids: Tensor) -> Tensor:
+    def _drop_duplicate_texts(all_v: Tensor, all_ids: Tensor) -> Tensor:
         """Keep, per row, only the strongest entry of each text id; the others become ``-inf``."""
-        all_ids = torch.cat([buf_ids, batch_ids.view(1, -1).expand(buf_ids.shape[0], -1)], dim=1)
         # Stable sorts: first by value (descending), then by id; the first entry of each id group is its maximum
         # and, on equal values, the buffer entry (buffer columns come first) is kept.
         order_v = torch.sort(all_v, dim=1, descending=True, stable=True).indices
