@@ -397,13 +397,20 @@ def evaluate_step(lm: "LanguageModel | None", sae: "TopKSae", store: Any, run_id
     return metrics, stats
 
 
+_STOPWORDS = frozenset(
+    "the and for that with was were are this from which its his her their they them has have had not but also "
+    "been who whom when where what into than then there these those such other more most some many any all one "
+    "two can may would could should will being over after before about between during under while both each".split()
+)
+
+
 def choose_steering_feature(top_texts: list[list[Any]], stats: "FeatureStats", tokenizer: Any,
                             min_texts: int = 5) -> tuple[int, str, str] | None:
     """Pick a feature that is easy to recognise when amplified.
 
     Heuristic: among features that fire on 0.05%-5% of tokens (neither rare noise nor dense) and have at least
     ``min_texts`` top texts, take the one whose top texts agree most on the firing token, preferring tokens that
-    are words of 3+ letters; ties go to the more frequent feature. Returns ``(index, token, reason)`` or None.
+    are content words of 3+ letters (not stopwords); ties go to the more frequent feature. Returns ``(index, token, reason)`` or None.
     """
     freq = stats.frequency.tolist()
     best: tuple[float, int, str, str] | None = None
@@ -419,7 +426,8 @@ def choose_steering_feature(top_texts: list[list[Any]], stats: "FeatureStats", t
             words.append(w.lower())
         word, count = Counter(words).most_common(1)[0]
         agreement = count / len(words)
-        readable = bool(re.fullmatch(r"[a-z][a-z\-']{2,}", word))
+        # A content word makes the steered text recognisable; "the" or "," would not.
+        readable = bool(re.fullmatch(r"[a-z][a-z\-']{2,}", word)) and word not in _STOPWORDS
         score = agreement + (0.5 if readable else 0.0) + freq[idx]
         if best is None or score > best[0]:
             reason = (f"{count}/{len(words)} of its top texts fire on the token {word!r}; it fires on "
@@ -639,9 +647,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    tokens = args.tokens if args.tokens is not None else (6_000 if args.quick else 60_000)
+    tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 60_000)
     max_length = args.max_length or (64 if args.quick else 128)
-    eval_texts = 8 if args.quick else 24
+    eval_texts = 4 if args.quick else 24
+    max_new_tokens = args.max_new_tokens or (16 if args.quick else 30)
     store = _open_store(args.store)
     out = args.out or str(Path(args.store) / "report.html")
     timings: dict[str, float] = {}
@@ -672,7 +681,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _step(f"3/6 train a TopK SAE (n_latents={n_latents}, k={args.k})")
     t0 = time.perf_counter()
     batch = min(1024, max(128, n_run // 20))
-    budget = args.train_tokens or max(n_run * (8 if args.quick else 4), batch * 40)
+    budget = args.train_tokens or (max(n_run * 4, batch * 40) if not args.quick else batch * 50)
     sae_id = args.sae_id or f"{run_id}-topk{args.k}-n{n_latents}"
     sae, result = train_step(store, run_id, layer, n_latents, args.k, sae_id, tokens=budget, epochs=None,
                              batch_size=batch, lr=args.lr, seed=args.seed, model_id=lm.model_id)
@@ -710,7 +719,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         idx, word, reason = pick
         activation = args.steer_scale * float(stats.act_max[idx])
         prompts = [args.prompt]
-        plain, steered = steer_step(lm, sae, layer, prompts, idx, activation, args.max_new_tokens)
+        plain, steered = steer_step(lm, sae, layer, prompts, idx, activation, max_new_tokens)
         steering = (idx, word, reason, activation, plain[0], steered[0])
         _say(f"feature {idx} ({reason})\nadding {activation:.3g} (= {args.steer_scale:g} x its max activation) "
              f"along its decoder direction at every token")
@@ -851,8 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     store_arg(p)
     p.add_argument("--layer", help="layer name or block index (default: the middle block)")
-    p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 60000; quick 6000)")
-    p.add_argument("--train-tokens", type=_positive_int, help="SAE training budget (default: 4 epochs; quick 8)")
+    p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 60000; quick 4000)")
+    p.add_argument("--train-tokens", type=_positive_int, help="SAE training budget (default: 4 epochs; quick 50 steps)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per text (default 128; quick 64)")
     p.add_argument("--n-latents", type=_positive_int, help="SAE latents (default: 8 x layer width)")
     p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
@@ -865,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="My favourite place to visit is", help="prompt for the steering example")
     p.add_argument("--steer-scale", type=_positive_float, default=4.0,
                    help="steering strength as a multiple of the feature's max activation")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=25)
+    p.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per prompt (default 30; quick 16)")
     p.set_defaults(func=cmd_demo)
     return parser
 
