@@ -340,60 +340,25 @@ def save_top_texts(sae: "TopKSae", store: Any, sae_id: str) -> dict[str, Any]:
     return data
 
 
-def loss_recovered(lm: "LanguageModel", sae: "TopKSae", layer: str, texts: list[str], max_length: int,
-                   batch_size: int = 8) -> dict[str, float]:
-    """Next-token loss of the model clean, with the SAE's reconstruction spliced in, and with the layer zeroed.
-
-    ``loss_recovered = (loss_zero - loss_sae) / (loss_zero - loss_clean)``: 1 means the SAE loses nothing.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from mi_crow.hooks import FunctionController
-
-    def mean_loss() -> float:
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for out, enc in lm.inference.iter_inference(texts, batch_size=batch_size, max_length=max_length):
-                logits = out.logits[:, :-1].float()
-                target = enc["input_ids"][:, 1:].to(logits.device)
-                keep = enc["attention_mask"][:, 1:].to(logits.device).bool()
-                losses = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-                total += float(losses[keep].sum())
-                count += int(keep.sum())
-        return total / max(count, 1)
-
-    clean = mean_loss()
-    previous_mode = sae.mode
-    sae.mode = "replace"
-    hook_id = lm.attach_sae(sae, layer)
-    try:
-        with_sae = mean_loss()
-    finally:
-        lm.layers.unregister_hook(hook_id)
-        sae.mode = previous_mode
-    zero_hook = FunctionController(lambda x: torch.zeros_like(x))
-    with lm.layers.hooks({layer: zero_hook}):
-        zero = mean_loss()
-    gap = zero - clean
-    return {
-        "ce_loss_clean": clean,
-        "ce_loss_sae": with_sae,
-        "ce_loss_zero": zero,
-        "loss_recovered": (zero - with_sae) / gap if gap > 0 else float("nan"),
-    }
-
-
 def evaluate_step(lm: "LanguageModel | None", sae: "TopKSae", store: Any, run_id: str, layer: str,
                   eval_texts: list[str], max_length: int, max_tokens: int | None = None) -> tuple[dict, "FeatureStats"]:
-    """FVU, MSE, L0 and dead fraction over the stored run, plus loss recovered on ``eval_texts`` (needs ``lm``)."""
+    """FVU, MSE, L0 and dead fraction over the stored run (:mod:`mi_crow.report.stats`), plus the LM loss clean /
+    with the SAE spliced in / with the layer zeroed and the loss recovered on ``eval_texts`` (needs ``lm``; from
+    :func:`mi_crow.mechanistic.sae.evaluate.evaluate`)."""
     from mi_crow.report import feature_stats_from_store
 
     stats = feature_stats_from_store(sae, store, run_id, layer, max_tokens=max_tokens)
     metrics: dict[str, Any] = {"fvu": stats.fvu, "mse": stats.mse, "l0": stats.l0,
                                "dead_fraction": stats.dead_fraction, "n_tokens": stats.n_tokens}
     if lm is not None and eval_texts:
-        metrics.update(loss_recovered(lm, sae, layer, eval_texts, max_length))
+        from mi_crow.mechanistic.sae.evaluate import evaluate
+
+        # The LM-loss part needs full forward passes: run it on a few texts only.
+        lm_metrics = evaluate(sae, lm, eval_texts, layer, batch_size=8, max_length=max_length, progress=True)
+        for key in ("loss_clean", "loss_sae", "loss_zero", "loss_recovered", "delta_loss"):
+            if key in lm_metrics:
+                metrics[key] = lm_metrics[key]
+        metrics["eval_texts"] = len(eval_texts)
     return metrics, stats
 
 
@@ -640,7 +605,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _print_metrics(metrics: dict[str, Any]) -> None:
     names = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
-             ("ce_loss_clean", "LM loss clean"), ("ce_loss_sae", "LM loss with SAE"), ("n_tokens", "tokens")]
+             ("loss_clean", "LM loss clean"), ("loss_sae", "LM loss with SAE"), ("loss_zero", "LM loss layer zeroed"),
+             ("n_tokens", "tokens")]
     _say("  " + " | ".join(f"{label} {metrics[key]:.4g}" for key, label in names
                            if isinstance(metrics.get(key), (int, float))))
 

@@ -27,9 +27,11 @@ _METRIC_LABELS = {
     "dead_fraction": ("dead fraction", "fraction of latents that never fired on the evaluation tokens"),
     "loss_recovered": ("loss recovered", "share of the LM loss gap (zero-ablation vs clean) that the SAE closes"),
     "mse": ("MSE", "mean squared reconstruction error"),
-    "ce_loss_clean": ("LM loss (clean)", "cross-entropy of the model without the SAE"),
-    "ce_loss_sae": ("LM loss (SAE)", "cross-entropy with the SAE reconstruction spliced in"),
-    "ce_loss_zero": ("LM loss (zero)", "cross-entropy with the layer output zeroed"),
+    "loss_clean": ("LM loss (clean)", "next-token cross-entropy of the model without the SAE"),
+    "loss_sae": ("LM loss (SAE)", "cross-entropy with the SAE reconstruction spliced in"),
+    "loss_zero": ("LM loss (zeroed)", "cross-entropy with the layer output zeroed"),
+    "delta_loss": ("delta loss", "LM loss with the SAE minus clean"),
+    "eval_texts": ("LM-loss texts", "texts used for the LM-loss numbers"),
     "n_tokens": ("tokens", "tokens evaluated"),
 }
 

@@ -127,7 +127,7 @@ def test_report_writes_html_with_evaluation(capsys, trained, tmp_path) -> None:
     assert len(data["features"]) == 64 and data["examples"]
     info = LocalStore(trained["store"]).get_json("sae_models/s1/cli.json")["eval"]
     assert 0 <= info["fvu"] < 1 and info["l0"] <= 4 and info["n_tokens"] > 0
-    assert {"ce_loss_clean", "ce_loss_sae", "ce_loss_zero"} <= set(info)
+    assert {"loss_clean", "loss_sae", "loss_zero", "loss_recovered"} <= set(info) and info["eval_texts"] == 6
 
 
 def test_generate_with_and_without_steering(capsys, trained, workdir) -> None:
@@ -213,5 +213,5 @@ def test_demo_quick_on_the_default_model(tmp_path) -> None:
     assert re.search(r"FVU [0-9.e-]+ \| L0 ", out.stdout)
     metrics = json.loads(next((store / "sae_models").glob("*/cli.json")).read_text())["eval"]
     assert metrics["fvu"] < 0.5 and metrics["l0"] <= 32
-    assert metrics["ce_loss_sae"] < metrics["ce_loss_zero"]
+    assert metrics["loss_sae"] < metrics["loss_zero"]
     assert "steered:" in out.stdout or "skipped" in out.stdout

@@ -61,6 +61,29 @@ def test_feature_stats_match_a_dense_reference() -> None:
     np.testing.assert_array_equal(capped.fire_count.numpy(), (dense[:300] > 0).sum(0))
 
 
+class ToySaeWithDecoder(ToySae):
+    def __init__(self) -> None:
+        super().__init__()
+        self.W_dec = torch.randn(self.n_latents, self.n_inputs, generator=torch.Generator().manual_seed(5)) * 0.3
+
+    def decode(self, code) -> torch.Tensor:
+        values, indices = code
+        return torch.zeros(values.shape[0], self.n_latents).scatter(-1, indices, values) @ self.W_dec
+
+
+def test_feature_stats_measure_reconstruction_against_numpy() -> None:
+    sae = ToySaeWithDecoder()
+    x = torch.randn(300, sae.n_inputs, generator=torch.Generator().manual_seed(3)) * 2 + 1.5
+    stats = compute_feature_stats(sae, [x[:100], x[100:]])
+    xn = x.double().numpy()
+    recon = (sae.dense(x).double() @ sae.W_dec.double()).numpy()
+    err = ((xn - recon) ** 2).sum()
+    assert stats.mse == pytest.approx(err / xn.size, rel=1e-5)
+    assert stats.fvu == pytest.approx(err / ((xn - xn.mean(0)) ** 2).sum(), rel=1e-5)
+    assert stats.l0 == pytest.approx((sae.dense(x) > 0).sum(1).double().mean().item())
+    assert compute_feature_stats(ToySae(), [x]).fvu is None  # no decode: no reconstruction numbers
+
+
 def test_feature_stats_bad_input() -> None:
     sae = ToySae()
     with pytest.raises(ValueError, match="n_bins"):
