@@ -36,7 +36,8 @@ _METRIC_LABELS = {
 }
 
 _HISTORY_CHARTS = (
-    ("loss", ("loss", "mse", "auxk_loss"), False),
+    ("loss", ("loss", "auxk_loss"), False),
+    ("MSE", ("mse",), False),
     ("FVU", ("fvu",), False),
     ("L0", ("l0",), False),
     ("dead fraction", ("dead_fraction",), False),
@@ -441,6 +442,10 @@ def write_feature_report(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(page)
+        # mkstemp creates the file private (0600); a report is meant to be shared like any file the user writes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):

@@ -175,7 +175,7 @@ def test_report_page_embeds_features_texts_and_charts(tmp_path) -> None:
             assert score == pytest.approx(want["activation"])
     assert data["texts"].count(TEXTS[1]) == 1  # texts shared by features are stored once
     # Training curves and the frequency histogram are inline SVG; nothing is fetched from elsewhere.
-    assert html.count("<svg") == 5
+    assert html.count("<svg") == 6  # loss, MSE, FVU, L0, dead fraction, firing frequency
     assert "during training" in html and "firing frequency" in html
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
     # The hostile text is data only: exactly the page's own two script elements close.
