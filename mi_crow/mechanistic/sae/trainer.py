@@ -87,6 +87,7 @@ class LossOutput(NamedTuple):
         auxk_loss: scalar AuxK loss (0 when no latent is dead or AuxK is off).
         l0: scalar mean number of active (> 0) latents per token.
         fired: ``[n_latents]`` bool, latents active on at least one token of the batch.
+        tokens: number of tokens in the batch (over all data-parallel ranks).
     """
 
     loss: Tensor
@@ -95,6 +96,7 @@ class LossOutput(NamedTuple):
     auxk_loss: Tensor
     l0: Tensor
     fired: Tensor
+    tokens: int
 
 
 @dataclass
@@ -266,14 +268,13 @@ class SaeTrainer:
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
             loss = loss + auxk_coef * auxk
         active = values > 0
-        l0 = self._all_reduce_sum(active.sum(dtype=torch.float32)) / self._all_reduce_sum(
-            x.new_tensor(float(x.shape[0]), dtype=torch.float32)
-        )
+        count = self._all_reduce_sum(torch.tensor(x.shape[0], dtype=torch.int64, device=x.device))
+        l0 = self._all_reduce_sum(active.sum(dtype=torch.float32)) / count
         # index_add (not a bool scatter): duplicate indices must all count, whatever order they are written in.
         hits = torch.zeros(sae.n_latents, dtype=torch.int32, device=x.device)
         hits.index_add_(0, code.indices.reshape(-1), active.reshape(-1).to(torch.int32))
         fired = self._all_reduce_max(hits > 0)
-        return LossOutput(loss, fvu.detach(), sse.detach(), auxk.detach(), l0, fired)
+        return LossOutput(loss, fvu.detach(), sse.detach(), auxk.detach(), l0, fired, int(count))
 
     def _centered_sum_sq(self, x: Tensor) -> Tensor:
         """``sum ||x_i - mean||^2`` over all ranks' tokens (the mean is the global one)."""
@@ -281,6 +282,65 @@ class SaeTrainer:
             count = self._all_reduce_sum(x.new_tensor(float(x.shape[0])))
             mean = self._all_reduce_sum(x.sum(dim=0)) / count
             return self._all_reduce_sum((x - mean).pow(2).sum()).clamp_min(torch.finfo(x.dtype).tiny)
+
+    # -- one step ------------------------------------------------------------------------------------------------
+    def prepare(self, config: SaeTrainingConfig, lr: float | None = None) -> None:
+        """Create the optimizer and reset the dead-latent counters (done by `train*`; call it before using
+        `train_step` directly).
+
+        Args:
+            config: gives the Adam settings and the AuxK / decoder-norm options `train_step` uses.
+            lr: initial learning rate (None: ``config.lr`` or the dictionary-size default).
+        """
+        self.config = self._check_config(config)
+        peak = lr if lr is not None else (config.lr if config.lr is not None else self.sae.default_lr())
+        self.optimizer = self._make_optimizer(config, peak)
+        self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.int64, device=self.sae.device)
+
+    def train_step(
+        self, x: Tensor, lr: float, *, k_aux: int, encode_dtype: torch.dtype | None = None
+    ) -> LossOutput | None:
+        """One optimizer step on one batch, without any data handling.
+
+        Sets the learning rate, computes the losses (AuxK over the latents dead by ``dead_window_tokens``), backward,
+        removes the decoder gradient's component along the rows, steps Adam, renormalises the rows and updates the
+        dead-latent counters.
+
+        Args:
+            x: ``[B, n_inputs]`` finite batch in the SAE's dtype and device.
+            lr: learning rate of this step.
+            k_aux: dead latents per token for AuxK.
+            encode_dtype: dtype of the encoder product (None = the SAE's dtype).
+
+        Returns:
+            The step's `LossOutput`, or None when the loss was non-finite (then nothing was changed).
+        """
+        config, optimizer, sae = self.config, self.optimizer, self.sae
+        if config is None or optimizer is None:
+            raise RuntimeError("SaeTrainer.train_step: call prepare(config) first")
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        dead = self.tokens_since_fired >= config.dead_window_tokens
+        out = self.compute_losses(
+            x,
+            dead_mask=dead if bool(dead.any()) else None,
+            k_aux=k_aux,
+            auxk_coef=config.auxk_coef,
+            encode_dtype=encode_dtype,
+        )
+        if not bool(torch.isfinite(out.loss)):
+            return None
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if config.normalize_decoder:
+            self._remove_parallel_grad()
+        optimizer.step()
+        if config.normalize_decoder:
+            sae.normalize_decoder_()
+        with torch.no_grad():
+            self.tokens_since_fired.add_(out.tokens)
+            self.tokens_since_fired.masked_fill_(out.fired, 0)
+        return out
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def _make_optimizer(self, config: SaeTrainingConfig, lr: float) -> torch.optim.Optimizer:
@@ -497,8 +557,7 @@ class SaeTrainer:
         enc_dtype = torch.bfloat16 if config.encode_dtype == "bfloat16" else sae.dtype
         device = sae.device
 
-        self.optimizer = self._make_optimizer(config, peak_lr)
-        self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.int64, device=device)
+        self.prepare(config, peak_lr)
         step = 0
         epoch = 0
         tokens_seen = 0
@@ -603,31 +662,13 @@ class SaeTrainer:
                     self._check_nonfinite(nonfinite, batches_seen, config, final=False)
                     continue
                 lr = lr_at_step(step, total_steps, peak_lr, warmup, config)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                dead = self.tokens_since_fired >= config.dead_window_tokens
-                out = self.compute_losses(
-                    x,
-                    dead_mask=dead if bool(dead.any()) else None,
-                    k_aux=k_aux,
-                    auxk_coef=config.auxk_coef,
-                    encode_dtype=enc_dtype,
-                )
-                if not bool(torch.isfinite(out.loss)):
+                out = self.train_step(x, lr, k_aux=k_aux, encode_dtype=enc_dtype)
+                if out is None:
                     nonfinite += 1
                     self._check_nonfinite(nonfinite, batches_seen, config, final=False)
                     continue
-                self.optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if config.normalize_decoder:
-                    self._remove_parallel_grad()
-                self.optimizer.step()
-                if config.normalize_decoder:
-                    sae.normalize_decoder_()
+                n_tok = out.tokens
                 with torch.no_grad():
-                    n_tok = int(self._all_reduce_sum(torch.tensor(x.shape[0])).item())
-                    self.tokens_since_fired.add_(n_tok)
-                    self.tokens_since_fired.masked_fill_(out.fired, 0)
                     acc["loss"] += out.loss.detach()
                     acc["fvu"] += out.fvu
                     acc["sse"] += out.sse
