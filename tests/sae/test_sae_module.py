@@ -192,3 +192,14 @@ def test_load_errors(store, tmp_path):
     store.put_json("sae_models/broken/config.json", {"n_latents": 8, "k": 2})
     with pytest.raises(ValueError, match="n_inputs"):
         TopKSae.load(store, "broken")
+
+
+def test_concepts_are_saved_and_loaded_with_the_sae(store):
+    sae = _random_sae(n=32, d=8, k=3)
+    sae.concepts.name_concept(5, "rivers", "fires on water words")
+    sae.concepts.manipulate_concept("rivers", 2.0)
+    sae.save(store, "named")
+    assert store.exists("sae_models/named/concepts.json")
+    loaded = TopKSae.load(store, "named")
+    assert loaded.concepts.find_concept("rivers") == 5
+    assert loaded.concepts.get_manipulation_config() == sae.concepts.get_manipulation_config()

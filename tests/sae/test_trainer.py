@@ -361,3 +361,20 @@ def test_tensor_reader_resumes_exactly():
         TensorActivationReader(data, 8, seed=4).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size"):
         TensorActivationReader(data, 0)
+
+
+@pytest.mark.parametrize("init", ["mean", "geometric_median"])
+def test_decoder_bias_is_initialised_from_the_data(gpt2_run, init):
+    store, run_id, layer, _ = gpt2_run
+    real = []
+    for index in store.list_batches(run_id):
+        batch = store.load_batch(run_id, index, layer)
+        real.append(batch.activations[batch.attention_mask.bool()])
+    tokens = torch.cat(real).float()
+    expected = tokens.mean(0) if init == "mean" else geometric_median(tokens)
+    sae = TopKSae(64, 32, 4)
+    # One step at a negligible learning rate: b_dec stays where the initialisation put it.
+    cfg = _run_config(b_dec_init=init, b_dec_init_tokens=10_000, n_tokens=64, lr=1e-12, warmup_steps=0)
+    sae.train(store, run_id, layer, cfg)
+    torch.testing.assert_close(sae.b_dec.detach(), expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(sae.W_enc, sae.W_dec) or torch.allclose(sae.W_enc, sae.W_dec, atol=1e-9)

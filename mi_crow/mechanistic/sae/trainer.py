@@ -456,8 +456,16 @@ class SaeTrainer:
             return store.activation_reader(run_id, layer, config.batch_size, **kwargs)
 
         model_id = meta.get("model_id", meta.get("model_name"))
+        def sample() -> _Reader:
+            # A small buffer: the b_dec sample needs b_dec_init_tokens vectors, not a full shuffle group.
+            size = config.b_dec_init_tokens
+            return store.activation_reader(
+                run_id, layer, min(config.batch_size, size), shuffle=True, seed=config.seed, dtype=self.sae.dtype,
+                buffer_tokens=size, drop_last=False,
+            )
+
         return self.train_from_reader(
-            factory, config, run_id=run_id, layer=layer, model_id=model_id, callbacks=callbacks
+            factory, config, run_id=run_id, layer=layer, model_id=model_id, callbacks=callbacks, sample_reader=sample
         )
 
     def train_on_tensor(
@@ -514,6 +522,7 @@ class SaeTrainer:
         layer: str | None = None,
         model_id: str | None = None,
         callbacks: Sequence[Callable[[StepInfo], None]] = (),
+        sample_reader: Callable[[], Iterable[Tensor]] | None = None,
     ) -> TrainingResult:
         """Training loop over readers made by ``reader_factory(epoch)`` (used by `train` and `train_on_tensor`).
 
@@ -523,6 +532,8 @@ class SaeTrainer:
             config: `SaeTrainingConfig`.
             run_id, layer, model_id: recorded in the run's config and the saved SAE.
             callbacks: as in `train`.
+            sample_reader: makes an iterable of ``[*, n_inputs]`` batches whose first ``b_dec_init_tokens`` vectors
+                initialise ``b_dec`` (default: ``reader_factory(0)``).
         """
         config = self._check_config(config)
         self.config = config
@@ -596,7 +607,7 @@ class SaeTrainer:
             resumed_from = step
             logger.info("resumed training run %s at step %d/%d", training_run_id, step, total_steps)
         else:
-            self._initialise(config, lambda: reader_factory(0))
+            self._initialise(config, sample_reader or (lambda: reader_factory(0)))
 
         run_config = {
             "training_run_id": training_run_id,
