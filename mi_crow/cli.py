@@ -375,7 +375,10 @@ def choose_steering_feature(top_texts: list[list[Any]], stats: "FeatureStats", t
 
     Heuristic: among features that fire on 0.05%-5% of tokens (neither rare noise nor dense) and have at least
     ``min_texts`` top texts, take the one whose top texts agree most on the firing token, preferring tokens that
-    are content words of 3+ letters (not stopwords); ties go to the more frequent feature. Returns ``(index, token, reason)`` or None.
+    are content words of 3+ letters (not stopwords); ties go to the more frequent feature.
+
+    Returns:
+        ``(index, token, reason)``, or None when no feature qualifies.
     """
     freq = stats.frequency.tolist()
     best: tuple[float, int, str, str] | None = None

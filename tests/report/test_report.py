@@ -255,7 +255,8 @@ def test_report_in_headless_chromium(tmp_path, browser) -> None:
     page.click("#feature-table tbody tr[data-feature='0']")
     assert page.eval("document.querySelector('#feature-detail h3').textContent").startswith("Feature 0")
     marks = page.eval("Array.from(document.querySelectorAll('#feature-detail mark.tok')).map(function (m) {"
-                      "return [m.textContent, +m.getAttribute('data-strength'), getComputedStyle(m).backgroundColor];})")
+                      "return [m.textContent, +m.getAttribute('data-strength'),"
+                      " getComputedStyle(m).backgroundColor];})")
     assert [m[0] for m in marks] == [e["text"][slice(*e["_span"])] for e in top[0]]
     assert "fox".startswith(marks[0][0].strip()) and "capital".startswith(marks[1][0].strip())
     assert marks[0][1] == 1.0 and marks[1][1] == pytest.approx(0.25, abs=1e-3)
@@ -278,7 +279,7 @@ def test_report_in_headless_chromium(tmp_path, browser) -> None:
     linked.wait_event("Page.loadEventFired")
     assert linked.eval("document.getElementById('search').value") == "Berlin"
     assert linked.eval("Array.from(document.querySelectorAll('#feature-table tbody tr'))"
-                       ".map(function (r) { return +r.getAttribute('data-feature'); })") == [0, 5]  # 0: its text names Berlin
+                       ".map(function (r) { return +r.getAttribute('data-feature'); })") == [0, 5]  # 0's text: Berlin
     assert linked.eval("document.querySelector('#feature-detail h3').textContent").startswith("Feature 5")
     assert linked.errors() == []
     linked.ws.close()
