@@ -279,6 +279,9 @@ class SaeTrainer:
     def _centered_sum_sq(self, x: Tensor) -> Tensor:
         """``sum ||x_i - mean||^2`` over all ranks' tokens (the mean is the global one)."""
         with torch.no_grad():
+            if self.world_size == 1:
+                # One fused pass, no [B, d] temporaries.
+                return (torch.var(x, dim=0, correction=0).sum() * x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny)
             count = self._all_reduce_sum(x.new_tensor(float(x.shape[0])))
             mean = self._all_reduce_sum(x.sum(dim=0)) / count
             return self._all_reduce_sum((x - mean).pow(2).sum()).clamp_min(torch.finfo(x.dtype).tiny)
@@ -366,8 +369,8 @@ class SaeTrainer:
         if W.grad is None:
             return
         # Rows are unit norm, so <g, w> w is the component that would only change a row's length.
-        parallel = (W.grad * W).sum(dim=1, keepdim=True)
-        W.grad.sub_(parallel * W)
+        parallel = torch.einsum("nd,nd->n", W.grad, W).unsqueeze(1)
+        W.grad.addcmul_(parallel, W, value=-1.0)
 
     # -- initialisation ------------------------------------------------------------------------------------------
     @torch.no_grad()
