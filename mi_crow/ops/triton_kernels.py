@@ -22,7 +22,9 @@ Design notes (why the kernels look the way they do):
   buffer skips the merge. When there are few row blocks, the latents are split across programs (for occupancy)
   and a second small kernel merges the ``[tokens, splits, K_PAD]`` candidate keys — ``splits * K_PAD`` keys per
   token, far below ``n_latents``. The optional AuxK top-k among dead latents is a second buffer filled in the
-  same pass.
+  same pass. A tile holds at most 2048 keys (16 rows minimum), and k, k_aux at most 256: beyond that, register
+  use and the unrolled network outgrow the GPU, and a chunked PyTorch path with ``[tokens, 4096]`` scratch serves
+  the call.
 * ``scatter_rows`` is deterministic: the launcher sorts the ``(token, slot)`` pairs by latent (a stable sort of
   ``tokens * k`` indices), and one program per (latent, column block) sums its contiguous segment in a fixed
   order. No atomics, so results are bit-for-bit reproducible.
@@ -46,8 +48,13 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Largest k (and k_aux) the fused encode keeps in registers; larger requests are rejected with a clear error.
-_MAX_K = 1024
+# Largest k (and k_aux) the fused encode keeps in registers. Beyond it the sorting network's unrolled code and
+# register footprint grow past what compiles in reasonable time, so a chunked PyTorch path serves the call.
+_MAX_FUSED_K = 256
+# Latents per matrix product on the chunked path: bounds its scratch to [tokens, _CHUNK_LATENTS].
+_CHUNK_LATENTS = 4096
+# Keys per [BLOCK_B, BLOCK_N] tile held by one program of the fused encode (int64 each).
+_TILE_KEYS = 2048
 # Smallest int64: marks an empty slot of a top-k buffer (below every real key, including -inf or NaN ones).
 _EMPTY_KEY = -(2**63)
 _INT32_MAX = 2**31 - 1
@@ -187,13 +194,13 @@ def _sorted_topk(x, K: tl.constexpr, DESCENDING: tl.constexpr):
             h = _bitonic_stage(h, n_dims, s, DESCENDING)
     # Halve the row until K remain: the elementwise max of an ascending and a descending run holds the K largest
     # of the pair as a bitonic run, which one merge stage sorts again.
+    # (A constexpr cannot be rebound inside a static loop, hence the repeated n_dims - r - 1.)
     for r in tl.static_range(log_c - log_k):
-        cur: tl.constexpr = n_dims - r
-        h = tl.max(h, axis=cur - 1 - log_k)
+        h = tl.max(h, axis=n_dims - r - 1 - log_k)
         if r + 1 < log_c - log_k:
-            h = _bitonic_stage(h, cur - 1, log_k, _bit(cur - 1, log_k))
+            h = _bitonic_stage(h, n_dims - r - 1, log_k, _bit(n_dims - r - 1, log_k))
         else:
-            h = _bitonic_stage(h, cur - 1, log_k, DESCENDING)
+            h = _bitonic_stage(h, n_dims - r - 1, log_k, DESCENDING)
     return tl.reshape(h, [R, K])
 
 
@@ -352,6 +359,54 @@ def _topk_finalize_kernel(
     tl.store(indices_ptr + rows[:, None] * k + kk[None, :], idx, mask=out_mask)
 
 
+def _encode_blocks(B: int, d: int, k_pad: int, ka_pad: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_N, BLOCK_D) of the fused encode for a problem size."""
+    block_n = max(64, k_pad, ka_pad)  # a tile's own top-k needs at least K_PAD candidates
+    block_b = 16 if B <= 16 else max(16, min(32, _TILE_KEYS // block_n))  # tl.dot needs >= 16 rows
+    block_d = min(64, max(16, _next_pow2(d)))
+    return block_b, block_n, block_d
+
+
+def _topk_encode_chunked(
+    x: torch.Tensor,
+    W_enc: torch.Tensor,
+    b_enc: torch.Tensor,
+    b_dec: torch.Tensor,
+    k: int,
+    dead_mask: torch.Tensor | None,
+    k_aux: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_encode for k or k_aux above the fused kernel's limit: latent chunks, running top-k with torch.topk.
+
+    Same results and padding as the reference, with scratch bounded by ``[tokens, _CHUNK_LATENTS + k]``.
+    """
+    B, n = x.shape[0], W_enc.shape[0]
+    xc = x - b_dec
+    neg_inf = float("-inf")
+    best_v = x.new_full((B, 0), neg_inf)
+    best_i = torch.empty((B, 0), dtype=torch.int64, device=x.device)
+    aux_v, aux_i = best_v, best_i
+    for start in range(0, n, _CHUNK_LATENTS):
+        end = min(n, start + _CHUNK_LATENTS)
+        pre = xc @ W_enc[start:end].T + b_enc[start:end]
+        cols = torch.arange(start, end, device=x.device).expand(B, -1)
+        both_v = torch.cat([best_v, pre], dim=1)
+        top = both_v.topk(min(k, both_v.shape[1]), dim=1)
+        best_i = torch.cat([best_i, cols], dim=1).gather(1, top.indices)
+        best_v = top.values
+        if dead_mask is not None:
+            masked = pre.masked_fill(~dead_mask[start:end], neg_inf)
+            both_v = torch.cat([aux_v, masked], dim=1)
+            top = both_v.topk(min(k_aux, both_v.shape[1]), dim=1)
+            aux_i = torch.cat([aux_i, cols], dim=1).gather(1, top.indices)
+            aux_v = top.values
+    values = torch.relu(best_v)
+    if dead_mask is None:
+        return values, best_i, x.new_empty((B, 0)), best_i.new_empty((B, 0))
+    pad = torch.isneginf(aux_v)
+    return values, best_i, torch.relu(aux_v.masked_fill(pad, 0.0)), aux_i.masked_fill(pad, 0)
+
+
 def topk_encode_triton(
     x: torch.Tensor,
     W_enc: torch.Tensor,
@@ -368,9 +423,11 @@ def topk_encode_triton(
         W_enc: ``[n_latents, d_in]`` encoder weight, same dtype as ``x``.
         b_enc: ``[n_latents]`` encoder bias.
         b_dec: ``[d_in]`` decoder bias, subtracted from ``x`` first.
-        k: number of active latents per token, ``1 <= k <= min(n_latents, 1024)`` (fastest up to 128).
+        k: number of active latents per token, ``1 <= k <= n_latents``. Up to 256 the fused kernel serves the
+            call (fastest up to 128); above, a chunked PyTorch path with bounded scratch.
         dead_mask: ``[n_latents]`` bool, True for dead latents, or None.
-        k_aux: number of AuxK latents to pick among the dead ones, ``0 <= k_aux <= min(n_latents, 1024)``.
+        k_aux: number of AuxK latents to pick among the dead ones, ``0 <= k_aux <= n_latents`` (fused up to
+            256).
 
     Returns:
         ``(values, indices, aux_values, aux_indices)``: ``values [tokens, k]`` in ``x.dtype``, after ReLU,
@@ -396,14 +453,12 @@ def topk_encode_triton(
         raise ValueError(f"{op}: b_dec must have shape [{d}], got {tuple(b_dec.shape)}")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"{op}: k must be an int, got {type(k).__name__}")
-    if not 1 <= k <= min(n, _MAX_K):
-        raise ValueError(f"{op}: k must be in [1, min(n_latents, {_MAX_K})] = [1, {min(n, _MAX_K)}], got {k}")
+    if not 1 <= k <= n:
+        raise ValueError(f"{op}: k must be in [1, n_latents] = [1, {n}], got {k}")
     if isinstance(k_aux, bool) or not isinstance(k_aux, int):
         raise TypeError(f"{op}: k_aux must be an int, got {type(k_aux).__name__}")
-    if not 0 <= k_aux <= min(n, _MAX_K):
-        raise ValueError(
-            f"{op}: k_aux must be in [0, min(n_latents, {_MAX_K})] = [0, {min(n, _MAX_K)}], got {k_aux}"
-        )
+    if not 0 <= k_aux <= n:
+        raise ValueError(f"{op}: k_aux must be in [0, n_latents] = [0, {n}], got {k_aux}")
     if dead_mask is not None:
         if not isinstance(dead_mask, torch.Tensor):
             raise TypeError(f"{op}: dead_mask must be a torch.Tensor or None, got {type(dead_mask).__name__}")
@@ -431,11 +486,12 @@ def topk_encode_triton(
     if B == 0:
         return values, indices, aux_values, aux_indices
 
+    if k > _MAX_FUSED_K or (has_aux and k_aux > _MAX_FUSED_K):
+        return _topk_encode_chunked(x, W_enc, b_enc, b_dec, k, dead_mask if has_aux else None, k_aux)
+
     k_pad = _next_pow2(k)
     ka_pad = _next_pow2(k_aux) if has_aux else 1
-    block_b = 16 if B <= 16 else 32
-    block_n = max(64, k_pad, ka_pad)
-    block_d = min(64, max(16, _next_pow2(d)))
+    block_b, block_n, block_d = _encode_blocks(B, d, k_pad, ka_pad)
     n_row_blocks = triton.cdiv(B, block_b)
     n_tiles = triton.cdiv(n, block_n)
     splits = min(n_tiles, max(1, triton.cdiv(_target_programs(device), n_row_blocks)))

@@ -245,6 +245,16 @@ def test_topk_encode_aux_matches_reference(
     assert torch.equal(aux_i == 0, ref[3] == 0) or bool((aux_v > 0).all())
 
 
+def test_topk_encode_above_the_fused_limit_uses_the_chunked_path(tk: _InterpretedKernels) -> None:
+    B, d, n, k, k_aux = 3, 48, 4100 + 97, 300, 260  # two latent chunks; k and k_aux above 256
+    x, W, b_enc, b_dec = _encoder(B, d, n, torch.float32, seed=31)
+    dead = torch.rand(n, generator=_gen(32)) < 0.3
+    values, indices, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, k, dead, k_aux)
+    pre = _pre64(x, W, b_enc, b_dec)
+    _check_selection(values, indices, pre, k, atol=1e-5)
+    _check_selection(aux_v, aux_i, pre, k_aux, atol=1e-5, candidates=dead)
+
+
 def test_topk_encode_aux_is_empty_without_mask_or_k_aux(tk: _InterpretedKernels) -> None:
     x, W, b_enc, b_dec = _encoder(3, 48, 80, torch.float32, seed=6)
     dead = torch.ones(80, dtype=torch.bool)
@@ -432,14 +442,16 @@ def test_topk_encode_rejects_bad_input(tk_local: Any) -> None:
         enc(x, W, b_enc[:5], b_dec, 2, None, 0)
     with pytest.raises(ValueError, match=r"b_dec must have shape \[48\]"):
         enc(x, W, b_enc, b_dec[:5], 2, None, 0)
-    with pytest.raises(ValueError, match=r"k must be in \[1, .*got 0"):
+    with pytest.raises(ValueError, match=r"k must be in \[1, n_latents\] = \[1, 60\], got 0"):
         enc(x, W, b_enc, b_dec, 0, None, 0)
-    with pytest.raises(ValueError, match=r"k must be in \[1, .*got 61"):
+    with pytest.raises(ValueError, match=r"k must be in \[1, n_latents\] = \[1, 60\], got 61"):
         enc(x, W, b_enc, b_dec, 61, None, 0)
     with pytest.raises(TypeError, match="k must be an int, got float"):
         enc(x, W, b_enc, b_dec, 2.0, None, 0)
-    with pytest.raises(ValueError, match=r"k_aux must be in \[0, .*got -1"):
+    with pytest.raises(ValueError, match=r"k_aux must be in \[0, n_latents\] = \[0, 60\], got -1"):
         enc(x, W, b_enc, b_dec, 2, None, -1)
+    with pytest.raises(ValueError, match=r"k_aux must be in \[0, n_latents\] = \[0, 60\], got 61"):
+        enc(x, W, b_enc, b_dec, 2, None, 61)
     with pytest.raises(ValueError, match=r"dead_mask must be a bool tensor of shape \[60\]"):
         enc(x, W, b_enc, b_dec, 2, torch.ones(59, dtype=torch.bool), 3)
     with pytest.raises(ValueError, match="dead_mask must be a bool tensor"):
@@ -489,3 +501,91 @@ def test_cpu_tensors_are_rejected_outside_the_interpreter(tk_local: Any, monkeyp
     x, W, b_enc, b_dec = _encoder(2, 48, 10, torch.float32, seed=30)
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         tk_local.topk_encode_triton(x, W, b_enc, b_dec, 2, None, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for real GPUs (no GPU needed: Triton lowers to PTX and runs its bundled ptxas)
+# ---------------------------------------------------------------------------------------------------------------
+# The interpreter runs the kernels' arithmetic but not Triton's compiler, which has rules of its own (constexpr
+# scoping, tl.dot shapes, layouts of the sorting network's reshapes). These compile each kernel, with the
+# block sizes the launchers pick for the issue's headline shapes, to a cubin for sm_80 (A100) and sm_90 (H100).
+
+
+def _aot_compile(kernel: Any, pointers: dict[str, str], constexprs: dict[str, Any], arch: int) -> Any:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            signature[param.name] = "constexpr"
+        elif param.name.endswith("_ptr"):
+            signature[param.name] = pointers[param.name]
+        else:
+            signature[param.name] = "i64" if param.name.startswith("stride") else "i32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
+
+
+def _compiled_module() -> Any:
+    import triton
+
+    import mi_crow.ops.triton_kernels as module
+
+    if not isinstance(module._topk_encode_kernel, triton.runtime.JITFunction):
+        pytest.skip("mi_crow.ops.triton_kernels was imported under TRITON_INTERPRET=1; nothing to compile")
+    return module
+
+
+_ENCODE_CASES = [
+    # (dtype, tokens, d_in, k, k_aux, arch): the issue's headline shapes, and bf16 with AuxK. The heavier
+    # configurations (k = 128; k_aux = 256) also compile but take minutes in ptxas, too long for this suite.
+    ("fp32", 4096, 768, 32, 0, 80),
+    ("fp32", 4096, 2048, 32, 0, 90),
+    ("bf16", 4096, 768, 32, 64, 90),
+]
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize(("dtype", "B", "d", "k", "k_aux", "arch"), _ENCODE_CASES)
+def test_topk_encode_kernels_compile_for_gpu(dtype: str, B: int, d: int, k: int, k_aux: int, arch: int) -> None:
+    module = _compiled_module()
+    k_pad = module._next_pow2(k)
+    ka_pad = module._next_pow2(k_aux) if k_aux else 1
+    block_b, block_n, block_d = module._encode_blocks(B, d, k_pad, ka_pad)
+    pointers = {
+        "x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_enc_ptr": f"*{dtype}", "b_dec_ptr": f"*{dtype}",
+        "dead_ptr": "*i8", "part_ptr": "*i64", "aux_part_ptr": "*i64",
+    }
+    constexprs = {
+        "K_PAD": k_pad, "KA_PAD": ka_pad, "HAS_AUX": k_aux > 0, "BLOCK_B": block_b, "BLOCK_N": block_n,
+        "BLOCK_D": block_d, "INPUT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "DOT_IN_FP32": False,
+    }
+    compiled = _aot_compile(module._topk_encode_kernel, pointers, constexprs, arch)
+    assert len(compiled.asm["cubin"]) > 0
+    fin = {"part_ptr": "*i64", "values_ptr": f"*{dtype}", "indices_ptr": "*i64"}
+    compiled = _aot_compile(module._topk_finalize_kernel, fin, {"K_PAD": max(k_pad, ka_pad), "BLOCK_B": 16}, arch)
+    assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_code_kernels_compile_for_gpu(dtype: str) -> None:
+    module = _compiled_module()
+    cases = [
+        (module._sparse_decode_kernel,
+         {"values_ptr": f"*{dtype}", "indices_ptr": "*i64", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}",
+          "out_ptr": f"*{dtype}"},
+         {"BLOCK_K": 32, "BLOCK_D": 128}),
+        (module._gather_dot_kernel,
+         {"g_ptr": f"*{dtype}", "indices_ptr": "*i64", "w_ptr": f"*{dtype}", "out_ptr": f"*{dtype}"},
+         {"BLOCK_K": 32, "BLOCK_D": 128}),
+        (module._scatter_rows_kernel,
+         {"coef_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "order_ptr": "*i64", "offsets_ptr": "*i64",
+          "out_ptr": f"*{dtype}"},
+         {"BLOCK_P": 16, "BLOCK_D": 128}),
+    ]
+    for kernel, pointers, constexprs in cases:
+        compiled = _aot_compile(kernel, pointers, constexprs, 80)
+        assert len(compiled.asm["cubin"]) > 0
