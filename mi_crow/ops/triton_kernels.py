@@ -255,6 +255,8 @@ def _topk_encode_kernel(
 
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
+    # Offsets in 64 bits: tokens * d_in or n_latents * d_in may pass 2**31.
+    rows64 = rows.to(tl.int64)
     n_start = pid_s * latents_per_split
     n_end = tl.minimum(n_start + latents_per_split, n)
 
@@ -270,7 +272,7 @@ def _topk_encode_kernel(
             dd = d0 + tl.arange(0, BLOCK_D)
             d_mask = dd < d
             xt = tl.load(
-                x_ptr + rows[:, None] * stride_xb + dd[None, :] * stride_xd,
+                x_ptr + rows64[:, None] * stride_xb + dd[None, :] * stride_xd,
                 mask=row_mask[:, None] & d_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
@@ -278,7 +280,7 @@ def _topk_encode_kernel(
             # Round the centred input to the input dtype, as the reference's (x - b_dec) does.
             xc = _round_to(xt - bd[None, :], dtype)
             wt = tl.load(
-                w_ptr + cols[:, None] * stride_wn + dd[None, :] * stride_wd,
+                w_ptr + cols.to(tl.int64)[:, None] * stride_wn + dd[None, :] * stride_wd,
                 mask=col_mask[:, None] & d_mask[None, :],
                 other=0.0,
             )
@@ -309,14 +311,14 @@ def _topk_encode_kernel(
 
     kk = tl.arange(0, K_PAD)
     tl.store(
-        part_ptr + rows[:, None] * (S * K_PAD) + pid_s * K_PAD + kk[None, :],
+        part_ptr + rows64[:, None] * (S * K_PAD) + pid_s * K_PAD + kk[None, :],
         best,
         mask=row_mask[:, None],
     )
     if HAS_AUX:
         ka = tl.arange(0, KA_PAD)
         tl.store(
-            aux_part_ptr + rows[:, None] * (S * KA_PAD) + pid_s * KA_PAD + ka[None, :],
+            aux_part_ptr + rows64[:, None] * (S * KA_PAD) + pid_s * KA_PAD + ka[None, :],
             aux_best,
             mask=row_mask[:, None],
         )
@@ -334,7 +336,7 @@ def _topk_finalize_kernel(
     BLOCK_B: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = (pid * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     row_mask = rows < B
     kk = tl.arange(0, K_PAD)
     base = part_ptr + rows[:, None] * (S * K_PAD)
