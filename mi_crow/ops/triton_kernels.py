@@ -55,9 +55,6 @@ _MAX_FUSED_K = 256
 _CHUNK_LATENTS = 4096
 # Keys per [BLOCK_B, BLOCK_N] tile held by one program of the fused encode (int64 each).
 _TILE_KEYS = 2048
-# Smallest int64: marks an empty slot of a top-k buffer (below every real key, including -inf or NaN ones).
-_EMPTY_KEY = -(2**63)
-_INT32_MAX = 2**31 - 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -296,17 +293,18 @@ def _topk_encode_kernel(
         keys = _float_to_key(pre, cols)
         keys = tl.where(col_mask[None, :], keys, -(2**63))
 
-        # Skip the merge when no candidate of this tile beats any row's current k-th best.
+        # Skip the merge when no candidate of this tile beats any (real) row's current k-th best. Empty slots hold
+        # the smallest int64, below every real key (even -inf or NaN ones), so a buffer fills first.
         tile_best = tl.max(keys, axis=1)
         row_floor = tl.min(best, axis=1)
-        if tl.max((tile_best > row_floor).to(tl.int32), axis=0) > 0:
+        if tl.max(((tile_best > row_floor) & row_mask).to(tl.int32), axis=0) > 0:
             best = _merge_topk(best, keys, K_PAD)
         if HAS_AUX:
             dead = tl.load(dead_ptr + cols, mask=col_mask, other=0)
             aux_keys = tl.where((dead != 0)[None, :], keys, -(2**63))
             aux_tile_best = tl.max(aux_keys, axis=1)
             aux_floor = tl.min(aux_best, axis=1)
-            if tl.max((aux_tile_best > aux_floor).to(tl.int32), axis=0) > 0:
+            if tl.max(((aux_tile_best > aux_floor) & row_mask).to(tl.int32), axis=0) > 0:
                 aux_best = _merge_topk(aux_best, aux_keys, KA_PAD)
 
     kk = tl.arange(0, K_PAD)
