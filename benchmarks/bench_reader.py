@@ -1,20 +1,24 @@
 """Question: what does streaming activations from the store add to an SAE training loop?
 
 For each case a run of stored batches (padded ``[b, seq, d]`` files, 50-100% real tokens per row) is written to a
-temporary ``LocalStore``. Then, with ``torch.utils.benchmark.Timer.blocked_autorange`` (median after a warm-up), one
-epoch of a training loop -- a bare TopK SAE step (``mi_crow.ops.topk_encode`` + ``sparse_decode``, MSE, backward,
-Adam) per batch -- is timed with each data path:
+temporary ``LocalStore``. One epoch of a training loop -- a bare TopK SAE step (``mi_crow.ops.topk_encode`` +
+``sparse_decode``, MSE, backward, Adam) per batch -- is then timed with each data path:
 
 * ``in-memory``: batches gathered from a tensor already in RAM (the baseline: no file reading at all);
 * ``reader ...``: ``store.activation_reader`` (shuffled with a large or a small buffer, with and without prefetch,
   unshuffled), file reading and padding removal included.
 
-``loop ms/batch`` is the epoch time divided by the number of batches; ``overhead`` compares it with the in-memory
-loop measured in the same run (the target: at most +10%). ``reader alone`` is the reader's own time per batch with
-no training step, and its tokens/s. Before timing, the reader's output is checked against the stored data (each real
-token exactly once per epoch). The files sit in the page cache (just written); a cold disk adds its read time.
+Columns: ``loop ms/batch`` is the median epoch time (the paths' epochs interleaved over several rounds, so that
+drifting load hits all alike) divided by the number of batches; ``loop vs in-memory`` compares it with the in-memory
+loop of the same run (target: at most +10%). ``data path alone`` is one epoch of the data path with no step
+(``Timer.blocked_autorange``, median after a warm-up) per batch, and ``alone / step`` its share of one step (step =
+in-memory loop minus in-memory data path): what the reader costs a step when nothing overlaps. Before timing, the
+reader's output is checked against the stored data (each real token exactly once per epoch). The files sit in the
+page cache (just written); a cold disk adds its read time.
 
-Usage: ``python benchmarks/bench_reader.py [--quick]``; writes ``benchmarks/results/bench_reader[_quick].json``.
+Usage: ``python benchmarks/bench_reader.py [--quick] [--clock wall|cpu] [--threads N]``; writes
+``benchmarks/results/bench_reader[_quick]_<clock>.json``. On a shared, oversubscribed machine wall times swing with
+other people's jobs; ``--clock cpu --threads 1`` measures this process's CPU time instead (work done, not waiting).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,12 +104,15 @@ def make_step(case: Case) -> Callable[[torch.Tensor], None]:
     return step
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def time_median(fn: Callable[[], None], min_run_time: float) -> float:
     fn()  # warm-up: first-call allocations, page cache, kernel selection
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    return Timer(stmt="fn()", globals={"fn": fn}, timer=CLOCK).blocked_autorange(min_run_time=min_run_time).median
 
 
-def run_case(case: Case, min_run_time: float) -> list[dict]:
+def run_case(case: Case, min_run_time: float, rounds: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(tmp, fsync=False)
         n_tokens = write_run(store, case)
@@ -124,22 +133,32 @@ def run_case(case: Case, min_run_time: float) -> list[dict]:
         for label, kwargs in variants:
             paths.append((label, lambda kwargs=kwargs: store.activation_reader("bench", LAYER, case.batch, **kwargs)))
 
+        # Loops are timed interleaved (one epoch of every path per round, median over rounds) so that drifting
+        # load on a shared machine hits all paths alike; the reader alone is timed with blocked_autorange.
+        loop_times: dict[str, list[float]] = {label: [] for label, _ in paths}
+        for x in in_memory():  # warm-up of the step (the run's files are already in the page cache)
+            step(x)
+        for _ in range(rounds):
+            for label, make in paths:
+                def loop(make=make) -> None:
+                    for x in make():
+                        step(x)
+
+                loop_times[label].append(Timer(stmt="fn()", globals={"fn": loop}, timer=CLOCK).timeit(1).median)
         rows = []
         for label, make in paths:
-            def loop(make=make) -> None:
-                for x in make():
-                    step(x)
-
             def drain(make=make) -> None:
                 for _ in make():
                     pass
 
-            rows.append({"path": label, "loop_s_per_batch": time_median(loop, min_run_time) / n_batches,
+            rows.append({"path": label, "loop_s_per_batch": statistics.median(loop_times[label]) / n_batches,
+                         "loop_rounds": len(loop_times[label]),
                          "alone_s_per_batch": time_median(drain, min_run_time) / n_batches})
         base = rows[0]["loop_s_per_batch"]
+        step_s = base - rows[0]["alone_s_per_batch"]
         for row in rows:
-            row.update(asdict(case), n_tokens=n_tokens, n_batches=n_batches,
-                       overhead=row["loop_s_per_batch"] / base - 1.0,
+            row.update(asdict(case), n_tokens=n_tokens, n_batches=n_batches, step_s=step_s,
+                       overhead=row["loop_s_per_batch"] / base - 1.0, alone_vs_step=row["alone_s_per_batch"] / step_s,
                        alone_tokens_per_s=case.batch / row["alone_s_per_batch"])
         return rows
 
@@ -147,23 +166,33 @@ def run_case(case: Case, min_run_time: float) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, short timing (smoke run)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or this process's CPU time (steadier on an oversubscribed shared machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
+    global CLOCK
+    if args.clock == "cpu":
+        CLOCK = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cases, min_run_time = (QUICK, 0.3) if args.quick else (FULL, 3.0)
-    results = [row for case in cases for row in run_case(case, min_run_time)]
+    cases, min_run_time, rounds = (QUICK, 0.3, 5) if args.quick else (FULL, 2.0, 3)
+    results = [row for case in cases for row in run_case(case, min_run_time, rounds)]
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, ops backends {backends()}\n")
-    print("| d | n_latents | k | batch | run tokens | data path | loop ms/batch | overhead vs in-memory "
-          "| reader alone ms/batch | reader alone Mtok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, clock: {args.clock}, "
+          f"ops backends {backends()}\n")
+    print("| d | n_latents | k | batch | run tokens | data path | loop ms/batch | loop vs in-memory "
+          "| data path alone ms/batch | alone / step | alone Mtok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['d']} | {r['n_latents']} | {r['k']} | {r['batch']} | {r['n_tokens']} | {r['path']} | "
               f"{r['loop_s_per_batch'] * 1e3:.1f} | {r['overhead'] * 100:+.1f}% | "
-              f"{r['alone_s_per_batch'] * 1e3:.2f} | {r['alone_tokens_per_s'] / 1e6:.2f} |")
-    name = "bench_reader_quick.json" if args.quick else "bench_reader.json"
+              f"{r['alone_s_per_batch'] * 1e3:.2f} | {r['alone_vs_step'] * 100:.1f}% | "
+              f"{r['alone_tokens_per_s'] / 1e6:.2f} |")
+    name = f"bench_reader{'_quick' if args.quick else ''}_{args.clock}.json"
     out = Path(__file__).resolve().parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__,
+    out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "clock": args.clock,
                                "threads": torch.get_num_threads(), "backends": backends(), "results": results},
                               indent=2))
     print(f"\nwrote {out}")
