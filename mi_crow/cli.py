@@ -610,7 +610,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
     names = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
              ("loss_clean", "LM loss clean"), ("loss_sae", "LM loss with SAE"), ("loss_zero", "LM loss layer zeroed"),
              ("n_tokens", "tokens")]
-    _say("  " + " | ".join(f"{label} {metrics[key]:.4g}" for key, label in names
+    def fmt(value: float) -> str:
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+    _say("  " + " | ".join(f"{label} {fmt(metrics[key])}" for key, label in names
                            if isinstance(metrics.get(key), (int, float))))
 
 
@@ -618,7 +621,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 60_000)
     max_length = args.max_length or (64 if args.quick else 128)
-    eval_texts = 4 if args.quick else 24
+    eval_texts = 4 if args.quick else 16
     max_new_tokens = args.max_new_tokens or (16 if args.quick else 30)
     store = _open_store(args.store)
     out = args.out or str(Path(args.store) / "report.html")
@@ -841,7 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in about a minute")
     p.add_argument("--out", help="report file (default: <store>/report.html)")
     p.add_argument("--prompt", default="My favourite place to visit is", help="prompt for the steering example")
-    p.add_argument("--steer-scale", type=_positive_float, default=4.0,
+    p.add_argument("--steer-scale", type=_positive_float, default=2.0,
                    help="steering strength as a multiple of the feature's max activation")
     p.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per prompt (default 30; quick 16)")
     p.set_defaults(func=cmd_demo)
