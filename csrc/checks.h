@@ -5,6 +5,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <vector>
+
 namespace mi_crow {
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -49,6 +51,18 @@ inline void check_indices(const char* op, const at::Tensor& indices, int64_t n) 
 template <typename scalar_t, typename acc_t>
 inline void to_acc(const scalar_t* src, acc_t* dst, int64_t len) {
   for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<acc_t>(src[i]);
+}
+
+// Groups the flat positions p of indices [total] by latent with a stable counting sort: the positions of latent
+// i are order[start[i] .. start[i + 1]) in increasing p, so any per-latent summation has a fixed order.
+inline void group_by_latent(const int64_t* ip, int64_t total, int64_t n, std::vector<int64_t>& start,
+                            std::vector<int64_t>& order) {
+  start.assign(n + 1, 0);
+  for (int64_t p = 0; p < total; ++p) ++start[ip[p] + 1];
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  order.resize(total);
+  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
+  for (int64_t p = 0; p < total; ++p) order[cursor[ip[p]]++] = p;
 }
 
 }  // namespace mi_crow

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "vec.h"
 
 namespace mi_crow {
 
@@ -37,13 +38,10 @@ at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> grow(d);
       for (int64_t b = begin; b < end; ++b) {
-        to_acc(gp + b * d, grow.data(), d);
+        widen(gp + b * d, grow.data(), d);
         const acc_t* gr = grow.data();
         for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* row = wp + ip[b * k + j] * d;
-          acc_t s = 0;
-          for (int64_t c = 0; c < d; ++c) s += gr[c] * static_cast<acc_t>(row[c]);
-          op_[b * k + j] = static_cast<scalar_t>(s);
+          op_[b * k + j] = static_cast<scalar_t>(dot(gr, wp + ip[b * k + j] * d, d));
         }
       }
     });

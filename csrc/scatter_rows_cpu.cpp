@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "vec.h"
 
 namespace mi_crow {
 
@@ -29,17 +30,9 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
   auto out = at::empty({n, d}, x.options());
   if (n == 0 || d == 0) return out;
 
-  // Counting sort of the flat (b, j) positions by latent; stable, so the summation order is fixed.
   const int64_t total = B * k;
-  const int64_t* ip = idx.data_ptr<int64_t>();
-  std::vector<int64_t> start(n + 1, 0);
-  for (int64_t p = 0; p < total; ++p) ++start[ip[p] + 1];
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  std::vector<int64_t> order(total);
-  {
-    std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-    for (int64_t p = 0; p < total; ++p) order[cursor[ip[p]]++] = p;
-  }
+  std::vector<int64_t> start, order;
+  group_by_latent(idx.data_ptr<int64_t>(), total, n, start, order);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "scatter_rows_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -62,9 +55,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
         for (int64_t c = 0; c < d; ++c) a[c] = 0;
         for (int64_t q = sp[i]; q < sp[i + 1]; ++q) {
           const int64_t p = orderp[q];
-          const acc_t w = static_cast<acc_t>(cp[p]);
-          const acc_t* row = xp + (p / k) * d;
-          for (int64_t c = 0; c < d; ++c) a[c] += w * row[c];
+          axpy(a, static_cast<acc_t>(cp[p]), xp + (p / k) * d, d);
         }
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);
       }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "vec.h"
 
 namespace mi_crow {
 
@@ -47,9 +48,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
         acc_t* a = acc.data();
         for (int64_t c = 0; c < d; ++c) a[c] = bias_acc[c];
         for (int64_t j = 0; j < k; ++j) {
-          const acc_t coef = static_cast<acc_t>(vp[b * k + j]);
-          const scalar_t* row = wp + ip[b * k + j] * d;
-          for (int64_t c = 0; c < d; ++c) a[c] += coef * static_cast<acc_t>(row[c]);
+          axpy(a, static_cast<acc_t>(vp[b * k + j]), wp + ip[b * k + j] * d, d);
         }
         scalar_t* o = op_ + b * d;
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);

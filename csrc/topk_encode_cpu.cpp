@@ -2,11 +2,12 @@
 // plus, in the same pass, the top-k_aux among dead latents.
 //
 // The [B, n] pre-activation matrix is never materialised. Latents are processed in tiles; for each tile and
-// each block of tokens one BLAS/oneDNN product fills a small per-task scratch tile, and a scan keeps a running
-// top-k per token in a min-heap. The scan rejects almost every entry with one vector compare against the current
-// k-th value, so its cost is a small fraction of the product. Tiles are the outer loop so the threads share the
-// tile of W_enc in cache; token blocks are the parallel inner loop. With fewer token blocks than threads, the
-// latents are split between threads instead and the per-thread heaps are merged at the end.
+// each block of tokens one BLAS product fills a small per-task scratch tile, and a vectorised scan compares it
+// against each token's current k-th value and compresses the few entries that beat it into a candidate list.
+// Candidates are appended to a per-token buffer of 2k entries; when it overflows, one nth_element keeps the
+// best k and raises the threshold. Tiles are the outer loop so both threads share the tile of W_enc in cache
+// (and, with MKL, one packed copy of it); token blocks are the parallel inner loop. With fewer token blocks than
+// threads the latents are split between threads instead, and the per-thread buffers are merged at the end.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -16,130 +17,175 @@
 #include <tuple>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "checks.h"
+#include "vec.h"
+
+// MKL's CBLAS entry points, as exported by the MKL that the PyTorch CPU wheel links in. Declared weak so the
+// extension still loads against a torch without MKL; then the kernel uses at::mm_out instead.
+extern "C" {
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src,
+                      int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
 
 namespace mi_crow {
 namespace {
 
-constexpr int64_t kTileLatents = 2048;  // latents per tile: [kTileTokens, kTileLatents] fp32 scratch = 2 MiB
-constexpr int64_t kTileTokens = 256;
+// CBLAS enum values (fixed by the CBLAS standard and MKL).
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
 
-// Fixed-capacity min-heaps, one per token row, stored contiguously: the root is the smallest kept value, i.e.
-// the threshold a new entry has to beat once the heap is full.
+constexpr int64_t kTileLatents = 2048;  // latents per tile: [kTileTokens, kTileLatents] fp32 scratch = 2 MiB
+constexpr int64_t kTileTokens = 256;  // (512 for bf16/fp16)
+
+bool mkl_sgemm_packed_available() {
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
+}
+
+// Running top-`cap` per token row: an unsorted buffer of up to 2 * cap entries and a threshold that a new entry
+// must beat. The threshold is the cap-th best value seen at the last compaction, so it only rises.
 template <typename acc_t>
-struct RowHeaps {
-  int64_t cap = 0;
+struct RowBuffers {
+  int64_t cap = 0, cap2 = 0;
   std::vector<acc_t> val;
   std::vector<int64_t> idx;
   std::vector<int64_t> count;
+  std::vector<acc_t> thr;
 
   void init(int64_t rows, int64_t capacity) {
     cap = capacity;
-    val.assign(rows * capacity, acc_t(0));
-    idx.assign(rows * capacity, 0);
+    cap2 = 2 * capacity;
+    val.assign(rows * cap2, acc_t(0));
+    idx.assign(rows * cap2, 0);
     count.assign(rows, 0);
+    thr.assign(rows, -std::numeric_limits<acc_t>::infinity());
   }
 
-  acc_t threshold(int64_t r) const {
-    return count[r] < cap ? -std::numeric_limits<acc_t>::infinity() : val[r * cap];
-  }
+  acc_t threshold(int64_t r) const { return thr[r]; }
 
-  // Inserts (v, i) for row r; the caller guarantees v beats threshold(r). Returns the new threshold.
-  acc_t push(int64_t r, acc_t v, int64_t i) {
-    acc_t* hv = val.data() + r * cap;
-    int64_t* hi = idx.data() + r * cap;
-    int64_t& c = count[r];
-    if (c < cap) {
-      int64_t pos = c++;
-      while (pos > 0) {  // sift up
-        int64_t parent = (pos - 1) / 2;
-        if (!(v < hv[parent])) break;
-        hv[pos] = hv[parent];
-        hi[pos] = hi[parent];
-        pos = parent;
+  // Adds the candidates of one tile (each beats threshold(r)).
+  void merge(int64_t r, const acc_t* cv, const int32_t* ci, int64_t c, std::vector<std::pair<acc_t, int64_t>>& tmp) {
+    if (c == 0) return;
+    acc_t* bv = val.data() + r * cap2;
+    int64_t* bi = idx.data() + r * cap2;
+    int64_t& cnt = count[r];
+    if (cnt + c <= cap2) {
+      for (int64_t q = 0; q < c; ++q) {
+        bv[cnt + q] = cv[q];
+        bi[cnt + q] = ci[q];
       }
-      hv[pos] = v;
-      hi[pos] = i;
-      return c < cap ? -std::numeric_limits<acc_t>::infinity() : hv[0];
+      cnt += c;
+      return;
     }
-    int64_t pos = 0;  // replace the root and sift down
-    for (;;) {
-      int64_t child = 2 * pos + 1;
-      if (child >= cap) break;
-      if (child + 1 < cap && hv[child + 1] < hv[child]) ++child;
-      if (!(hv[child] < v)) break;
-      hv[pos] = hv[child];
-      hi[pos] = hi[child];
-      pos = child;
+    tmp.clear();
+    for (int64_t q = 0; q < cnt; ++q) tmp.emplace_back(bv[q], bi[q]);
+    for (int64_t q = 0; q < c; ++q) tmp.emplace_back(cv[q], ci[q]);
+    // Best first; among equal values the lower latent index wins, as in a stable descending sort.
+    std::nth_element(tmp.begin(), tmp.begin() + (cap - 1), tmp.end(), [](const auto& a, const auto& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    });
+    for (int64_t q = 0; q < cap; ++q) {
+      bv[q] = tmp[q].first;
+      bi[q] = tmp[q].second;
     }
-    hv[pos] = v;
-    hi[pos] = i;
-    return hv[0];
+    cnt = cap;
+    // Later tiles hold higher latent indices, so an equal value would lose the tie: strict > is exact.
+    thr[r] = tmp[cap - 1].first;
+  }
+
+  // Appends row r's kept entries to `out`.
+  void collect(int64_t r, std::vector<std::pair<acc_t, int64_t>>& out) const {
+    for (int64_t q = 0; q < count[r]; ++q) out.emplace_back(val[r * cap2 + q], idx[r * cap2 + q]);
   }
 };
 
-// Scans one row of a product tile (pre-activations without bias) and updates the row's heaps.
-// tile: [len] product row; bias: [len] encoder bias of the tile's latents; dead: [n] bool or nullptr.
+// Per-task buffers for the candidates of one tile row.
 template <typename acc_t>
-void scan_row(const acc_t* tile, const acc_t* bias, int64_t len, int64_t lat0, int64_t r, RowHeaps<acc_t>& main,
-              RowHeaps<acc_t>* aux, const bool* dead) {
-  acc_t thr = main.threshold(r);
-  acc_t athr = aux ? aux->threshold(r) : std::numeric_limits<acc_t>::infinity();
-  int64_t j = 0;
-#if defined(__AVX512F__)
+struct Candidates {
+  std::vector<acc_t> val, aval;
+  std::vector<int32_t> idx, aidx;
+  std::vector<std::pair<acc_t, int64_t>> tmp;
+  explicit Candidates(int64_t len) : val(len + 16), aval(len + 16), idx(len + 16), aidx(len + 16) {}
+};
+
+// Scans entries [j0, j1) of one row of a product tile (pre-activations without bias) and merges the entries that
+// beat the row's thresholds into its buffers. tile/bias: [len] product row and encoder bias of the tile's latents;
+// dead: [n] bool or nullptr. The thresholds stay fixed during the range, so the scan is a branch-free
+// compare-and-compress.
+template <typename acc_t>
+void scan_range(const acc_t* tile, const acc_t* bias, int64_t j0, int64_t j1, int64_t lat0, int64_t r,
+                RowBuffers<acc_t>& main, RowBuffers<acc_t>* aux, const bool* dead, Candidates<acc_t>& cand) {
+  const acc_t thr = main.threshold(r);
+  const acc_t athr = aux ? aux->threshold(r) : std::numeric_limits<acc_t>::infinity();
+  acc_t* cv = cand.val.data();
+  int32_t* ci = cand.idx.data();
+  acc_t* av = cand.aval.data();
+  int32_t* ai = cand.aidx.data();
+  int64_t c = 0, ca = 0;
+  int64_t j = j0;
+#if defined(MI_CROW_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    alignas(64) float buf[16];
-    __m512 vthr = _mm512_set1_ps(thr);
-    __m512 vathr = _mm512_set1_ps(athr);
-    for (; j + 16 <= len; j += 16) {
-      __m512 v = _mm512_add_ps(_mm512_loadu_ps(tile + j), _mm512_loadu_ps(bias + j));
-      __mmask16 m = _mm512_cmp_ps_mask(v, vthr, _CMP_GT_OQ);
-      __mmask16 ma = 0;
+    const __m512 vthr = _mm512_set1_ps(thr);
+    const __m512 vathr = _mm512_set1_ps(athr);
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(lat0 + j0)),
+                                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    for (; j + 16 <= j1; j += 16, lane = _mm512_add_epi32(lane, step)) {
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(tile + j), _mm512_loadu_ps(bias + j));
+      const __mmask16 m = _mm512_cmp_ps_mask(v, vthr, _CMP_GT_OQ);
+      if (m) {
+        _mm512_mask_compressstoreu_ps(cv + c, m, v);
+        _mm512_mask_compressstoreu_epi32(ci + c, m, lane);
+        c += __builtin_popcount(m);
+      }
       if (aux) {
-        ma = _mm512_cmp_ps_mask(v, vathr, _CMP_GT_OQ);
+        __mmask16 ma = _mm512_cmp_ps_mask(v, vathr, _CMP_GT_OQ);
         if (ma) {
-          __mmask16 dm = _mm512_cmpneq_epi8_mask(
-              _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dead + lat0 + j))),
-              _mm512_setzero_si512());
-          ma &= dm;
+          ma &= _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dead + lat0 + j)),
+                                     _mm_setzero_si128());
+          if (ma) {
+            _mm512_mask_compressstoreu_ps(av + ca, ma, v);
+            _mm512_mask_compressstoreu_epi32(ai + ca, ma, lane);
+            ca += __builtin_popcount(ma);
+          }
         }
       }
-      if (!(m | ma)) continue;
-      _mm512_store_ps(buf, v);
-      while (m) {
-        int bit = __builtin_ctz(m);
-        m &= m - 1;
-        if (buf[bit] > thr) thr = main.push(r, buf[bit], lat0 + j + bit);
-      }
-      while (ma) {
-        int bit = __builtin_ctz(ma);
-        ma &= ma - 1;
-        if (buf[bit] > athr) athr = aux->push(r, buf[bit], lat0 + j + bit);
-      }
-      vthr = _mm512_set1_ps(thr);
-      vathr = _mm512_set1_ps(athr);
     }
   }
 #endif
-  for (; j < len; ++j) {
+  for (; j < j1; ++j) {
     const acc_t v = tile[j] + bias[j];
-    if (v > thr) thr = main.push(r, v, lat0 + j);
-    if (aux && v > athr && dead[lat0 + j]) athr = aux->push(r, v, lat0 + j);
+    if (v > thr) {
+      cv[c] = v;
+      ci[c++] = static_cast<int32_t>(lat0 + j);
+    }
+    if (aux && v > athr && dead[lat0 + j]) {
+      av[ca] = v;
+      ai[ca++] = static_cast<int32_t>(lat0 + j);
+    }
   }
+  main.merge(r, cv, ci, c, cand.tmp);
+  if (aux) aux->merge(r, av, ai, ca, cand.tmp);
 }
 
-// Sorts a row's kept entries descending (ties by index, so the result does not depend on scan order).
 template <typename acc_t>
-void sorted_row(const RowHeaps<acc_t>& h, int64_t r, std::vector<std::pair<acc_t, int64_t>>& tmp) {
-  tmp.clear();
-  for (int64_t q = 0; q < h.count[r]; ++q) tmp.emplace_back(h.val[r * h.cap + q], h.idx[r * h.cap + q]);
-  std::sort(tmp.begin(), tmp.end(), [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  });
+void scan_row(const acc_t* tile, const acc_t* bias, int64_t len, int64_t lat0, int64_t r, RowBuffers<acc_t>& main,
+              RowBuffers<acc_t>* aux, const bool* dead, Candidates<acc_t>& cand) {
+  // Before a row has a threshold every entry is a candidate. Scanning a short head first gives it one (the
+  // k-th best of the head is a valid lower bound), so the rest of the tile is filtered instead of sorted.
+  const int64_t head = 8 * main.cap;
+  if (main.threshold(r) == -std::numeric_limits<acc_t>::infinity() && head < len) {
+    scan_range(tile, bias, 0, head, lat0, r, main, aux, dead, cand);
+    scan_range(tile, bias, head, len, lat0, r, main, aux, dead, cand);
+  } else {
+    scan_range(tile, bias, 0, len, lat0, r, main, aux, dead, cand);
+  }
 }
 
 template <typename scalar_t>
@@ -148,66 +194,102 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
                  at::Tensor& aux_indices) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  constexpr bool same_type = std::is_same_v<scalar_t, acc_t>;
-  const int64_t B = xc.size(0), n = W.size(0);
+  const int64_t B = xc.size(0), n = W.size(0), d = W.size(1);
   const bool use_aux = dead != nullptr && k_aux > 0;
 
   std::vector<acc_t> bias(n);
   to_acc(b_enc.data_ptr<scalar_t>(), bias.data(), n);
 
+  // The low-precision BLAS paths re-pack the W_enc tile on every call; taller token blocks amortise that.
+  const int64_t tile_tokens = std::is_same_v<scalar_t, acc_t> ? kTileTokens : 2 * kTileTokens;
   const int64_t n_tiles = (n + kTileLatents - 1) / kTileLatents;
-  const int64_t n_blocks = (B + kTileTokens - 1) / kTileTokens;
+  const int64_t n_blocks = (B + tile_tokens - 1) / tile_tokens;
   const int64_t threads = at::get_num_threads();
   // Split latents between threads only when there are too few token blocks to keep every thread busy.
   const int64_t segments = (n_blocks >= threads || n_tiles < 2) ? 1 : std::min<int64_t>(threads, n_tiles);
 
-  std::vector<RowHeaps<acc_t>> mains(segments), auxs(segments);
+  std::vector<RowBuffers<acc_t>> mains(segments), auxs(segments);
   for (int64_t s = 0; s < segments; ++s) {
     mains[s].init(B, k);
     if (use_aux) auxs[s].init(B, k_aux);
   }
 
-  // Product of one token block with one latent tile into scratch, then the scan of its rows.
-  auto process = [&](int64_t blk, int64_t tile, int64_t seg, at::Tensor& scratch, at::Tensor& scratch_acc) {
+  // Which BLAS path fills the scratch tile with float pre-activations (without bias).
+  constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
+  constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool is_f16 = std::is_same_v<scalar_t, c10::Half>;
+  const bool packed = is_f32 && segments == 1 && mkl_sgemm_packed_available() && d <= (1 << 30);
+  const bool mkl_low = (is_bf16 && cblas_gemm_bf16bf16f32 != nullptr) || (is_f16 && cblas_gemm_f16f16f32 != nullptr);
+  const scalar_t* xp = xc.data_ptr<scalar_t>();  // [B, d]
+  const scalar_t* wp = W.data_ptr<scalar_t>();   // [n, d]
+
+  // The packed copy of the current W_enc tile (MKL fp32 path only), shared by all token blocks of the tile.
+  std::vector<float> packed_tile;
+  if (packed) {
+    packed_tile.resize(cblas_sgemm_pack_get_size(kBMatrix, tile_tokens, kTileLatents, d) / sizeof(float) + 16);
+  }
+
+  // Product of one token block with one latent tile into float scratch [rows, len], then the scan of its rows.
+  auto process = [&](int64_t blk, int64_t tile, int64_t seg, acc_t* scratch, at::Tensor& scratch_t,
+                     Candidates<acc_t>& cand) {
     // Dispatch-key guards are thread-local, and this may run on a worker thread.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    const int64_t row0 = blk * kTileTokens, rows = std::min(kTileTokens, B - row0);
+    const int64_t row0 = blk * tile_tokens, rows = std::min(tile_tokens, B - row0);
     const int64_t lat0 = tile * kTileLatents, len = std::min(kTileLatents, n - lat0);
-    at::Tensor out = scratch.narrow(0, 0, rows * len).view({rows, len});
-    at::mm_out(out, xc.narrow(0, row0, rows), W.narrow(0, lat0, len).t());
-    const acc_t* tp;
-    if constexpr (same_type) {
-      tp = out.data_ptr<acc_t>();
+    if (packed && rows == tile_tokens) {
+      // (The packed operand was built for tile_tokens rows; a short last block takes the generic path.)
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, len, d, reinterpret_cast<const float*>(xp) + row0 * d,
+                          d, packed_tile.data(), len, 0.0f, reinterpret_cast<float*>(scratch), len);
+    } else if (is_bf16 && mkl_low) {
+      cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, rows, len, d, 1.0f,
+                             reinterpret_cast<const uint16_t*>(xp + row0 * d), d,
+                             reinterpret_cast<const uint16_t*>(wp + lat0 * d), d, 0.0f,
+                             reinterpret_cast<float*>(scratch), len);
+    } else if (is_f16 && mkl_low) {
+      cblas_gemm_f16f16f32(kRowMajor, kNoTrans, kTrans, rows, len, d, 1.0f,
+                           reinterpret_cast<const uint16_t*>(xp + row0 * d), d,
+                           reinterpret_cast<const uint16_t*>(wp + lat0 * d), d, 0.0f,
+                           reinterpret_cast<float*>(scratch), len);
     } else {
-      acc_t* dst = scratch_acc.data_ptr<acc_t>();
-      to_acc(out.data_ptr<scalar_t>(), dst, rows * len);
-      tp = dst;
+      at::Tensor out = scratch_t.narrow(0, 0, rows * len).view({rows, len});
+      at::mm_out(out, xc.narrow(0, row0, rows), W.narrow(0, lat0, len).t());
+      if constexpr (!std::is_same_v<scalar_t, acc_t>) widen(out.data_ptr<scalar_t>(), scratch, rows * len);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      scan_row<acc_t>(tp + r * len, bias.data() + lat0, len, lat0, row0 + r, mains[seg],
-                      use_aux ? &auxs[seg] : nullptr, dead);
+      scan_row<acc_t>(scratch + r * len, bias.data() + lat0, len, lat0, row0 + r, mains[seg],
+                      use_aux ? &auxs[seg] : nullptr, dead, cand);
     }
   };
-  auto make_scratch = [&]() {
-    return std::make_pair(at::empty({kTileTokens * kTileLatents}, xc.options()),
-                          same_type ? at::Tensor() : at::empty({kTileTokens * kTileLatents}, xc.options().dtype(acc_type)));
+  // scratch: the float tile; scratch_t: the dtype tile for the at::mm_out path (aliases scratch for float).
+  auto run_tasks = [&](auto&& body) {
+    at::Tensor acc_buf = at::empty({tile_tokens * kTileLatents}, xc.options().dtype(acc_type));
+    at::Tensor dtype_buf = std::is_same_v<scalar_t, acc_t> ? acc_buf : at::empty({tile_tokens * kTileLatents}, xc.options());
+    Candidates<acc_t> cand(kTileLatents);
+    body(acc_buf.data_ptr<acc_t>(), dtype_buf, cand);
   };
 
   if (segments == 1) {
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
+      if (packed) {
+        const int64_t lat0 = tile * kTileLatents, len = std::min(kTileLatents, n - lat0);
+        cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, tile_tokens, len, d, 1.0f,
+                         reinterpret_cast<const float*>(wp) + lat0 * d, d, packed_tile.data());
+      }
       at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-        auto [scratch, scratch_acc] = make_scratch();
-        for (int64_t blk = begin; blk < end; ++blk) process(blk, tile, 0, scratch, scratch_acc);
+        run_tasks([&](acc_t* scratch, at::Tensor& scratch_t, Candidates<acc_t>& cand) {
+          for (int64_t blk = begin; blk < end; ++blk) process(blk, tile, 0, scratch, scratch_t, cand);
+        });
       });
     }
   } else {
     at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
-      auto [scratch, scratch_acc] = make_scratch();
-      for (int64_t seg = begin; seg < end; ++seg) {
-        const int64_t t0 = seg * n_tiles / segments, t1 = (seg + 1) * n_tiles / segments;
-        for (int64_t tile = t0; tile < t1; ++tile)
-          for (int64_t blk = 0; blk < n_blocks; ++blk) process(blk, tile, seg, scratch, scratch_acc);
-      }
+      run_tasks([&](acc_t* scratch, at::Tensor& scratch_t, Candidates<acc_t>& cand) {
+        for (int64_t seg = begin; seg < end; ++seg) {
+          const int64_t t0 = seg * n_tiles / segments, t1 = (seg + 1) * n_tiles / segments;
+          for (int64_t tile = t0; tile < t1; ++tile)
+            for (int64_t blk = 0; blk < n_blocks; ++blk) process(blk, tile, seg, scratch, scratch_t, cand);
+        }
+      });
     });
   }
 
@@ -217,18 +299,13 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
   scalar_t* avp = use_aux ? aux_values.data_ptr<scalar_t>() : nullptr;  // [B, k_aux]
   int64_t* aip = use_aux ? aux_indices.data_ptr<int64_t>() : nullptr;   // [B, k_aux]
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<acc_t, int64_t>> all, part;
-    auto emit = [&](std::vector<RowHeaps<acc_t>>& heaps, int64_t r, int64_t cap, scalar_t* ov, int64_t* oi) {
+    std::vector<std::pair<acc_t, int64_t>> all;
+    auto emit = [&](std::vector<RowBuffers<acc_t>>& bufs, int64_t r, int64_t cap, scalar_t* ov, int64_t* oi) {
       all.clear();
-      for (auto& h : heaps) {
-        sorted_row(h, r, part);
-        all.insert(all.end(), part.begin(), part.end());
-      }
-      if (heaps.size() > 1) {
-        std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
-          return a.first > b.first || (a.first == b.first && a.second < b.second);
-        });
-      }
+      for (auto& b : bufs) b.collect(r, all);
+      std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
       const int64_t have = std::min<int64_t>(cap, static_cast<int64_t>(all.size()));
       for (int64_t q = 0; q < have; ++q) {
         ov[q] = static_cast<scalar_t>(all[q].first > acc_t(0) ? all[q].first : acc_t(0));
@@ -265,6 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
   TORCH_CHECK_VALUE(W_enc.size(1) == d, op, ": W_enc must have x.shape[1] = ", d, " columns, got shape ", W_enc.sizes());
   TORCH_CHECK_VALUE(b_enc.size(0) == n, op, ": b_enc must have shape [", n, "], got ", b_enc.sizes());
   TORCH_CHECK_VALUE(b_dec.size(0) == d, op, ": b_dec must have shape [", d, "], got ", b_dec.sizes());
+  // Candidate latent indices are kept as int32 inside a tile scan.
+  TORCH_CHECK_VALUE(n <= std::numeric_limits<int32_t>::max(), op, ": W_enc must have at most 2^31 - 1 rows, got ", n);
   TORCH_CHECK_VALUE(k >= 1 && k <= n, op, ": k must be in [1, ", n, "], got ", k);
   TORCH_CHECK_VALUE(k_aux >= 0 && k_aux <= n, op, ": k_aux must be in [0, ", n, "], got ", k_aux);
   at::Tensor dead;

@@ -8,7 +8,13 @@ Triton (and a CUDA C++ decoder-gradient kernel where built) on CUDA, the referen
 
 from mi_crow.ops import schemas as _schemas  # noqa: F401  (defines the op schemas before anything registers)
 from mi_crow.ops.functional import TopKCode, sparse_decode, topk_encode
-from mi_crow.ops.reference import gather_dot_ref, scatter_rows_ref, sparse_decode_ref, topk_encode_ref
+from mi_crow.ops.reference import (
+    gather_dot_ref,
+    scatter_rows_ref,
+    sparse_decode_backward_ref,
+    sparse_decode_ref,
+    topk_encode_ref,
+)
 from mi_crow.ops.registration import backends
 
 __all__ = [
@@ -17,6 +23,7 @@ __all__ = [
     "gather_dot_ref",
     "scatter_rows_ref",
     "sparse_decode",
+    "sparse_decode_backward_ref",
     "sparse_decode_ref",
     "topk_encode",
     "topk_encode_ref",

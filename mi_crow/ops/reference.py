@@ -131,3 +131,24 @@ def scatter_rows_ref(coef: Tensor, indices: Tensor, x: Tensor, n: int) -> Tensor
     for j in range(indices.shape[1]):
         out = out.index_add(0, indices[:, j], xa * ca[:, j : j + 1])
     return out.to(x.dtype)
+
+
+def sparse_decode_backward_ref(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Both gradients of :func:`sparse_decode_ref` given the output gradient.
+
+    Composes the ``gather_dot`` and ``scatter_rows`` ops, so on a device with kernels for those it runs on them.
+
+    Args:
+        grad_out: ``[B, d]`` gradient of the reconstruction.
+        values: ``[B, k]`` code values.
+        indices: ``[B, k]`` int64.
+        W_dec: ``[n, d]`` decoder weight.
+
+    Returns:
+        ``(grad_values [B, k], grad_W_dec [n, d])``.
+    """
+    grad_values = torch.ops.mi_crow.gather_dot(grad_out, indices, W_dec)
+    grad_W = torch.ops.mi_crow.scatter_rows(values, indices, grad_out, W_dec.shape[0])
+    return grad_values, grad_W

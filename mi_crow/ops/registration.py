@@ -43,6 +43,7 @@ _REFERENCES = {
     "sparse_decode": reference.sparse_decode_ref,
     "gather_dot": reference.gather_dot_ref,
     "scatter_rows": reference.scatter_rows_ref,
+    "sparse_decode_backward": reference.sparse_decode_backward_ref,
 }
 for _name, _fn in _REFERENCES.items():
     LIB.impl(_name, _fn, "CompositeExplicitAutograd")
@@ -78,6 +79,13 @@ def _gather_dot_fake(grad_out: Tensor, indices: Tensor, W: Tensor) -> Tensor:
 @torch.library.register_fake(qualname("scatter_rows"))
 def _scatter_rows_fake(coef: Tensor, indices: Tensor, x: Tensor, n: int) -> Tensor:
     return x.new_empty((n, x.shape[1]))
+
+
+@torch.library.register_fake(qualname("sparse_decode_backward"))
+def _sparse_decode_backward_fake(
+    grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    return values.new_empty(values.shape), W_dec.new_empty(W_dec.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,17 +124,23 @@ def _topk_encode_backward(ctx, grad_values, _gi, grad_aux_values, _gai):  # type
     grad_pre = grad_pre.to(x.dtype)
     if need_w:
         grad_w = torch.ops.mi_crow.scatter_rows(grad_pre, idx, x - b_dec, n)
-    if need_be:
-        acc = torch.float64 if grad_pre.dtype == torch.float64 else torch.float32
-        grad_be = torch.zeros(n, dtype=acc, device=grad_pre.device)
-        grad_be = grad_be.index_add(0, idx.reshape(-1), grad_pre.reshape(-1).to(acc)).to(ctx.b_enc_dtype)
-    if need_x or need_bd:
+    acc = torch.float64 if grad_pre.dtype == torch.float64 else torch.float32
+    grad_be_acc = None
+    if need_be or (need_bd and not need_x):
+        grad_be_acc = torch.zeros(n, dtype=acc, device=grad_pre.device)
+        grad_be_acc = grad_be_acc.index_add(0, idx.reshape(-1), grad_pre.reshape(-1).to(acc))
+        if need_be:
+            grad_be = grad_be_acc.to(ctx.b_enc_dtype)
+    if need_x:
         zero_bias = W_enc.new_zeros((W_enc.shape[1],))
         gx = torch.ops.mi_crow.sparse_decode(grad_pre, idx, W_enc, zero_bias)
-        if need_x:
-            grad_x = gx.to(x.dtype)
+        grad_x = gx.to(x.dtype)
         if need_bd:
             grad_bd = -_sum_rows(gx, b_dec.dtype)
+    elif need_bd:
+        # sum_b grad_x[b] = sum_b sum_j grad_pre[b, j] W_enc[idx[b, j]] = grad_b_enc @ W_enc: one pass over W_enc
+        # instead of gathering B * k rows (x itself is data and needs no gradient in training).
+        grad_bd = -(grad_be_acc.to(W_enc.dtype) @ W_enc).to(b_dec.dtype)
     return grad_x, grad_w, grad_be, grad_bd, None, None, None
 
 
@@ -141,9 +155,14 @@ def _sparse_decode_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
     need_v, _, need_w, need_b = ctx.needs_input_grad
     grad_out = grad_out.to(W_dec.dtype)
     grad_v = grad_w = grad_b = None
-    if need_v:
+    if need_v and need_w:
+        grad_v, grad_w = torch.ops.mi_crow.sparse_decode_backward(
+            grad_out, values.to(grad_out.dtype), indices, W_dec
+        )
+        grad_v = grad_v.to(values.dtype)
+    elif need_v:
         grad_v = torch.ops.mi_crow.gather_dot(grad_out, indices, W_dec).to(values.dtype)
-    if need_w:
+    elif need_w:
         grad_w = torch.ops.mi_crow.scatter_rows(values.to(grad_out.dtype), indices, grad_out, W_dec.shape[0])
     if need_b:
         grad_b = _sum_rows(grad_out, ctx.b_dec_dtype)
@@ -184,8 +203,35 @@ def _scatter_rows_backward(ctx, grad):  # type: ignore[no-untyped-def]
     return grad_c, None, grad_x, None
 
 
+def _decode_backward_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    grad_out, values, indices, W_dec = inputs
+    ctx.save_for_backward(grad_out, values, indices, W_dec)
+
+
+def _decode_backward_backward(ctx, gg_values, gg_W):  # type: ignore[no-untyped-def]
+    # Second order (double backward of sparse_decode): the op is bilinear, so its gradients are again ops.
+    g, values, indices, W = ctx.saved_tensors
+    need_g, need_v, _, need_w = ctx.needs_input_grad
+    zero = W.new_zeros((W.shape[1],))
+    grad_g = grad_v = grad_w = None
+    if need_g:
+        grad_g = torch.zeros_like(g)
+        if gg_values is not None:
+            grad_g = grad_g + torch.ops.mi_crow.sparse_decode(gg_values.to(W.dtype), indices, W, zero)
+        if gg_W is not None:
+            grad_g = grad_g + torch.ops.mi_crow.sparse_decode(values, indices, gg_W.to(W.dtype), zero)
+    if need_v and gg_W is not None:
+        grad_v = torch.ops.mi_crow.gather_dot(g, indices, gg_W.to(g.dtype)).to(values.dtype)
+    if need_w and gg_values is not None:
+        grad_w = torch.ops.mi_crow.scatter_rows(gg_values.to(g.dtype), indices, g, W.shape[0]).to(W.dtype)
+    return grad_g, grad_v, None, grad_w
+
+
 torch.library.register_autograd(
     qualname("topk_encode"), _topk_encode_backward, setup_context=_topk_encode_setup
+)
+torch.library.register_autograd(
+    qualname("sparse_decode_backward"), _decode_backward_backward, setup_context=_decode_backward_setup
 )
 torch.library.register_autograd(
     qualname("sparse_decode"), _sparse_decode_backward, setup_context=_sparse_decode_setup

@@ -23,6 +23,13 @@ SCHEMAS: dict[str, str] = {
     "gather_dot": "gather_dot(Tensor grad_out, Tensor indices, Tensor W) -> Tensor",
     # coef [B, k], indices [B, k], x [B, d] -> [n, d]
     "scatter_rows": "scatter_rows(Tensor coef, Tensor indices, Tensor x, int n) -> Tensor",
+    # Both gradients of sparse_decode in one pass (CPU kernel groups by latent; elsewhere the reference composes
+    # gather_dot and scatter_rows, so it runs on their kernels):
+    # grad_out [B, d], values [B, k], indices [B, k], W_dec [n, d] -> grad_values [B, k], grad_W_dec [n, d]
+    "sparse_decode_backward": (
+        "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec)"
+        " -> (Tensor grad_values, Tensor grad_W_dec)"
+    ),
 }
 
 OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)

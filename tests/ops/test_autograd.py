@@ -38,6 +38,8 @@ def test_gradcheck_gather_dot_and_scatter_rows():
     W = torch.randn(6, 5, dtype=torch.float64, generator=g, requires_grad=True)
     assert torch.autograd.gradcheck(torch.ops.mi_crow.gather_dot, (grad, indices, W))
     assert torch.autograd.gradcheck(lambda c, x: torch.ops.mi_crow.scatter_rows(c, indices, x, 6), (coef, grad))
+    fused = lambda g, c, W: torch.ops.mi_crow.sparse_decode_backward(g, c, indices, W)  # noqa: E731
+    assert torch.autograd.gradcheck(fused, (grad, coef, W))
     # Second order: the backward is built from the ops themselves, so it is differentiable too.
     assert torch.autograd.gradgradcheck(torch.ops.mi_crow.sparse_decode, (coef, indices, W, grad[0]))
 

@@ -115,6 +115,16 @@ def test_gather_dot_and_scatter_rows_fp32(B, k, d, n):
     torch.testing.assert_close(sr, scatter_rows_ref(values, indices, grad, n), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("B,k,d,n", DECODE_SHAPES)
+def test_sparse_decode_backward_matches_its_two_references(B, k, d, n):
+    values, indices = _code(B, k, n, torch.float32, seed=B + 2)
+    W = torch.randn(n, d)
+    grad = torch.randn(B, d)
+    gv, gw = torch.ops.mi_crow.sparse_decode_backward(grad, values, indices, W)
+    torch.testing.assert_close(gv, gather_dot_ref(grad, indices, W), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gw, scatter_rows_ref(values, indices, grad, n), atol=1e-4, rtol=1e-5)
+
+
 def test_scatter_rows_is_deterministic():
     values, indices = _code(301, 64, 50, torch.float32, seed=9)  # heavy collisions on few latents
     x = torch.randn(301, 96)
@@ -139,6 +149,12 @@ def test_decode_ops_low_precision(dtype):
          (grad @ W.t()).gather(1, indices),
          (grad.double() @ W.double().t()).gather(1, indices)),
         (torch.ops.mi_crow.scatter_rows(values, indices, grad, n),
+         Z.to(dtype).t() @ grad,
+         Z.t() @ grad.double()),
+        (torch.ops.mi_crow.sparse_decode_backward(grad, values, indices, W)[0],
+         (grad @ W.t()).gather(1, indices),
+         (grad.double() @ W.double().t()).gather(1, indices)),
+        (torch.ops.mi_crow.sparse_decode_backward(grad, values, indices, W)[1],
          Z.to(dtype).t() @ grad,
          Z.t() @ grad.double()),
     ]

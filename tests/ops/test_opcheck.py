@@ -34,6 +34,7 @@ def test_opcheck_decode_ops():
     torch.library.opcheck(torch.ops.mi_crow.sparse_decode.default, (values.requires_grad_(True), indices, W, b))
     torch.library.opcheck(torch.ops.mi_crow.gather_dot.default, (grad, indices, W))
     torch.library.opcheck(torch.ops.mi_crow.scatter_rows.default, (values, indices, grad, 67))
+    torch.library.opcheck(torch.ops.mi_crow.sparse_decode_backward.default, (grad, values, indices, W))
 
 
 def test_compile_fullgraph_step_matches_eager():

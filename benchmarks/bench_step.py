@@ -1,0 +1,305 @@
+"""Question: how close is one TopK SAE training step with mi_crow.ops to the hardware floor on this CPU?
+
+One step = forward (encode + top-k, decode), MSE (+ AuxK), backward, ``torch.optim.Adam(fused=True)`` step.
+Per shape, in the same process, timed with ``torch.utils.benchmark.Timer.blocked_autorange`` (median after
+warm-up):
+
+* ``(c) encoder product fp32``: ``x @ W_enc.T`` alone -- the unit every ratio is expressed in;
+* ``(a) naive dense step``: dense pre-activations, ``torch.topk``, dense code, dense decode, autograd;
+* ``sparsify-style step``: dense pre-activations + ``torch.topk``, ``embedding_bag`` decode (autograd backward);
+* ``floor``: encoder product + ``torch.topk`` + the fused Adam step on ready gradients (no decode, no backward);
+* ``mi_crow step fp32`` / ``bf16 encoder`` / ``AuxK`` (k_aux = 256, half of the latents dead).
+
+Before timing, every step variant's loss and gradients are checked against the dense autograd step on a slice of
+the batch. Memory is measured in a fresh subprocess per case from the kernel's peak-RSS counter (VmHWM, reset
+through ``/proc/self/clear_refs``): the step's peak above the resident parameters + gradients + Adam state, and
+the same with the gradients counted as step memory. Full mode also trains a d=768, n=262144 SAE for two steps
+and reports the whole process's peak RSS.
+
+Usage: ``python benchmarks/bench_step.py [--quick]``; prints a Markdown table and writes
+``benchmarks/results/bench_step[_quick].json`` and ``.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+from mi_crow.ops import backends, sparse_decode, topk_encode
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Shape:
+    batch: int
+    d: int
+    n: int
+    k: int
+    k_aux: int = 256
+
+
+FULL = [Shape(4096, 768, 32768, 32), Shape(4096, 2048, 65536, 32)]
+QUICK = [Shape(512, 128, 4096, 32, 64), Shape(257, 96, 2049, 16, 32)]
+BIG_MEMORY = Shape(4096, 768, 262144, 32)
+
+
+class Sae:
+    """Bare TopK SAE parameters (fp32 master weights) and a fused Adam over them."""
+
+    def __init__(self, shape: Shape, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        W_dec = torch.randn(shape.n, shape.d, generator=g)
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        self.W_enc = torch.nn.Parameter(W_dec.clone())
+        self.b_enc = torch.nn.Parameter(torch.zeros(shape.n))
+        self.W_dec = torch.nn.Parameter(W_dec)
+        self.b_dec = torch.nn.Parameter(torch.zeros(shape.d))
+        self.params = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        self.opt = torch.optim.Adam(self.params, lr=1e-4, fused=True)
+
+    def state_bytes(self, with_grads: bool) -> int:
+        total = sum(p.numel() * p.element_size() for p in self.params)
+        for st in self.opt.state.values():
+            total += sum(t.numel() * t.element_size() for t in st.values() if isinstance(t, torch.Tensor))
+        if with_grads:
+            total += sum(p.numel() * p.element_size() for p in self.params)
+        return total
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loss functions of the step variants (each returns the loss; the caller runs backward and Adam)
+# ----------------------------------------------------------------------------------------------------------------
+def loss_fast(sae: Sae, x: torch.Tensor, k: int, encode_dtype: torch.dtype = torch.float32,
+              dead: torch.Tensor | None = None, k_aux: int = 0) -> torch.Tensor:
+    W_enc = sae.W_enc if encode_dtype == torch.float32 else sae.W_enc.to(encode_dtype)
+    code = topk_encode(x.to(encode_dtype), W_enc, sae.b_enc, sae.b_dec, k, dead, k_aux)
+    x_hat = sparse_decode(code.values, code.indices, sae.W_dec, sae.b_dec)
+    loss = (x_hat - x).pow(2).sum(-1).mean()
+    if code.aux_values is not None:
+        e = (x - x_hat).detach()
+        e_hat = sparse_decode(code.aux_values, code.aux_indices, sae.W_dec, torch.zeros_like(sae.b_dec))
+        loss = loss + (e_hat - e).pow(2).sum(-1).mean() / 32
+    return loss
+
+
+def loss_dense(sae: Sae, x: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 0) -> torch.Tensor:
+    pre = (x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
+    top = pre.topk(k, dim=1)
+    z = torch.zeros_like(pre).scatter(1, top.indices, torch.relu(top.values))
+    x_hat = z @ sae.W_dec + sae.b_dec
+    loss = (x_hat - x).pow(2).sum(-1).mean()
+    if dead is not None and k_aux > 0:
+        aux = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=1)
+        z_aux = torch.zeros_like(pre).scatter(1, aux.indices, torch.relu(aux.values.masked_fill(aux.values.isinf(), 0)))
+        e = (x - x_hat).detach()
+        loss = loss + (z_aux @ sae.W_dec - e).pow(2).sum(-1).mean() / 32
+    return loss
+
+
+def loss_sparsify(sae: Sae, x: torch.Tensor, k: int) -> torch.Tensor:
+    pre = (x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc
+    top = pre.topk(k, dim=1)
+    x_hat = F.embedding_bag(top.indices, sae.W_dec, per_sample_weights=torch.relu(top.values), mode="sum")
+    return (x_hat + sae.b_dec - x).pow(2).sum(-1).mean()
+
+
+def train_step(sae: Sae, loss_fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    loss = loss_fn(sae, *args, **kwargs)
+    loss.backward()
+    sae.opt.step()
+    sae.opt.zero_grad(set_to_none=True)
+
+
+def floor_step(sae: Sae, x: torch.Tensor, k: int, grads: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        (x @ sae.W_enc.t()).topk(k, dim=1)
+    for p, g in zip(sae.params, grads):
+        p.grad = g
+    sae.opt.step()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Correctness gate: every variant must agree with the dense autograd step before it is timed
+# ----------------------------------------------------------------------------------------------------------------
+def check_against_dense(sae: Sae, x: torch.Tensor, shape: Shape, dead: torch.Tensor) -> None:
+    xs = x[:64]
+    variants = {
+        "fp32": (lambda: loss_fast(sae, xs, shape.k), lambda: loss_dense(sae, xs, shape.k), 1e-4),
+        "auxk": (lambda: loss_fast(sae, xs, shape.k, dead=dead, k_aux=shape.k_aux),
+                 lambda: loss_dense(sae, xs, shape.k, dead, shape.k_aux), 1e-4),
+        "sparsify": (lambda: loss_sparsify(sae, xs, shape.k), lambda: loss_dense(sae, xs, shape.k), 1e-4),
+    }
+    for name, (fast, dense, tol) in variants.items():
+        grads = []
+        for fn in (fast, dense):
+            sae.opt.zero_grad(set_to_none=True)
+            loss = fn()
+            loss.backward()
+            grads.append([loss.detach()] + [p.grad.clone() for p in sae.params])
+        sae.opt.zero_grad(set_to_none=True)
+        for a, b in zip(*grads):
+            scale = max(b.abs().max().item(), 1e-12)
+            err = (a - b).abs().max().item() / scale
+            if err > tol:
+                raise AssertionError(f"{name} step disagrees with dense autograd: relative error {err:.2e}")
+    # bf16 encoder: same code as an fp32 encoder run on bf16-rounded inputs (tie-free, so the choice must match
+    # up to latents whose bf16 pre-activations are nearly equal); check the loss, which ignores tie order.
+    lb = loss_fast(sae, xs, shape.k, torch.bfloat16).item()
+    lf = loss_fast(sae, xs, shape.k).item()
+    if abs(lb - lf) > 0.05 * abs(lf) + 1e-6:
+        raise AssertionError(f"bf16-encoder step loss {lb} is far from the fp32 step loss {lf}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------------
+def median_seconds(fn, min_run_time: float) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    fn()  # warm-up (also initialises Adam state and the oneDNN/MKL caches)
+    once = time.perf_counter() - start
+    timer = Timer("fn()", globals={"fn": fn})
+    # At least ~3 runs even for the slowest variant.
+    return timer.blocked_autorange(min_run_time=max(min_run_time, 3 * once)).median
+
+
+def time_shape(shape: Shape, quick: bool) -> list[dict]:
+    min_run = 0.3 if quick else 3.0
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape.batch, shape.d, generator=g)
+    dead = torch.rand(shape.n, generator=g) < 0.5
+    sae = Sae(shape)
+    check_against_dense(sae, x, shape, dead)
+
+    rows = []
+    c = median_seconds(lambda: x @ sae.W_enc.t(), min_run)
+    rows.append(("(c) encoder product fp32", c))
+    grads = [torch.randn_like(p) * 1e-3 for p in sae.params]
+    rows.append(("floor: product + topk + fused Adam", median_seconds(lambda: floor_step(sae, x, shape.k, grads), min_run)))
+    sae.opt.zero_grad(set_to_none=True)
+    rows.append(("(a) naive dense step", median_seconds(lambda: train_step(sae, loss_dense, x, shape.k), min_run)))
+    rows.append(("sparsify-style step", median_seconds(lambda: train_step(sae, loss_sparsify, x, shape.k), min_run)))
+    rows.append(("mi_crow step fp32", median_seconds(lambda: train_step(sae, loss_fast, x, shape.k), min_run)))
+    rows.append(("mi_crow step bf16 encoder",
+                 median_seconds(lambda: train_step(sae, loss_fast, x, shape.k, torch.bfloat16), min_run)))
+    rows.append((f"mi_crow step AuxK (k_aux={shape.k_aux}, 1/2 dead)",
+                 median_seconds(lambda: train_step(sae, loss_fast, x, shape.k, dead=dead, k_aux=shape.k_aux), min_run)))
+    dense = dict(rows)["(a) naive dense step"]
+    out = []
+    for name, t in rows:
+        out.append({
+            "shape": f"B={shape.batch} d={shape.d} n={shape.n} k={shape.k}",
+            "case": name,
+            "ms": round(t * 1e3, 2),
+            "x_c": round(t / c, 3),
+            "dense_over_this": round(dense / t, 2),
+        })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory (fresh subprocess per case, peak RSS from the kernel)
+# ----------------------------------------------------------------------------------------------------------------
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(shape: Shape, variant: str) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(shape.batch, shape.d)
+    dead = torch.rand(shape.n) < 0.5
+    sae = Sae(shape)
+    kwargs = {"fp32": {}, "bf16": {"encode_dtype": torch.bfloat16},
+              "auxk": {"dead": dead, "k_aux": shape.k_aux}}.get(variant)
+    fn = loss_dense if variant == "dense" else loss_fast
+    if variant == "dense":
+        kwargs = {}
+    train_step(sae, fn, x, shape.k, **kwargs)  # creates the Adam state
+    base = _rss_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    train_step(sae, fn, x, shape.k, **kwargs)
+    peak = _rss_bytes("VmHWM")
+    grad_bytes = sae.state_bytes(True) - sae.state_bytes(False)
+    bn = shape.batch * shape.n * 4
+    return {
+        "shape": f"B={shape.batch} d={shape.d} n={shape.n} k={shape.k}",
+        "variant": variant,
+        "process_peak_GiB": round(peak / 2**30, 3),
+        "step_peak_above_params_opt_MiB": round((peak - base) / 2**20, 1),
+        "step_peak_above_params_grads_opt_MiB": round((peak - base - grad_bytes) / 2**20, 1),
+        "quarter_BxN_fp32_MiB": round(bn / 4 / 2**20, 1),
+    }
+
+
+def measure_memory(shape: Shape, variant: str) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", json.dumps([asdict(shape), variant])]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def markdown(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes (seconds, for CI and development)")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        shape_d, variant = json.loads(args.memory_child)
+        print(json.dumps(memory_child(Shape(**shape_d), variant)))
+        return
+
+    shapes = QUICK if args.quick else FULL
+    timing = []
+    for shape in shapes:
+        timing += time_shape(shape, args.quick)
+    memory = []
+    for shape in shapes[:1]:
+        for variant in ("fp32", "bf16", "auxk", "dense"):
+            memory.append(measure_memory(shape, variant))
+    if not args.quick:
+        memory.append(measure_memory(BIG_MEMORY, "fp32"))
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backends {backends('cpu')}\n")
+    print("### Training step (median; x_c = time / (c) encoder product fp32; dense_over_this = (a) / time)\n")
+    print(markdown(timing))
+    print("\n### Memory (peak RSS of one step, fresh process)\n")
+    print(markdown(memory))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = "bench_step_quick" if args.quick else "bench_step"
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
+            "backends": backends("cpu")}
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "timing": timing, "memory": memory}, indent=2))
+    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(timing[0]))
+        w.writeheader()
+        w.writerows(timing)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+// Small vector helpers for the CPU kernels: loads of float/bf16/fp16 rows widened to float, axpy and dot with
+// float accumulation. AVX-512 when the build targets it (setup.py builds with -march=native), scalar otherwise.
+// Written with intrinsics because the compiler may not reorder a floating-point reduction by itself.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define MI_CROW_AVX512 1
+#endif
+
+namespace mi_crow {
+
+#if defined(MI_CROW_AVX512)
+template <typename scalar_t>
+inline __m512 load16(const scalar_t* p);
+
+template <>
+inline __m512 load16<float>(const float* p) {
+  return _mm512_loadu_ps(p);
+}
+
+template <>
+inline __m512 load16<c10::BFloat16>(const c10::BFloat16* p) {
+  // bf16 is the upper half of a float32: widen to 32 bits and shift into place.
+  __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+template <>
+inline __m512 load16<c10::Half>(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+template <typename scalar_t>
+constexpr bool has_vec16 = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16> ||
+                           std::is_same_v<scalar_t, c10::Half>;
+#endif
+
+// a[0..d) += coef * row[0..d)
+template <typename acc_t, typename scalar_t>
+inline void axpy(acc_t* a, acc_t coef, const scalar_t* row, int64_t d) {
+  int64_t c = 0;
+#if defined(MI_CROW_AVX512)
+  if constexpr (std::is_same_v<acc_t, float> && has_vec16<scalar_t>) {
+    const __m512 vc = _mm512_set1_ps(coef);
+    for (; c + 16 <= d; c += 16) {
+      _mm512_storeu_ps(a + c, _mm512_fmadd_ps(vc, load16(row + c), _mm512_loadu_ps(a + c)));
+    }
+  }
+#endif
+  for (; c < d; ++c) a[c] += coef * static_cast<acc_t>(row[c]);
+}
+
+// sum_c g[c] * row[c]
+template <typename acc_t, typename scalar_t>
+inline acc_t dot(const acc_t* g, const scalar_t* row, int64_t d) {
+  int64_t c = 0;
+  acc_t s = 0;
+#if defined(MI_CROW_AVX512)
+  if constexpr (std::is_same_v<acc_t, float> && has_vec16<scalar_t>) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    for (; c + 32 <= d; c += 32) {
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(g + c), load16(row + c), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(g + c + 16), load16(row + c + 16), s1);
+    }
+    for (; c + 16 <= d; c += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(g + c), load16(row + c), s0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+  }
+#endif
+  for (; c < d; ++c) s += g[c] * static_cast<acc_t>(row[c]);
+  return s;
+}
+
+// dst[0..len) = float(src[0..len))
+template <typename scalar_t, typename acc_t>
+inline void widen(const scalar_t* src, acc_t* dst, int64_t len) {
+  int64_t c = 0;
+#if defined(MI_CROW_AVX512)
+  if constexpr (std::is_same_v<acc_t, float> && has_vec16<scalar_t> && !std::is_same_v<scalar_t, float>) {
+    for (; c + 16 <= len; c += 16) _mm512_storeu_ps(dst + c, load16(src + c));
+  }
+#endif
+  for (; c < len; ++c) dst[c] = static_cast<acc_t>(src[c]);
+}
+
+}  // namespace mi_crow
