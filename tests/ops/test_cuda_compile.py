@@ -3,9 +3,10 @@
 There is no GPU on the project's machines, so what is verified here is:
 
 1. ``csrc/cuda/scatter_rows_kernel.cuh`` (the raw kernel, its launcher and a CUB sort, no torch headers) and the
-   standalone harness ``csrc/cuda/harness/scatter_rows_harness.cu`` compile and link with nvcc. The harness is
-   then run: on a machine with a CUDA device it checks the kernel against a float64 host reference (fp32, fp16,
-   bf16) and bit-for-bit determinism; without one it exits with code 77 and that is all this test can say.
+   standalone harness ``csrc/cuda/harness/scatter_rows_harness.cu`` compile and link with nvcc, and ptxas reports
+   no register spills for the kernel's fp32, fp16 and bf16 instantiations. The harness is then run: on a machine
+   with a CUDA device it checks the kernel against a float64 host reference (fp32, fp16, bf16) and bit-for-bit
+   determinism; without one it exits with code 77 and that is all this test can say.
 2. The torch binding ``csrc/cuda/scatter_rows_cuda.cu`` (``TORCH_LIBRARY_IMPL(mi_crow, CUDA, m)``) compiles to an
    object file against the installed torch's headers with the nvcc flags torch's extension builder uses, and
    defines ``mi_crow::scatter_rows_cuda``. A CPU build of torch ships the c10/cuda headers but not the generated
@@ -67,8 +68,8 @@ def builds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, _Buil
     assert NVCC is not None
     harness_exe = tmp / "scatter_rows_harness"
     harness = _Build(
-        [NVCC, "-std=c++17", f"-I{CUDA_DIR}", str(CUDA_DIR / "harness" / "scatter_rows_harness.cu"), "-o",
-         str(harness_exe)],
+        [NVCC, "-std=c++17", "-Xptxas", "-v", f"-I{CUDA_DIR}", str(CUDA_DIR / "harness" / "scatter_rows_harness.cu"),
+         "-o", str(harness_exe)],
         harness_exe,
     )
 
@@ -103,7 +104,13 @@ def test_setup_py_compiles_only_the_binding() -> None:
 
 
 def test_kernel_and_harness_compile_link_and_run_where_possible(builds: dict[str, _Build]) -> None:
-    builds["harness"].wait()
+    log = builds["harness"].wait()
+    # ptxas -v: each dtype's instantiation of the kernel fits in registers (a spill would be a silent slowdown).
+    reports = log.split("Compiling entry function")
+    kernel_reports = [r for r in reports if "scatter_rows_sorted_kernel" in r.splitlines()[0]]
+    assert len(kernel_reports) == 3, log[-3000:]  # float, half, bfloat16 (the harness does not use double)
+    for report in kernel_reports:
+        assert "0 bytes spill stores" in report, report
     run = subprocess.run([str(builds["harness"].output)], capture_output=True, text=True, timeout=300)
     if run.returncode == 77:
         assert "no CUDA device" in run.stdout
