@@ -168,6 +168,14 @@ def lr_at_step(step: int, total_steps: int, peak: float, warmup_steps: int, conf
     return peak * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
+def _sum_sq(t: Tensor) -> Tensor:
+    """Sum of squares as one BLAS dot product (differentiable; low-precision input is accumulated in float32)."""
+    flat = t.reshape(-1)
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.float()
+    return torch.dot(flat, flat)
+
+
 def _utc_run_id() -> str:
     return f"sae-{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -253,7 +261,7 @@ class SaeTrainer:
         values = code.values.to(sae.dtype)
         x_hat = ops.sparse_decode(values, code.indices, sae.W_dec, sae.b_dec)
         err = x - x_hat
-        sse = err.pow(2).sum()
+        sse = _sum_sq(err)
         total_var = self._centered_sum_sq(x)
         fvu = self._all_reduce_sum(sse) / total_var
         loss = fvu
@@ -262,7 +270,7 @@ class SaeTrainer:
             target = err.detach()
             zero_bias = torch.zeros_like(sae.b_dec)
             e_hat = ops.sparse_decode(code.aux_values.to(sae.dtype), code.aux_indices, sae.W_dec, zero_bias)
-            aux_sse = self._all_reduce_sum((target - e_hat).pow(2).sum())
+            aux_sse = self._all_reduce_sum(_sum_sq(target - e_hat))
             auxk = aux_sse / self._centered_sum_sq(target)
             # A residual with no variance (perfect reconstruction) makes AuxK 0/0; it then carries no signal.
             auxk = torch.nan_to_num(auxk, nan=0.0, posinf=0.0, neginf=0.0)
@@ -279,12 +287,13 @@ class SaeTrainer:
     def _centered_sum_sq(self, x: Tensor) -> Tensor:
         """``sum ||x_i - mean||^2`` over all ranks' tokens (the mean is the global one)."""
         with torch.no_grad():
-            if self.world_size == 1:
-                # One fused pass, no [B, d] temporaries.
-                return (torch.var(x, dim=0, correction=0).sum() * x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny)
-            count = self._all_reduce_sum(x.new_tensor(float(x.shape[0])))
-            mean = self._all_reduce_sum(x.sum(dim=0)) / count
-            return self._all_reduce_sum((x - mean).pow(2).sum()).clamp_min(torch.finfo(x.dtype).tiny)
+            # sum ||x_i||^2 - ||sum x_i||^2 / N: two reductions and no [B, d] temporary. Its rounding error only
+            # rescales the loss by a constant factor, which Adam ignores; evaluate() reports FVU in float64.
+            count = self._all_reduce_sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
+            total = self._all_reduce_sum(x.sum(dim=0, dtype=torch.float64))
+            squares = self._all_reduce_sum(_sum_sq(x).double())
+            centered = squares - total.dot(total) / count
+            return centered.clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
 
     # -- one step ------------------------------------------------------------------------------------------------
     def prepare(self, config: SaeTrainingConfig, lr: float | None = None) -> None:
@@ -671,7 +680,8 @@ class SaeTrainer:
                 batches_seen += 1
                 epoch_batches += 1
                 x = batch.to(device=device, dtype=sae.dtype, non_blocking=True)
-                if not bool(torch.isfinite(x).all()):
+                # NaN/Inf anywhere makes the sum non-finite (so would an overflowing sum, whose squares overflow too).
+                if not bool(torch.isfinite(x.sum())):
                     nonfinite += 1
                     self._check_nonfinite(nonfinite, batches_seen, config, final=False)
                     continue
@@ -749,7 +759,7 @@ class SaeTrainer:
         )
         sae_id = None
         if store is not None:
-            store.put_json(f"{prefix}/{HISTORY_FILE}", history)
+            # The history is already on disk: the last step always logs.
             run_config.update(status="completed", steps=step, tokens=tokens_seen, nonfinite_batches=nonfinite)
             store.put_json(f"{prefix}/{RUN_CONFIG_FILE}", run_config)
             if config.save_sae:
