@@ -256,17 +256,29 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['n_latents']} | {r['mode']} | {r['median_ms']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['vs_none']:.3f} | {r['vs_encode']:.3f} |"
         )
+    lines.append("")
+    for n in sorted({r["n_latents"] for r in report["rows"]}):
+        by_mode = {r["mode"]: r["median_ms"] for r in report["rows"] if r["n_latents"] == n}
+        lines.append(
+            f"n={n}: tracking/encode {by_mode['tracking'] / by_mode['encode']:.3f} (target <= 1.15), "
+            f"attached/none {by_mode['attached'] / by_mode['none']:.3f} (target <= 1.10), "
+            f"tracker alone = {100 * by_mode['tracker update alone'] / by_mode['tracking']:.2f}% of a tracked forward"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and SAE sizes (seconds)")
+    parser.add_argument("--show", action="store_true", help="print the table of the last saved results, run nothing")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    out = RESULTS / ("bench_concepts_quick.json" if args.quick else "bench_concepts.json")
+    if args.show:
+        print(markdown(json.loads(out.read_text())))
+        return
     report = run(args.quick)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / ("bench_concepts_quick.json" if args.quick else "bench_concepts.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report))
     print(f"\nwritten to {out}")
