@@ -113,6 +113,18 @@ def test_concepts_from_stored_run_equal_live_tracking(capsys, trained, workdir) 
     assert TopKSae.load(store, "s1").concepts.dictionary.name_of(3) == "three"
 
 
+def test_concepts_by_running_the_model_on_another_dataset(capsys, trained, workdir) -> None:
+    from mi_crow.store import LocalStore
+
+    code, out, _ = run(capsys, "concepts", "--store", trained["store"], "--sae-id", "s1", "--model", workdir / "llama",
+                       "--dataset", workdir / "data.jsonl", "--text-field", "body", "--limit", "10", "--top-k", "3")
+    assert code == 0 and "10 texts run through the model" in out
+    rows = LocalStore(trained["store"]).get_json("sae_models/s1/top_texts.json")["neurons"]
+    texts = {r["text"] for row in rows for r in row["top_texts"]}
+    assert texts and texts <= set(SAMPLE_TEXTS[:10])
+    assert all(len(row["top_texts"]) <= 3 for row in rows)
+
+
 def test_report_writes_html_with_evaluation(capsys, trained, tmp_path) -> None:
     from mi_crow.store import LocalStore
 
