@@ -261,8 +261,13 @@ def save_step(lm: "LanguageModel", texts: list[str], layer: str, run_id: str, ba
 
 def train_step(store: Any, run_id: str, layer: str, n_latents: int, k: int, sae_id: str, *, tokens: int | None,
                epochs: float | None, batch_size: int, lr: float | None, seed: int,
-               model_id: str | None) -> tuple["TopKSae", Any]:
-    """Train a TopK SAE on a stored run; saves it as ``sae_models/<sae_id>`` and the history under ``runs/``."""
+               model_id: str | None, resume: bool = False, checkpoint_every: int | None = 50,
+               ) -> tuple["TopKSae", Any]:
+    """Train a TopK SAE on a stored run; saves it as ``sae_models/<sae_id>`` and the history under ``runs/``.
+
+    The training run is named like the SAE; with ``resume`` an interrupted run continues from its last checkpoint
+    (a run without checkpoint starts from scratch).
+    """
     from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
 
     d = int(store.read_run_meta(run_id)["layer_dims"][layer])
@@ -271,7 +276,7 @@ def train_step(store: Any, run_id: str, layer: str, n_latents: int, k: int, sae_
     sae = TopKSae(n_latents=n_latents, n_inputs=d, k=k)
     config = SaeTrainingConfig(
         n_tokens=tokens, epochs=epochs if tokens is None else None, batch_size=batch_size, lr=lr, seed=seed,
-        training_run_id=sae_id, sae_id=sae_id, log_every=5, checkpoint_every=None,
+        training_run_id=sae_id, sae_id=sae_id, log_every=5, checkpoint_every=checkpoint_every, resume=resume,
         b_dec_init_tokens=min(8192, batch_size * 8), progress=True,
     )
     result = SaeTrainer(sae, store).train(run_id, layer, config)
@@ -479,7 +484,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_id = store.read_run_meta(run_id).get("model_id")
     sae, result = train_step(store, run_id, layer, n_latents, args.k, sae_id, tokens=args.tokens,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             model_id=model_id)
+                             model_id=model_id, resume=args.resume)
+    if result.resumed_from_step is not None:
+        _say(f"resumed from the checkpoint at step {result.resumed_from_step}")
     last = result.history[-1] if result.history else {}
     _say(f"trained SAE {sae_id!r} (n_latents={n_latents}, k={args.k}) on {result.tokens} tokens in {result.steps} "
          f"steps: " + ", ".join(f"{k}={last[k]:.4g}" for k in ("fvu", "l0", "dead_fraction") if k in last))
@@ -656,7 +663,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     budget = args.train_tokens or (max(n_run * 4, batch * 40) if not args.quick else batch * 50)
     sae_id = args.sae_id or f"{run_id}-topk{args.k}-n{n_latents}"
     sae, result = train_step(store, run_id, layer, n_latents, args.k, sae_id, tokens=budget, epochs=None,
-                             batch_size=batch, lr=args.lr, seed=args.seed, model_id=lm.model_id)
+                             batch_size=batch, lr=args.lr, seed=args.seed, model_id=lm.model_id, resume=True)
     _say(f"{result.steps} steps of {batch} tokens ({result.tokens} tokens) -> sae_models/{sae_id}")
     timed("train", t0)
 
@@ -785,6 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: scaled with n_latents)")
     p.add_argument("--sae-id", help="name of the saved SAE (default: derived from the run)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training of the same --sae-id from its last checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("concepts", help="collect each feature's top texts (and name features)")

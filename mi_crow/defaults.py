@@ -469,9 +469,11 @@ def default_corpus(limit: int | None = None, cache_dir: str | os.PathLike[str] |
     from mi_crow.datasets import TextDataset
 
     paragraphs = default_corpus_paragraphs(cache_dir)
+    name = "enwiki-gensim-test-data"
     if limit is not None:
         paragraphs = paragraphs[:limit]
-    return TextDataset(texts=paragraphs)
+        name += f"[:{limit}]"
+    return TextDataset(texts=paragraphs, name=name)
 
 
 def describe_defaults() -> dict[str, Any]:

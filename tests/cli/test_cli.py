@@ -196,6 +196,29 @@ def test_bad_flag_values_are_rejected_by_the_parser(capsys) -> None:
     assert cli.main([]) == 2  # no subcommand: help, exit 2
 
 
+def test_train_resumes_an_interrupted_run(capsys, trained, monkeypatch) -> None:
+    """Ctrl-C in the middle of training exits 130; `train --resume` continues from the checkpoint."""
+    from mi_crow.mechanistic.sae import SaeTrainer
+
+    original = SaeTrainer.train
+    argv = ["train", "--store", str(trained["store"]), "--n-latents", "32", "--k", "4", "--tokens", "6400",
+            "--batch-size", "64", "--sae-id", "resumable"]
+
+    def interrupted(self, run_id, layer, config=None, **kwargs):
+        def stop(info):
+            if info.step == 60:
+                raise KeyboardInterrupt
+
+        return original(self, run_id, layer, config, callbacks=[stop])
+
+    monkeypatch.setattr(SaeTrainer, "train", interrupted)
+    code, _, err = run(capsys, *argv)
+    assert code == 130 and "run the same command again" in err
+    monkeypatch.setattr(SaeTrainer, "train", original)
+    code, out, _ = run(capsys, *argv, "--resume")
+    assert code == 0 and "resumed from the checkpoint at step 50" in out and "in 100 steps" in out
+
+
 def test_missing_run_texts_and_empty_store(capsys, tmp_path) -> None:
     code, _, err = run(capsys, "train", "--store", tmp_path / "empty")
     assert code == 2 and "no activation runs" in err

@@ -119,6 +119,8 @@ def test_default_corpus_parses_gensim_wikipedia_and_caches(tmp_path, monkeypatch
 
     monkeypatch.setattr(defaults, "iter_wiki_articles", boom)
     assert defaults.default_corpus_paragraphs(cache_dir=tmp_path) == paragraphs
+    dataset = defaults.default_corpus(limit=25, cache_dir=tmp_path)
+    assert list(dataset) == paragraphs[:25] and "enwiki" in dataset.describe()
 
 
 @pytest.mark.default_model
