@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # torch >= 2.10 headers use C++20 features (bit-field initialisers).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     if os.environ.get("MI_CROW_NATIVE", "1") == "1":
         # The kernels are built on the machine that runs them; AVX-512/AMX code paths need this.
         cxx_flags.append("-march=native")

@@ -34,7 +34,8 @@ at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
     const int64_t* ip = idx.data_ptr<int64_t>();   // [B, k]
     const scalar_t* wp = Wc.data_ptr<scalar_t>();  // [n, d]
     scalar_t* op_ = out.data_ptr<scalar_t>();      // [B, k]
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d * k));
+    // ~256K multiply-adds per task: below that, waking a second thread costs more than it saves.
+    const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, d * k));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> grow(d);
       for (int64_t b = begin; b < end; ++b) {

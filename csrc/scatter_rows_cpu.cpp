@@ -43,7 +43,10 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
     scalar_t* op_ = out.data_ptr<scalar_t>();      // [n, d]
     const int64_t* sp = start.data();
     const int64_t* orderp = order.data();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    // Rows of n with no contribution cost only a zero fill; size tasks by the work that does exist.
+    const int64_t grain = std::max<int64_t>(64, n * std::max<int64_t>(1, 262144 / std::max<int64_t>(1, d)) /
+                                                    std::max<int64_t>(1, B * k));
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* o = op_ + i * d;

@@ -52,7 +52,9 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
     scalar_t* gwp = grad_W.data_ptr<scalar_t>();       // [n, d]
     const int64_t* sp = start.data();
     const int64_t* orderp = order.data();
-    at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(64, n * std::max<int64_t>(1, 131072 / std::max<int64_t>(1, d)) /
+                                                    std::max<int64_t>(1, B * k));
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d), wrow(d);
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* o = gwp + i * d;

@@ -41,7 +41,8 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
     scalar_t* op_ = out.data_ptr<scalar_t>();      // [B, d]
     std::vector<acc_t> bias_acc(d);
     to_acc(bp, bias_acc.data(), d);
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d * std::max<int64_t>(k, 1)));
+    // ~256K multiply-adds per task: below that, waking a second thread costs more than it saves.
+    const int64_t grain = std::max<int64_t>(1, 262144 / std::max<int64_t>(1, d * std::max<int64_t>(k, 1)));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t b = begin; b < end; ++b) {
