@@ -292,3 +292,30 @@ def test_report_in_headless_chromium(tmp_path, browser) -> None:
     requests = [ev["params"]["request"]["url"] for ev in page.events if ev["method"] == "Network.requestWillBeSent"]
     assert requests and all(u.startswith("file://") or u.startswith("data:") for u in requests), requests
     page.ws.close()
+
+
+def test_report_from_live_concepts_of_a_real_sae(tmp_path, tiny_lm, sample_texts) -> None:
+    """The objects the library hands out (TopText lists, ConceptDictionary) go straight into the report; token
+    positions (BOS counted for the Llama tokenizer) land on the right characters."""
+    from mi_crow.mechanistic.sae import TopKSae
+
+    sae = TopKSae(n_latents=40, n_inputs=32, k=4)
+    tiny_lm.attach_sae(sae, 1)
+    sae.concepts.enable_text_tracking(top_k=3)
+    tiny_lm.inference.execute_inference(sample_texts, batch_size=8)
+    top = sae.concepts.get_top_texts()
+    named = next(i for i, recs in enumerate(top) if recs)
+    sae.concepts.name_concept(named, "first named")
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    out = write_feature_report(tmp_path / "live.html", sae, top_texts=top, concepts=sae.concepts.dictionary,
+                               feature_stats=compute_feature_stats(sae, [x]), tokenizer=tiny_lm.tokenizer)
+    data = _page_data(out)
+    assert data["features"][named]["n"] == "first named"
+    enc_cache = {}
+    for neuron, records in enumerate(top):
+        for got, rec in zip(data["examples"].get(str(neuron), []), records):
+            tid, start, end, score, shown = got
+            assert data["texts"][tid] == rec.text and score == pytest.approx(rec.activation)
+            if rec.text not in enc_cache:
+                enc_cache[rec.text] = tiny_lm.tokenizer(rec.text, return_offsets_mapping=True)["offset_mapping"]
+            assert (start, end) == tuple(enc_cache[rec.text][rec.token_position])
