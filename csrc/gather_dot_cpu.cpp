@@ -42,6 +42,7 @@ at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
         widen(gp + b * d, grow.data(), d);
         const acc_t* gr = grow.data();
         for (int64_t j = 0; j < k; ++j) {
+          if (j + 1 < k) prefetch_row(wp + ip[b * k + j + 1] * d, d);
           op_[b * k + j] = static_cast<scalar_t>(dot(gr, wp + ip[b * k + j] * d, d));
         }
       }

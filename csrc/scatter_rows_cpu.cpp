@@ -56,8 +56,10 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
         }
         acc_t* a = acc.data();
         for (int64_t c = 0; c < d; ++c) a[c] = 0;
-        for (int64_t q = sp[i]; q < sp[i + 1]; ++q) {
+        const int64_t end_q = sp[i + 1];
+        for (int64_t q = sp[i]; q < end_q; ++q) {
           const int64_t p = orderp[q];
+          if (q + 1 < end_q) prefetch_row(xp + (orderp[q + 1] / k) * d, d);
           axpy(a, static_cast<acc_t>(cp[p]), xp + (p / k) * d, d);
         }
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);

@@ -65,8 +65,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
         widen(wp + i * d, wrow.data(), d);
         acc_t* a = acc.data();
         for (int64_t c = 0; c < d; ++c) a[c] = 0;
-        for (int64_t q = sp[i]; q < sp[i + 1]; ++q) {
+        const int64_t end_q = sp[i + 1];
+        for (int64_t q = sp[i]; q < end_q; ++q) {
           const int64_t p = orderp[q];
+          if (q + 1 < end_q) prefetch_row(gp + (orderp[q + 1] / k) * d, d);
           const acc_t* g = gp + (p / k) * d;
           gvp[p] = static_cast<scalar_t>(dot(g, wrow.data(), d));
           axpy(a, static_cast<acc_t>(vp[p]), g, d);

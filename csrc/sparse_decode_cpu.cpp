@@ -49,6 +49,7 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
         acc_t* a = acc.data();
         for (int64_t c = 0; c < d; ++c) a[c] = bias_acc[c];
         for (int64_t j = 0; j < k; ++j) {
+          if (j + 1 < k) prefetch_row(wp + ip[b * k + j + 1] * d, d);
           axpy(a, static_cast<acc_t>(vp[b * k + j]), wp + ip[b * k + j] * d, d);
         }
         scalar_t* o = op_ + b * d;
