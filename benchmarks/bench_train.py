@@ -173,21 +173,24 @@ def part1(case: Case, quick: bool) -> list[dict]:
     return rows
 
 
-def part2(quick: bool, n_texts: int, eval_texts: int, epochs: int) -> dict:
+def part2(quick: bool, n_texts: int, eval_texts: int, epochs: int, batch: int, store_dir: str | None) -> dict:
     from mi_crow import defaults
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = LocalStore(Path(tmp) / "store")
+        # A given store keeps the saved activations: a re-run with the same texts resumes (skips) the saving.
+        store = LocalStore(Path(store_dir) if store_dir else Path(tmp) / "store")
         lm = defaults.load_default_model(store=store)
         layer = lm.layers.resolve(lm.layers.num_blocks // 2)
         paragraphs = defaults.default_corpus_paragraphs()
         train_texts, held_out = paragraphs[:n_texts], paragraphs[n_texts : n_texts + eval_texts]
         start = time.perf_counter()
-        run_id = lm.activations.save(train_texts, layers=layer, batch_size=16, max_length=128, progress=not quick)
+        run_id = lm.activations.save(
+            train_texts, layers=layer, run_id=f"default-mid-{n_texts}", batch_size=16, max_length=128,
+            progress=not quick,
+        )
         save_s = time.perf_counter() - start
         run_tokens = store.read_run_meta(run_id)["n_tokens"]
         d = lm.layers.width(layer)
-        batch = 1024 if quick else 4096
         budget = max(batch, (run_tokens // batch) * batch * epochs)
         cfg = SaeTrainingConfig(
             batch_size=batch,
@@ -237,27 +240,34 @@ def main() -> None:
     parser.add_argument("--skip-default", action="store_true", help="skip part 2 (the embedded default model)")
     parser.add_argument("--default-texts", type=int, default=None, help="corpus paragraphs for part 2's run")
     parser.add_argument("--default-epochs", type=int, default=None, help="passes over part 2's run")
+    parser.add_argument("--default-batch", type=int, default=None, help="tokens per step in part 2")
+    parser.add_argument("--store", default=None, help="keep part 2's activations in this store (re-runs reuse them)")
+    parser.add_argument("--skip-overhead", action="store_true", help="skip part 1")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     case = QUICK if args.quick else FULL
 
-    rows = part1(case, args.quick)
-    print(f"## Trainer data-path overhead (torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
-    print(markdown(rows))
-    overhead = rows[2]["ms_per_step"] / rows[1]["ms_per_step"] - 1
-    outside = rows[3]["outside_step_share"]
-    print(f"\nFull trainer end to end vs isolated trainer step: +{overhead * 100:.1f}%")
-    print(f"Time outside train_step within the same runs (data path, metrics, history): +{outside * 100:.1f}% "
-          "(target <= 10%)")
+    rows: list[dict] = []
+    overhead = outside = None
+    if not args.skip_overhead:
+        rows = part1(case, args.quick)
+        print(f"## Trainer data-path overhead (torch {torch.__version__}, {torch.get_num_threads()} threads)\n")
+        print(markdown(rows))
+        overhead = rows[2]["ms_per_step"] / rows[1]["ms_per_step"] - 1
+        outside = rows[3]["outside_step_share"]
+        print(f"\nFull trainer end to end vs isolated trainer step: +{overhead * 100:.1f}%")
+        print(f"Time outside train_step within the same runs (data path, metrics, history): +{outside * 100:.1f}% "
+              "(target <= 10%)")
 
     default = None
     if not args.skip_default:
         try:
             n_texts = args.default_texts or (24 if args.quick else 240)
             epochs = args.default_epochs or (1 if args.quick else 4)
-            default = part2(args.quick, n_texts, 8 if args.quick else 48, epochs)
+            batch = args.default_batch or 1024
+            default = part2(args.quick, n_texts, 8 if args.quick else 48, epochs, batch, args.store)
         except (ImportError, FileNotFoundError) as exc:
             print(f"\n(default model not available: {exc})")
     if default is not None:
@@ -277,14 +287,19 @@ def main() -> None:
     stem = "bench_train_quick" if args.quick else "bench_train"
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
             "backends": backends(), "case": asdict(case)}
-    (RESULTS / f"{stem}.json").write_text(
-        json.dumps({"meta": meta, "overhead_vs_isolated_step": overhead, "outside_step_share": outside,
-                    "timing": rows, "default_model": default}, indent=2)
-    )
-    with open(RESULTS / f"{stem}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[3]))
-        writer.writeheader()
-        writer.writerows(rows)
+    path = RESULTS / f"{stem}.json"
+    # Parts run separately (--skip-overhead / --skip-default) update their own entries only.
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if rows:
+        data.update(meta_overhead=meta, overhead_vs_isolated_step=overhead, outside_step_share=outside, timing=rows)
+    if default is not None:
+        data.update(meta_default=meta, default_model=default)
+    path.write_text(json.dumps(data, indent=2))
+    if rows:
+        with open(RESULTS / f"{stem}.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[3]))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -132,3 +132,32 @@ def test_evaluate_bad_input(tiny_gpt2, sample_texts):
         evaluate(torch.nn.Linear(2, 2), tiny_gpt2, sample_texts, LAYER)
     result = evaluate(sae, tiny_gpt2, sample_texts[:2], LAYER)
     assert all(isinstance(v, float) and not math.isnan(v) for v in result.values())
+
+
+def test_evaluate_leaves_norm_outliers_alone_like_a_hand_computation(trained, sample_texts):
+    lm, sae = trained
+    texts = sample_texts[:8]
+    factor = 1.05  # low enough that some real tokens of the tiny model count as outliers
+    result = evaluate(sae, lm, texts, LAYER, batch_size=len(texts), max_length=32, outlier_norm_factor=factor)
+
+    enc, hidden = _hidden_states(lm, texts, 32)
+    real = enc["attention_mask"].bool()
+    norms = hidden.norm(dim=-1).masked_fill(~real, float("nan"))
+    acted = real & (norms <= factor * norms.nanmedian(dim=1, keepdim=True).values)
+    assert 0 < int(acted.sum()) < int(real.sum())
+    assert result["n_outlier_tokens"] == int(real.sum() - acted.sum()) and result["n_tokens"] == int(acted.sum())
+
+    def splice(h):
+        with torch.no_grad():
+            mask = acted.unsqueeze(-1)
+            return torch.where(mask, sae(h).reconstruction, h)
+
+    x = hidden[acted]
+    with torch.no_grad():
+        recon = sae(x).reconstruction
+    assert result["fvu"] == pytest.approx(float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum()), rel=1e-4)
+    assert result["loss_sae"] == pytest.approx(_hf_loss(lm, enc, splice), rel=1e-5)
+    zeroed = _hf_loss(lm, enc, lambda h: torch.where(acted.unsqueeze(-1), torch.zeros_like(h), h))
+    assert result["loss_zero"] == pytest.approx(zeroed, rel=1e-5)
+    with pytest.raises(ValueError, match="outlier_norm_factor"):
+        evaluate(sae, lm, texts, LAYER, outlier_norm_factor=0.5)

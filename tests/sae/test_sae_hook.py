@@ -127,3 +127,18 @@ def test_width_mismatch_fails_at_attach_time(tiny_gpt2):
     with pytest.raises(ValueError, match=r"width 32 does not match the SAE's n_inputs=16"):
         sae.mode = "replace"
         sae.modify_activations(None, (), torch.randn(2, 3, 32))
+
+
+def test_norm_outliers_pass_through_the_hook_unchanged():
+    torch.manual_seed(0)
+    sae = TopKSae(32, 8, 2, mode="replace")
+    sae.outlier_norm_factor = 10.0
+    hidden = torch.randn(3, 6, 8)
+    hidden[:, 0] *= 500.0  # an attention sink at the first position of every text
+    out = sae.modify_activations(None, (), hidden)
+    assert torch.equal(out[:, 0], hidden[:, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(out[:, 1:], sae(hidden[:, 1:]).reconstruction)
+    sae.outlier_norm_factor = None
+    with torch.no_grad():
+        torch.testing.assert_close(sae.modify_activations(None, (), hidden), sae(hidden).reconstruction)

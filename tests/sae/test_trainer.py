@@ -378,3 +378,22 @@ def test_decoder_bias_is_initialised_from_the_data(gpt2_run, init):
     sae.train(store, run_id, layer, cfg)
     torch.testing.assert_close(sae.b_dec.detach(), expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(sae.W_enc, sae.W_dec) or torch.allclose(sae.W_enc, sae.W_dec, atol=1e-9)
+
+
+def test_norm_outliers_are_left_out_of_training_and_of_the_bias_init():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64 * 16, 8, generator=g) + 2.0
+    sinks = torch.arange(0, x.shape[0], 50)  # attention-sink-like tokens with ~100x the norm
+    x[sinks] = 300.0 * torch.randn(len(sinks), 8, generator=g).sign()
+    inlier_mean = x[torch.ones(x.shape[0], dtype=torch.bool).index_fill_(0, sinks, False)].mean(0)
+    sae = TopKSae(32, 8, 2)
+    cfg = SaeTrainingConfig(batch_size=64, epochs=1, lr=1e-12, warmup_steps=0, b_dec_init="mean", **QUIET)
+    result = SaeTrainer(sae).train_on_tensor(x, cfg)
+    assert result.outlier_tokens == len(sinks) and result.history[-1]["outlier_tokens"] == len(sinks)
+    assert result.tokens == x.shape[0] - len(sinks)
+    torch.testing.assert_close(sae.b_dec.detach(), inlier_mean, rtol=1e-4, atol=1e-4)
+    assert sae.outlier_norm_factor == 10.0
+    kept_all = SaeTrainer(TopKSae(32, 8, 2)).train_on_tensor(
+        x, SaeTrainingConfig(batch_size=64, epochs=1, outlier_norm_factor=None, **QUIET)
+    )
+    assert kept_all.outlier_tokens == 0 and kept_all.tokens == x.shape[0]

@@ -72,6 +72,8 @@ def test_every_field_has_a_docstring():
         ({"b_dec_init": "median"}, "b_dec_init"),
         ({"b_dec_init_tokens": 0}, "b_dec_init_tokens"),
         ({"seed": -1}, "seed"),
+        ({"outlier_norm_factor": 1.0}, "outlier_norm_factor"),
+        ({"outlier_norm_factor": "big"}, "outlier_norm_factor"),
         ({"encode_dtype": "float16"}, "encode_dtype"),
         ({"log_every": 0}, "log_every"),
         ({"checkpoint_every": 0}, "checkpoint_every"),

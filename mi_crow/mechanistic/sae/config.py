@@ -114,6 +114,12 @@ class SaeTrainingConfig:
     """dtype of the encoder matrix product: ``"float32"`` or ``"bfloat16"`` (x and the encoder weights are cast for that
     product only; the master weights, the decoder and the optimizer stay in the SAE's dtype)."""
 
+    outlier_norm_factor: float | None = 10.0
+    """Tokens whose norm exceeds this multiple of their batch's median token norm are left out of training (counted
+    as ``outlier_tokens`` in the history) and later passed through unchanged by the SAE's hook and by `evaluate`.
+    Attention-sink positions of many LMs (often the first token, with norms ~100x the others) would otherwise
+    dominate the variance and the loss. None keeps every token."""
+
     shuffle: bool = True
     """Shuffle tokens across the run's files (through the store reader's shuffle buffer)."""
 
@@ -207,6 +213,14 @@ class SaeTrainingConfig:
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"SaeTrainingConfig.seed must be a non-negative int, got {self.seed!r}")
         self._check_choice("encode_dtype", _ENCODE_DTYPES)
+        if self.outlier_norm_factor is not None and (
+            not _is_real(self.outlier_norm_factor)
+            or not math.isfinite(self.outlier_norm_factor)
+            or self.outlier_norm_factor <= 1.0
+        ):
+            raise ValueError(
+                f"SaeTrainingConfig.outlier_norm_factor must be a number > 1 or None, got {self.outlier_norm_factor!r}"
+            )
         self._check_bool("shuffle")
         self._check_optional_positive_int("shuffle_buffer_tokens")
         self._check_positive_int("log_every")

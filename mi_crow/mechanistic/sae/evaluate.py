@@ -66,6 +66,7 @@ def evaluate(
     batch_size: int = 8,
     max_length: int | None = 128,
     progress: bool = False,
+    outlier_norm_factor: float | None | str = "sae",
 ) -> dict[str, float]:
     """Evaluate an SAE on a layer of a language model over a set of texts.
 
@@ -83,13 +84,18 @@ def evaluate(
         batch_size: texts per forward pass.
         max_length: truncate texts to this many tokens (None = the model's maximum).
         progress: show a progress bar.
+        outlier_norm_factor: real tokens whose norm exceeds this multiple of the median norm of their text's real
+            tokens (attention sinks) are left unchanged in the spliced and the zero-ablated passes and out of the
+            reconstruction statistics, as in training. ``"sae"`` uses the SAE's own ``outlier_norm_factor``; None
+            acts on every token.
 
     Returns:
         A dict with ``fvu`` (sum of squared errors / sum of squared deviations from the mean over all real tokens),
         ``mse`` (per element), ``l0`` (mean active latents per token), ``dead_fraction`` (latents never active on
         the evaluation set), ``loss_clean``, ``loss_sae``, ``loss_zero`` (mean next-token cross-entropy in nats),
         ``loss_recovered`` = ``(loss_zero - loss_sae) / (loss_zero - loss_clean)``, ``delta_loss`` =
-        ``loss_sae - loss_clean``, ``n_tokens`` (real tokens) and ``n_predictions``.
+        ``loss_sae - loss_clean``, ``n_tokens`` (real tokens the SAE acted on), ``n_outlier_tokens`` and
+        ``n_predictions``.
 
     Raises:
         TypeError / ValueError: bad arguments, no layer known, an SAE width different from the layer's (both
@@ -114,6 +120,13 @@ def evaluate(
     width = lm.layers.width(name)
     if width != sae.n_inputs:
         raise ValueError(f"evaluate: sae.n_inputs={sae.n_inputs} does not match the width of layer {name!r}, {width}")
+    if outlier_norm_factor == "sae":
+        outlier_norm_factor = sae.outlier_norm_factor
+    if outlier_norm_factor is not None and (
+        isinstance(outlier_norm_factor, (str, bool)) or not isinstance(outlier_norm_factor, (int, float))
+        or not outlier_norm_factor > 1
+    ):
+        raise ValueError(f"evaluate: outlier_norm_factor must be 'sae', None or a number > 1, got {outlier_norm_factor!r}")
     module = lm.layers.get_module(name)
     sae.to(lm.layers.layer_device(name))
 
@@ -125,15 +138,26 @@ def evaluate(
         "fired": torch.zeros(sae.n_latents, dtype=torch.bool),
     }
     n_tokens = 0
+    n_outliers = 0
     mask_holder: dict[str, Tensor] = {}
 
+    def acted_on(hidden: Tensor) -> Tensor:
+        """[batch, seq] bool: real tokens that are not norm outliers of their text."""
+        real = mask_holder["mask"].to(hidden.device).bool()
+        if outlier_norm_factor is None:
+            return real
+        norms = hidden.detach().float().norm(dim=-1).masked_fill(~real, float("nan"))
+        median = norms.nanmedian(dim=1, keepdim=True).values
+        return real & (norms <= outlier_norm_factor * median)
+
     def splice(module_: Any, args: Any, output: Any) -> Any:
-        nonlocal n_tokens
+        nonlocal n_tokens, n_outliers
         hidden = _hidden(output)
         out = sae(hidden)
-        real = mask_holder["mask"].to(hidden.device).bool()
+        real = acted_on(hidden)
+        n_outliers += int(mask_holder["mask"].bool().sum()) - int(real.sum())
         x = hidden[real].double().cpu()
-        recon = out.reconstruction.to(hidden.dtype)
+        recon = torch.where(real.unsqueeze(-1), out.reconstruction.to(hidden.dtype), hidden)
         err = x - recon[real].double().cpu()
         values = out.code.values[real]
         indices = out.code.indices[real]
@@ -147,7 +171,8 @@ def evaluate(
         return _with_hidden(output, recon)
 
     def zero(module_: Any, args: Any, output: Any) -> Any:
-        return _with_hidden(output, torch.zeros_like(_hidden(output)))
+        hidden = _hidden(output)
+        return _with_hidden(output, torch.where(acted_on(hidden).unsqueeze(-1), torch.zeros_like(hidden), hidden))
 
     sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     n_pred = 0
@@ -199,5 +224,6 @@ def evaluate(
         "loss_recovered": (loss_zero - loss_sae) / gap if abs(gap) >= 1e-12 else float("nan"),
         "delta_loss": loss_sae - loss_clean,
         "n_tokens": float(n_tokens),
+        "n_outlier_tokens": float(n_outliers),
         "n_predictions": float(n_pred),
     }

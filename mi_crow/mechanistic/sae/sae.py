@@ -143,6 +143,7 @@ class TopKSae(nn.Module, Controller):
             "activation_run_id": None,
             "training_run_id": None,
         }
+        self.outlier_norm_factor: float | None = None
         self.concepts = self._make_concepts()
 
     # -- construction helpers ---------------------------------------------------------------------------------
@@ -321,16 +322,40 @@ class TopKSae(nn.Module, Controller):
             if concepts.tracking_enabled:
                 concepts.observe(code.values, code.indices, self.context)
             modified = concepts.modify_code(code.values, code.indices)
+        if modified is None and self.mode == "observe":
+            return None
+        x = output.to(device=self.device, dtype=self.dtype)
+        keep = self.inlier_mask(x)
         if modified is None:
-            if self.mode == "observe":
-                return None
-            return self.decode(code).to(device=output.device, dtype=output.dtype)
-        new_recon = self.decode(SparseCode(modified[0], modified[1]))
-        if self.mode == "replace":
-            return new_recon.to(device=output.device, dtype=output.dtype)
-        # Only the change is added, so the SAE's reconstruction error stays in the stream.
-        delta = new_recon - self.decode(code)
-        return (output.to(self.dtype).to(self.device) + delta).to(device=output.device, dtype=output.dtype)
+            new = self.decode(code)
+        else:
+            new_recon = self.decode(SparseCode(modified[0], modified[1]))
+            # Only the change is added in observe mode, so the SAE's reconstruction error stays in the stream.
+            new = new_recon if self.mode == "replace" else x + (new_recon - self.decode(code))
+        if keep is not None:
+            new = torch.where(keep.unsqueeze(-1), new, x)
+        return new.to(device=output.device, dtype=output.dtype)
+
+    def inlier_mask(self, x: Tensor) -> Tensor | None:
+        """Tokens the SAE acts on, given `outlier_norm_factor` (None: all of them).
+
+        Args:
+            x: ``[..., n_inputs]``; with 3 dims (``[batch, seq, d]``) the median norm is taken per batch row, else
+                over all tokens.
+
+        Returns:
+            ``[...]`` bool, False for tokens whose norm exceeds ``outlier_norm_factor`` times the median token norm
+            (attention sinks the SAE was not trained on), or None when no factor is set.
+        """
+        if self.outlier_norm_factor is None:
+            return None
+        norms = x.detach().float().norm(dim=-1)
+        if norms.dim() >= 2:
+            median = norms.flatten(0, -2).median(dim=-1, keepdim=True).values
+            median = median.reshape(*norms.shape[:-1], 1)
+        else:
+            median = norms.median()
+        return norms <= self.outlier_norm_factor * median
 
     # -- nn.Module.train doubles as the training entry point ---------------------------------------------------
     def train(  # type: ignore[override]
@@ -380,6 +405,7 @@ class TopKSae(nn.Module, Controller):
             "model_id": self.metadata.get("model_id"),
             "activation_run_id": self.metadata.get("activation_run_id"),
             "training_run_id": self.metadata.get("training_run_id"),
+            "outlier_norm_factor": self.outlier_norm_factor,
             "mi_crow_version": mi_crow.__version__,
         }
 
@@ -446,6 +472,7 @@ class TopKSae(nn.Module, Controller):
                 param.copy_(tensor)
         for key in ("model_id", "activation_run_id", "training_run_id", "layer"):
             sae.metadata[key] = config.get(key)
+        sae.outlier_norm_factor = config.get("outlier_norm_factor")
         if device is not None:
             sae.to(device)
         return sae

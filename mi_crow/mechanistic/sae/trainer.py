@@ -128,6 +128,7 @@ class TrainingResult:
         steps: optimizer steps done.
         tokens: tokens trained on.
         nonfinite_batches: batches skipped because of NaN/Inf.
+        outlier_tokens: tokens left out by ``outlier_norm_factor``.
         resumed_from_step: the checkpoint step this call continued from (None for a fresh run).
         config: the configuration used.
     """
@@ -138,6 +139,7 @@ class TrainingResult:
     steps: int
     tokens: int
     nonfinite_batches: int
+    outlier_tokens: int
     resumed_from_step: int | None
     config: SaeTrainingConfig = field(repr=False)
 
@@ -404,6 +406,9 @@ class SaeTrainer:
             raise ValueError("SaeTrainer: the activation run yields no batch to initialise b_dec from")
         sample = torch.cat(chunks)[: config.b_dec_init_tokens]
         sample = sample[torch.isfinite(sample).all(dim=1)]
+        if config.outlier_norm_factor is not None and sample.shape[0] > 0:
+            norms = sample.norm(dim=1)
+            sample = sample[norms <= config.outlier_norm_factor * norms.median()]
         if sample.shape[0] == 0:
             raise NonFiniteTrainingError("SaeTrainer: every token of the b_dec initialisation sample is non-finite")
         center = geometric_median(sample) if config.b_dec_init == "geometric_median" else sample.mean(dim=0)
@@ -586,6 +591,7 @@ class SaeTrainer:
         tokens_seen = 0
         batches_seen = 0
         nonfinite = 0
+        outliers = 0
         history: list[dict[str, Any]] = []
         resumed_from: int | None = None
 
@@ -609,6 +615,7 @@ class SaeTrainer:
             tokens_seen = int(checkpoint["tokens_seen"])
             batches_seen = int(checkpoint["batches_seen"])
             nonfinite = int(checkpoint["nonfinite_batches"])
+            outliers = int(checkpoint["outlier_tokens"])
             history = list(checkpoint["history"])
             torch.set_rng_state(checkpoint["rng"]["torch"])
             if torch.cuda.is_available() and "cuda" in checkpoint["rng"]:
@@ -685,6 +692,13 @@ class SaeTrainer:
                     nonfinite += 1
                     self._check_nonfinite(nonfinite, batches_seen, config, final=False)
                     continue
+                if config.outlier_norm_factor is not None:
+                    norms = x.norm(dim=1)
+                    keep = norms <= config.outlier_norm_factor * norms.median()
+                    n_out = int(keep.numel() - keep.sum())
+                    if n_out:
+                        outliers += n_out
+                        x = x[keep]
                 lr = lr_at_step(step, total_steps, peak_lr, warmup, config)
                 out = self.train_step(x, lr, k_aux=k_aux, encode_dtype=enc_dtype)
                 if out is None:
@@ -717,6 +731,7 @@ class SaeTrainer:
                         "tokens_per_s": acc_tokens / elapsed,
                         "lr": lr,
                         "nonfinite_batches": nonfinite,
+                        "outlier_tokens": outliers,
                     }
                     history.append(record)
                     for value in acc.values():
@@ -745,7 +760,7 @@ class SaeTrainer:
                     window.update(steps=acc_steps, tokens=acc_tokens)
                     self._save_checkpoint(
                         f"{prefix}/{CHECKPOINT_FILE}", config, total_steps, run_id, layer, step, epoch, tokens_seen,
-                        batches_seen, nonfinite, history, reader, window,
+                        batches_seen, nonfinite, outliers, history, reader, window,
                     )
                 for callback in callbacks:
                     callback(StepInfo(step, total_steps, tokens_seen, self))
@@ -757,10 +772,13 @@ class SaeTrainer:
         sae.metadata.update(
             {"layer": layer, "model_id": model_id, "activation_run_id": run_id, "training_run_id": training_run_id}
         )
+        sae.outlier_norm_factor = config.outlier_norm_factor
         sae_id = None
         if store is not None:
             # The history is already on disk: the last step always logs.
-            run_config.update(status="completed", steps=step, tokens=tokens_seen, nonfinite_batches=nonfinite)
+            run_config.update(
+                status="completed", steps=step, tokens=tokens_seen, nonfinite_batches=nonfinite, outlier_tokens=outliers
+            )
             store.put_json(f"{prefix}/{RUN_CONFIG_FILE}", run_config)
             if config.save_sae:
                 sae_id = config.sae_id or training_run_id
@@ -772,6 +790,7 @@ class SaeTrainer:
             steps=step,
             tokens=tokens_seen,
             nonfinite_batches=nonfinite,
+            outlier_tokens=outliers,
             resumed_from_step=resumed_from,
             config=config,
         )
@@ -817,6 +836,7 @@ class SaeTrainer:
         tokens_seen: int,
         batches_seen: int,
         nonfinite: int,
+        outliers: int,
         history: list[dict[str, Any]],
         reader: _Reader,
         window: dict[str, float],
@@ -840,6 +860,7 @@ class SaeTrainer:
             "tokens_seen": tokens_seen,
             "batches_seen": batches_seen,
             "nonfinite_batches": nonfinite,
+            "outlier_tokens": outliers,
             "history": history,
             "reader": reader.state_dict(),
             "window": window,
