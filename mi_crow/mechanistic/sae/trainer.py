@@ -292,7 +292,7 @@ class SaeTrainer:
             # sum ||x_i||^2 - ||sum x_i||^2 / N: two reductions and no [B, d] temporary. Its rounding error only
             # rescales the loss by a constant factor, which Adam ignores; evaluate() reports FVU in float64.
             count = self._all_reduce_sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-            total = self._all_reduce_sum(x.sum(dim=0, dtype=torch.float64))
+            total = self._all_reduce_sum(x.sum(dim=0).double())
             squares = self._all_reduce_sum(_sum_sq(x).double())
             centered = squares - total.dot(total) / count
             return centered.clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
@@ -687,13 +687,14 @@ class SaeTrainer:
                 batches_seen += 1
                 epoch_batches += 1
                 x = batch.to(device=device, dtype=sae.dtype, non_blocking=True)
-                # NaN/Inf anywhere makes the sum non-finite (so would an overflowing sum, whose squares overflow too).
-                if not bool(torch.isfinite(x.sum())):
+                # NaN/Inf anywhere makes a sum (or a row norm) non-finite; an overflowing one would overflow the
+                # loss's squares too. With outlier filtering the row norms serve both checks in one pass.
+                norms = x.norm(dim=1) if config.outlier_norm_factor is not None else None
+                if not bool(torch.isfinite(norms.sum() if norms is not None else x.sum())):
                     nonfinite += 1
                     self._check_nonfinite(nonfinite, batches_seen, config, final=False)
                     continue
-                if config.outlier_norm_factor is not None:
-                    norms = x.norm(dim=1)
+                if norms is not None:
                     keep = norms <= config.outlier_norm_factor * norms.median()
                     n_out = int(keep.numel() - keep.sum())
                     if n_out:
