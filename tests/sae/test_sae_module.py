@@ -87,6 +87,9 @@ def test_nn_module_train_flag_still_works():
     sae = TopKSae(8, 4, 2)
     assert sae.eval() is sae and sae.training is False
     assert sae.train() is sae and sae.training is True
+    assert sae.train(mode=False) is sae and sae.training is False
+    parent = torch.nn.Sequential(sae).eval()
+    assert parent.training is False and sae.training is False
 
 
 @pytest.mark.parametrize(

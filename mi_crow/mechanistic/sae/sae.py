@@ -381,6 +381,8 @@ class TopKSae(nn.Module, Controller):
         Returns:
             `TrainingResult` when training, else ``self``.
         """
+        if "mode" in kwargs:  # nn.Module.train(mode=...) spelled as a keyword
+            return nn.Module.train(self, bool(kwargs.pop("mode")))
         if isinstance(store, bool):
             return nn.Module.train(self, store)
         from mi_crow.mechanistic.sae.trainer import SaeTrainer
