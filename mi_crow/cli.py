@@ -313,7 +313,7 @@ def track_from_run(lm: "LanguageModel", sae: "TopKSae", run_id: str, layer: str,
                                    f"and --limit as when it was saved")
             code = sae.encode(acts.to(sae.dtype))
             context = lm.inference.make_context(batch_texts, ids, mask)
-            sae.concepts.observe(code.values, code.indices, context)
+            sae.concepts.observe(sae.inlier_values(acts, code.values), code.indices, context)
             seen += int(mask.sum())
     return seen
 

@@ -142,6 +142,10 @@ def compute_feature_stats(
             if x.shape[-1] != d:
                 raise ValueError(f"activations have width {x.shape[-1]} but the SAE expects n_inputs={d}")
             x = x.reshape(-1, d)
+            # Tokens the SAE leaves alone (attention sinks, see TopKSae.inlier_mask) count in no statistic.
+            keep = sae.inlier_mask(x) if callable(getattr(sae, "inlier_mask", None)) else None
+            if keep is not None:
+                x = x[keep.to(x.device)]
             if max_tokens is not None:
                 x = x[: max_tokens - seen]
             if x.shape[0] == 0:

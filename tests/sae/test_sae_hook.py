@@ -142,3 +142,24 @@ def test_norm_outliers_pass_through_the_hook_unchanged():
     sae.outlier_norm_factor = None
     with torch.no_grad():
         torch.testing.assert_close(sae.modify_activations(None, (), hidden), sae(hidden).reconstruction)
+
+
+def test_norm_outliers_are_not_tracked_and_not_counted_in_report_stats():
+    from mi_crow.report.stats import compute_feature_stats
+
+    torch.manual_seed(0)
+    sae = TopKSae(32, 8, 2)
+    hidden = torch.randn(3, 6, 8)
+    hidden[:, 0] *= 500.0
+    values = sae.encode(hidden).values
+    sae.outlier_norm_factor = 10.0
+    masked = sae.inlier_values(hidden, values)
+    assert torch.equal(masked[:, 0], torch.zeros_like(masked[:, 0]))
+    assert torch.equal(masked[:, 1:], values[:, 1:])
+
+    with_outliers = compute_feature_stats(sae, [hidden.reshape(-1, 8)])
+    assert with_outliers.n_tokens == 15  # the three sinks are left out
+    sae.outlier_norm_factor = None
+    inliers_only = compute_feature_stats(sae, [hidden[:, 1:].reshape(-1, 8)])
+    assert torch.equal(with_outliers.fire_count, inliers_only.fire_count)
+    assert torch.allclose(with_outliers.act_sum, inliers_only.act_sum)

@@ -320,7 +320,7 @@ class TopKSae(nn.Module, Controller):
         modified = None
         if concepts is not None:
             if concepts.tracking_enabled:
-                concepts.observe(code.values, code.indices, self.context)
+                concepts.observe(self.inlier_values(output, code.values), code.indices, self.context)
             modified = concepts.modify_code(code.values, code.indices)
         if modified is None and self.mode == "observe":
             return None
@@ -335,6 +335,24 @@ class TopKSae(nn.Module, Controller):
         if keep is not None:
             new = torch.where(keep.unsqueeze(-1), new, x)
         return new.to(device=output.device, dtype=output.dtype)
+
+    def inlier_values(self, x: Tensor, values: Tensor) -> Tensor:
+        """Code values with the outlier tokens' entries set to 0, for statistics and top-text tracking.
+
+        The SAE was not trained on outlier tokens (attention sinks, see `inlier_mask`); their codes are huge and
+        meaningless and would otherwise fill every neuron's top texts.
+
+        Args:
+            x: ``[..., n_inputs]`` the encoded activations.
+            values: ``[..., k]`` their code values.
+
+        Returns:
+            ``[..., k]`` values, zero at outlier tokens (``values`` itself when no factor is set).
+        """
+        keep = self.inlier_mask(x)
+        if keep is None:
+            return values
+        return values * keep.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
 
     def inlier_mask(self, x: Tensor) -> Tensor | None:
         """Tokens the SAE acts on, given `outlier_norm_factor` (None: all of them).
