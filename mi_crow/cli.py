@@ -626,9 +626,10 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
-    tokens = args.tokens if args.tokens is not None else (4_000 if args.quick else 60_000)
+    # Sized on 2 CPU cores: the default takes about 5 minutes, --quick well under one.
+    tokens = args.tokens if args.tokens is not None else (20_000 if args.quick else 200_000)
     max_length = args.max_length or (64 if args.quick else 128)
-    eval_texts = 4 if args.quick else 16
+    eval_texts = 8 if args.quick else 32
     max_new_tokens = args.max_new_tokens or (16 if args.quick else 30)
     store = _open_store(args.store)
     out = args.out or str(Path(args.store) / "report.html")
@@ -660,7 +661,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _step(f"3/6 train a TopK SAE (n_latents={n_latents}, k={args.k})")
     t0 = time.perf_counter()
     batch = min(1024, max(128, n_run // 20))
-    budget = args.train_tokens or (max(n_run * 4, batch * 40) if not args.quick else batch * 50)
+    budget = args.train_tokens or n_run * 8
     sae_id = args.sae_id or f"{run_id}-topk{args.k}-n{n_latents}"
     sae, result = train_step(store, run_id, layer, n_latents, args.k, sae_id, tokens=budget, epochs=None,
                              batch_size=batch, lr=args.lr, seed=args.seed, model_id=lm.model_id, resume=True)
@@ -841,8 +842,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     store_arg(p)
     p.add_argument("--layer", help="layer name or block index (default: the middle block)")
-    p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 60000; quick 4000)")
-    p.add_argument("--train-tokens", type=_positive_int, help="SAE training budget (default: 4 epochs; quick 50 steps)")
+    p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 200000; quick 20000)")
+    p.add_argument("--train-tokens", type=_positive_int, help="SAE training budget (default: 8 epochs of the saved run)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per text (default 128; quick 64)")
     p.add_argument("--n-latents", type=_positive_int, help="SAE latents (default: 8 x layer width)")
     p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
@@ -850,7 +851,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-id")
     p.add_argument("--sae-id")
-    p.add_argument("--quick", action="store_true", help="small sizes: finishes in about a minute")
+    p.add_argument("--quick", action="store_true", help="small sizes: finishes in well under a minute on 2 cores")
     p.add_argument("--out", help="report file (default: <store>/report.html)")
     p.add_argument("--prompt", default="My favourite place to visit is", help="prompt for the steering example")
     p.add_argument("--steer-scale", type=_positive_float, default=2.0,
