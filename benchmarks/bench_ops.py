@@ -18,40 +18,20 @@ Usage: ``python benchmarks/bench_ops.py [--quick]``; prints a Markdown table and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
-import time
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 
 import torch
-from torch.utils.benchmark import Timer
 
 import mi_crow.ops as ops
 from mi_crow.ops import gather_dot_ref, scatter_rows_ref, sparse_decode_ref, topk_encode_ref
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Shape:
-    batch: int
-    d: int
-    n: int
-    k: int
-    k_aux: int = 256
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, Shape, machine_meta, markdown, median_seconds, write_csv  # noqa: E402
 
 FULL = [Shape(4096, 768, 32768, 32)]
 QUICK = [Shape(512, 128, 4096, 32, 64)]
-
-
-def median_seconds(fn, min_run_time: float) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()
-    once = time.perf_counter() - start
-    return Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=max(min_run_time, 3 * once)).median
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> None:
@@ -122,13 +102,6 @@ def run_shape(s: Shape, quick: bool) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds)")
@@ -141,13 +114,9 @@ def main() -> None:
     print(markdown(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_ops_quick" if args.quick else "bench_ops"
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
-            "backends": ops.backends("cpu")}
+    meta = {**machine_meta(), "backends": ops.backends("cpu")}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(RESULTS / f"{stem}.csv", rows, list(rows[0]))
 
 
 if __name__ == "__main__":

@@ -23,33 +23,20 @@ Usage: ``python benchmarks/bench_step.py [--quick]``; prints a Markdown table an
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 from mi_crow.ops import backends, sparse_decode, topk_encode
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Shape:
-    batch: int
-    d: int
-    n: int
-    k: int
-    k_aux: int = 256
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, Shape, machine_meta, markdown, median_seconds, write_csv  # noqa: E402
 
 FULL = [Shape(4096, 768, 32768, 32), Shape(4096, 2048, 65536, 32)]
 QUICK = [Shape(512, 128, 4096, 32, 64), Shape(257, 96, 2049, 16, 32)]
@@ -166,15 +153,6 @@ def check_against_dense(sae: Sae, x: torch.Tensor, shape: Shape, dead: torch.Ten
 # ----------------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------------
-def median_seconds(fn, min_run_time: float) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    fn()  # warm-up (also initialises Adam state and the oneDNN/MKL caches)
-    once = time.perf_counter() - start
-    timer = Timer("fn()", globals={"fn": fn})
-    # At least ~3 runs even for the slowest variant.
-    return timer.blocked_autorange(min_run_time=max(min_run_time, 3 * once)).median
-
-
 def time_shape(shape: Shape, quick: bool) -> list[dict]:
     min_run = 0.3 if quick else 3.0
     g = torch.Generator().manual_seed(1)
@@ -257,13 +235,6 @@ def measure_memory(shape: Shape, variant: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def markdown(rows: list[dict]) -> str:
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (seconds, for CI and development)")
@@ -292,13 +263,9 @@ def main() -> None:
     print(markdown(memory))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_step_quick" if args.quick else "bench_step"
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
-            "backends": backends("cpu")}
+    meta = {**machine_meta(), "backends": backends("cpu")}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "timing": timing, "memory": memory}, indent=2))
-    with open(RESULTS / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(timing[0]))
-        w.writeheader()
-        w.writerows(timing)
+    write_csv(RESULTS / f"{stem}.csv", timing, list(timing[0]))
 
 
 if __name__ == "__main__":

@@ -26,9 +26,7 @@ Usage: ``python benchmarks/bench_train.py [--quick] [--skip-default]``; prints M
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,8 +43,8 @@ from mi_crow.store import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_step  # noqa: E402  (the accelerated-ops benchmark's bare step)
+from _common import RESULTS, machine_meta, write_csv  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYER = "layer"
 
 
@@ -285,8 +283,7 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_train_quick" if args.quick else "bench_train"
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
-            "backends": backends(), "case": asdict(case)}
+    meta = {**machine_meta(), "backends": backends(), "case": asdict(case)}
     path = RESULTS / f"{stem}.json"
     # Parts run separately (--skip-overhead / --skip-default) update their own entries only.
     data = json.loads(path.read_text()) if path.exists() else {}
@@ -296,10 +293,7 @@ def main() -> None:
         data.update(meta_default=meta, default_model=default)
     path.write_text(json.dumps(data, indent=2))
     if rows:
-        with open(RESULTS / f"{stem}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[3]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(RESULTS / f"{stem}.csv", rows, list(rows[3]))
 
 
 if __name__ == "__main__":

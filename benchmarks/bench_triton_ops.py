@@ -25,7 +25,6 @@ written).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -36,17 +35,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-@dataclass
-class Shape:
-    batch: int
-    d: int
-    n: int
-    k: int
-    k_aux: int = 256
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, Shape, write_csv  # noqa: E402
 
 FULL = [Shape(4096, 768, 32768, 32), Shape(4096, 2048, 65536, 32)]
 QUICK = [Shape(512, 128, 4096, 32, 64), Shape(257, 96, 2049, 16, 32)]
@@ -210,10 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     (RESULTS / f"bench_triton_ops{suffix}.json").write_text(
         json.dumps({"meta": meta, "status": "measured", "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
     )
-    with open(RESULTS / f"bench_triton_ops{suffix}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    write_csv(RESULTS / f"bench_triton_ops{suffix}.csv", (asdict(r) for r in rows), list(asdict(rows[0])))
     return 0
 
 
