@@ -12,13 +12,7 @@ from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae, eval
 LAYER = 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny shapes: on a shared 2-core machine OpenMP threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hidden_states(lm, texts, max_length):

@@ -18,13 +18,7 @@ from mi_crow.mechanistic.sae import (
 QUIET = {"progress": False, "checkpoint_every": None, "save_sae": False}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These shapes are tiny: on a shared 2-core machine OpenMP threads only spin against each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ planted dictionary
