@@ -26,6 +26,35 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def atomic_write(final: Path, write: Callable[[str], None], *, fsync: bool = False) -> None:
+    """Create ``final`` by calling ``write(tmp)`` on a temporary file beside it, then renaming it into place.
+
+    A crash never leaves a half-written file that looks valid: readers see the old file or the complete new one,
+    and the temporary file is removed on any error. The parent folder is created if needed.
+
+    Args:
+        final: the file to write.
+        write: writes the whole content to the path it is given.
+        fsync: flush the temporary file to disk before the rename.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        # Also on KeyboardInterrupt: the temporary file is not a valid file, never leave it around.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 class LocalStore(Store):
     """Store rooted at a directory; keys map to files below it.
 
@@ -100,22 +129,7 @@ class LocalStore(Store):
         final = self.path(key)
         if final == self.base_path:
             raise ValueError("key must name a file, got the store root ''")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
-        os.close(fd)
-        try:
-            write(tmp)
-            if self.fsync:
-                with open(tmp, "rb+") as handle:
-                    os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            # Also on KeyboardInterrupt: the temporary file is not a valid store file, never leave it around.
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write(final, write, fsync=self.fsync)
         self._fsync_dir(final.parent)
 
     # ------------------------------------------------------------------ primitives

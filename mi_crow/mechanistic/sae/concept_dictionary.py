@@ -15,10 +15,11 @@ import logging
 import numbers
 import operator
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from mi_crow.store.local import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -69,18 +70,11 @@ def check_neuron_index(neuron_idx: Any, n_latents: int, arg: str = "neuron_idx")
 
 def _atomic_write_text(path: Path, text: str) -> None:
     # Write beside the target and rename so that a crash never leaves a half-written file that looks valid.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(path, write)
 
 
 class ConceptDictionary:
