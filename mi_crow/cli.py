@@ -627,7 +627,7 @@ def _print_metrics(metrics: dict[str, Any]) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     # Sized on 2 CPU cores: the default takes about 5 minutes, --quick well under one.
-    tokens = args.tokens if args.tokens is not None else (20_000 if args.quick else 200_000)
+    tokens = args.tokens if args.tokens is not None else (20_000 if args.quick else 150_000)
     max_length = args.max_length or (64 if args.quick else 128)
     eval_texts = 8 if args.quick else 32
     max_new_tokens = args.max_new_tokens or (16 if args.quick else 30)
@@ -842,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     store_arg(p)
     p.add_argument("--layer", help="layer name or block index (default: the middle block)")
-    p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 200000; quick 20000)")
+    p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 150000; quick 20000)")
     p.add_argument("--train-tokens", type=_positive_int, help="SAE training budget (default: 8 epochs of the saved run)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per text (default 128; quick 64)")
     p.add_argument("--n-latents", type=_positive_int, help="SAE latents (default: 8 x layer width)")

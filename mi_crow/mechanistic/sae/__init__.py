@@ -1,6 +1,7 @@
 """TopK sparse autoencoders: the model (`TopKSae`), its training (`SaeTrainer`, `SaeTrainingConfig`), evaluation
 (`evaluate`) and concepts (`AutoencoderConcepts`, in ``concepts.py``)."""
 
+from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_median
 from mi_crow.mechanistic.sae.evaluate import evaluate
@@ -15,6 +16,7 @@ from mi_crow.mechanistic.sae.trainer import (
 )
 
 __all__ = [
+    "AutoencoderConcepts",
     "LossOutput",
     "NonFiniteTrainingError",
     "SaeOutput",
@@ -30,9 +32,3 @@ __all__ = [
     "lr_at_step",
 ]
 
-try:  # concepts.py is written separately; the SAE works without it
-    from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts  # noqa: F401
-except ImportError:
-    pass
-else:
-    __all__.append("AutoencoderConcepts")

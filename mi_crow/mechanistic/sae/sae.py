@@ -148,11 +148,9 @@ class TopKSae(nn.Module, Controller):
 
     # -- construction helpers ---------------------------------------------------------------------------------
     def _make_concepts(self) -> Any:
-        try:
-            from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
-        except ImportError:  # concepts are optional for encoding, decoding and training
-            logger.debug("mi_crow.mechanistic.sae.concepts is not available; concept tracking is off")
-            return None
+        # Imported here: concepts.py refers back to the SAE's attributes, not to this module.
+        from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
+
         return AutoencoderConcepts(self)
 
     @torch.no_grad()
