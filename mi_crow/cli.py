@@ -374,41 +374,60 @@ _STOPWORDS = frozenset(
 )
 
 
-def choose_steering_feature(top_texts: list[list[Any]], stats: "FeatureStats", tokenizer: Any,
-                            min_texts: int = 5) -> tuple[int, str, str] | None:
-    """Pick a feature that is easy to recognise when amplified.
+def steering_candidates(top_texts: list[list[Any]], stats: "FeatureStats", tokenizer: Any,
+                        min_texts: int = 5, limit: int = 6) -> list[tuple[int, str, str]]:
+    """Rank features by how easy they should be to recognise when amplified.
 
     Heuristic: among features that fire on 0.05%-5% of tokens (neither rare noise nor dense) and have at least
-    ``min_texts`` top texts, take the one whose top texts agree most on the firing token, preferring tokens that
-    are content words of 3+ letters (not stopwords); ties go to the more frequent feature.
+    ``min_texts`` top texts, rank by how much their top texts agree on the firing token, preferring tokens that
+    are whole content words of 3+ letters (not stopwords, not word pieces such as "ism"); ties go to the more
+    frequent feature.
 
     Returns:
-        ``(index, token, reason)``, or None when no feature qualifies.
+        Up to ``limit`` tuples ``(index, word, reason)``, best first.
     """
     freq = stats.frequency.tolist()
-    best: tuple[float, int, str, str] | None = None
+    scored: list[tuple[float, int, str, str]] = []
     for idx, records in enumerate(top_texts):
         if len(records) < min_texts or not 5e-4 <= freq[idx] <= 5e-2:
             continue
         words = []
         for r in records:
             try:
-                w = tokenizer.convert_tokens_to_string([r.token]).strip()
+                w = tokenizer.convert_tokens_to_string([r.token])
             except Exception:  # noqa: BLE001 - odd byte tokens: count them as unreadable
                 w = ""
-            words.append(w.lower())
+            # A leading space marks the start of a word; a piece inside a word is not something to look for.
+            words.append(w.strip().lower() if w[:1].isspace() else "")
         word, count = Counter(words).most_common(1)[0]
         agreement = count / len(words)
         # A content word makes the steered text recognisable; "the" or "," would not.
         readable = bool(re.fullmatch(r"[a-z][a-z\-']{2,}", word)) and word not in _STOPWORDS
         score = agreement + (0.5 if readable else 0.0) + freq[idx]
-        if best is None or score > best[0]:
-            reason = (f"{count}/{len(words)} of its top texts fire on the token {word!r}; it fires on "
-                      f"{100 * freq[idx]:.2f}% of tokens")
-            best = (score, idx, word, reason)
-    if best is None:
+        reason = (f"{count}/{len(words)} of its top texts fire on the word {word!r}; it fires on "
+                  f"{100 * freq[idx]:.2f}% of tokens")
+        scored.append((score, idx, word, reason))
+    scored.sort(key=lambda item: -item[0])
+    return [(idx, word, reason) for _, idx, word, reason in scored[:limit]]
+
+
+def choose_steering_feature(lm: "LanguageModel", sae: "TopKSae", layer: str, candidates: list[tuple[int, str, str]],
+                            stats: "FeatureStats", prompt: str, scale: float,
+                            max_new_tokens: int) -> tuple[int, str, str] | None:
+    """Among ``candidates``, the feature whose word shows up most when it is amplified (first on a tie).
+
+    Each candidate is steered once on ``prompt`` (``scale`` x its max activation added at every token); the count
+    of its word in the generated text decides, so the demo shows a feature whose effect a reader can see.
+    """
+    if not candidates:
         return None
-    return best[1], best[2], best[3]
+    best, best_count = candidates[0], -1
+    for idx, word, reason in candidates:
+        _, steered = steer_step(lm, sae, layer, [prompt], idx, scale * float(stats.act_max[idx]), max_new_tokens)
+        count = len(re.findall(rf"\b{re.escape(word)}", steered[0].lower())) if word else 0
+        if count > best_count:
+            best, best_count = (idx, word, f"{reason}; its word appears {count}x when steered"), count
+    return best
 
 
 def steer_step(lm: "LanguageModel", sae: "TopKSae", layer: str, prompts: list[str], neuron: int | str,
@@ -681,7 +700,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _put_cli_info(store, sae_id, eval=metrics)
     _print_metrics(metrics)
     top = sae.concepts.get_top_texts()
-    pick = choose_steering_feature(top, stats, lm.tokenizer)
+    candidates = steering_candidates(top, stats, lm.tokenizer)
+    # Chosen before the report is written so the report names the feature the demo steers.
+    pick = choose_steering_feature(lm, sae, layer, candidates, stats, args.prompt, args.steer_scale,
+                                   min(16, max_new_tokens))
     if pick is not None:
         sae.concepts.name_concept(pick[0], f"'{pick[1]}' detector", notes=f"chosen for the demo's steering: {pick[2]}")
         sae.concepts.save(store, sae_id)
