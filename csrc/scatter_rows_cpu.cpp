@@ -42,7 +42,16 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
     const scalar_t* cp = cf.data_ptr<scalar_t>();  // [B, k]
     scalar_t* op_ = out.data_ptr<scalar_t>();      // [n, d]
     const int64_t* sp = start.data();
-    const int64_t* orderp = order.data();
+    // Contributions in latent order: source row and coefficient, so the inner loop needs no division.
+    std::vector<int64_t> rowq(total);
+    std::vector<acc_t> coefq(total);
+    for (int64_t q = 0; q < total; ++q) {
+      const int64_t p = order[q];
+      rowq[q] = p / k;
+      coefq[q] = static_cast<acc_t>(cp[p]);
+    }
+    const int64_t* rp = rowq.data();
+    const acc_t* cq = coefq.data();
     // Rows of n with no contribution cost only a zero fill; size tasks by the work that does exist.
     const int64_t grain = std::max<int64_t>(64, n * std::max<int64_t>(1, 262144 / std::max<int64_t>(1, d)) /
                                                     std::max<int64_t>(1, B * k));
@@ -58,9 +67,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
         for (int64_t c = 0; c < d; ++c) a[c] = 0;
         const int64_t end_q = sp[i + 1];
         for (int64_t q = sp[i]; q < end_q; ++q) {
-          const int64_t p = orderp[q];
-          if (q + 1 < end_q) prefetch_row(xp + (orderp[q + 1] / k) * d, d);
-          axpy(a, static_cast<acc_t>(cp[p]), xp + (p / k) * d, d);
+          axpy(a, cq[q], xp + rp[q] * d, d);
         }
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);
       }

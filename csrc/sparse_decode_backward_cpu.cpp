@@ -52,6 +52,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
     scalar_t* gwp = grad_W.data_ptr<scalar_t>();       // [n, d]
     const int64_t* sp = start.data();
     const int64_t* orderp = order.data();
+    // Source row of each contribution in latent order, so the inner loop needs no division.
+    const int64_t total = B * k;
+    std::vector<int64_t> rowq(total);
+    for (int64_t q = 0; q < total; ++q) rowq[q] = orderp[q] / k;
+    const int64_t* rp = rowq.data();
     const int64_t grain = std::max<int64_t>(64, n * std::max<int64_t>(1, 131072 / std::max<int64_t>(1, d)) /
                                                     std::max<int64_t>(1, B * k));
     at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
@@ -68,10 +73,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
         const int64_t end_q = sp[i + 1];
         for (int64_t q = sp[i]; q < end_q; ++q) {
           const int64_t p = orderp[q];
-          if (q + 1 < end_q) prefetch_row(gp + (orderp[q + 1] / k) * d, d);
-          const acc_t* g = gp + (p / k) * d;
-          gvp[p] = static_cast<scalar_t>(dot(g, wrow.data(), d));
-          axpy(a, static_cast<acc_t>(vp[p]), g, d);
+          const acc_t* g = gp + rp[q] * d;
+          gvp[p] = static_cast<scalar_t>(dot_axpy(a, static_cast<acc_t>(vp[p]), g, wrow.data(), d));
         }
         for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(a[c]);
       }
