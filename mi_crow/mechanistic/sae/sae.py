@@ -307,23 +307,16 @@ class TopKSae(nn.Module, Controller):
                 f"TopKSae: layer output width {output.shape[-1]} does not match the SAE's n_inputs={self.n_inputs}"
             )
         concepts = self.concepts
-        if (
-            self.mode == "observe"
-            and concepts is not None
-            and not concepts.tracking_enabled
-            and not getattr(concepts, "has_manipulations", True)
-        ):
+        if self.mode == "observe" and not concepts.tracking_enabled and not concepts.has_manipulations:
             return None  # nothing would use the code: skip the encoder entirely
         code = self.encode(output)
-        modified = None
-        if concepts is not None:
-            if concepts.tracking_enabled:
-                concepts.observe(self.inlier_values(output, code.values), code.indices, self.context)
-            modified = concepts.modify_code(code.values, code.indices)
-        if modified is None and self.mode == "observe":
-            return None
         x = output.to(device=self.device, dtype=self.dtype)
         keep = self.inlier_mask(x)
+        if concepts.tracking_enabled:
+            concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
+        modified = concepts.modify_code(code.values, code.indices)
+        if modified is None and self.mode == "observe":
+            return None
         if modified is None:
             new = self.decode(code)
         else:
@@ -347,10 +340,7 @@ class TopKSae(nn.Module, Controller):
         Returns:
             ``[..., k]`` values, zero at outlier tokens (``values`` itself when no factor is set).
         """
-        keep = self.inlier_mask(x)
-        if keep is None:
-            return values
-        return values * keep.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
+        return _zero_outliers(values, self.inlier_mask(x))
 
     def inlier_mask(self, x: Tensor) -> Tensor | None:
         """Tokens the SAE acts on, given `outlier_norm_factor` (None: all of them).
@@ -434,7 +424,7 @@ class TopKSae(nn.Module, Controller):
         """Save weights and configuration to ``sae_models/<sae_id>/`` (atomically, through the store).
 
         Writes ``model.safetensors`` (W_enc, b_enc, W_dec, b_dec: no pickled code) and ``config.json``; the concept
-        dictionary and manipulations too when the concepts object can save itself.
+        dictionary and manipulations too.
 
         Args:
             store: the destination store.
@@ -446,8 +436,7 @@ class TopKSae(nn.Module, Controller):
         folder = sae_key(sae_id)
         store.put_tensors(sae_key(sae_id, MODEL_FILE), self._state_tensors(), metadata={"format": "mi_crow.TopKSae"})
         store.put_json(sae_key(sae_id, CONFIG_FILE), self.config_dict())
-        if self.concepts is not None and hasattr(self.concepts, "save"):
-            self.concepts.save(store, sae_id)
+        self.concepts.save(store, sae_id)
         logger.info("saved SAE to %s", folder)
         return folder
 
@@ -528,7 +517,7 @@ class TopKSae(nn.Module, Controller):
         config = store.get_json(sae_key(sae_id, CONFIG_FILE))
         tensors = store.get_tensors(sae_key(sae_id, MODEL_FILE))
         sae = cls._from_parts(config, tensors, where, device)
-        if sae.concepts is not None and hasattr(sae.concepts, "load") and store.exists(sae_key(sae_id, CONCEPTS_FILE)):
+        if store.exists(sae_key(sae_id, CONCEPTS_FILE)):
             sae.concepts.load(store, sae_id)
         return sae
 
@@ -573,3 +562,10 @@ class TopKSae(nn.Module, Controller):
     def default_lr(self) -> float:
         """OpenAI's learning rate for this dictionary size: ``2e-4 / sqrt(n_latents / 2**14)``."""
         return 2e-4 / math.sqrt(self.n_latents / 2**14)
+
+
+def _zero_outliers(values: Tensor, keep: Tensor | None) -> Tensor:
+    """``values [..., k]`` with the entries of tokens where ``keep [...]`` is False set to 0."""
+    if keep is None:
+        return values
+    return values * keep.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
