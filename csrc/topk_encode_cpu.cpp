@@ -12,6 +12,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -48,60 +50,168 @@ bool mkl_sgemm_packed_available() {
   return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr;
 }
 
-// Running top-`cap` per token row: an unsorted buffer of up to 2 * cap entries and a threshold that a new entry
-// must beat. The threshold is the cap-th best value seen at the last compaction, so it only rises.
+// A candidate (value, latent) as one sortable key, so that selection and sorting compare plain integers.
+// Order: larger value first; among equal values the lower latent index first, as in a stable descending sort.
+// float: one uint64 whose high word is the value's bits mapped to an order-preserving unsigned integer and whose
+// low word is the complemented index (indices fit in 31 bits); -0.0 is folded into +0.0 first, so the two zeros
+// tie as they do under float comparison. double: a (value, index) pair with the same order.
+template <typename acc_t>
+struct Key;
+
+template <>
+struct Key<float> {
+  using type = uint64_t;
+  static type make(float v, int64_t idx) {
+    v += 0.0f;  // -0.0 -> +0.0
+    uint32_t b;
+    std::memcpy(&b, &v, sizeof(b));
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return (static_cast<uint64_t>(b) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(idx));
+  }
+  static float value(type key) {
+    uint32_t b = static_cast<uint32_t>(key >> 32);
+    b = (b & 0x80000000u) ? (b & 0x7FFFFFFFu) : ~b;
+    float v;
+    std::memcpy(&v, &b, sizeof(v));
+    return v;
+  }
+  static int64_t index(type key) { return static_cast<int64_t>(~static_cast<uint32_t>(key)); }
+  // A functor (not a function pointer) so the standard algorithms inline the comparison.
+  struct Better {
+    bool operator()(type a, type b) const { return a > b; }
+  };
+};
+
+template <>
+struct Key<double> {
+  using type = std::pair<double, int64_t>;
+  static type make(double v, int64_t idx) { return {v, idx}; }
+  static double value(const type& key) { return key.first; }
+  static int64_t index(const type& key) { return key.second; }
+  struct Better {
+    bool operator()(const type& a, const type& b) const {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    }
+  };
+};
+
+// Moves the `want` best of the distinct keys keys[0, m) to keys[0, want), in no particular order. tmp: scratch of
+// 4 * m keys. Quickselect whose partition pass is branch-free (AVX-512 compare + compress, eight keys per
+// instruction); the standard nth_element's branchy partition mispredicts on every other element of random data.
+inline void select_best(uint64_t* keys, int64_t m, int64_t want, uint64_t* tmp) {
+  if (want <= 0 || want >= m) return;
+#if defined(MI_CROW_AVX512)
+  const uint64_t* cur = keys;
+  int64_t len = m, need = want, done = 0;  // keys[0, done) are known to be among the best; need more from cur
+  for (int round = 0;; round ^= 1) {
+    uint64_t* gt = tmp + round * 2 * m;  // this round's output region: keys above the pivot, then keys below it
+    uint64_t* lt = gt + m;
+    // Median of three as pivot; all keys are distinct, so the pivot is exactly one key.
+    uint64_t a = cur[0], b = cur[len / 2], c = cur[len - 1];
+    const uint64_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    const __m512i vp = _mm512_set1_epi64(static_cast<long long>(pivot));
+    int64_t ng = 0, nl = 0;
+    for (int64_t i = 0; i < len; i += 8) {
+      const __mmask8 tail = len - i >= 8 ? __mmask8(0xFF) : __mmask8((1u << (len - i)) - 1);
+      const __m512i v = _mm512_maskz_loadu_epi64(tail, cur + i);
+      const __mmask8 mg = _mm512_mask_cmpgt_epu64_mask(tail, v, vp);
+      const __mmask8 ml = _mm512_mask_cmplt_epu64_mask(tail, v, vp);
+      _mm512_mask_compressstoreu_epi64(gt + ng, mg, v);
+      _mm512_mask_compressstoreu_epi64(lt + nl, ml, v);
+      ng += __builtin_popcount(mg);
+      nl += __builtin_popcount(ml);
+    }
+    if (ng >= need) {
+      if (ng == need) {
+        std::copy(gt, gt + ng, keys + done);
+        return;
+      }
+      cur = gt;
+      len = ng;
+    } else {
+      std::copy(gt, gt + ng, keys + done);
+      done += ng;
+      keys[done++] = pivot;
+      need -= ng + 1;
+      if (need == 0) return;
+      cur = lt;
+      len = nl;
+    }
+  }
+#else
+  std::nth_element(keys, keys + (want - 1), keys + m, std::greater<uint64_t>());
+#endif
+}
+
+// Running top-`cap` per token row: an unsorted buffer of up to 2 * cap keys and a threshold that a new entry must
+// beat. The threshold is the cap-th best value seen at the last compaction, so it only rises.
 template <typename acc_t>
 struct RowBuffers {
+  using K = Key<acc_t>;
+  using key_t = typename K::type;
   int64_t cap = 0, cap2 = 0;
-  std::vector<acc_t> val;
-  std::vector<int64_t> idx;
+  std::vector<key_t> keys;
   std::vector<int64_t> count;
   std::vector<acc_t> thr;
 
   void init(int64_t rows, int64_t capacity) {
     cap = capacity;
     cap2 = 2 * capacity;
-    val.assign(rows * cap2, acc_t(0));
-    idx.assign(rows * cap2, 0);
+    keys.assign(rows * cap2, key_t{});
     count.assign(rows, 0);
     thr.assign(rows, -std::numeric_limits<acc_t>::infinity());
   }
 
   acc_t threshold(int64_t r) const { return thr[r]; }
 
-  // Adds the candidates of one tile (each beats threshold(r)).
-  void merge(int64_t r, const acc_t* cv, const int32_t* ci, int64_t c, std::vector<std::pair<acc_t, int64_t>>& tmp) {
-    if (c == 0) return;
-    acc_t* bv = val.data() + r * cap2;
-    int64_t* bi = idx.data() + r * cap2;
+  // Adds the candidates of one tile (each beats threshold(r); cv/ci are scratch and may be reordered). When the
+  // buffer overflows, one selection keeps the best cap keys and raises the threshold.
+  void merge(int64_t r, acc_t* cv, int32_t* ci, int64_t c, std::vector<uint64_t>& scratch) {
+    key_t* bk = keys.data() + r * cap2;
     int64_t& cnt = count[r];
-    if (cnt + c <= cap2) {
-      for (int64_t q = 0; q < c; ++q) {
-        bv[cnt + q] = cv[q];
-        bi[cnt + q] = ci[q];
+    int64_t q = 0;
+    while (q < c) {
+      const int64_t take = std::min(c - q, cap2 - cnt);
+      for (int64_t t = 0; t < take; ++t) bk[cnt + t] = K::make(cv[q + t], ci[q + t]);
+      cnt += take;
+      q += take;
+      if (cnt == cap2 && q < c) {
+        compact(r, scratch);
+        // Entries of this tile that no longer beat the raised threshold need not be added.
+        const acc_t t = thr[r];
+        int64_t w = q;
+        for (int64_t p = q; p < c; ++p) {
+          if (cv[p] > t) {
+            cv[w] = cv[p];
+            ci[w++] = ci[p];
+          }
+        }
+        c = w;
       }
-      cnt += c;
-      return;
     }
-    tmp.clear();
-    for (int64_t q = 0; q < cnt; ++q) tmp.emplace_back(bv[q], bi[q]);
-    for (int64_t q = 0; q < c; ++q) tmp.emplace_back(cv[q], ci[q]);
-    // Best first; among equal values the lower latent index wins, as in a stable descending sort.
-    std::nth_element(tmp.begin(), tmp.begin() + (cap - 1), tmp.end(), [](const auto& a, const auto& b) {
-      return a.first > b.first || (a.first == b.first && a.second < b.second);
-    });
-    for (int64_t q = 0; q < cap; ++q) {
-      bv[q] = tmp[q].first;
-      bi[q] = tmp[q].second;
-    }
-    cnt = cap;
-    // Later tiles hold higher latent indices, so an equal value would lose the tie: strict > is exact.
-    thr[r] = tmp[cap - 1].first;
+    if (cnt == cap2) compact(r, scratch);
   }
 
-  // Appends row r's kept entries to `out`.
-  void collect(int64_t r, std::vector<std::pair<acc_t, int64_t>>& out) const {
-    for (int64_t q = 0; q < count[r]; ++q) out.emplace_back(val[r * cap2 + q], idx[r * cap2 + q]);
+  // Keeps the best cap keys of row r and sets its threshold to the cap-th best value.
+  void compact(int64_t r, std::vector<uint64_t>& scratch) {
+    key_t* bk = keys.data() + r * cap2;
+    key_t worst;
+    if constexpr (std::is_same_v<key_t, uint64_t>) {
+      if (static_cast<int64_t>(scratch.size()) < 4 * count[r]) scratch.resize(4 * count[r]);
+      select_best(bk, count[r], cap, scratch.data());
+      worst = *std::min_element(bk, bk + cap);
+    } else {
+      std::nth_element(bk, bk + (cap - 1), bk + count[r], typename K::Better());
+      worst = bk[cap - 1];
+    }
+    count[r] = cap;
+    // Later tiles hold higher latent indices, so an equal value would lose the tie: strict > is exact.
+    thr[r] = K::value(worst);
+  }
+
+  // Appends row r's kept keys to `out`.
+  void collect(int64_t r, std::vector<key_t>& out) const {
+    out.insert(out.end(), keys.begin() + r * cap2, keys.begin() + r * cap2 + count[r]);
   }
 };
 
@@ -110,7 +220,7 @@ template <typename acc_t>
 struct Candidates {
   std::vector<acc_t> val, aval;
   std::vector<int32_t> idx, aidx;
-  std::vector<std::pair<acc_t, int64_t>> tmp;
+  std::vector<uint64_t> keys;  // selection scratch
   explicit Candidates(int64_t len) : val(len + 16), aval(len + 16), idx(len + 16), aidx(len + 16) {}
 };
 
@@ -170,8 +280,8 @@ void scan_range(const acc_t* tile, const acc_t* bias, int64_t j0, int64_t j1, in
       ai[ca++] = static_cast<int32_t>(lat0 + j);
     }
   }
-  main.merge(r, cv, ci, c, cand.tmp);
-  if (aux) aux->merge(r, av, ai, ca, cand.tmp);
+  main.merge(r, cv, ci, c, cand.keys);
+  if (aux) aux->merge(r, av, ai, ca, cand.keys);
 }
 
 template <typename acc_t>
@@ -299,17 +409,24 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
   scalar_t* avp = use_aux ? aux_values.data_ptr<scalar_t>() : nullptr;  // [B, k_aux]
   int64_t* aip = use_aux ? aux_indices.data_ptr<int64_t>() : nullptr;   // [B, k_aux]
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<acc_t, int64_t>> all;
+    using K = Key<acc_t>;
+    std::vector<typename K::type> all;
+    std::vector<uint64_t> scratch;
     auto emit = [&](std::vector<RowBuffers<acc_t>>& bufs, int64_t r, int64_t cap, scalar_t* ov, int64_t* oi) {
       all.clear();
       for (auto& b : bufs) b.collect(r, all);
-      std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
-        return a.first > b.first || (a.first == b.first && a.second < b.second);
-      });
       const int64_t have = std::min<int64_t>(cap, static_cast<int64_t>(all.size()));
+      if constexpr (std::is_same_v<typename K::type, uint64_t>) {
+        if (scratch.size() < 4 * all.size()) scratch.resize(4 * all.size());
+        select_best(all.data(), static_cast<int64_t>(all.size()), have, scratch.data());
+      } else if (have < static_cast<int64_t>(all.size())) {
+        std::nth_element(all.begin(), all.begin() + (have - 1), all.end(), typename K::Better());
+      }
+      std::sort(all.begin(), all.begin() + have, typename K::Better());
       for (int64_t q = 0; q < have; ++q) {
-        ov[q] = static_cast<scalar_t>(all[q].first > acc_t(0) ? all[q].first : acc_t(0));
-        oi[q] = all[q].second;
+        const acc_t v = K::value(all[q]);
+        ov[q] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        oi[q] = K::index(all[q]);
       }
       // Fewer candidates than slots (only possible for the aux code): pad with value 0 and index 0.
       for (int64_t q = have; q < cap; ++q) {
