@@ -10,11 +10,15 @@ One optimizer step on a batch ``x [B, d]``:
    top-``k_aux`` *dead* latents, ``e_hat = sparse_decode(aux code, W_dec, 0)``, and
    ``auxk = sum((e - e_hat)^2) / sum((e - mean(e))^2)``; its gradient reaches the encoder through the aux values and
    the decoder through the dead rows. ``loss = fvu + auxk_coef * auxk``;
-4. the decoder-weight gradient loses its component along each (unit-norm) row, Adam steps, rows are renormalised;
+4. during backward, as soon as each gradient is complete (`step_in_backward`): the decoder-weight gradient loses
+   its component along each (unit-norm) row, Adam steps that parameter, its gradient is freed and the rows are
+   renormalised -- so at most one dense weight gradient is alive at a time;
 5. dead-latent counters: tokens since each latent was last active; dead = at least ``dead_window_tokens``.
 
 Every data-dependent reduction goes through `SaeTrainer._all_reduce_sum` / `_all_reduce_max`, the two places where
 a ``torch.distributed.all_reduce`` goes for data-parallel training (identity for ``world_size == 1``).
+Because parameters are stepped inside backward, a data-parallel version must also all-reduce each gradient in
+the ``before_step`` hook of `step_in_backward`, before that parameter's step.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor
 from mi_crow import ops
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_median
+from mi_crow.mechanistic.sae.optim import step_in_backward
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.sae import TopKSae
@@ -316,9 +321,10 @@ class SaeTrainer:
     ) -> LossOutput | None:
         """One optimizer step on one batch, without any data handling.
 
-        Sets the learning rate, computes the losses (AuxK over the latents dead by ``dead_window_tokens``), backward,
-        removes the decoder gradient's component along the rows, steps Adam, renormalises the rows and updates the
-        dead-latent counters.
+        Sets the learning rate, computes the losses (AuxK over the latents dead by ``dead_window_tokens``) and runs
+        backward, during which each parameter is stepped as soon as its gradient is complete (the decoder gradient
+        first loses its component along the rows, and the rows are renormalised after their step); then updates
+        the dead-latent counters. Gradients are freed as they are used: none is left on the parameters.
 
         Args:
             x: ``[B, n_inputs]`` finite batch in the SAE's dtype and device.
@@ -345,12 +351,15 @@ class SaeTrainer:
         if not bool(torch.isfinite(out.loss)):
             return None
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        # Each parameter is stepped as soon as its gradient is complete, and the gradient freed: the decoder
+        # (projected, stepped, renormalised) before the encoder's gradient exists, so at most one dense
+        # [n_latents, d_in] gradient is alive at a time. The update equals a plain backward-then-step.
+        before, after = {}, {}
         if config.normalize_decoder:
-            self._remove_parallel_grad()
-        optimizer.step()
-        if config.normalize_decoder:
-            sae.normalize_decoder_()
+            before[sae.W_dec] = lambda _p: self._remove_parallel_grad()
+            after[sae.W_dec] = lambda _p: sae.normalize_decoder_()
+        with step_in_backward(optimizer, before_step=before, after_step=after):
+            out.loss.backward()
         with torch.no_grad():
             self.tokens_since_fired.add_(out.tokens)
             self.tokens_since_fired.masked_fill_(out.fired, 0)
