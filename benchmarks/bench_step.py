@@ -8,13 +8,15 @@ warm-up):
 * ``(a) naive dense step``: dense pre-activations, ``torch.topk``, dense code, dense decode, autograd;
 * ``sparsify-style step``: dense pre-activations + ``torch.topk``, ``embedding_bag`` decode (autograd backward);
 * ``floor``: encoder product + ``torch.topk`` + the fused Adam step on ready gradients (no decode, no backward);
-* ``mi_crow step fp32`` / ``bf16 encoder`` / ``AuxK`` (k_aux = 256, half of the latents dead).
+* ``mi_crow step fp32`` / ``bf16 encoder`` / ``AuxK`` (k_aux = 256, half of the latents dead), stepped as
+  `SaeTrainer` steps: Adam updates each parameter inside backward as soon as its gradient is complete
+  (`step_in_backward`), so at most one dense weight gradient is alive. The baselines step after backward.
 
 Before timing, every step variant's loss and gradients are checked against the dense autograd step on a slice of
 the batch. Memory is measured in a fresh subprocess per case from the kernel's peak-RSS counter (VmHWM, reset
-through ``/proc/self/clear_refs``): the step's peak above the resident parameters + gradients + Adam state, and
-the same with the gradients counted as step memory. Full mode also trains a d=768, n=262144 SAE for two steps
-and reports the whole process's peak RSS.
+through ``/proc/self/clear_refs``): the step's peak above the resident parameters + Adam state (gradients count
+as step memory: none outlives a step), and the same minus the size of all gradients (as if they were resident
+state). Full mode also trains a d=768, n=262144 SAE for two steps and reports the whole process's peak RSS.
 
 Usage: ``python benchmarks/bench_step.py [--quick]``; prints a Markdown table and writes
 ``benchmarks/results/bench_step[_quick].json`` and ``.csv``.
@@ -33,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mi_crow.mechanistic.sae.optim import step_in_backward
 from mi_crow.ops import backends, sparse_decode, topk_encode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,10 +107,18 @@ def loss_sparsify(sae: Sae, x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def train_step(sae: Sae, loss_fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """A plain step: backward, then Adam on all gradients (the baselines)."""
     loss = loss_fn(sae, *args, **kwargs)
     loss.backward()
     sae.opt.step()
     sae.opt.zero_grad(set_to_none=True)
+
+
+def train_step_in_backward(sae: Sae, loss_fn, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """mi_crow's step, as SaeTrainer takes it: Adam steps each parameter inside backward (`step_in_backward`)."""
+    loss = loss_fn(sae, *args, **kwargs)
+    with step_in_backward(sae.opt):
+        loss.backward()
 
 
 def floor_step(sae: Sae, x: torch.Tensor, k: int, grads: list[torch.Tensor]) -> None:
@@ -169,11 +180,12 @@ def time_shape(shape: Shape, quick: bool) -> list[dict]:
     sae.opt.zero_grad(set_to_none=True)
     rows.append(("(a) naive dense step", median_seconds(lambda: train_step(sae, loss_dense, x, shape.k), min_run)))
     rows.append(("sparsify-style step", median_seconds(lambda: train_step(sae, loss_sparsify, x, shape.k), min_run)))
-    rows.append(("mi_crow step fp32", median_seconds(lambda: train_step(sae, loss_fast, x, shape.k), min_run)))
+    rows.append(("mi_crow step fp32", median_seconds(lambda: train_step_in_backward(sae, loss_fast, x, shape.k), min_run)))
     rows.append(("mi_crow step bf16 encoder",
-                 median_seconds(lambda: train_step(sae, loss_fast, x, shape.k, torch.bfloat16), min_run)))
+                 median_seconds(lambda: train_step_in_backward(sae, loss_fast, x, shape.k, torch.bfloat16), min_run)))
     rows.append((f"mi_crow step AuxK (k_aux={shape.k_aux}, 1/2 dead)",
-                 median_seconds(lambda: train_step(sae, loss_fast, x, shape.k, dead=dead, k_aux=shape.k_aux), min_run)))
+                 median_seconds(lambda: train_step_in_backward(sae, loss_fast, x, shape.k, dead=dead, k_aux=shape.k_aux),
+                                min_run)))
     dense = dict(rows)["(a) naive dense step"]
     out = []
     for name, t in rows:
@@ -205,14 +217,14 @@ def memory_child(shape: Shape, variant: str) -> dict:
     sae = Sae(shape)
     kwargs = {"fp32": {}, "bf16": {"encode_dtype": torch.bfloat16},
               "auxk": {"dead": dead, "k_aux": shape.k_aux}}.get(variant)
-    fn = loss_dense if variant == "dense" else loss_fast
+    fn, step = (loss_dense, train_step) if variant == "dense" else (loss_fast, train_step_in_backward)
     if variant == "dense":
         kwargs = {}
-    train_step(sae, fn, x, shape.k, **kwargs)  # creates the Adam state
+    step(sae, fn, x, shape.k, **kwargs)  # creates the Adam state
     base = _rss_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (peak RSS) to the current RSS
-    train_step(sae, fn, x, shape.k, **kwargs)
+    step(sae, fn, x, shape.k, **kwargs)
     peak = _rss_bytes("VmHWM")
     grad_bytes = sae.state_bytes(True) - sae.state_bytes(False)
     bn = shape.batch * shape.n * 4
