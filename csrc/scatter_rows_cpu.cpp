@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "hugepages.h"
 #include "vec.h"
 
 namespace mi_crow {
@@ -28,6 +29,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
   auto idx = indices.contiguous();
   check_indices(op, idx, n);
   auto out = at::empty({n, d}, x.options());
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   if (n == 0 || d == 0) return out;
 
   const int64_t total = B * k;

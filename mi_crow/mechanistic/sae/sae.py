@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 import mi_crow
 from mi_crow import ops
+from mi_crow.ops.memory import empty_huge
 from mi_crow.hooks import Controller, HookType
 
 if TYPE_CHECKING:
@@ -131,9 +132,9 @@ class TopKSae(nn.Module, Controller):
         self.n_inputs = n_inputs
         self.k = k
         self.mode = mode
-        self.W_enc = nn.Parameter(torch.empty(n_latents, n_inputs, device=device, dtype=dtype))
+        self.W_enc = nn.Parameter(empty_huge(n_latents, n_inputs, device=device, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(n_latents, device=device, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.empty(n_latents, n_inputs, device=device, dtype=dtype))
+        self.W_dec = nn.Parameter(empty_huge(n_latents, n_inputs, device=device, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(n_inputs, device=device, dtype=dtype))
         self.reset_parameters()
         # What the SAE was trained on; written to config.json by `save`.
