@@ -7,7 +7,10 @@ Per shape, in one process, timed with ``torch.utils.benchmark.Timer.blocked_auto
 * ``sparse_decode`` against the dense decode ``Z @ W_dec`` (``Z`` the dense ``[B, n]`` code) -- the issue's
   "sparse decode at least 20x faster than dense decode at n = 32768" -- and against the ``embedding_bag`` reference;
 * the backward pieces ``gather_dot``, ``scatter_rows`` and the fused ``sparse_decode_backward`` against their
-  references and the dense products that autograd would run (``G @ W_dec.T`` gathered, ``Z.T @ G``).
+  references and the dense products that autograd would run (``G @ W_dec.T`` gathered, ``Z.T @ G``);
+* the AuxK step's decoder backward (main code k and aux code k_aux = 256 from the encoder's dead-latent top-k):
+  ``sparse_decode_with_aux_backward`` (one pass, one decoder gradient) against two ``sparse_decode_backward``
+  calls and the add of their two ``[n, d]`` gradients.
 
 Every op's output is checked against its reference before it is timed.
 
@@ -25,7 +28,13 @@ from pathlib import Path
 import torch
 
 import mi_crow.ops as ops
-from mi_crow.ops import gather_dot_ref, scatter_rows_ref, sparse_decode_ref, topk_encode_ref
+from mi_crow.ops import (
+    gather_dot_ref,
+    scatter_rows_ref,
+    sparse_decode_ref,
+    sparse_decode_with_aux_backward_ref,
+    topk_encode_ref,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, Shape, machine_meta, markdown, median_seconds, write_csv  # noqa: E402
@@ -49,6 +58,7 @@ def run_shape(s: Shape, quick: bool) -> list[dict]:
     b_dec = torch.randn(s.d, generator=g) * 0.01
     dead = torch.rand(s.n, generator=g) < 0.5
     grad = torch.randn(s.batch, s.d, generator=g)
+    aux_grad = torch.randn(s.batch, s.d, generator=g)
     xb, Wb, beb, bdb = (t.bfloat16() for t in (x, W, b_enc, b_dec))
 
     # Correctness gate (sorted values and decoded output do not depend on tie order).
@@ -63,7 +73,18 @@ def run_shape(s: Shape, quick: bool) -> list[dict]:
     _close(torch.ops.mi_crow.scatter_rows(v, idx, grad, s.n), scatter_rows_ref(v, idx, grad, s.n), "scatter_rows")
     fused = torch.ops.mi_crow.sparse_decode_backward(grad, v, idx, W)
     _close(fused[1], Z.t() @ grad, "sparse_decode_backward (grad W)")
+    av, aidx = code.aux_values, code.aux_indices
+    with_aux = torch.ops.mi_crow.sparse_decode_with_aux_backward(grad, v, idx, aux_grad, av, aidx, W)
+    for got, want, what in zip(with_aux, sparse_decode_with_aux_backward_ref(grad, v, idx, aux_grad, av, aidx, W),
+                               ("grad values", "aux grad values", "grad W")):
+        _close(got, want, f"sparse_decode_with_aux_backward ({what})")
 
+    def two_backwards_and_add() -> tuple[torch.Tensor, ...]:
+        gv, gw = torch.ops.mi_crow.sparse_decode_backward(grad, v, idx, W)
+        agv, agw = torch.ops.mi_crow.sparse_decode_backward(aux_grad, av, aidx, W)
+        return gv, agv, gw + agw
+
+    aux_group = f"grad values + W_dec, main + AuxK {s.k_aux}"
     cases: list[tuple[str, str, object]] = [
         ("encode", "x @ W_enc.T fp32 (c)", lambda: x @ W.t()),
         ("encode", "reference: dense pre + torch.topk", lambda: topk_encode_ref(x, W, b_enc, b_dec, s.k, None, 0)),
@@ -83,6 +104,9 @@ def run_shape(s: Shape, quick: bool) -> list[dict]:
         ("grad W_dec", "mi_crow scatter_rows", lambda: torch.ops.mi_crow.scatter_rows(v, idx, grad, s.n)),
         ("grad values + W_dec", "mi_crow sparse_decode_backward",
          lambda: torch.ops.mi_crow.sparse_decode_backward(grad, v, idx, W)),
+        (aux_group, "mi_crow sparse_decode_backward x2 + add", two_backwards_and_add),
+        (aux_group, "mi_crow sparse_decode_with_aux_backward",
+         lambda: torch.ops.mi_crow.sparse_decode_with_aux_backward(grad, v, idx, aux_grad, av, aidx, W)),
     ]
     times = {(grp, name): median_seconds(fn, min_run) for grp, name, fn in cases}
     # The fused backward replaces gather_dot + scatter_rows, so it is compared with the dense pair of products.
@@ -90,6 +114,8 @@ def run_shape(s: Shape, quick: bool) -> list[dict]:
     for (grp, _), t in times.items():
         first.setdefault(grp, t)
     first["grad values + W_dec"] = first["grad values"] + first["grad W_dec"]
+    # The dense products cost the same whatever k, so two codes are twice the pair (the add left out).
+    first[aux_group] = 2 * first["grad values + W_dec"]
     rows = []
     for (grp, name), t in times.items():
         rows.append({

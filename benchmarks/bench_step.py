@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from mi_crow.mechanistic.sae.optim import step_in_backward
-from mi_crow.ops import backends, sparse_decode, topk_encode
+from mi_crow.ops import backends, sparse_decode, sparse_decode_with_aux, topk_encode
 from mi_crow.ops.memory import empty_huge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,13 +78,16 @@ def loss_fast(sae: Sae, x: torch.Tensor, k: int, encode_dtype: torch.dtype = tor
               dead: torch.Tensor | None = None, k_aux: int = 0) -> torch.Tensor:
     W_enc = sae.W_enc if encode_dtype == torch.float32 else sae.W_enc.to(encode_dtype)
     code = topk_encode(x.to(encode_dtype), W_enc, sae.b_enc, sae.b_dec, k, dead, k_aux)
-    x_hat = sparse_decode(code.values, code.indices, sae.W_dec, sae.b_dec)
+    if code.aux_values is None:
+        x_hat = sparse_decode(code.values, code.indices, sae.W_dec, sae.b_dec)
+        return (x_hat - x).pow(2).sum(-1).mean()
+    # AuxK: both decodes in one op, whose backward gives W_dec a single gradient (one pass over its rows).
+    x_hat, e_hat = sparse_decode_with_aux(
+        code.values, code.indices, code.aux_values, code.aux_indices, sae.W_dec, sae.b_dec
+    )
     loss = (x_hat - x).pow(2).sum(-1).mean()
-    if code.aux_values is not None:
-        e = (x - x_hat).detach()
-        e_hat = sparse_decode(code.aux_values, code.aux_indices, sae.W_dec, torch.zeros_like(sae.b_dec))
-        loss = loss + (e_hat - e).pow(2).sum(-1).mean() / 32
-    return loss
+    e = (x - x_hat).detach()
+    return loss + (e_hat - e).pow(2).sum(-1).mean() / 32
 
 
 def loss_dense(sae: Sae, x: torch.Tensor, k: int, dead: torch.Tensor | None = None, k_aux: int = 0) -> torch.Tensor:

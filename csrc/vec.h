@@ -123,6 +123,61 @@ inline acc_t dot_axpy(acc_t* a, acc_t coef, const acc_t* g, const acc_t* w, int6
   return s;
 }
 
+// dot_axpy for R gradient rows against the same decoder row w: a[0..d) += coef[0] * g[0][0..d), then
+// += coef[1] * g[1][0..d), ... (a gets the same roundings per element as from R dot_axpy calls in that order), and
+// s[r] = <g[r], w> (two partial sums, so s[r] does not depend on R or r). The accumulator is loaded and stored once
+// for all R rows, and R independent row streams are in flight at once, which is what a pass bound by reading
+// scattered gradient rows needs.
+template <int R, typename acc_t>
+inline void dot_axpy_rows(acc_t* a, const acc_t* coef, const acc_t* const* g, const acc_t* w, int64_t d, acc_t* s) {
+  int64_t c = 0;
+  for (int r = 0; r < R; ++r) s[r] = 0;
+#if defined(MI_CROW_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m512 vc[R], p0[R], p1[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      vc[r] = _mm512_set1_ps(coef[r]);
+      p0[r] = _mm512_setzero_ps();
+      p1[r] = _mm512_setzero_ps();
+    }
+    for (; c + 32 <= d; c += 32) {
+      const __m512 w0 = _mm512_loadu_ps(w + c), w1 = _mm512_loadu_ps(w + c + 16);
+      __m512 a0 = _mm512_loadu_ps(a + c), a1 = _mm512_loadu_ps(a + c + 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 x0 = _mm512_loadu_ps(g[r] + c), x1 = _mm512_loadu_ps(g[r] + c + 16);
+        p0[r] = _mm512_fmadd_ps(x0, w0, p0[r]);
+        p1[r] = _mm512_fmadd_ps(x1, w1, p1[r]);
+        a0 = _mm512_fmadd_ps(vc[r], x0, a0);
+        a1 = _mm512_fmadd_ps(vc[r], x1, a1);
+      }
+      _mm512_storeu_ps(a + c, a0);
+      _mm512_storeu_ps(a + c + 16, a1);
+    }
+    for (; c + 16 <= d; c += 16) {
+      const __m512 w0 = _mm512_loadu_ps(w + c);
+      __m512 a0 = _mm512_loadu_ps(a + c);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const __m512 x0 = _mm512_loadu_ps(g[r] + c);
+        p0[r] = _mm512_fmadd_ps(x0, w0, p0[r]);
+        a0 = _mm512_fmadd_ps(vc[r], x0, a0);
+      }
+      _mm512_storeu_ps(a + c, a0);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) s[r] = _mm512_reduce_add_ps(_mm512_add_ps(p0[r], p1[r]));
+  }
+#endif
+  for (; c < d; ++c) {
+    for (int r = 0; r < R; ++r) {
+      s[r] += g[r][c] * w[c];
+      a[c] += coef[r] * g[r][c];
+    }
+  }
+}
+
 // dst[0..len) = float(src[0..len))
 template <typename scalar_t, typename acc_t>
 inline void widen(const scalar_t* src, acc_t* dst, int64_t len) {

@@ -60,6 +60,28 @@ def _check_device(fn: str, ref: Tensor, **tensors: Tensor | None) -> None:
             raise ValueError(f"{fn}: {name} is on {t.device} but the other tensors are on {ref.device}")
 
 
+def _check_code(fn: str, prefix: str, values: object, indices: object) -> None:
+    # A sparse code: float values [tokens, k] and int64 indices of the same shape; prefix is "" or "aux_".
+    v = _check_tensor(fn, f"{prefix}values", values, 2)
+    i = _check_tensor(fn, f"{prefix}indices", indices, 2)
+    _check_float(fn, f"{prefix}values", v)
+    if i.dtype != torch.int64:
+        raise TypeError(f"{fn}: {prefix}indices must have dtype torch.int64, got {i.dtype}")
+    if i.shape != v.shape:
+        raise ValueError(
+            f"{fn}: {prefix}indices must have the shape of {prefix}values {tuple(v.shape)}, got {tuple(i.shape)}"
+        )
+
+
+def _check_index_range(fn: str, name: str, indices: Tensor, n: int) -> None:
+    # On CPU only: on an accelerator it would force a device sync on every call.
+    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"{fn}: {name} must lie in [0, {n}) (n_latents of W_dec), got {bad}")
+
+
 def topk_encode(
     x: Tensor,
     W_enc: Tensor,
@@ -151,31 +173,81 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
         ``[tokens, d_in]`` reconstruction in ``W_dec.dtype``.
     """
     fn = "sparse_decode"
-    _check_tensor(fn, "values", values, 2)
-    _check_tensor(fn, "indices", indices, 2)
+    _check_code(fn, "", values, indices)
     _check_tensor(fn, "W_dec", W_dec, 2)
     _check_tensor(fn, "b_dec", b_dec, 1)
-    for name, t in (("values", values), ("W_dec", W_dec), ("b_dec", b_dec)):
+    for name, t in (("W_dec", W_dec), ("b_dec", b_dec)):
         _check_float(fn, name, t)
-    if indices.dtype != torch.int64:
-        raise TypeError(f"{fn}: indices must have dtype torch.int64, got {indices.dtype}")
-    if indices.shape != values.shape:
-        raise ValueError(
-            f"{fn}: indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}"
-        )
     if b_dec.shape[0] != W_dec.shape[1]:
         raise ValueError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
     _check_device(fn, W_dec, values=values, indices=indices, b_dec=b_dec)
-    # Range check on CPU only: on an accelerator it would force a device sync on every call.
-    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < 0 or hi >= W_dec.shape[0]:
-            bad = lo if lo < 0 else hi
-            raise ValueError(
-                f"{fn}: indices must lie in [0, {W_dec.shape[0]}) (n_latents of W_dec), got {bad}"
-            )
+    _check_index_range(fn, "indices", indices, W_dec.shape[0])
     if values.dtype != W_dec.dtype:
         values = values.to(W_dec.dtype)
     if b_dec.dtype != W_dec.dtype:
         b_dec = b_dec.to(W_dec.dtype)
     return torch.ops.mi_crow.sparse_decode(values, indices, W_dec, b_dec)
+
+
+class DecodeWithAux(NamedTuple):
+    """The two reconstructions of an AuxK step.
+
+    Attributes:
+        x_hat: ``[tokens, d_in]`` decode of the main code, with the decoder bias.
+        aux_hat: ``[tokens, d_in]`` decode of the auxiliary code, without the bias (it reconstructs a residual).
+    """
+
+    x_hat: Tensor
+    aux_hat: Tensor
+
+
+def sparse_decode_with_aux(
+    values: Tensor, indices: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor, b_dec: Tensor
+) -> DecodeWithAux:
+    """Decode a main and an auxiliary (AuxK) code with one decoder, with one decoder gradient for both.
+
+    ``x_hat[b] = b_dec + sum_j values[b, j] * W_dec[indices[b, j]]`` and
+    ``aux_hat[b] = sum_j aux_values[b, j] * W_dec[aux_indices[b, j]]``: the same numbers as two
+    :func:`sparse_decode` calls (the second with a zero bias). The difference is the backward: one fused op
+    visits each decoder row once for the slots of both codes and writes a single ``[n_latents, d_in]`` gradient,
+    where two decodes would build two dense gradients and add them. Values and ``b_dec`` are cast to
+    ``W_dec.dtype``. Differentiable w.r.t. ``values``, ``aux_values``, ``W_dec`` and ``b_dec``.
+
+    Args:
+        values: ``[tokens, k]`` main code values.
+        indices: ``[tokens, k]`` int64 latent indices in ``[0, n_latents)``.
+        aux_values: ``[tokens, k_aux]`` auxiliary code values (``k_aux`` may be 0).
+        aux_indices: ``[tokens, k_aux]`` int64 latent indices in ``[0, n_latents)``.
+        W_dec: ``[n_latents, d_in]`` decoder weight.
+        b_dec: ``[d_in]`` decoder bias (added to ``x_hat`` only).
+
+    Returns:
+        :class:`DecodeWithAux` ``(x_hat, aux_hat)``, both ``[tokens, d_in]`` in ``W_dec.dtype``.
+    """
+    fn = "sparse_decode_with_aux"
+    _check_code(fn, "", values, indices)
+    _check_code(fn, "aux_", aux_values, aux_indices)
+    _check_tensor(fn, "W_dec", W_dec, 2)
+    _check_tensor(fn, "b_dec", b_dec, 1)
+    for name, t in (("W_dec", W_dec), ("b_dec", b_dec)):
+        _check_float(fn, name, t)
+    if aux_values.shape[0] != values.shape[0]:
+        raise ValueError(
+            f"{fn}: aux_values must have {values.shape[0]} rows (the tokens of values), "
+            f"got shape {tuple(aux_values.shape)}"
+        )
+    if b_dec.shape[0] != W_dec.shape[1]:
+        raise ValueError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
+    _check_device(
+        fn, W_dec, values=values, indices=indices, aux_values=aux_values, aux_indices=aux_indices, b_dec=b_dec
+    )
+    _check_index_range(fn, "indices", indices, W_dec.shape[0])
+    _check_index_range(fn, "aux_indices", aux_indices, W_dec.shape[0])
+    if values.dtype != W_dec.dtype:
+        values = values.to(W_dec.dtype)
+    if aux_values.dtype != W_dec.dtype:
+        aux_values = aux_values.to(W_dec.dtype)
+    if b_dec.dtype != W_dec.dtype:
+        b_dec = b_dec.to(W_dec.dtype)
+    x_hat, aux_hat = torch.ops.mi_crow.sparse_decode_with_aux(values, indices, aux_values, aux_indices, W_dec, b_dec)
+    return DecodeWithAux(x_hat, aux_hat)

@@ -152,3 +152,64 @@ def sparse_decode_backward_ref(
     grad_values = torch.ops.mi_crow.gather_dot(grad_out, indices, W_dec)
     grad_W = torch.ops.mi_crow.scatter_rows(values, indices, grad_out, W_dec.shape[0])
     return grad_values, grad_W
+
+
+def sparse_decode_with_aux_ref(
+    values: Tensor, indices: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor, b_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The two decodes of an AuxK step from one decoder: the main code with the bias, the aux code without.
+
+    ``x_hat[b] = b_dec + sum_j values[b, j] * W_dec[indices[b, j]]`` and
+    ``aux_hat[b] = sum_j aux_values[b, j] * W_dec[aux_indices[b, j]]``. Calls the ``sparse_decode`` op twice,
+    so on a device with a kernel for it this runs on that kernel. The point of the op is its backward
+    (``sparse_decode_with_aux_backward``), which gives one decoder gradient for both codes.
+
+    Args:
+        values: ``[B, k]`` main code values.
+        indices: ``[B, k]`` int64.
+        aux_values: ``[B, k_aux]`` auxiliary code values.
+        aux_indices: ``[B, k_aux]`` int64.
+        W_dec: ``[n, d]`` decoder weight.
+        b_dec: ``[d]`` decoder bias (used by ``x_hat`` only).
+
+    Returns:
+        ``(x_hat [B, d], aux_hat [B, d])`` in ``W_dec.dtype``.
+    """
+    x_hat = torch.ops.mi_crow.sparse_decode(values, indices, W_dec, b_dec)
+    zero_bias = torch.zeros_like(b_dec)
+    aux_hat = torch.ops.mi_crow.sparse_decode(aux_values, aux_indices, W_dec, zero_bias)
+    return x_hat, aux_hat
+
+
+def sparse_decode_with_aux_backward_ref(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    aux_grad_out: Tensor,
+    aux_values: Tensor,
+    aux_indices: Tensor,
+    W_dec: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All gradients of :func:`sparse_decode_with_aux_ref` given both output gradients (bias excluded).
+
+    ``grad_values[b, j] = <grad_out[b], W_dec[indices[b, j]]>``,
+    ``aux_grad_values[b, j] = <aux_grad_out[b], W_dec[aux_indices[b, j]]>``, and ``grad_W_dec`` sums the
+    decoder-weight gradients of both codes. Composes two ``sparse_decode_backward`` calls and adds them.
+
+    Args:
+        grad_out: ``[B, d]`` gradient of ``x_hat``.
+        values: ``[B, k]``.
+        indices: ``[B, k]`` int64.
+        aux_grad_out: ``[B, d]`` gradient of ``aux_hat``.
+        aux_values: ``[B, k_aux]``.
+        aux_indices: ``[B, k_aux]`` int64.
+        W_dec: ``[n, d]`` decoder weight.
+
+    Returns:
+        ``(grad_values [B, k], aux_grad_values [B, k_aux], grad_W_dec [n, d])``.
+    """
+    grad_values, grad_W = torch.ops.mi_crow.sparse_decode_backward(grad_out, values, indices, W_dec)
+    aux_grad_values, aux_grad_W = torch.ops.mi_crow.sparse_decode_backward(
+        aux_grad_out, aux_values, aux_indices, W_dec
+    )
+    return grad_values, aux_grad_values, grad_W + aux_grad_W

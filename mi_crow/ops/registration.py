@@ -44,6 +44,8 @@ _REFERENCES = {
     "gather_dot": reference.gather_dot_ref,
     "scatter_rows": reference.scatter_rows_ref,
     "sparse_decode_backward": reference.sparse_decode_backward_ref,
+    "sparse_decode_with_aux": reference.sparse_decode_with_aux_ref,
+    "sparse_decode_with_aux_backward": reference.sparse_decode_with_aux_backward_ref,
 }
 for _name, _fn in _REFERENCES.items():
     LIB.impl(_name, _fn, "CompositeExplicitAutograd")
@@ -86,6 +88,27 @@ def _sparse_decode_backward_fake(
     grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor
 ) -> tuple[Tensor, Tensor]:
     return values.new_empty(values.shape), W_dec.new_empty(W_dec.shape)
+
+
+@torch.library.register_fake(qualname("sparse_decode_with_aux"))
+def _sparse_decode_with_aux_fake(
+    values: Tensor, indices: Tensor, aux_values: Tensor, aux_indices: Tensor, W_dec: Tensor, b_dec: Tensor
+) -> tuple[Tensor, Tensor]:
+    d = W_dec.shape[1]
+    return W_dec.new_empty((values.shape[0], d)), W_dec.new_empty((aux_values.shape[0], d))
+
+
+@torch.library.register_fake(qualname("sparse_decode_with_aux_backward"))
+def _sparse_decode_with_aux_backward_fake(
+    grad_out: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    aux_grad_out: Tensor,
+    aux_values: Tensor,
+    aux_indices: Tensor,
+    W_dec: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return values.new_empty(values.shape), aux_values.new_empty(aux_values.shape), W_dec.new_empty(W_dec.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,11 +173,13 @@ def _sparse_decode_setup(ctx, inputs, output) -> None:  # type: ignore[no-untype
     ctx.b_dec_dtype = b_dec.dtype
 
 
-def _sparse_decode_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
-    values, indices, W_dec = ctx.saved_tensors
-    need_v, _, need_w, need_b = ctx.needs_input_grad
-    grad_out = grad_out.to(W_dec.dtype)
-    grad_v = grad_w = grad_b = None
+def _decode_grads(
+    grad_out: Tensor | None, values: Tensor, indices: Tensor, W_dec: Tensor, need_v: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    # The values and W_dec gradients of one sparse_decode (grad_out already in W_dec.dtype), only those asked for.
+    grad_v = grad_w = None
+    if grad_out is None:
+        return grad_v, grad_w
     if need_v and need_w:
         grad_v, grad_w = torch.ops.mi_crow.sparse_decode_backward(
             grad_out, values.to(grad_out.dtype), indices, W_dec
@@ -164,8 +189,15 @@ def _sparse_decode_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         grad_v = torch.ops.mi_crow.gather_dot(grad_out, indices, W_dec).to(values.dtype)
     elif need_w:
         grad_w = torch.ops.mi_crow.scatter_rows(values.to(grad_out.dtype), indices, grad_out, W_dec.shape[0])
-    if need_b:
-        grad_b = _sum_rows(grad_out, ctx.b_dec_dtype)
+    return grad_v, grad_w
+
+
+def _sparse_decode_backward(ctx, grad_out):  # type: ignore[no-untyped-def]
+    values, indices, W_dec = ctx.saved_tensors
+    need_v, _, need_w, need_b = ctx.needs_input_grad
+    grad_out = grad_out.to(W_dec.dtype)
+    grad_v, grad_w = _decode_grads(grad_out, values, indices, W_dec, need_v, need_w)
+    grad_b = _sum_rows(grad_out, ctx.b_dec_dtype) if need_b else None
     return grad_v, None, grad_w, grad_b
 
 
@@ -208,10 +240,19 @@ def _decode_backward_setup(ctx, inputs, output) -> None:  # type: ignore[no-unty
     ctx.save_for_backward(grad_out, values, indices, W_dec)
 
 
-def _decode_backward_backward(ctx, gg_values, gg_W):  # type: ignore[no-untyped-def]
-    # Second order (double backward of sparse_decode): the op is bilinear, so its gradients are again ops.
-    g, values, indices, W = ctx.saved_tensors
-    need_g, need_v, _, need_w = ctx.needs_input_grad
+def _decode_backward_grads(
+    g: Tensor,
+    values: Tensor,
+    indices: Tensor,
+    W: Tensor,
+    gg_values: Tensor | None,
+    gg_W: Tensor | None,
+    need_g: bool,
+    need_v: bool,
+    need_w: bool,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    # Second order of one code: grad_values = gather_dot(g, indices, W) and grad_W = scatter_rows(values, indices,
+    # g) are bilinear, so their gradients w.r.t. g, values and W are again ops.
     zero = W.new_zeros((W.shape[1],))
     grad_g = grad_v = grad_w = None
     if need_g:
@@ -224,7 +265,67 @@ def _decode_backward_backward(ctx, gg_values, gg_W):  # type: ignore[no-untyped-
         grad_v = torch.ops.mi_crow.gather_dot(g, indices, gg_W.to(g.dtype)).to(values.dtype)
     if need_w and gg_values is not None:
         grad_w = torch.ops.mi_crow.scatter_rows(gg_values.to(g.dtype), indices, g, W.shape[0]).to(W.dtype)
+    return grad_g, grad_v, grad_w
+
+
+def _decode_backward_backward(ctx, gg_values, gg_W):  # type: ignore[no-untyped-def]
+    # Double backward of sparse_decode.
+    g, values, indices, W = ctx.saved_tensors
+    need_g, need_v, _, need_w = ctx.needs_input_grad
+    grad_g, grad_v, grad_w = _decode_backward_grads(g, values, indices, W, gg_values, gg_W, need_g, need_v, need_w)
     return grad_g, grad_v, None, grad_w
+
+
+def _sparse_decode_with_aux_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    values, indices, aux_values, aux_indices, W_dec, b_dec = inputs
+    ctx.save_for_backward(values, indices, aux_values, aux_indices, W_dec)
+    ctx.b_dec_dtype = b_dec.dtype
+
+
+def _sparse_decode_with_aux_backward(ctx, grad_out, aux_grad_out):  # type: ignore[no-untyped-def]
+    values, indices, aux_values, aux_indices, W_dec = ctx.saved_tensors
+    need_v, _, need_av, _, need_w, need_b = ctx.needs_input_grad
+    grad_v = grad_av = grad_w = grad_b = None
+    if grad_out is not None:
+        grad_out = grad_out.to(W_dec.dtype)
+    if aux_grad_out is not None:
+        aux_grad_out = aux_grad_out.to(W_dec.dtype)
+    if need_w and grad_out is not None and aux_grad_out is not None:
+        # The AuxK step: one pass over the decoder rows gives one W_dec gradient for both codes. The value
+        # gradients are dots with rows that pass has already loaded, so they come along even when not asked.
+        gv, gav, grad_w = torch.ops.mi_crow.sparse_decode_with_aux_backward(
+            grad_out, values.to(W_dec.dtype), indices, aux_grad_out, aux_values.to(W_dec.dtype), aux_indices, W_dec
+        )
+        grad_v = gv.to(values.dtype) if need_v else None
+        grad_av = gav.to(aux_values.dtype) if need_av else None
+    else:
+        # Only one output is used, or W_dec needs no gradient: each code on its own, as sparse_decode does (so at
+        # most one of the two W_dec gradients exists).
+        grad_v, main_w = _decode_grads(grad_out, values, indices, W_dec, need_v, need_w)
+        grad_av, aux_w = _decode_grads(aux_grad_out, aux_values, aux_indices, W_dec, need_av, need_w)
+        grad_w = main_w if main_w is not None else aux_w
+    if need_b and grad_out is not None:
+        grad_b = _sum_rows(grad_out, ctx.b_dec_dtype)
+    return grad_v, None, grad_av, None, grad_w, grad_b
+
+
+def _decode_with_aux_backward_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
+    grad_out, values, indices, aux_grad_out, aux_values, aux_indices, W_dec = inputs
+    ctx.save_for_backward(grad_out, values, indices, aux_grad_out, aux_values, aux_indices, W_dec)
+
+
+def _decode_with_aux_backward_backward(ctx, gg_values, gg_aux_values, gg_W):  # type: ignore[no-untyped-def]
+    # Double backward of sparse_decode_with_aux: the fused op is the sum of two single-code backwards sharing W,
+    # so its gradient is the sum of their two double backwards (W's gradient gets both terms).
+    g, values, indices, ag, aux_values, aux_indices, W = ctx.saved_tensors
+    need_g, need_v, _, need_ag, need_av, _, need_w = ctx.needs_input_grad
+    grad_g, grad_v, grad_w = _decode_backward_grads(g, values, indices, W, gg_values, gg_W, need_g, need_v, need_w)
+    grad_ag, grad_av, aux_grad_w = _decode_backward_grads(
+        ag, aux_values, aux_indices, W, gg_aux_values, gg_W, need_ag, need_av, need_w
+    )
+    if aux_grad_w is not None:
+        grad_w = aux_grad_w if grad_w is None else grad_w + aux_grad_w
+    return grad_g, grad_v, None, grad_ag, grad_av, None, grad_w
 
 
 torch.library.register_autograd(
@@ -235,6 +336,14 @@ torch.library.register_autograd(
 )
 torch.library.register_autograd(
     qualname("sparse_decode"), _sparse_decode_backward, setup_context=_sparse_decode_setup
+)
+torch.library.register_autograd(
+    qualname("sparse_decode_with_aux_backward"),
+    _decode_with_aux_backward_backward,
+    setup_context=_decode_with_aux_backward_setup,
+)
+torch.library.register_autograd(
+    qualname("sparse_decode_with_aux"), _sparse_decode_with_aux_backward, setup_context=_sparse_decode_with_aux_setup
 )
 torch.library.register_autograd(qualname("gather_dot"), _gather_dot_backward, setup_context=_gather_dot_setup)
 torch.library.register_autograd(
@@ -296,6 +405,8 @@ def _register_triton() -> frozenset[str]:
         return frozenset()
     registered = set()
     for op in OP_NAMES:
+        # Ops without a launcher (the fused decode backwards, the composite sparse_decode_with_aux) keep their
+        # composite kernel, which calls the ops that do have one.
         launcher = getattr(kernels, f"{op}_triton", None)
         if launcher is None or op in NATIVE_CUDA_OPS:
             continue
@@ -306,6 +417,9 @@ def _register_triton() -> frozenset[str]:
 
 TRITON_OPS: frozenset[str] = _register_triton()
 
+# Ops whose only kernel is a composite that calls another op on every device: they run on that op's backend.
+COMPOSITE_OPS: dict[str, str] = {"sparse_decode_with_aux": "sparse_decode"}
+
 
 def backends(device_type: str = "cpu") -> dict[str, str]:
     """Report which implementation serves each op on a device type.
@@ -315,17 +429,20 @@ def backends(device_type: str = "cpu") -> dict[str, str]:
 
     Returns:
         Op name -> ``"cpp"`` (C++ CPU kernel), ``"cuda"`` (CUDA C++ kernel), ``"triton"`` or ``"reference"``.
+        An op in ``COMPOSITE_OPS`` (``sparse_decode_with_aux``: two ``sparse_decode`` calls) reports the backend of
+        the op it calls, since that is the kernel that runs.
     """
     if not isinstance(device_type, str):
         raise TypeError(f"backends: device_type must be a str such as 'cpu' or 'cuda', got {device_type!r}")
     device_type = torch.device(device_type).type
     result = {}
     for op in OP_NAMES:
-        if device_type == "cpu" and op in NATIVE_CPU_OPS:
+        runs = COMPOSITE_OPS.get(op, op)
+        if device_type == "cpu" and runs in NATIVE_CPU_OPS:
             result[op] = "cpp"
-        elif device_type == "cuda" and op in NATIVE_CUDA_OPS:
+        elif device_type == "cuda" and runs in NATIVE_CUDA_OPS:
             result[op] = "cuda"
-        elif device_type == "cuda" and op in TRITON_OPS:
+        elif device_type == "cuda" and runs in TRITON_OPS:
             result[op] = "triton"
         else:
             result[op] = "reference"

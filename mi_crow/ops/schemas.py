@@ -30,6 +30,21 @@ SCHEMAS: dict[str, str] = {
         "sparse_decode_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor W_dec)"
         " -> (Tensor grad_values, Tensor grad_W_dec)"
     ),
+    # The AuxK step's two decodes of one W_dec, so that their backward is one op with one decoder gradient:
+    # values/indices [B, k], aux_values/aux_indices [B, k_aux], W_dec [n, d], b_dec [d]
+    # -> x_hat [B, d] (with b_dec), aux_hat [B, d] (no bias). A composite of two sparse_decode calls.
+    "sparse_decode_with_aux": (
+        "sparse_decode_with_aux(Tensor values, Tensor indices, Tensor aux_values, Tensor aux_indices,"
+        " Tensor W_dec, Tensor b_dec) -> (Tensor x_hat, Tensor aux_hat)"
+    ),
+    # Its gradients in one pass (CPU kernel groups both codes' slots by latent; elsewhere the reference adds two
+    # sparse_decode_backward results): grad_out/aux_grad_out [B, d] -> grad_values [B, k],
+    # aux_grad_values [B, k_aux], grad_W_dec [n, d] (main and aux contributions summed).
+    "sparse_decode_with_aux_backward": (
+        "sparse_decode_with_aux_backward(Tensor grad_out, Tensor values, Tensor indices, Tensor aux_grad_out,"
+        " Tensor aux_values, Tensor aux_indices, Tensor W_dec)"
+        " -> (Tensor grad_values, Tensor aux_grad_values, Tensor grad_W_dec)"
+    ),
 }
 
 OP_NAMES: tuple[str, ...] = tuple(SCHEMAS)

@@ -17,7 +17,15 @@ from mi_crow.ops import registration
 
 from ._helpers import dead_mask, make_encoder
 
-OPS = ("topk_encode", "sparse_decode", "gather_dot", "scatter_rows", "sparse_decode_backward")
+OPS = (
+    "topk_encode",
+    "sparse_decode",
+    "gather_dot",
+    "scatter_rows",
+    "sparse_decode_backward",
+    "sparse_decode_with_aux",
+    "sparse_decode_with_aux_backward",
+)
 _SWITCHES = ("MI_CROW_DISABLE_EXTENSION", "MI_CROW_DISABLE_TRITON", "MI_CROW_REQUIRE_EXTENSION")
 
 
@@ -30,6 +38,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
 
 
 def test_cpu_backend_is_cpp_exactly_when_the_extension_loaded():
+    # sparse_decode_with_aux is a composite of two sparse_decode calls: it reports the C++ kernel they run on.
     expected = "cpp" if registration.EXTENSION is not None else "reference"
     assert ops.backends("cpu") == {op: expected for op in OPS}
     if os.environ.get("MI_CROW_REQUIRE_EXTENSION") == "1":
@@ -51,8 +60,12 @@ def test_disable_extension_uses_reference_with_same_results(tmp_path: Path):
     dead = dead_mask(2100)
     code = ops.topk_encode(x, W, be, bd, 6, dead, 12)
     x_hat = ops.sparse_decode(code.values, code.indices, W, bd)
-    torch.save({"inputs": (x, W, be, bd, dead), "values": code.values, "aux": code.aux_values, "x_hat": x_hat},
-               tmp_path / "case.pt")
+    grads = torch.randn(2, *x.shape)
+    fused = torch.ops.mi_crow.sparse_decode_with_aux_backward(
+        grads[0], code.values, code.indices, grads[1], code.aux_values, code.aux_indices, W
+    )
+    torch.save({"inputs": (x, W, be, bd, dead), "values": code.values, "aux": code.aux_values, "x_hat": x_hat,
+                "grads": grads, "fused": fused}, tmp_path / "case.pt")
     out = _run(
         f"""
         import torch, mi_crow.ops as ops
@@ -66,6 +79,15 @@ def test_disable_extension_uses_reference_with_same_results(tmp_path: Path):
         torch.testing.assert_close(code.aux_values, case["aux"], atol=1e-5, rtol=1e-5)
         x_hat = ops.sparse_decode(code.values, code.indices, W, bd)
         torch.testing.assert_close(x_hat, case["x_hat"], atol=1e-4, rtol=1e-5)
+        x_hat2, aux_hat = ops.sparse_decode_with_aux(code.values, code.indices, code.aux_values, code.aux_indices,
+                                                     W, bd)
+        torch.testing.assert_close(x_hat2, case["x_hat"], atol=1e-4, rtol=1e-5)
+        g = case["grads"]
+        fused = torch.ops.mi_crow.sparse_decode_with_aux_backward(
+            g[0], code.values, code.indices, g[1], code.aux_values, code.aux_indices, W
+        )
+        for got, want in zip(fused, case["fused"]):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
         print("OK")
         """,
         MI_CROW_DISABLE_EXTENSION="1",
@@ -115,8 +137,12 @@ def test_triton_registered_for_cuda_when_available():
     report = ops.backends("cuda")
     for op in OPS[:4]:
         assert report[op] == ("cuda" if op in registration.NATIVE_CUDA_OPS else "triton")
-    # The fused decode backward has no Triton twin: its reference composes gather_dot and scatter_rows.
+    # The fused decode backwards have no Triton twin: their references compose the ops that do.
     assert report["sparse_decode_backward"] == "reference"
+    assert report["sparse_decode_with_aux_backward"] == "reference"
+    # The composite decode runs the sparse_decode kernel twice, and says so.
+    assert report["sparse_decode_with_aux"] == report["sparse_decode"]
+    assert "sparse_decode_with_aux" not in registration.TRITON_OPS
 
 
 def test_import_does_not_pull_in_transformers():

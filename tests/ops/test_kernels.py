@@ -11,7 +11,13 @@ import pytest
 import torch
 
 import mi_crow.ops as ops
-from mi_crow.ops import gather_dot_ref, scatter_rows_ref, sparse_decode_ref, topk_encode_ref
+from mi_crow.ops import (
+    gather_dot_ref,
+    scatter_rows_ref,
+    sparse_decode_ref,
+    sparse_decode_with_aux_backward_ref,
+    topk_encode_ref,
+)
 
 from ._helpers import check_topk_choice, dead_mask, dense_code, make_encoder, pre_activations
 
@@ -163,3 +169,103 @@ def test_decode_ops_low_precision(dtype):
         err = (got.double() - truth).abs().max().item()
         torch_err = (lp.double() - truth).abs().max().item()
         assert err <= 2 * torch_err + 1e-6, f"kernel error {err} vs PyTorch {dtype} error {torch_err}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sparse_decode_with_aux and its fused backward (main + aux code, one decoder gradient)
+# ---------------------------------------------------------------------------------------------------------------
+WITH_AUX_SHAPES = [  # (B, k, k_aux, d, n)
+    (1, 1, 0, 48, 37),
+    (1, 128, 256, 64, 4099),
+    (7, 32, 64, 96, 301),
+    (31, 5, 256, 48, 1000),
+    (64, 128, 3, 96, 7),  # every latent selected many times, by both codes
+    (33, 16, 0, 64, 2049),
+    (0, 4, 8, 64, 50),
+]
+
+
+def _aux_case(B: int, k: int, k_aux: int, d: int, n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, ...]:
+    values, indices = _code(B, k, n, dtype, seed)
+    aux_values, aux_indices = _code(B, k_aux, n, dtype, seed + 1)
+    if k_aux >= 2 and k >= 1:
+        aux_indices[:, 0] = indices[:, 0]  # the same latent in the main and the aux code of a token
+        aux_indices[:, 1] = aux_indices[:, 0]  # and twice within the aux code
+    g = torch.Generator().manual_seed(seed + 2)
+    W = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    grad = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype)
+    aux_grad = torch.randn(B, d, generator=g, dtype=torch.float64).to(dtype)
+    return grad, values, indices, aux_grad, aux_values, aux_indices, W
+
+
+def _aux_truth(grad, values, indices, aux_grad, aux_values, aux_indices, W):  # type: ignore[no-untyped-def]
+    """Float64 dense gradients: (grad_values, aux_grad_values, grad_W_dec)."""
+    n = W.shape[0]
+    G, Ga, W64 = grad.double(), aux_grad.double(), W.double()
+    Z, Za = dense_code(values, indices, n), dense_code(aux_values, aux_indices, n)
+    return (
+        (G @ W64.t()).gather(1, indices),
+        (Ga @ W64.t()).gather(1, aux_indices),
+        Z.t() @ G + Za.t() @ Ga,
+    )
+
+
+@pytest.mark.parametrize("B,k,k_aux,d,n", WITH_AUX_SHAPES)
+def test_sparse_decode_with_aux_backward_fp32(B, k, k_aux, d, n):
+    case = _aux_case(B, k, k_aux, d, n, torch.float32, seed=B + k + k_aux)
+    got = torch.ops.mi_crow.sparse_decode_with_aux_backward(*case)
+    ref = sparse_decode_with_aux_backward_ref(*case)
+    truth = _aux_truth(*case)
+    for name, a, r, t in zip(("grad_values", "aux_grad_values", "grad_W_dec"), got, ref, truth):
+        assert a.dtype == torch.float32 and a.shape == r.shape, name
+        torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-5, msg=name)
+        torch.testing.assert_close(a.double(), t, atol=1e-4, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("B,k,k_aux,d,n", WITH_AUX_SHAPES)
+def test_sparse_decode_with_aux_is_two_sparse_decodes(B, k, k_aux, d, n):
+    _, values, indices, _, aux_values, aux_indices, W = _aux_case(B, k, k_aux, d, n, torch.float32, seed=3)
+    b = torch.randn(d)
+    x_hat, aux_hat = ops.sparse_decode_with_aux(values, indices, aux_values, aux_indices, W, b)
+    assert torch.equal(x_hat, ops.sparse_decode(values, indices, W, b))
+    assert torch.equal(aux_hat, ops.sparse_decode(aux_values, aux_indices, W, torch.zeros_like(b)))
+
+
+def test_sparse_decode_with_aux_backward_float64():
+    case = _aux_case(19, 9, 40, 48, 123, torch.float64, seed=7)
+    for name, a, t in zip(("grad_values", "aux_grad_values", "grad_W_dec"),
+                          torch.ops.mi_crow.sparse_decode_with_aux_backward(*case), _aux_truth(*case)):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, t, atol=1e-12, rtol=1e-12, msg=name)
+
+
+def test_sparse_decode_with_aux_backward_is_deterministic():
+    # Heavy collisions on few latents, and the same result whatever the number of threads.
+    case = _aux_case(301, 64, 200, 96, 50, torch.float32, seed=9)
+    first = torch.ops.mi_crow.sparse_decode_with_aux_backward(*case)
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2, threads):
+            torch.set_num_threads(n_threads)
+            again = torch.ops.mi_crow.sparse_decode_with_aux_backward(*case)
+            assert all(torch.equal(a, b) for a, b in zip(again, first)), f"differs with {n_threads} threads"
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_sparse_decode_with_aux_backward_low_precision(dtype):
+    case = _aux_case(33, 32, 96, 96, 1000, dtype, seed=4)
+    grad, values, indices, aux_grad, aux_values, aux_indices, W = case
+    Z, Za = dense_code(values, indices, 1000).to(dtype), dense_code(aux_values, aux_indices, 1000).to(dtype)
+    torch_lp = (  # plain PyTorch in dtype
+        (grad @ W.t()).gather(1, indices),
+        (aux_grad @ W.t()).gather(1, aux_indices),
+        Z.t() @ grad + Za.t() @ aux_grad,
+    )
+    got = torch.ops.mi_crow.sparse_decode_with_aux_backward(*case)
+    for name, a, lp, truth in zip(("grad_values", "aux_grad_values", "grad_W_dec"), got, torch_lp, _aux_truth(*case)):
+        assert a.dtype == dtype, name
+        err = (a.double() - truth).abs().max().item()
+        torch_err = (lp.double() - truth).abs().max().item()
+        assert err <= 2 * torch_err + 1e-6, f"{name}: kernel error {err} vs PyTorch {dtype} error {torch_err}"

@@ -37,6 +37,26 @@ def test_opcheck_decode_ops():
     torch.library.opcheck(torch.ops.mi_crow.sparse_decode_backward.default, (grad, values, indices, W))
 
 
+@pytest.mark.parametrize("k_aux", [0, 6])
+def test_opcheck_decode_with_aux_ops(k_aux):
+    values, indices = _code_args()
+    g = torch.Generator().manual_seed(1)
+    aux_values = torch.randn(5, k_aux, generator=g)
+    aux_indices = torch.randint(0, 67, (5, k_aux), generator=g)
+    W = torch.randn(67, 48, requires_grad=True)
+    b = torch.randn(48, requires_grad=True)
+    grad = torch.randn(5, 48, requires_grad=True)
+    aux_grad = torch.randn(5, 48, requires_grad=True)
+    torch.library.opcheck(
+        torch.ops.mi_crow.sparse_decode_with_aux.default,
+        (values.requires_grad_(True), indices, aux_values.requires_grad_(True), aux_indices, W, b),
+    )
+    torch.library.opcheck(
+        torch.ops.mi_crow.sparse_decode_with_aux_backward.default,
+        (grad, values, indices, aux_grad, aux_values, aux_indices, W),
+    )
+
+
 def test_compile_fullgraph_step_matches_eager():
     x, W_enc, b_enc, b_dec = make_encoder(9, 48, 100, seed=6)
     W_dec = W_enc.clone()
@@ -55,6 +75,29 @@ def test_compile_fullgraph_step_matches_eager():
     comp_params = [t.clone().requires_grad_(True) for t in (W_enc, b_enc, W_dec, b_dec)]
     loss_e = step(x, eager_params[0], eager_params[1], eager_params[2], eager_params[3])
     loss_c = compiled(x, comp_params[0], comp_params[1], comp_params[2], comp_params[3])
+    torch.testing.assert_close(loss_c, loss_e)
+    loss_e.backward()
+    loss_c.backward()
+    for a, b in zip(comp_params, eager_params):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_compile_fullgraph_step_with_aux_decode_matches_eager():
+    x, W_enc, b_enc, b_dec = make_encoder(9, 48, 100, seed=7)
+    W_dec = W_enc.clone()
+    dead = dead_mask(100)
+
+    def step(x, W_enc, b_enc, W_dec, b_dec):
+        code = ops.topk_encode(x, W_enc, b_enc, b_dec, 4, dead, 8)
+        x_hat, aux = ops.sparse_decode_with_aux(code.values, code.indices, code.aux_values, code.aux_indices, W_dec,
+                                                b_dec)
+        return (x_hat - x).pow(2).mean() + (aux - (x - x_hat).detach()).pow(2).mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    eager_params = [t.clone().requires_grad_(True) for t in (W_enc, b_enc, W_dec, b_dec)]
+    comp_params = [t.clone().requires_grad_(True) for t in (W_enc, b_enc, W_dec, b_dec)]
+    loss_e = step(x, *eager_params)
+    loss_c = compiled(x, *comp_params)
     torch.testing.assert_close(loss_c, loss_e)
     loss_e.backward()
     loss_c.backward()

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mi_crow.ops import gather_dot_ref, scatter_rows_ref, sparse_decode_ref, topk_encode_ref
+from mi_crow.ops import (
+    gather_dot_ref,
+    scatter_rows_ref,
+    sparse_decode_ref,
+    sparse_decode_with_aux_backward_ref,
+    sparse_decode_with_aux_ref,
+    topk_encode_ref,
+)
 
 from ._helpers import check_topk_choice, dead_mask, dense_code, make_encoder, pre_activations
 
@@ -48,3 +55,25 @@ def test_decode_gather_scatter_refs_match_dense():
     torch.testing.assert_close(sparse_decode_ref(values, indices, W, b), Z @ W + b)
     torch.testing.assert_close(gather_dot_ref(grad, indices, W), (grad @ W.t()).gather(1, indices))
     torch.testing.assert_close(scatter_rows_ref(values, indices, grad, n), Z.t() @ grad)
+
+
+def test_decode_with_aux_refs_match_dense():
+    g = torch.Generator().manual_seed(4)
+    B, k, k_aux, n, d = 11, 6, 13, 41, 48
+    values = torch.randn(B, k, dtype=torch.float64, generator=g)
+    indices = torch.randint(0, n, (B, k), generator=g)
+    aux_values = torch.randn(B, k_aux, dtype=torch.float64, generator=g)
+    aux_indices = torch.randint(0, n, (B, k_aux), generator=g)
+    aux_indices[:, 0] = indices[:, 0]  # one latent in both codes: its decoder gradient gets both terms
+    W = torch.randn(n, d, dtype=torch.float64, generator=g)
+    b = torch.randn(d, dtype=torch.float64, generator=g)
+    grad = torch.randn(B, d, dtype=torch.float64, generator=g)
+    aux_grad = torch.randn(B, d, dtype=torch.float64, generator=g)
+    Z, Za = dense_code(values, indices, n), dense_code(aux_values, aux_indices, n)
+    x_hat, aux_hat = sparse_decode_with_aux_ref(values, indices, aux_values, aux_indices, W, b)
+    torch.testing.assert_close(x_hat, Z @ W + b)
+    torch.testing.assert_close(aux_hat, Za @ W)
+    gv, gav, gw = sparse_decode_with_aux_backward_ref(grad, values, indices, aux_grad, aux_values, aux_indices, W)
+    torch.testing.assert_close(gv, (grad @ W.t()).gather(1, indices))
+    torch.testing.assert_close(gav, (aux_grad @ W.t()).gather(1, aux_indices))
+    torch.testing.assert_close(gw, Z.t() @ grad + Za.t() @ aux_grad)

@@ -266,17 +266,22 @@ class SaeTrainer:
                 x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead_mask if use_aux else None, k_aux if use_aux else 0
             )
         values = code.values.to(sae.dtype)
-        x_hat = ops.sparse_decode(values, code.indices, sae.W_dec, sae.b_dec)
+        e_hat = None
+        if use_aux and code.aux_values is not None:
+            # Both decodes in one op, so the backward reads each decoder row once and gives W_dec one gradient.
+            x_hat, e_hat = ops.sparse_decode_with_aux(
+                values, code.indices, code.aux_values.to(sae.dtype), code.aux_indices, sae.W_dec, sae.b_dec
+            )
+        else:
+            x_hat = ops.sparse_decode(values, code.indices, sae.W_dec, sae.b_dec)
         err = x - x_hat
         sse = _sum_sq(err)
         total_var = self._centered_sum_sq(x)
         fvu = self._all_reduce_sum(sse) / total_var
         loss = fvu
         auxk = x.new_zeros(())
-        if use_aux and code.aux_values is not None:
+        if e_hat is not None:
             target = err.detach()
-            zero_bias = torch.zeros_like(sae.b_dec)
-            e_hat = ops.sparse_decode(code.aux_values.to(sae.dtype), code.aux_indices, sae.W_dec, zero_bias)
             aux_sse = self._all_reduce_sum(_sum_sq(target - e_hat))
             auxk = aux_sse / self._centered_sum_sq(target)
             # A residual with no variance (perfect reconstruction) makes AuxK 0/0; it then carries no signal.
