@@ -76,8 +76,7 @@ class Sae:
 # ----------------------------------------------------------------------------------------------------------------
 def loss_fast(sae: Sae, x: torch.Tensor, k: int, encode_dtype: torch.dtype = torch.float32,
               dead: torch.Tensor | None = None, k_aux: int = 0) -> torch.Tensor:
-    W_enc = sae.W_enc if encode_dtype == torch.float32 else sae.W_enc.to(encode_dtype)
-    code = topk_encode(x.to(encode_dtype), W_enc, sae.b_enc, sae.b_dec, k, dead, k_aux)
+    code = topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k, dead, k_aux, compute_dtype=encode_dtype)
     if code.aux_values is None:
         x_hat = sparse_decode(code.values, code.indices, sae.W_dec, sae.b_dec)
         return (x_hat - x).pow(2).sum(-1).mean()

@@ -298,6 +298,8 @@ void scan_row(const acc_t* tile, const acc_t* bias, int64_t len, int64_t lat0, i
   }
 }
 
+// xc, W: the product's operands in scalar_t; b_enc: [n] in acc_t; the outputs values/aux_values are acc_t (the
+// caller converts them to x's dtype).
 template <typename scalar_t>
 void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_enc, int64_t k, const bool* dead,
                  int64_t k_aux, at::Tensor& values, at::Tensor& indices, at::Tensor& aux_values,
@@ -307,8 +309,8 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
   const int64_t B = xc.size(0), n = W.size(0), d = W.size(1);
   const bool use_aux = dead != nullptr && k_aux > 0;
 
-  std::vector<acc_t> bias(n);
-  to_acc(b_enc.data_ptr<scalar_t>(), bias.data(), n);
+  const acc_t* bias_p = b_enc.data_ptr<acc_t>();
+  const std::vector<acc_t> bias(bias_p, bias_p + n);
 
   // The low-precision BLAS paths re-pack the W_enc tile on every call; taller token blocks amortise that.
   const int64_t tile_tokens = std::is_same_v<scalar_t, acc_t> ? kTileTokens : 2 * kTileTokens;
@@ -404,15 +406,15 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
   }
 
   // Merge segments (if any), sort descending, apply ReLU and write the outputs.
-  scalar_t* vp = values.data_ptr<scalar_t>();        // [B, k]
+  acc_t* vp = values.data_ptr<acc_t>();              // [B, k]
   int64_t* ip = indices.data_ptr<int64_t>();         // [B, k]
-  scalar_t* avp = use_aux ? aux_values.data_ptr<scalar_t>() : nullptr;  // [B, k_aux]
+  acc_t* avp = use_aux ? aux_values.data_ptr<acc_t>() : nullptr;  // [B, k_aux]
   int64_t* aip = use_aux ? aux_indices.data_ptr<int64_t>() : nullptr;   // [B, k_aux]
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
     using K = Key<acc_t>;
     std::vector<typename K::type> all;
     std::vector<uint64_t> scratch;
-    auto emit = [&](std::vector<RowBuffers<acc_t>>& bufs, int64_t r, int64_t cap, scalar_t* ov, int64_t* oi) {
+    auto emit = [&](std::vector<RowBuffers<acc_t>>& bufs, int64_t r, int64_t cap, acc_t* ov, int64_t* oi) {
       all.clear();
       for (auto& b : bufs) b.collect(r, all);
       const int64_t have = std::min<int64_t>(cap, static_cast<int64_t>(all.size()));
@@ -425,12 +427,12 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
       std::sort(all.begin(), all.begin() + have, typename K::Better());
       for (int64_t q = 0; q < have; ++q) {
         const acc_t v = K::value(all[q]);
-        ov[q] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        ov[q] = v > acc_t(0) ? v : acc_t(0);
         oi[q] = K::index(all[q]);
       }
       // Fewer candidates than slots (only possible for the aux code): pad with value 0 and index 0.
       for (int64_t q = have; q < cap; ++q) {
-        ov[q] = scalar_t(0);
+        ov[q] = acc_t(0);
         oi[q] = 0;
       }
     };
@@ -445,7 +447,7 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
     const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec, int64_t k,
-    const std::optional<at::Tensor>& dead_mask, int64_t k_aux) {
+    const std::optional<at::Tensor>& dead_mask, int64_t k_aux, std::optional<at::ScalarType> compute_dtype) {
   constexpr const char* op = "topk_encode";
   check_dim(op, "x", x, 2);
   check_dim(op, "W_enc", W_enc, 2);
@@ -471,23 +473,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
                 "], got ", dead_mask->sizes());
     dead = dead_mask->contiguous();
   }
+  // The product's dtype: x's, or compute_dtype (operands rounded to it, products accumulated in float32).
+  const at::ScalarType cd = compute_dtype.value_or(x.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(cd), op, ": compute_dtype must be float32, bfloat16, float16 or float64, got ",
+                   cd);
+  const at::ScalarType acc_type = cd == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t ka = dead.defined() ? k_aux : 0;
-  auto values = at::empty({B, k}, x.options());
+  auto values = at::empty({B, k}, x.options().dtype(acc_type));
   auto indices = at::empty({B, k}, x.options().dtype(at::kLong));
-  auto aux_values = at::empty({B, ka}, x.options());
+  auto aux_values = at::empty({B, ka}, x.options().dtype(acc_type));
   auto aux_indices = at::empty({B, ka}, x.options().dtype(at::kLong));
-  if (B == 0) return {values, indices, aux_values, aux_indices};
-
-  // This kernel sits below autograd; the ATen calls it makes must not record (or refuse) autograd history.
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  at::Tensor xc = at::sub(x.detach(), b_dec.detach()).contiguous();
-  at::Tensor W = W_enc.detach().contiguous();
-  at::Tensor be = b_enc.contiguous();
-  const bool* dp = (dead.defined() && ka > 0) ? dead.data_ptr<bool>() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "topk_encode_cpu", [&] {
-    encode_impl<scalar_t>(xc, W, be, k, dp, ka, values, indices, aux_values, aux_indices);
-  });
-  return {values, indices, aux_values, aux_indices};
+  if (B > 0) {
+    // This kernel sits below autograd; the ATen calls it makes must not record (or refuse) autograd history.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    // x - b_dec in x's dtype (as the reference), then rounded to the product's dtype. With a compute_dtype the
+    // low-precision copies live only for this call: nothing of them is saved for backward.
+    at::Tensor xc = at::sub(x.detach(), b_dec.detach()).to(cd).contiguous();
+    at::Tensor W = W_enc.detach().to(cd).contiguous();
+    at::Tensor be = b_enc.detach().to(acc_type).contiguous();
+    const bool* dp = (dead.defined() && ka > 0) ? dead.data_ptr<bool>() : nullptr;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cd, "topk_encode_cpu", [&] {
+      encode_impl<scalar_t>(xc, W, be, k, dp, ka, values, indices, aux_values, aux_indices);
+    });
+  }
+  return {values.to(x.scalar_type()), indices, aux_values.to(x.scalar_type()), aux_indices};
 }
 
 }  // namespace mi_crow

@@ -90,11 +90,15 @@ def topk_encode(
     k: int,
     dead_mask: Tensor | None = None,
     k_aux: int = 0,
+    *,
+    compute_dtype: torch.dtype | None = None,
 ) -> TopKCode:
     """Fused encode + top-k: ``relu(topk((x - b_dec) @ W_enc.T + b_enc, k))``.
 
-    The matrix product runs in ``x.dtype`` (pass bf16 ``x`` and ``W_enc`` for a bf16 encoder product); the
-    biases are cast to ``x.dtype``. On the fused kernels the full ``[tokens, n_latents]`` pre-activation matrix
+    The matrix product runs in ``x.dtype``, or in ``compute_dtype`` when given: e.g. fp32 master weights with
+    ``compute_dtype=torch.bfloat16`` round ``x - b_dec`` and ``W_enc`` to bf16 for the product only (AMX on CPUs
+    that have it), accumulate in float32 and return fp32 values; the low-precision copies are not kept for
+    backward, and every gradient is computed in ``x.dtype``. The biases are cast to ``x.dtype``. On the fused kernels the full ``[tokens, n_latents]`` pre-activation matrix
     is never materialised. Differentiable w.r.t. ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values``
     and ``aux_values``.
 
@@ -106,6 +110,7 @@ def topk_encode(
         k: active latents per token, ``1 <= k <= n_latents``.
         dead_mask: optional ``[n_latents]`` bool, True for dead latents (for the AuxK loss).
         k_aux: auxiliary latents per token chosen among dead latents, ``0 <= k_aux <= n_latents``.
+        compute_dtype: dtype of the encoder product: float32, bfloat16, float16, float64 or None (``x.dtype``).
 
     Returns:
         :class:`TopKCode` with ``values``/``indices`` ``[tokens, k]`` and, when ``dead_mask`` is given and
@@ -148,8 +153,14 @@ def topk_encode(
         b_dec = b_dec.to(x.dtype)
     if dead_mask is None or k_aux == 0:
         dead_mask, k_aux = None, 0
+    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: compute_dtype must be torch.float32, bfloat16, float16, float64 or None, got {compute_dtype!r}"
+        )
+    if compute_dtype == x.dtype:
+        compute_dtype = None
     values, indices, aux_values, aux_indices = torch.ops.mi_crow.topk_encode(
-        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux
+        x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype
     )
     if dead_mask is None:
         return TopKCode(values, indices, None, None)

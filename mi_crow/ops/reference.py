@@ -27,11 +27,14 @@ def topk_encode_ref(
     k: int,
     dead_mask: Tensor | None,
     k_aux: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Encode and keep the top-k latents per token.
 
     ``pre = (x - b_dec) @ W_enc.T + b_enc`` is computed in ``x.dtype``; ``values = relu(topk(pre, k))`` sorted
-    descending. The auxiliary code is the top-``k_aux`` of ``pre`` among latents where ``dead_mask`` is True
+    descending. With a ``compute_dtype`` other than ``x.dtype``, ``x - b_dec`` and ``W_enc`` are rounded to it
+    for the product (whose result is taken in float32, as the kernels accumulate), and the rest is as before:
+    values come back in ``x.dtype``. The auxiliary code is the top-``k_aux`` of ``pre`` among latents where ``dead_mask`` is True
     (ReLU applied). When fewer than ``k_aux`` latents are dead, the missing slots hold value 0 and index 0
     (a padding slot has value 0, so it contributes nothing to a decode and receives no gradient).
 
@@ -43,12 +46,18 @@ def topk_encode_ref(
         k: active latents per token, ``1 <= k <= n``.
         dead_mask: ``[n]`` bool or None.
         k_aux: auxiliary latents per token, ``0 <= k_aux <= n``.
+        compute_dtype: dtype of the encoder product (None: ``x.dtype``).
 
     Returns:
         ``(values [B, k], indices [B, k] int64, aux_values [B, k_aux], aux_indices [B, k_aux] int64)``; the aux
         tensors are ``[B, 0]`` when ``k_aux == 0`` or ``dead_mask`` is None.
     """
-    pre = (x - b_dec) @ W_enc.t() + b_enc
+    if compute_dtype is None or compute_dtype == x.dtype:
+        pre = (x - b_dec) @ W_enc.t() + b_enc
+    else:
+        acc = _acc_dtype(compute_dtype)
+        xc = (x - b_dec).to(compute_dtype).to(acc)
+        pre = (xc @ W_enc.to(compute_dtype).to(acc).t() + b_enc.to(acc)).to(x.dtype)
     top = pre.topk(k, dim=1, sorted=True)
     values = torch.relu(top.values)
     indices = top.indices

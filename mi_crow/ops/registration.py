@@ -56,7 +56,14 @@ for _name, _fn in _REFERENCES.items():
 # ---------------------------------------------------------------------------------------------------------------
 @torch.library.register_fake(qualname("topk_encode"))
 def _topk_encode_fake(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int, dead_mask: Tensor | None, k_aux: int
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    k: int,
+    dead_mask: Tensor | None,
+    k_aux: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B = x.shape[0]
     ka = k_aux if dead_mask is not None else 0
@@ -121,7 +128,7 @@ def _sum_rows(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _topk_encode_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]
-    x, W_enc, b_enc, b_dec, _k, _dead_mask, _k_aux = inputs
+    x, W_enc, b_enc, b_dec, _k, _dead_mask, _k_aux, _compute_dtype = inputs
     values, indices, aux_values, aux_indices = output
     ctx.save_for_backward(x, W_enc, b_dec, values, indices, aux_values, aux_indices)
     ctx.b_enc_dtype = b_enc.dtype
@@ -141,7 +148,7 @@ def _topk_encode_backward(ctx, grad_values, _gi, grad_aux_values, _gai):  # type
         idxs.append(aux_indices)
     grad_x = grad_w = grad_be = grad_bd = None
     if not coefs:
-        return grad_x, grad_w, grad_be, grad_bd, None, None, None
+        return grad_x, grad_w, grad_be, grad_bd, None, None, None, None
     grad_pre = coefs[0] if len(coefs) == 1 else torch.cat(coefs, dim=1)
     idx = idxs[0] if len(idxs) == 1 else torch.cat(idxs, dim=1)
     grad_pre = grad_pre.to(x.dtype)
@@ -164,7 +171,7 @@ def _topk_encode_backward(ctx, grad_values, _gi, grad_aux_values, _gai):  # type
         # sum_b grad_x[b] = sum_b sum_j grad_pre[b, j] W_enc[idx[b, j]] = grad_b_enc @ W_enc: one pass over W_enc
         # instead of gathering B * k rows (x itself is data and needs no gradient in training).
         grad_bd = -(grad_be_acc.to(W_enc.dtype) @ W_enc).to(b_dec.dtype)
-    return grad_x, grad_w, grad_be, grad_bd, None, None, None
+    return grad_x, grad_w, grad_be, grad_bd, None, None, None, None
 
 
 def _sparse_decode_setup(ctx, inputs, output) -> None:  # type: ignore[no-untyped-def]

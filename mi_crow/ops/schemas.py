@@ -14,7 +14,8 @@ SCHEMAS: dict[str, str] = {
     # x [B, d], W_enc [n, d], b_enc [n], b_dec [d] -> values [B, k], indices [B, k] int64,
     # aux_values [B, k_aux], aux_indices [B, k_aux] (both [B, 0] when k_aux == 0 or dead_mask is None).
     "topk_encode": (
-        "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k, Tensor? dead_mask, int k_aux)"
+        "topk_encode(Tensor x, Tensor W_enc, Tensor b_enc, Tensor b_dec, int k, Tensor? dead_mask, int k_aux,"
+        " ScalarType? compute_dtype=None)"
         " -> (Tensor values, Tensor indices, Tensor aux_values, Tensor aux_indices)"
     ),
     # values [B, k'], indices [B, k'] int64, W_dec [n, d], b_dec [d] -> x_hat [B, d]

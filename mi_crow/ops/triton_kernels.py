@@ -421,6 +421,7 @@ def topk_encode_triton(
     k: int,
     dead_mask: torch.Tensor | None,
     k_aux: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused ``relu(top-k((x - b_dec) @ W_enc.T + b_enc))`` without the ``[tokens, n_latents]`` matrix.
 
@@ -434,6 +435,9 @@ def topk_encode_triton(
         dead_mask: ``[n_latents]`` bool, True for dead latents, or None.
         k_aux: number of AuxK latents to pick among the dead ones, ``0 <= k_aux <= n_latents`` (fused up to
             256).
+        compute_dtype: dtype of the product (None: ``x.dtype``). Otherwise ``x - b_dec``, ``W_enc`` and
+            ``b_enc`` are cast to it for this call and the values are returned in ``x.dtype`` (they carry the
+            rounding of ``compute_dtype``, the CPU kernel's do not).
 
     Returns:
         ``(values, indices, aux_values, aux_indices)``: ``values [tokens, k]`` in ``x.dtype``, after ReLU,
@@ -477,6 +481,13 @@ def topk_encode_triton(
     else:
         _check_same_device(op, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
 
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        low = (x - b_dec).to(compute_dtype)
+        zero = torch.zeros(d, dtype=compute_dtype, device=x.device)
+        v, i, av, ai = topk_encode_triton(
+            low, W_enc.to(compute_dtype), b_enc.to(compute_dtype), zero, k, dead_mask, k_aux
+        )
+        return v.to(x.dtype), i, av.to(x.dtype), ai
     if x.dtype == torch.float64:
         return reference.topk_encode_ref(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
     has_aux = dead_mask is not None and k_aux > 0

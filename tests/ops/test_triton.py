@@ -592,3 +592,19 @@ def test_code_kernels_compile_for_gpu(dtype: str) -> None:
     for kernel, pointers, constexprs in cases:
         compiled = _aot_compile(kernel, pointers, constexprs, 80)
         assert len(compiled.asm["cubin"]) > 0
+
+
+@pytest.mark.parametrize("compute_dtype", LOW_PRECISION)
+def test_topk_encode_compute_dtype_runs_the_product_in_low_precision(
+    tk: _InterpretedKernels, compute_dtype: torch.dtype
+) -> None:
+    x, W, b_enc, b_dec = _encoder(6, 64, 300, torch.float32, seed=7)
+    dead = torch.rand(300, generator=_gen(3)) < 0.5
+    values, indices, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, 5, dead, 12, compute_dtype)
+    assert values.dtype == torch.float32 and aux_v.dtype == torch.float32
+    # Judged against float64 pre-activations of the rounded operands (the kernel's bias and values are rounded
+    # to compute_dtype too, hence the tolerance of a few units in its last place).
+    rounded = ((x - b_dec).to(compute_dtype).double() @ W.to(compute_dtype).double().t()) + b_enc.double()
+    atol = 4 * torch.finfo(compute_dtype).eps * float(rounded.abs().max())
+    _check_selection(values, indices, rounded, 5, atol=atol)
+    _check_selection(aux_v, aux_i, rounded, 12, atol=atol, candidates=dead)

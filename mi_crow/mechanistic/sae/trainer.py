@@ -250,21 +250,18 @@ class SaeTrainer:
         sae = self.sae
         use_aux = dead_mask is not None and k_aux > 0 and auxk_coef > 0
         enc_dtype = encode_dtype or sae.dtype
-        if enc_dtype != sae.dtype:
-            # Master weights stay in the SAE's dtype; only the encoder product sees the cast copies.
-            code = ops.topk_encode(
-                x.to(enc_dtype),
-                sae.W_enc.to(enc_dtype),
-                sae.b_enc.to(enc_dtype),
-                sae.b_dec.to(enc_dtype),
-                sae.k,
-                dead_mask if use_aux else None,
-                k_aux if use_aux else 0,
-            )
-        else:
-            code = ops.topk_encode(
-                x, sae.W_enc, sae.b_enc, sae.b_dec, sae.k, dead_mask if use_aux else None, k_aux if use_aux else 0
-            )
+        # With a low-precision encoder product the op rounds copies of x - b_dec and W_enc for the product only;
+        # it keeps none of them for backward, and every gradient is computed against the master weights.
+        code = ops.topk_encode(
+            x,
+            sae.W_enc,
+            sae.b_enc,
+            sae.b_dec,
+            sae.k,
+            dead_mask if use_aux else None,
+            k_aux if use_aux else 0,
+            compute_dtype=enc_dtype if enc_dtype != sae.dtype else None,
+        )
         values = code.values.to(sae.dtype)
         e_hat = None
         if use_aux and code.aux_values is not None:
