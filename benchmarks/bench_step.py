@@ -15,8 +15,8 @@ warm-up):
 Before timing, every step variant's loss and gradients are checked against the dense autograd step on a slice of
 the batch. Memory is measured in a fresh subprocess per case from the kernel's peak-RSS counter (VmHWM, reset
 through ``/proc/self/clear_refs``): the step's peak above the resident parameters + Adam state (gradients count
-as step memory: none outlives a step), and the same minus the size of all gradients (as if they were resident
-state). Full mode also trains a d=768, n=262144 SAE for two steps and reports the whole process's peak RSS.
+as step memory: none outlives a step), once as the process normally runs and once with glibc's caching of freed
+blocks turned off (``step_peak_live_MiB``: what the step's tensors need). Full mode also trains a d=768, n=262144 SAE for two steps and reports the whole process's peak RSS.
 
 Usage: ``python benchmarks/bench_step.py [--quick]``; prints a Markdown table and writes
 ``benchmarks/results/bench_step[_quick].json`` and ``.csv``.
@@ -230,24 +230,28 @@ def memory_child(shape: Shape, variant: str) -> dict:
         f.write("5")  # resets VmHWM (peak RSS) to the current RSS
     step(sae, fn, x, shape.k, **kwargs)
     peak = _rss_bytes("VmHWM")
-    grad_bytes = sae.state_bytes(True) - sae.state_bytes(False)
-    bn = shape.batch * shape.n * 4
-    return {
-        "shape": f"B={shape.batch} d={shape.d} n={shape.n} k={shape.k}",
-        "variant": variant,
-        "process_peak_GiB": round(peak / 2**30, 3),
-        "step_peak_above_params_opt_MiB": round((peak - base) / 2**20, 1),
-        "step_peak_above_params_grads_opt_MiB": round((peak - base - grad_bytes) / 2**20, 1),
-        "quarter_BxN_fp32_MiB": round(bn / 4 / 2**20, 1),
-    }
+    return {"process_peak_GiB": round(peak / 2**30, 3), "step_MiB": round((peak - base) / 2**20, 1)}
 
 
 def measure_memory(shape: Shape, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--memory-child", json.dumps([asdict(shape), variant])]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Two fresh children: as the process runs normally (glibc keeps freed [B, d]-sized blocks in its heap, so
+    RSS also counts memory the step no longer uses), and with every allocation of 1 MiB or more mapped and
+    unmapped on its own (MALLOC_MMAP_THRESHOLD_), so RSS follows the live large tensors."""
+    runs = {}
+    for name, extra in (("glibc", {}), ("live", {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)})):
+        cmd = [sys.executable, __file__, "--memory-child", json.dumps([asdict(shape), variant])]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extra})
+        if out.returncode != 0:
+            raise RuntimeError(f"memory child failed: {out.stderr[-2000:]}")
+        runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "shape": f"B={shape.batch} d={shape.d} n={shape.n} k={shape.k}",
+        "variant": variant,
+        "process_peak_GiB": runs["glibc"]["process_peak_GiB"],
+        "step_peak_MiB": runs["glibc"]["step_MiB"],
+        "step_peak_live_MiB": runs["live"]["step_MiB"],
+        "quarter_BxN_fp32_MiB": round(shape.batch * shape.n * 4 / 4 / 2**20, 1),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
