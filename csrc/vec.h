@@ -178,6 +178,40 @@ inline void dot_axpy_rows(acc_t* a, const acc_t* coef, const acc_t* const* g, co
   }
 }
 
+// a[0..d) += coef[0] * x[0][0..d), then += coef[1] * x[1][0..d), ... in that order (each element gets the same
+// roundings as from R axpy calls), loading and storing the accumulator once for all R rows and keeping R
+// independent row streams in flight: a pass bound by reading scattered rows needs that parallelism.
+template <int R, typename acc_t>
+inline void axpy_rows(acc_t* a, const acc_t* coef, const acc_t* const* x, int64_t d) {
+  int64_t c = 0;
+#if defined(MI_CROW_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m512 vc[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) vc[r] = _mm512_set1_ps(coef[r]);
+    for (; c + 32 <= d; c += 32) {
+      __m512 a0 = _mm512_loadu_ps(a + c), a1 = _mm512_loadu_ps(a + c + 16);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        a0 = _mm512_fmadd_ps(vc[r], _mm512_loadu_ps(x[r] + c), a0);
+        a1 = _mm512_fmadd_ps(vc[r], _mm512_loadu_ps(x[r] + c + 16), a1);
+      }
+      _mm512_storeu_ps(a + c, a0);
+      _mm512_storeu_ps(a + c + 16, a1);
+    }
+    for (; c + 16 <= d; c += 16) {
+      __m512 a0 = _mm512_loadu_ps(a + c);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) a0 = _mm512_fmadd_ps(vc[r], _mm512_loadu_ps(x[r] + c), a0);
+      _mm512_storeu_ps(a + c, a0);
+    }
+  }
+#endif
+  for (; c < d; ++c) {
+    for (int r = 0; r < R; ++r) a[c] += coef[r] * x[r][c];
+  }
+}
+
 // dst[0..len) = float(src[0..len))
 template <typename scalar_t, typename acc_t>
 inline void widen(const scalar_t* src, acc_t* dst, int64_t len) {
