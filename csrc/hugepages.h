@@ -7,11 +7,16 @@
 // writing them. Best effort: where it is not supported nothing changes.
 #pragma once
 
+#include <ATen/ATen.h>
+
 #include <cstddef>
 #include <cstdint>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__GLIBC__)
+#include <malloc.h>
 #endif
 
 namespace mi_crow {
@@ -29,6 +34,26 @@ inline void advise_huge_pages(void* p, size_t bytes) {
   (void)p;
   (void)bytes;
 #endif
+}
+
+// Hands the free blocks of the C heap back to the kernel before a dense gradient is allocated. glibc keeps freed
+// [tokens, d_in]-sized temporaries of the forward and backward in its heap (they are below its adaptive mmap
+// threshold), so without this the process would hold them resident on top of the new ~100 MiB gradient: the
+// step's peak memory would be what it once used, not what it needs. Costs a walk over the heap's free list.
+inline void release_free_heap() {
+#if defined(__GLIBC__)
+  (void)malloc_trim(0);
+#endif
+}
+
+// A dense output of a gradient kernel: the free heap released first, then huge pages requested before any write.
+// Only large outputs (16 MiB and more) are worth the heap walk.
+inline at::Tensor empty_gradient(at::IntArrayRef size, const at::TensorOptions& options) {
+  const int64_t bytes = c10::multiply_integers(size) * static_cast<int64_t>(options.dtype().itemsize());
+  if (bytes >= (int64_t(16) << 20)) release_free_heap();
+  at::Tensor t = at::empty(size, options);
+  advise_huge_pages(t.data_ptr(), t.nbytes());
+  return t;
 }
 
 }  // namespace mi_crow

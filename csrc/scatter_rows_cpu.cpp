@@ -81,8 +81,7 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
   auto cf = coef.contiguous();
   auto idx = indices.contiguous();
   check_indices(op, idx, n);
-  auto out = at::empty({n, d}, x.options());
-  advise_huge_pages(out.data_ptr(), out.nbytes());
+  auto out = empty_gradient({n, d}, x.options());
   if (n == 0 || d == 0) return out;
 
   const int64_t total = B * k;

@@ -35,8 +35,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_cpu(const at::Tensor& 
   auto W = W_dec.contiguous();
   check_indices(op, idx, n);
   auto grad_values = at::empty({B, k}, v.options());
-  auto grad_W = at::empty({n, d}, W.options());
-  advise_huge_pages(grad_W.data_ptr(), grad_W.nbytes());
+  auto grad_W = empty_gradient({n, d}, W.options());
   if (n == 0 || d == 0) {
     grad_values.zero_();
     return {grad_values, grad_W};

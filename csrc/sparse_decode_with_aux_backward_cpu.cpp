@@ -160,8 +160,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_with_aux_backward_c
   check_indices(op, "aux_indices", aidx, n);
   auto grad_values = at::empty({B, k}, v.options());
   auto aux_grad_values = at::empty({B, ka}, av.options());
-  auto grad_W = at::empty({n, d}, W.options());
-  advise_huge_pages(grad_W.data_ptr(), grad_W.nbytes());
+  auto grad_W = empty_gradient({n, d}, W.options());
   if (n == 0 || d == 0) {
     grad_values.zero_();
     aux_grad_values.zero_();
