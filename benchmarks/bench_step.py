@@ -1,8 +1,9 @@
 """Question: how close is one TopK SAE training step with mi_crow.ops to the hardware floor on this CPU?
 
 One step = forward (encode + top-k, decode), MSE (+ AuxK), backward, ``torch.optim.Adam(fused=True)`` step.
-Per shape, in the same process, timed with ``torch.utils.benchmark.Timer.blocked_autorange`` (median after
-warm-up):
+Per shape, in the same process, on one thread: (c) is timed with ``torch.utils.benchmark.Timer.blocked_autorange``
+(median after warm-up); every other case runs 3-5 times after a warm-up, each run right after a run of (c), and
+its ratio to (c) is the median of those paired ratios (robust to the machine's speed drifting over minutes):
 
 * ``(c) encoder product fp32``: ``x @ W_enc.T`` alone -- the unit every ratio is expressed in;
 * ``(a) naive dense step``: dense pre-activations, ``torch.topk``, dense code, dense decode, autograd;
@@ -28,8 +29,10 @@ import argparse
 import ctypes
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -177,31 +180,59 @@ def time_shape(shape: Shape, quick: bool) -> list[dict]:
     sae = Sae(shape)
     check_against_dense(sae, x, shape, dead)
 
-    rows = []
-    c = median_seconds(lambda: x @ sae.W_enc.t(), min_run)
-    rows.append(("(c) encoder product fp32", c))
+    product = lambda: x @ sae.W_enc.t()  # noqa: E731
+    c = median_seconds(product, min_run)
     grads = [torch.randn_like(p) * 1e-3 for p in sae.params]
-    rows.append(("floor: product + topk + fused Adam", median_seconds(lambda: floor_step(sae, x, shape.k, grads), min_run)))
-    sae.opt.zero_grad(set_to_none=True)
-    rows.append(("(a) naive dense step", median_seconds(lambda: train_step(sae, loss_dense, x, shape.k), min_run)))
-    rows.append(("sparsify-style step", median_seconds(lambda: train_step(sae, loss_sparsify, x, shape.k), min_run)))
-    rows.append(("mi_crow step fp32", median_seconds(lambda: train_step_in_backward(sae, loss_fast, x, shape.k), min_run)))
-    rows.append(("mi_crow step bf16 encoder",
-                 median_seconds(lambda: train_step_in_backward(sae, loss_fast, x, shape.k, torch.bfloat16), min_run)))
-    rows.append((f"mi_crow step AuxK (k_aux={shape.k_aux}, 1/2 dead)",
-                 median_seconds(lambda: train_step_in_backward(sae, loss_fast, x, shape.k, dead=dead, k_aux=shape.k_aux),
-                                min_run)))
-    dense = dict(rows)["(a) naive dense step"]
+    cases = [
+        ("floor: product + topk + fused Adam", lambda: floor_step(sae, x, shape.k, grads), 5),
+        ("(a) naive dense step", lambda: train_step(sae, loss_dense, x, shape.k), 3),
+        ("sparsify-style step", lambda: train_step(sae, loss_sparsify, x, shape.k), 3),
+        ("mi_crow step fp32", lambda: train_step_in_backward(sae, loss_fast, x, shape.k), 5),
+        ("mi_crow step bf16 encoder", lambda: train_step_in_backward(sae, loss_fast, x, shape.k, torch.bfloat16), 5),
+        (f"mi_crow step AuxK (k_aux={shape.k_aux}, 1/2 dead)",
+         lambda: train_step_in_backward(sae, loss_fast, x, shape.k, dead=dead, k_aux=shape.k_aux), 5),
+    ]
+    rows = [("(c) encoder product fp32", c, 1.0)]
+    for name, fn, pairs in cases:
+        t, ratio = paired_ratio(fn, product, pairs if not quick else 3)
+        sae.opt.zero_grad(set_to_none=True)
+        rows.append((name, t, ratio))
+    dense = next(t for name, t, _ in rows if name == "(a) naive dense step")
     out = []
-    for name, t in rows:
+    for name, t, ratio in rows:
         out.append({
             "shape": f"B={shape.batch} d={shape.d} n={shape.n} k={shape.k}",
             "case": name,
             "ms": round(t * 1e3, 2),
-            "x_c": round(t / c, 3),
+            "x_c": round(ratio, 3),
             "dense_over_this": round(dense / t, 2),
         })
     return out
+
+
+def paired_ratio(fn, product, pairs: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """(median seconds of ``fn``, median of ``fn``'s time over the encoder product's time right before it).
+
+    On a shared machine the speed drifts over minutes; pairing each run with a run of (c) taken just before it
+    makes the ratio independent of that drift. One thread, as ``torch.utils.benchmark.Timer`` times (c).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()  # warm-up: optimizer state, allocator and BLAS caches
+        times, ratios = [], []
+        for _ in range(pairs):
+            start = time.perf_counter()
+            product()
+            tc = time.perf_counter() - start
+            start = time.perf_counter()
+            fn()
+            t = time.perf_counter() - start
+            times.append(t)
+            ratios.append(t / tc)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times), statistics.median(ratios)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -111,8 +111,9 @@ class SaeTrainingConfig:
     """Seed of the weight initialisation and of the data shuffling."""
 
     encode_dtype: str = "float32"
-    """dtype of the encoder matrix product: ``"float32"`` or ``"bfloat16"`` (x and the encoder weights are cast for that
-    product only; the master weights, the decoder and the optimizer stay in the SAE's dtype)."""
+    """dtype of the encoder matrix product: ``"float32"`` or ``"bfloat16"`` (x - b_dec and the encoder weights are
+    rounded for that product only, inside the op; the master weights, every gradient, the decoder and the optimizer
+    stay in the SAE's dtype). ``"bfloat16"`` is about 2.5x faster per step on CPUs with AMX."""
 
     outlier_norm_factor: float | None = 10.0
     """Tokens whose norm exceeds this multiple of their batch's median token norm are left out of training (counted
