@@ -48,7 +48,22 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
       for (int64_t b = begin; b < end; ++b) {
         acc_t* a = acc.data();
         for (int64_t c = 0; c < d; ++c) a[c] = bias_acc[c];
-        for (int64_t j = 0; j < k; ++j) {
+        int64_t j = 0;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          // Four decoder rows per pass (axpy_rows): they are random reads, and several in flight at once is what
+          // makes a gather fast. Same summation order as one row at a time.
+          constexpr int kRows = 4;
+          acc_t coef[kRows];
+          const acc_t* rows[kRows];
+          for (; j + kRows <= k; j += kRows) {
+            for (int r = 0; r < kRows; ++r) {
+              coef[r] = static_cast<acc_t>(vp[b * k + j + r]);
+              rows[r] = reinterpret_cast<const acc_t*>(wp + ip[b * k + j + r] * d);  // scalar_t is acc_t here
+            }
+            axpy_rows<kRows>(a, coef, rows, d);
+          }
+        }
+        for (; j < k; ++j) {
           if (j + 1 < k) prefetch_row(wp + ip[b * k + j + 1] * d, d);
           axpy(a, static_cast<acc_t>(vp[b * k + j]), wp + ip[b * k + j] * d, d);
         }
