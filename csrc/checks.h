@@ -59,18 +59,6 @@ inline void to_acc(const scalar_t* src, acc_t* dst, int64_t len) {
   for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
-// Groups the flat positions p of indices [total] by latent with a stable counting sort: the positions of latent
-// i are order[start[i] .. start[i + 1]) in increasing p, so any per-latent summation has a fixed order.
-inline void group_by_latent(const int64_t* ip, int64_t total, int64_t n, std::vector<int64_t>& start,
-                            std::vector<int64_t>& order) {
-  start.assign(n + 1, 0);
-  for (int64_t p = 0; p < total; ++p) ++start[ip[p] + 1];
-  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
-  order.resize(total);
-  std::vector<int64_t> cursor(start.begin(), start.end() - 1);
-  for (int64_t p = 0; p < total; ++p) order[cursor[ip[p]]++] = p;
-}
-
 // One of several sparse codes whose slots are grouped together: indices [rows, width], contiguous. Its slot
 // (b, j) has the flat position pos_offset + b * width + j in the combined list and the source row b.
 struct CodeSlots {
@@ -80,7 +68,7 @@ struct CodeSlots {
   int64_t pos_offset;
 };
 
-// group_by_latent over the slots of several codes at once (one counting sort): the slots of latent i are
+// Groups the slots of one or several codes by latent with one stable counting sort: the slots of latent i are
 // q in [start[i], start[i + 1]), in increasing flat position -- so code by code in the order the codes are given
 // (pass them with increasing pos_offset), then in (b, j) order -- with pos[q] the flat position and row[q] the
 // source row. The rows come out of the loop nest, so nothing is divided. index_t may be int32 when every flat

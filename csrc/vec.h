@@ -86,46 +86,9 @@ inline acc_t dot(const acc_t* g, const scalar_t* row, int64_t d) {
   return s;
 }
 
-// One pass over row g for both backward products of a decoder row w: a[0..d) += coef * g[0..d) and returns
-// sum_c g[c] * w[c]. Four independent partial sums keep the FMA latency off the critical path.
-template <typename acc_t>
-inline acc_t dot_axpy(acc_t* a, acc_t coef, const acc_t* g, const acc_t* w, int64_t d) {
-  int64_t c = 0;
-  acc_t s = 0;
-#if defined(MI_CROW_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 vc = _mm512_set1_ps(coef);
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    for (; c + 64 <= d; c += 64) {
-      const __m512 g0 = _mm512_loadu_ps(g + c), g1 = _mm512_loadu_ps(g + c + 16);
-      const __m512 g2 = _mm512_loadu_ps(g + c + 32), g3 = _mm512_loadu_ps(g + c + 48);
-      s0 = _mm512_fmadd_ps(g0, _mm512_loadu_ps(w + c), s0);
-      s1 = _mm512_fmadd_ps(g1, _mm512_loadu_ps(w + c + 16), s1);
-      s2 = _mm512_fmadd_ps(g2, _mm512_loadu_ps(w + c + 32), s2);
-      s3 = _mm512_fmadd_ps(g3, _mm512_loadu_ps(w + c + 48), s3);
-      _mm512_storeu_ps(a + c, _mm512_fmadd_ps(vc, g0, _mm512_loadu_ps(a + c)));
-      _mm512_storeu_ps(a + c + 16, _mm512_fmadd_ps(vc, g1, _mm512_loadu_ps(a + c + 16)));
-      _mm512_storeu_ps(a + c + 32, _mm512_fmadd_ps(vc, g2, _mm512_loadu_ps(a + c + 32)));
-      _mm512_storeu_ps(a + c + 48, _mm512_fmadd_ps(vc, g3, _mm512_loadu_ps(a + c + 48)));
-    }
-    for (; c + 16 <= d; c += 16) {
-      const __m512 g0 = _mm512_loadu_ps(g + c);
-      s0 = _mm512_fmadd_ps(g0, _mm512_loadu_ps(w + c), s0);
-      _mm512_storeu_ps(a + c, _mm512_fmadd_ps(vc, g0, _mm512_loadu_ps(a + c)));
-    }
-    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
-  }
-#endif
-  for (; c < d; ++c) {
-    s += g[c] * w[c];
-    a[c] += coef * g[c];
-  }
-  return s;
-}
-
-// dot_axpy for R gradient rows against the same decoder row w: a[0..d) += coef[0] * g[0][0..d), then
-// += coef[1] * g[1][0..d), ... (a gets the same roundings per element as from R dot_axpy calls in that order), and
-// s[r] = <g[r], w> (two partial sums, so s[r] does not depend on R or r). The accumulator is loaded and stored once
+// Both backward products of a decoder row w for R gradient rows in one pass: a[0..d) += coef[0] * g[0][0..d), then
+// += coef[1] * g[1][0..d), ... (a gets the same roundings per element as from R passes of one row in that order),
+// and s[r] = <g[r], w> (two partial sums, so s[r] does not depend on R or r). The accumulator is loaded and stored once
 // for all R rows, and R independent row streams are in flight at once, which is what a pass bound by reading
 // scattered gradient rows needs.
 template <int R, typename acc_t>
