@@ -3,13 +3,15 @@
 Backends implement five primitives (``put_bytes``, ``get_bytes``, ``exists``, ``list``, ``delete``) and ``location``;
 everything else (JSON, safetensors, ``torch.save`` files, activation runs and the streaming reader) is built on them
 here, so a new backend (an object store, a shared filesystem) gets the whole API by implementing the primitives.
+A backend that can lock (``LocalStore`` can) also overrides :meth:`Store.lock`.
 
-Layout of an activation run (keys are ``/``-separated, relative to the store root)::
+Layout of an activation run (keys are ``/``-separated, relative to the store root; see :mod:`mi_crow.store.layout`)::
 
     activations/<run_id>/meta.json
     activations/<run_id>/batch_<i>/<layer>/activations.safetensors    tensors "activations" [b, seq, d]
                                                                        and "attention_mask" [b, seq]
     activations/<run_id>/batch_<i>/extra.safetensors                  optional per-batch tensors (e.g. input_ids)
+    activations/<run_id>/.lock                                        while a process writes the run
 
 A batch counts only once ``meta.json`` lists it in ``complete_batches``; that mark is written after every file of
 the batch, so an interrupted write leaves a batch that readers do not see.
@@ -22,27 +24,37 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.store.errors import CorruptStoreFileError, RunNotFoundError, StoreKeyNotFoundError
-
-if TYPE_CHECKING:
-    from mi_crow.store.reader import ActivationReader
+from mi_crow.store.layout import (
+    ACTIVATIONS_FILE,
+    ACTIVATIONS_PREFIX,
+    EXTRA_FILE,
+    META_FILE,
+    activation_key,
+    batch_folder,
+    check_batch_index,
+    sae_key,
+    training_key,
+)
+from mi_crow.store.reader import ActivationReader
+from mi_crow.validation import check_choice, check_identifier, check_real, check_str, fail, fail_type
 
 logger = logging.getLogger(__name__)
 
-ACTIVATIONS_PREFIX = "activations"
-META_FILE = "meta.json"
-ACTIVATIONS_FILE = "activations.safetensors"
-EXTRA_FILE = "extra.safetensors"
-
 #: Keys of ``meta.json`` that the store maintains itself; values given for them in ``write_run_meta`` are ignored.
 RESERVED_META_KEYS = ("run_id", "complete_batches", "batch_tokens", "batch_shapes", "n_tokens", "layer_dims",
-                      "layer_dtypes")
+                      "layer_dtypes", "sample_count", "batch_count")
+
+#: ``kind`` values of :meth:`Store.lock_run` and the folder each one locks.
+RUN_KINDS = {"activations": activation_key, "training": training_key}
 
 
 class ActivationBatch(NamedTuple):
@@ -57,24 +69,19 @@ class ActivationBatch(NamedTuple):
     attention_mask: torch.Tensor
 
 
-def _check_segment(value: object, argument: str) -> str:
-    """Validate a name used as one path segment (run id, layer name, sae id)."""
-    if not isinstance(value, str):
-        raise TypeError(f"{argument} must be a str, got {type(value).__name__} ({value!r})")
-    if value in ("", ".", "..") or "/" in value or "\\" in value or "\x00" in value or value.startswith("."):
-        raise ValueError(
-            f"{argument} must be a non-empty name without '/', '\\' or a leading '.', usable as a folder name; "
-            f"got {value!r}"
-        )
-    return value
+class RunBatch(NamedTuple):
+    """One stored batch of an activation run, every layer at once (what :meth:`Store.get_run_batch` returns).
 
+    Attributes:
+        activations: layer name -> ``[batch, seq, d]`` hidden states as written, one entry per layer of the run.
+        attention_mask: ``[batch, seq]`` mask shared by every layer (1 = real token, 0 = padding).
+        extra: the batch's extra tensors (``input_ids [batch, seq]`` for runs saved by ``lm.activations.save``);
+            ``{}`` when none were written.
+    """
 
-def _check_batch_index(value: object, argument: str = "batch_index") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 0:
-        raise ValueError(f"{argument} must be >= 0, got {value}")
-    return value
+    activations: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor
+    extra: dict[str, torch.Tensor]
 
 
 class Store(ABC):
@@ -125,7 +132,7 @@ class Store(ABC):
         try:
             text = json.dumps(obj, indent=2, sort_keys=False)
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"put_json: obj for key {key!r} is not JSON-serialisable: {exc}") from exc
+            raise ArgumentTypeError(f"put_json: obj for key {key!r} is not JSON-serialisable: {exc}") from exc
         self.put_bytes(key, text.encode("utf-8"))
 
     def get_json(self, key: str) -> Any:
@@ -174,16 +181,75 @@ class Store(ABC):
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
             raise CorruptStoreFileError(f"cannot load torch file {self.location(key)}: {exc}") from exc
 
-    # ------------------------------------------------------------------ activation runs
+    # ------------------------------------------------------------------ keys of the layout
     @staticmethod
     def run_key(run_id: str, *parts: str) -> str:
-        """Key of ``parts`` inside the folder of activation run ``run_id``."""
-        return "/".join((ACTIVATIONS_PREFIX, run_id) + parts)
+        """Key of ``parts`` inside the folder of activation run ``run_id`` (``run_id`` is validated)."""
+        return activation_key(run_id, *parts)
+
+    @staticmethod
+    def training_key(run_id: str, *parts: str) -> str:
+        """Key of ``parts`` inside the folder of training run ``run_id``: ``runs/<run_id>/...``."""
+        return training_key(run_id, *parts)
+
+    @staticmethod
+    def sae_key(sae_id: str, *parts: str) -> str:
+        """Key of ``parts`` inside the folder of saved SAE ``sae_id``: ``sae_models/<sae_id>/...``."""
+        return sae_key(sae_id, *parts)
 
     def batch_key(self, run_id: str, batch_index: int, layer: str) -> str:
         """Key of the safetensors file of ``layer`` in batch ``batch_index`` of run ``run_id``."""
-        return self.run_key(run_id, f"batch_{batch_index}", layer, ACTIVATIONS_FILE)
+        return self.run_key(run_id, batch_folder(batch_index), check_identifier(layer, "layer"), ACTIVATIONS_FILE)
 
+    # ------------------------------------------------------------------ locks
+    def lock(self, folder: str, *, what: str = "", purpose: str = "", timeout: float = 0.0
+             ) -> AbstractContextManager[Any]:
+        """A cross-process lock on the folder ``folder``, to hold while one process writes into it.
+
+        The base implementation does not lock (a backend without a lock primitive gives no protection against
+        concurrent writers); :class:`~mi_crow.store.LocalStore` returns a :class:`~mi_crow.store.lock.RunLock` on
+        ``<folder>/.lock``. Use :meth:`lock_run` for runs.
+
+        Args:
+            folder: key of the folder to lock.
+            what: what the folder holds, for messages (``"activation run 'r1'"``).
+            purpose: what the holder is doing, recorded for whoever finds the lock held.
+            timeout: seconds to wait for a busy lock (0: fail at once).
+        """
+        return nullcontext()
+
+    def lock_run(self, run_id: str, *, kind: str = "activations", purpose: str = "", timeout: float = 0.0
+                 ) -> AbstractContextManager[Any]:
+        """Lock activation run or training run ``run_id`` against other processes, as a context manager.
+
+        ``with store.lock_run("r1"):`` holds ``activations/<run_id>/.lock`` for the block;
+        ``kind="training"`` locks ``runs/<run_id>/.lock`` (for a trainer writing checkpoints and history). The lock
+        records the holder's pid, host and start time; a lock left by a process that died on this host is taken
+        over with a logged warning. Re-entrant within a process; released when the block ends, also on an exception.
+        :meth:`write_activation_batch`, :meth:`write_run_meta` and :meth:`delete_run` take the activation lock
+        themselves, so they refuse to touch a run another process is writing.
+
+        Args:
+            run_id: the run (a valid identifier).
+            kind: ``"activations"`` or ``"training"``.
+            purpose: what the holder is doing (``"activations.save"``, ``"training"``).
+            timeout: seconds to wait for the lock before giving up (0: fail at once).
+
+        Returns:
+            A context manager holding the lock inside its block.
+
+        Raises:
+            ResourceBusyError: (on entering the block) another live process holds the lock; the message names its
+                pid and host and the lock file.
+        """
+        key_of = RUN_KINDS[check_choice(kind, "kind", tuple(RUN_KINDS))]
+        folder = key_of(run_id)
+        check_str(purpose, "purpose", allow_empty=True)
+        timeout = check_real(timeout, "timeout", minimum=0.0)
+        label = "activation run" if kind == "activations" else "training run"
+        return self.lock(folder, what=f"{label} {run_id!r}", purpose=purpose or kind, timeout=timeout)
+
+    # ------------------------------------------------------------------ activation runs
     def list_runs(self) -> list[str]:
         """Sorted ids of the activation runs in the store (those with a ``meta.json``)."""
         runs = set()
@@ -195,20 +261,21 @@ class Store(ABC):
 
     def run_exists(self, run_id: str) -> bool:
         """Whether run ``run_id`` has a ``meta.json``."""
-        return self.exists(self.run_key(_check_segment(run_id, "run_id"), META_FILE))
+        return self.exists(self.run_key(run_id, META_FILE))
 
     def read_run_meta(self, run_id: str) -> dict[str, Any]:
         """Return the parsed ``meta.json`` of run ``run_id``.
 
         Besides what the writer stored, it holds the store's own records: ``complete_batches`` (sorted list of
         batch indices), ``batch_tokens`` (batch index as str -> number of real tokens), ``batch_shapes`` (batch index
-        as str -> ``[batch, seq]``), ``n_tokens`` (real tokens over complete batches), ``layer_dims`` (layer -> d)
-        and ``layer_dtypes`` (layer -> dtype name).
+        as str -> ``[batch, seq]``), ``n_tokens`` (real tokens over complete batches), ``sample_count`` (texts over
+        complete batches), ``batch_count`` (number of complete batches), ``layer_dims`` (layer -> d) and
+        ``layer_dtypes`` (layer -> dtype name).
 
         Raises:
             RunNotFoundError: the run has no ``meta.json`` (the message names the run id and the store location).
+            CorruptStoreFileError: ``meta.json`` is not valid JSON or its records are malformed (names the path).
         """
-        _check_segment(run_id, "run_id")
         key = self.run_key(run_id, META_FILE)
         if not self.exists(key):
             runs = self.list_runs()
@@ -219,26 +286,36 @@ class Store(ABC):
         meta = self.get_json(key)
         if not isinstance(meta, dict):
             raise CorruptStoreFileError(f"{self.location(key)} must hold a JSON object, got {type(meta).__name__}")
+        # Normalised records; also fills sample_count/batch_count for runs written before they were recorded.
+        meta.update(_store_records(meta, run_id, self.location(key)))
         return meta
+
+    def get_run_metadata(self, run_id: str) -> dict[str, Any]:
+        """The ``meta.json`` of run ``run_id`` as a dict (the same as :meth:`read_run_meta`)."""
+        return self.read_run_meta(run_id)
 
     def write_run_meta(self, run_id: str, meta: Mapping[str, Any]) -> None:
         """Create or replace the user part of run ``run_id``'s ``meta.json`` (atomic).
 
-        The store's own records (:data:`RESERVED_META_KEYS`: completed batches, token counts, layer widths) are kept
-        from the existing file; values given for them in ``meta`` are ignored, so a resumed save can rewrite its
-        metadata without forgetting which batches are done.
+        The store's own records (:data:`RESERVED_META_KEYS`: completed batches, token and sample counts, layer
+        widths) are kept from the existing file; values given for them in ``meta`` are ignored, so a resumed save can
+        rewrite its metadata without forgetting which batches are done.
 
         Args:
             run_id: run id (a folder name: no ``/``, no leading ``.``).
             meta: JSON-serialisable mapping (model id, layers, dtype, dataset description, ...).
+
+        Raises:
+            ResourceBusyError: another process is writing the run.
         """
-        _check_segment(run_id, "run_id")
+        check_identifier(run_id, "run_id")
         if not isinstance(meta, Mapping):
-            raise TypeError(f"meta must be a mapping (dict), got {type(meta).__name__}")
-        existing = self.read_run_meta(run_id) if self.run_exists(run_id) else {}
-        merged: dict[str, Any] = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS}
-        merged.update(_store_records(existing, run_id))
-        self.put_json(self.run_key(run_id, META_FILE), merged)
+            raise fail_type("meta", "a mapping (dict)", meta)
+        with self.lock_run(run_id, purpose="write_run_meta"):
+            existing = self.read_run_meta(run_id) if self.run_exists(run_id) else {}
+            merged: dict[str, Any] = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS}
+            merged.update(_store_records(existing, run_id, self.location(self.run_key(run_id, META_FILE))))
+            self.put_json(self.run_key(run_id, META_FILE), merged)
 
     def write_activation_batch(
         self,
@@ -264,62 +341,73 @@ class Store(ABC):
             extra: optional name -> tensor saved once per batch in ``batch_<i>/extra.safetensors``
                 (e.g. ``input_ids [batch, seq]``); read back with :meth:`load_batch_extra`.
         """
-        _check_segment(run_id, "run_id")
-        _check_batch_index(batch_index)
+        check_identifier(run_id, "run_id")
+        check_batch_index(batch_index)
         mask = _check_mask(attention_mask)
-        if not isinstance(activations, Mapping) or len(activations) == 0:
-            raise ValueError(f"activations must be a non-empty dict layer name -> Tensor[b, seq, d], got {activations!r}")
-        meta = self.read_run_meta(run_id) if self.run_exists(run_id) else {"run_id": run_id}
-        layer_dims = dict(meta.get("layer_dims", {}))
-        layer_dtypes = dict(meta.get("layer_dtypes", {}))
-        if meta.get("complete_batches") and set(activations) != set(layer_dims):
-            # Readers expect every complete batch to hold every layer of the run.
-            raise ValueError(
-                f"activations must hold the same layers as the earlier batches of run {run_id!r}: "
-                f"expected {sorted(layer_dims)}, got {sorted(activations)}"
-            )
+        if not isinstance(activations, Mapping):
+            raise fail_type("activations", "a non-empty dict layer name -> Tensor[b, seq, d]", activations)
+        if len(activations) == 0:
+            raise fail("activations", "a non-empty dict layer name -> Tensor[b, seq, d]", activations)
         for layer, tensor in activations.items():
-            _check_segment(layer, "layer name")
+            check_identifier(layer, "layer name")
             if layer == EXTRA_FILE:
-                raise ValueError(f"layer name {layer!r} is reserved for the batch's extra tensors")
+                raise fail("layer name", f"a name other than {EXTRA_FILE!r} (reserved for the batch's extra tensors)",
+                           layer)
             if not isinstance(tensor, torch.Tensor):
-                raise TypeError(f"activations[{layer!r}] must be a Tensor, got {type(tensor).__name__}")
+                raise fail_type(f"activations[{layer!r}]", "a Tensor", tensor)
             if tensor.dim() != 3 or tuple(tensor.shape[:2]) != tuple(mask.shape):
-                raise ValueError(
+                raise UserInputError(
                     f"activations[{layer!r}] must have shape [b, seq, d] matching attention_mask "
                     f"{list(mask.shape)}, got {list(tensor.shape)}"
                 )
-            d = int(tensor.shape[2])
-            if layer in layer_dims and int(layer_dims[layer]) != d:
-                raise ValueError(
-                    f"activations[{layer!r}] has width d={d} but earlier batches of run {run_id!r} have "
-                    f"d={layer_dims[layer]}"
-                )
-            layer_dims[layer] = d
-            layer_dtypes[layer] = str(tensor.dtype).removeprefix("torch.")
         if extra is not None:
             if not isinstance(extra, Mapping) or not all(isinstance(v, torch.Tensor) for v in extra.values()):
-                raise TypeError(f"extra must be None or a dict name -> Tensor, got {type(extra).__name__}")
+                raise fail_type("extra", "None or a dict name -> Tensor", extra)
+        meta_key = self.run_key(run_id, META_FILE)
+        with self.lock_run(run_id, purpose="write_activation_batch"):
+            meta = self.read_run_meta(run_id) if self.run_exists(run_id) else {"run_id": run_id}
+            layer_dims = dict(meta.get("layer_dims", {}))
+            layer_dtypes = dict(meta.get("layer_dtypes", {}))
+            if meta.get("complete_batches") and set(activations) != set(layer_dims):
+                # Readers expect every complete batch to hold every layer of the run.
+                raise UserInputError(
+                    f"activations must hold the same layers as the earlier batches of run {run_id!r}: "
+                    f"expected {sorted(layer_dims)}, got {sorted(activations)}"
+                )
+            for layer, tensor in activations.items():
+                d = int(tensor.shape[2])
+                if layer in layer_dims and int(layer_dims[layer]) != d:
+                    raise UserInputError(
+                        f"activations[{layer!r}] has width d={d} but earlier batches of run {run_id!r} have "
+                        f"d={layer_dims[layer]}"
+                    )
+                layer_dims[layer] = d
+                layer_dtypes[layer] = str(tensor.dtype).removeprefix("torch.")
+            if batch_index in meta.get("complete_batches", []):
+                # Rewriting a complete batch: unmark it first, so an interruption between the layer files never
+                # leaves a batch marked complete whose layers come from two different writes.
+                meta["complete_batches"] = [i for i in meta["complete_batches"] if i != batch_index]
+                meta.update(_store_records(meta, run_id, self.location(meta_key)))
+                self.put_json(meta_key, meta)
 
-        header = {"run_id": run_id, "batch_index": str(batch_index)}
-        for layer, tensor in activations.items():
-            self.put_tensors(self.batch_key(run_id, batch_index, layer),
-                             {"activations": tensor, "attention_mask": mask}, metadata={**header, "layer": layer})
-        if extra:
-            self.put_tensors(self.run_key(run_id, f"batch_{batch_index}", EXTRA_FILE), dict(extra), metadata=header)
+            header = {"run_id": run_id, "batch_index": str(batch_index)}
+            for layer, tensor in activations.items():
+                self.put_tensors(self.batch_key(run_id, batch_index, layer),
+                                 {"activations": tensor, "attention_mask": mask}, metadata={**header, "layer": layer})
+            if extra:
+                self.put_tensors(self.run_key(run_id, batch_folder(batch_index), EXTRA_FILE), dict(extra),
+                                 metadata=header)
 
-        # Re-read right before the update so metadata written meanwhile (write_run_meta) is not lost.
-        meta = self.read_run_meta(run_id) if self.run_exists(run_id) else {"run_id": run_id}
-        records = _store_records(meta, run_id)
-        complete = set(records["complete_batches"]) | {batch_index}
-        records["complete_batches"] = sorted(complete)
-        records["batch_tokens"][str(batch_index)] = int(mask.sum().item())
-        records["batch_shapes"][str(batch_index)] = [int(mask.shape[0]), int(mask.shape[1])]
-        records["layer_dims"] = {**records["layer_dims"], **layer_dims}
-        records["layer_dtypes"] = {**records["layer_dtypes"], **layer_dtypes}
-        records["n_tokens"] = sum(int(records["batch_tokens"][str(i)]) for i in records["complete_batches"])
-        meta.update(records)
-        self.put_json(self.run_key(run_id, META_FILE), meta)
+            # Re-read right before the update so metadata written meanwhile (write_run_meta) is not lost.
+            meta = self.read_run_meta(run_id) if self.run_exists(run_id) else {"run_id": run_id}
+            records = _store_records(meta, run_id, self.location(meta_key))
+            records["complete_batches"] = sorted(set(records["complete_batches"]) | {batch_index})
+            records["batch_tokens"][str(batch_index)] = int(mask.sum().item())
+            records["batch_shapes"][str(batch_index)] = [int(mask.shape[0]), int(mask.shape[1])]
+            records["layer_dims"] = {**records["layer_dims"], **layer_dims}
+            records["layer_dtypes"] = {**records["layer_dtypes"], **layer_dtypes}
+            meta.update(_store_records(records, run_id, self.location(meta_key)))
+            self.put_json(meta_key, meta)
 
     def list_batches(self, run_id: str) -> list[int]:
         """Sorted indices of the complete batches of run ``run_id`` (as recorded in ``meta.json``)."""
@@ -333,13 +421,13 @@ class Store(ABC):
     def _check_complete(self, run_id: str, batch_index: int, layer: str, meta: Mapping[str, Any]) -> None:
         complete = [int(i) for i in meta.get("complete_batches", [])]
         if batch_index not in complete:
-            raise ValueError(
+            raise UserInputError(
                 f"batch_index {batch_index} is not a complete batch of run {run_id!r} "
                 f"(complete batches: {_summarise(complete)})"
             )
         layers = meta.get("layer_dims", {})
         if layer not in layers:
-            raise ValueError(f"layer {layer!r} is not stored in run {run_id!r}; stored layers: {sorted(layers)}")
+            raise UserInputError(f"layer {layer!r} is not stored in run {run_id!r}; stored layers: {sorted(layers)}")
 
     def load_batch(self, run_id: str, batch_index: int, layer: str) -> ActivationBatch:
         """Load batch ``batch_index`` of ``layer`` in run ``run_id``.
@@ -352,14 +440,27 @@ class Store(ABC):
             ValueError: the batch is not complete or the layer is not in the run.
             StoreKeyNotFoundError / CorruptStoreFileError: the file is missing or unreadable (message names the path).
         """
-        _check_segment(run_id, "run_id")
-        _check_batch_index(batch_index)
-        _check_segment(layer, "layer")
+        check_identifier(run_id, "run_id")
+        check_batch_index(batch_index)
+        check_identifier(layer, "layer")
         meta = self.read_run_meta(run_id)
         self._check_complete(run_id, batch_index, layer, meta)
-        return self._load_layer_file(run_id, batch_index, layer)
+        return self.read_batch_file(run_id, batch_index, layer)
 
-    def _load_layer_file(self, run_id: str, batch_index: int, layer: str) -> ActivationBatch:
+    def read_batch_file(self, run_id: str, batch_index: int, layer: str) -> ActivationBatch:
+        """Read the file of ``layer`` in batch ``batch_index`` without consulting ``meta.json``.
+
+        For readers that have already read ``meta.json`` once (the :class:`ActivationReader` reads thousands of
+        files per epoch); everyone else should use :meth:`load_batch`, which also checks that the batch is complete.
+        The file's tensors are checked against each other, not against ``meta.json``.
+
+        Returns:
+            :class:`ActivationBatch` with ``activations [batch, seq, d]`` and ``attention_mask [batch, seq]``.
+
+        Raises:
+            StoreKeyNotFoundError / CorruptStoreFileError: the file is missing, unreadable or does not hold the two
+                tensors with matching shapes (the message names the path).
+        """
         key = self.batch_key(run_id, batch_index, layer)
         tensors = self.get_tensors(key)
         acts, mask = tensors.get("activations"), tensors.get("attention_mask")
@@ -376,17 +477,70 @@ class Store(ABC):
 
     def load_batch_extra(self, run_id: str, batch_index: int) -> dict[str, torch.Tensor]:
         """Load the ``extra`` tensors written with batch ``batch_index`` of run ``run_id`` (``{}`` if none)."""
-        _check_segment(run_id, "run_id")
-        _check_batch_index(batch_index)
+        check_batch_index(batch_index)
         meta = self.read_run_meta(run_id)
-        if batch_index not in [int(i) for i in meta.get("complete_batches", [])]:
-            raise ValueError(f"batch_index {batch_index} is not a complete batch of run {run_id!r}")
-        key = self.run_key(run_id, f"batch_{batch_index}", EXTRA_FILE)
+        if batch_index not in meta["complete_batches"]:
+            raise UserInputError(f"batch_index {batch_index} is not a complete batch of run {run_id!r}")
+        return self._read_extra(run_id, batch_index)
+
+    def _read_extra(self, run_id: str, batch_index: int) -> dict[str, torch.Tensor]:
+        key = self.run_key(run_id, batch_folder(batch_index), EXTRA_FILE)
         return self.get_tensors(key) if self.exists(key) else {}
 
+    def list_run_batches(self, run_id: str) -> list[int]:
+        """Sorted indices of the complete batches of run ``run_id`` (the same as :meth:`list_batches`).
+
+        Raises:
+            RunNotFoundError: the run does not exist.
+        """
+        return self.list_batches(run_id)
+
+    def get_run_batch(self, run_id: str, batch_index: int) -> RunBatch:
+        """Load every layer of one complete batch of run ``run_id``.
+
+        Returns:
+            :class:`RunBatch` ``(activations, attention_mask, extra)``: ``activations`` maps each layer of the run to
+            its ``[batch, seq, d]`` tensor, ``attention_mask`` is the ``[batch, seq]`` mask the layers share, and
+            ``extra`` holds the batch's extra tensors (``input_ids [batch, seq]`` for runs saved by
+            ``lm.activations.save``), all exactly as written.
+
+        Raises:
+            ValueError: the batch is not complete.
+            StoreKeyNotFoundError / CorruptStoreFileError: a file is missing, unreadable, or its mask differs from
+                the other layers' (the message names the path).
+        """
+        check_batch_index(batch_index)
+        meta = self.read_run_meta(run_id)
+        layers = sorted(meta["layer_dims"])
+        if not layers:
+            if batch_index not in meta["complete_batches"]:
+                raise UserInputError(f"batch_index {batch_index} is not a complete batch of run {run_id!r} "
+                                     "(complete batches: none)")
+            raise CorruptStoreFileError(f"{self.location(self.run_key(run_id, META_FILE))} lists complete batches "
+                                        "but no layers (layer_dims is empty)")
+        self._check_complete(run_id, batch_index, layers[0], meta)
+        activations: dict[str, torch.Tensor] = {}
+        mask: torch.Tensor | None = None
+        for layer in layers:
+            batch = self.read_batch_file(run_id, batch_index, layer)
+            if mask is None:
+                mask = batch.attention_mask
+            elif not torch.equal(mask, batch.attention_mask):
+                raise CorruptStoreFileError(
+                    f"{self.location(self.batch_key(run_id, batch_index, layer))} has another attention_mask than "
+                    f"layer {layers[0]!r} of the same batch"
+                )
+            activations[layer] = batch.activations
+        return RunBatch(activations, mask, self._read_extra(run_id, batch_index))  # type: ignore[arg-type]
+
     def delete_run(self, run_id: str) -> None:
-        """Delete activation run ``run_id`` and all its files."""
-        self.delete(self.run_key(_check_segment(run_id, "run_id")))
+        """Delete activation run ``run_id`` and all its files.
+
+        Raises:
+            ResourceBusyError: another process is writing the run.
+        """
+        with self.lock_run(run_id, purpose="delete_run"):
+            self.delete(self.run_key(run_id))
 
     def activation_reader(
         self,
@@ -420,8 +574,6 @@ class Store(ABC):
             An :class:`~mi_crow.store.reader.ActivationReader`: an iterable of ``Tensor[batch_size, d_in]`` with
             ``n_tokens``, ``d_in``, ``state_dict()`` and ``load_state_dict()``.
         """
-        from mi_crow.store.reader import ActivationReader
-
         return ActivationReader(self, run_id, layer, batch_size, shuffle=shuffle, buffer_tokens=buffer_tokens,
                                 seed=seed, dtype=dtype, drop_last=drop_last, epochs=epochs, prefetch=prefetch)
 
@@ -429,16 +581,16 @@ class Store(ABC):
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
                      ) -> dict[str, torch.Tensor]:
     if not isinstance(tensors, Mapping) or not tensors:
-        raise ValueError(f"tensors must be a non-empty dict name -> Tensor, got {tensors!r}")
+        raise fail("tensors", "a non-empty dict name -> Tensor", tensors)
     if metadata is not None and (not isinstance(metadata, Mapping)
                                  or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-        raise TypeError(f"metadata must be a dict str -> str, got {metadata!r}")
+        raise fail_type("metadata", "a dict str -> str", metadata)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if not isinstance(name, str):
-            raise TypeError(f"tensor names must be str, got {name!r}")
+            raise fail_type("tensor names", "str", name)
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensors[{name!r}] must be a Tensor, got {type(tensor).__name__}")
+            raise fail_type(f"tensors[{name!r}]", "a Tensor", tensor)
         # safetensors refuses views sharing storage and non-contiguous tensors; a private contiguous CPU copy
         # of each tensor satisfies both without changing values.
         t = tensor.detach()
@@ -452,25 +604,46 @@ def _prepare_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str,
 
 def _check_mask(attention_mask: object) -> torch.Tensor:
     if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a Tensor[b, seq], got {type(attention_mask).__name__}")
+        raise fail_type("attention_mask", "a Tensor[b, seq]", attention_mask)
     if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must have shape [b, seq], got {list(attention_mask.shape)}")
+        raise UserInputError(f"attention_mask must have shape [b, seq], got {list(attention_mask.shape)}")
     if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
-        raise TypeError(f"attention_mask must be an integer or bool tensor, got dtype {attention_mask.dtype}")
+        raise fail_type("attention_mask", "an integer or bool tensor", attention_mask)
     if attention_mask.numel() and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must contain only 0 and 1")
+        raise UserInputError("attention_mask must contain only 0 and 1, got other values")
     return attention_mask
 
 
-def _store_records(meta: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+def _store_records(meta: Mapping[str, Any], run_id: str, location: str) -> dict[str, Any]:
+    """The store's own records of a run, normalised, with the totals recomputed over the complete batches.
+
+    Raises:
+        CorruptStoreFileError: the records are malformed (the message names ``location``, the meta.json path).
+    """
+    try:
+        complete = sorted({int(i) for i in meta.get("complete_batches", [])})
+        tokens = {str(k): int(v) for k, v in meta.get("batch_tokens", {}).items()}
+        shapes = {str(k): [int(x) for x in v] for k, v in meta.get("batch_shapes", {}).items()}
+        layer_dims = {str(k): int(v) for k, v in meta.get("layer_dims", {}).items()}
+        layer_dtypes = {str(k): str(v) for k, v in meta.get("layer_dtypes", {}).items()}
+        n_tokens = sum(tokens[str(i)] for i in complete)
+        # Runs written before batch shapes were recorded have no sample counts to give.
+        sample_count = sum(shapes[str(i)][0] for i in complete) if all(str(i) in shapes for i in complete) else None
+    except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+        raise CorruptStoreFileError(
+            f"{location} has malformed store records (complete_batches, batch_tokens, batch_shapes, layer_dims): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     return {
         "run_id": run_id,
-        "complete_batches": sorted(int(i) for i in meta.get("complete_batches", [])),
-        "batch_tokens": {str(k): int(v) for k, v in meta.get("batch_tokens", {}).items()},
-        "batch_shapes": {str(k): list(v) for k, v in meta.get("batch_shapes", {}).items()},
-        "n_tokens": int(meta.get("n_tokens", 0)),
-        "layer_dims": dict(meta.get("layer_dims", {})),
-        "layer_dtypes": dict(meta.get("layer_dtypes", {})),
+        "complete_batches": complete,
+        "batch_tokens": tokens,
+        "batch_shapes": shapes,
+        "n_tokens": n_tokens,
+        "sample_count": sample_count,
+        "batch_count": len(complete),
+        "layer_dims": layer_dims,
+        "layer_dtypes": layer_dtypes,
     }
 
 

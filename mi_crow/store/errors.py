@@ -1,15 +1,25 @@
 """Exceptions raised by stores.
 
-Each error subclasses the built-in exception a caller would naturally catch (``FileNotFoundError`` for a missing
-key, ``ValueError`` for a corrupt file or bad argument, ``PermissionError`` for a directory that cannot be written),
-so code that does not know about mi_crow still handles them sensibly.
+Each error is a :class:`mi_crow.errors.StoreError` (so the CLI reports it as one line) and also subclasses the
+built-in exception a caller would naturally catch (``FileNotFoundError`` for a missing key, ``ValueError`` for a
+corrupt file, ``PermissionError`` for a directory that cannot be written, ``OSError`` for a full disk,
+``BlockingIOError`` for a run locked by another process), so code that does not know about mi_crow still handles
+them sensibly. Every message names the file or folder concerned.
 """
 
 from __future__ import annotations
 
+from mi_crow.errors import ResourceBusyError, StoreError
 
-class StoreError(Exception):
-    """Base class of every error raised by a :class:`~mi_crow.store.Store`."""
+__all__ = [
+    "CorruptStoreFileError",
+    "ResourceBusyError",
+    "RunNotFoundError",
+    "StoreError",
+    "StoreKeyNotFoundError",
+    "StoreNotWritableError",
+    "StoreWriteError",
+]
 
 
 class StoreKeyNotFoundError(StoreError, FileNotFoundError):
@@ -22,6 +32,14 @@ class CorruptStoreFileError(StoreError, ValueError):
 
 class StoreNotWritableError(StoreError, ValueError, PermissionError):
     """The store's base location cannot be created or written to."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """A write failed for a reason outside the program, most often a full disk ("no space left on device").
+
+    The message names the file; the file keeps its previous content (writes are atomic), so what was complete before
+    stays readable.
+    """
 
 
 class RunNotFoundError(StoreError, FileNotFoundError):

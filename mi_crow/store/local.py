@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -13,46 +12,21 @@ import torch
 from safetensors.torch import load_file as _st_load_file
 from safetensors.torch import save_file as _st_save_file
 
-from mi_crow.store.base import ACTIVATIONS_PREFIX, META_FILE, Store, _prepare_tensors
-from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError, StoreNotWritableError
+from mi_crow.store.atomic import TMP_SUFFIX, atomic_write, is_no_space_error
+from mi_crow.store.base import Store, _prepare_tensors
+from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError, StoreNotWritableError, StoreWriteError
+from mi_crow.store.layout import ACTIVATIONS_PREFIX, LOCK_FILE, META_FILE
+from mi_crow.store.lock import RunLock
+from mi_crow.validation import fail, fail_type
+
+__all__ = ["LocalStore", "atomic_write"]
 
 logger = logging.getLogger(__name__)
 
-_TMP_SUFFIX = ".tmp"
-
 
 def _is_hidden(name: str) -> bool:
-    # Temporary files of in-flight writes start with "." (see _atomic_write); they are never part of the store.
+    # Temporary files of in-flight writes and lock files start with "."; they are never part of the store's content.
     return name.startswith(".")
-
-
-def atomic_write(final: Path, write: Callable[[str], None], *, fsync: bool = False) -> None:
-    """Create ``final`` by calling ``write(tmp)`` on a temporary file beside it, then renaming it into place.
-
-    A crash never leaves a half-written file that looks valid: readers see the old file or the complete new one,
-    and the temporary file is removed on any error. The parent folder is created if needed.
-
-    Args:
-        final: the file to write.
-        write: writes the whole content to the path it is given.
-        fsync: flush the temporary file to disk before the rename.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        if fsync:
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        # Also on KeyboardInterrupt: the temporary file is not a valid file, never leave it around.
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class LocalStore(Store):
@@ -71,7 +45,7 @@ class LocalStore(Store):
 
     def __init__(self, base_path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         if not isinstance(base_path, (str, os.PathLike)):
-            raise TypeError(f"base_path must be a str or os.PathLike, got {type(base_path).__name__} ({base_path!r})")
+            raise fail_type("base_path", "a str or os.PathLike", base_path)
         path = Path(base_path).expanduser()
         if path.exists() and not path.is_dir():
             raise StoreNotWritableError(f"base_path {str(path)!r} exists and is not a directory")
@@ -81,7 +55,8 @@ class LocalStore(Store):
             raise StoreNotWritableError(f"base_path {str(path)!r} cannot be created as a store directory: {exc}") from exc
         # os.access alone misses read-only mounts and is always True for root, so probe with a real write.
         try:
-            fd, probe = tempfile.mkstemp(prefix=".write_probe-", suffix=_TMP_SUFFIX, dir=path)
+            probe = path / f".write_probe-{os.getpid()}{TMP_SUFFIX}"
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             os.close(fd)
             os.unlink(probe)
         except OSError as exc:
@@ -101,41 +76,47 @@ class LocalStore(Store):
                 with ``.`` (reserved for temporary files).
         """
         if not isinstance(key, str):
-            raise TypeError(f"key must be a str, got {type(key).__name__} ({key!r})")
+            raise fail_type("key", "a str", key)
         if key in ("", "/"):
             return self.base_path
         parts = key.strip("/").split("/")
         if key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"key must be a relative '/'-separated path without '.', '..' or empty parts, got {key!r}")
+            raise fail("key", "a relative '/'-separated path without '.', '..' or empty parts", key)
         if any(p.startswith(".") for p in parts):
             # Names starting with "." are reserved for temporary files of in-flight writes (never listed).
-            raise ValueError(f"key must not have a part starting with '.', got {key!r}")
+            raise fail("key", "a path without parts starting with '.' (reserved for temporary and lock files)", key)
         return self.base_path.joinpath(*parts)
 
     def location(self, key: str) -> str:
         return str(self.path(key))
 
     # ------------------------------------------------------------------ atomic write
-    def _fsync_dir(self, directory: Path) -> None:
-        if not self.fsync or os.name == "nt":
-            return
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     def _atomic_write(self, key: str, write: Callable[[str], None]) -> None:
         final = self.path(key)
         if final == self.base_path:
-            raise ValueError("key must name a file, got the store root ''")
-        atomic_write(final, write, fsync=self.fsync)
-        self._fsync_dir(final.parent)
+            raise fail("key", "the key of a file, not the store root", key)
+        try:
+            atomic_write(final, write, fsync=self.fsync)
+        except OSError as exc:
+            if is_no_space_error(exc):
+                raise StoreWriteError(
+                    f"no space left on device writing {final} (store {self.base_path}): the file was not written; "
+                    "everything written before is intact. Free some space and re-run to continue."
+                ) from exc
+            raise
+
+    # ------------------------------------------------------------------ locks
+    def lock(self, folder: str, *, what: str = "", purpose: str = "", timeout: float = 0.0) -> RunLock:
+        """A :class:`~mi_crow.store.lock.RunLock` on ``<folder>/.lock`` (see :meth:`Store.lock_run`)."""
+        directory = self.path(folder)
+        if directory == self.base_path:
+            raise fail("folder", "the key of a folder inside the store, not the store root", folder)
+        return RunLock(directory / LOCK_FILE, what=what or f"folder {directory}", purpose=purpose, timeout=timeout)
 
     # ------------------------------------------------------------------ primitives
     def put_bytes(self, key: str, data: bytes) -> None:
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise TypeError(f"data must be bytes, got {type(data).__name__}")
+            raise fail_type("data", "bytes", data)
 
         def write(tmp: str) -> None:
             with open(tmp, "wb") as handle:
@@ -171,7 +152,8 @@ class LocalStore(Store):
     def delete(self, prefix: str) -> None:
         path = self.path(prefix)
         if path == self.base_path:
-            raise ValueError("delete: prefix '' would delete the whole store; delete its folders one by one")
+            raise fail("prefix", "a folder or file inside the store (delete: '' would delete the whole store; "
+                                 "delete its folders one by one)", prefix)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():

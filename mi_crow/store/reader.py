@@ -22,15 +22,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from mi_crow.store.base import _check_segment
+from mi_crow.errors import UserInputError
 from mi_crow.store.errors import CorruptStoreFileError
+from mi_crow.store.layout import check_count
+from mi_crow.validation import check_bool, check_identifier, check_int, fail, fail_type
 
-if TYPE_CHECKING:
-    from mi_crow.store.base import Store
+__all__ = ["ActivationReader", "BatchSource"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,25 @@ def _generator(*values: int) -> torch.Generator:
     return gen
 
 
-def _positive_int(value: object, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"{argument} must be > 0, got {value}")
-    return value
+class _LayerBatch(NamedTuple):
+    activations: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+class BatchSource(Protocol):
+    """What the reader needs from a store: the part of :class:`~mi_crow.store.Store`'s public API it calls."""
+
+    def read_run_meta(self, run_id: str) -> dict[str, Any]:
+        """The run's ``meta.json`` (``layer_dims``, ``layer_dtypes``, ``complete_batches``, ``batch_tokens``)."""
+
+    def read_batch_file(self, run_id: str, batch_index: int, layer: str) -> _LayerBatch:
+        """``(activations [b, seq, d], attention_mask [b, seq])`` of one layer of one batch."""
+
+    def batch_key(self, run_id: str, batch_index: int, layer: str) -> str:
+        """Key of that file."""
+
+    def location(self, key: str) -> str:
+        """Full location of a key, for error messages."""
 
 
 class ActivationReader:
@@ -97,7 +111,7 @@ class ActivationReader:
 
     def __init__(
         self,
-        store: Store,
+        store: BatchSource,
         run_id: str,
         layer: str,
         batch_size: int,
@@ -110,18 +124,19 @@ class ActivationReader:
         epochs: int | None = 1,
         prefetch: bool = False,
     ) -> None:
-        _check_segment(run_id, "run_id")
-        _check_segment(layer, "layer")
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.buffer_tokens = _positive_int(buffer_tokens, "buffer_tokens")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__} ({seed!r})")
+        check_identifier(run_id, "run_id")
+        check_identifier(layer, "layer")
+        self.batch_size = check_count(batch_size, "batch_size")
+        self.buffer_tokens = check_count(buffer_tokens, "buffer_tokens")
+        check_int(seed, "seed")
         if epochs is not None:
-            _positive_int(epochs, "epochs")
+            check_count(epochs, "epochs")
         if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
+            raise fail_type("dtype", "a torch.dtype or None", dtype)
         if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+            raise fail("dtype", "a floating-point dtype", dtype)
+        for name, flag in (("shuffle", shuffle), ("drop_last", drop_last), ("prefetch", prefetch)):
+            check_bool(flag, name)
         self.store = store
         self.run_id = run_id
         self.layer = layer
@@ -135,16 +150,17 @@ class ActivationReader:
         meta = store.read_run_meta(run_id)
         layer_dims = meta.get("layer_dims", {})
         if layer not in layer_dims:
-            raise ValueError(f"layer {layer!r} is not stored in run {run_id!r}; stored layers: {sorted(layer_dims)}")
+            raise UserInputError(
+                f"layer {layer!r} is not stored in run {run_id!r}; stored layers: {sorted(layer_dims)}")
         self.d_in: int = int(layer_dims[layer])
         self.files: list[int] = sorted(int(i) for i in meta.get("complete_batches", []))
         tokens = meta.get("batch_tokens", {})
         self.file_tokens: dict[int, int] = {i: int(tokens[str(i)]) for i in self.files}
         self.n_tokens: int = sum(self.file_tokens.values())
         if self.n_tokens == 0:
-            raise ValueError(f"run {run_id!r} has no real tokens in complete batches (complete: {self.files})")
+            raise UserInputError(f"run {run_id!r} has no real tokens in complete batches (complete: {self.files})")
         if self.drop_last and self.n_tokens < self.batch_size:
-            raise ValueError(
+            raise UserInputError(
                 f"batch_size {self.batch_size} exceeds the {self.n_tokens} tokens of run {run_id!r}: with "
                 "drop_last=True no batch could ever be yielded"
             )
@@ -277,7 +293,7 @@ class ActivationReader:
         buffer = torch.empty(total, self.d_in, dtype=self.out_dtype)
         offset = n_carry
         for index in files:
-            batch = self.store._load_layer_file(self.run_id, index, self.layer)
+            batch = self.store.read_batch_file(self.run_id, index, self.layer)
             acts, mask = batch.activations, batch.attention_mask
             n = self.file_tokens[index]
             key = self.store.batch_key(self.run_id, index, self.layer)

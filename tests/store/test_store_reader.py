@@ -114,13 +114,13 @@ def test_buffer_bound_respected(tmp_path):
     origin = _write_run(store, n_files=40, b=2, seq=5)  # files of at most 10 tokens
     max_file = max(store.read_run_meta("run")["batch_tokens"].values())
     loads = []
-    real_load = store._load_layer_file
+    real_load = store.read_batch_file
 
     def counting_load(run_id, index, layer):
         loads.append(index)
         return real_load(run_id, index, layer)
 
-    store._load_layer_file = counting_load  # type: ignore[method-assign]
+    store.read_batch_file = counting_load  # type: ignore[method-assign]
     buffer_tokens = 24
     reader = store.activation_reader("run", LAYER, 4, buffer_tokens=buffer_tokens, drop_last=False)
     it = iter(reader)
