@@ -21,11 +21,11 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+
+from mi_crow.store.atomic import atomic_directory, atomic_write_text
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import torch
@@ -142,21 +142,10 @@ def default_model_path(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     target = root / f"{MODEL_NAME}-fp32-v{_MODEL_CACHE_VERSION}-{gguf_path.stat().st_size}"
     if (target / "config.json").is_file():
         return target
-    root.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s to a HuggingFace folder in %s (once)", gguf_path, target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
-    try:
-        _convert_gguf(gguf_path, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first: its folder is as good as ours.
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    # Built under a temporary name and renamed; if another process finishes the same conversion first, its folder
+    # is kept. The folder gets the umask's permissions, like one made by hand, so a shared cache stays shared.
+    return atomic_directory(target, lambda tmp: _convert_gguf(gguf_path, tmp))
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
@@ -439,16 +428,8 @@ def default_corpus_paragraphs(cache_dir: str | os.PathLike[str] | None = None) -
         if paras:
             titles.append(title)
         paragraphs.extend(paras)
-    root.mkdir(parents=True, exist_ok=True)
     payload = {"source": str(source), "articles": titles, "paragraphs": paragraphs}
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, ensure_ascii=False)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(target, json.dumps(payload, ensure_ascii=False))
     logger.info("parsed %d paragraphs from %d articles into %s", len(paragraphs), len(titles), target)
     return paragraphs
 

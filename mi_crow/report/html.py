@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
@@ -17,6 +16,7 @@ from typing import Any
 from mi_crow.report.stats import FeatureStats
 from mi_crow.report.svg import histogram_chart, line_chart
 from mi_crow.report.template import PAGE
+from mi_crow.store.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -437,18 +437,7 @@ def write_feature_report(
     page = (PAGE.replace("@@TITLE@@", escape(title))
             .replace("@@OVERVIEW@@", overview)
             .replace("@@DATA@@", _json_for_script(data)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        # mkstemp creates the file private (0600); a report is meant to be shared like any file the user writes.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    # Atomic, with the umask's permissions: a report is meant to be shared like any file the user writes.
+    atomic_write_text(out, page)
     logger.info("wrote feature report %s (%d features, %d texts)", out, n_latents, len(texts))
     return out

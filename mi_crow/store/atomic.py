@@ -22,6 +22,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,9 +113,15 @@ def atomic_write(
     tmp = _temp_name(final)
     # O_EXCL: never write through a file (or a symlink) someone else put at this name.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    os.close(fd)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)  # what the kernel made of 0o666 with the umask and folder ACLs
+    finally:
+        os.close(fd)
     try:
         write_fn(str(tmp))
+        # Some writers (safetensors' save_file) replace the file with one of their own, created 0600.
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         if fsync:
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
