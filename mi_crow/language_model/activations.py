@@ -180,20 +180,24 @@ class LanguageModelActivations:
         if run_id is None:
             run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         done: set[int] = set()
-        if store.run_exists(run_id):
-            stored = store.read_run_meta(run_id)
-            for key in _RESUME_KEYS:
-                if _jsonable(stored.get(key)) != _jsonable(meta[key]):
-                    raise ValueError(
-                        f"run_id={run_id!r} already exists in the store with a different {key}: stored "
-                        f"{stored.get(key)!r}, requested {meta[key]!r}. Use another run_id, or delete the run to redo it."
-                    )
-            done = set(store.list_batches(run_id))
-            logger.info("resuming run %r: %d complete batches kept", run_id, len(done))
-        else:
-            store.write_run_meta(run_id, meta)
+        # One writer per run: a second process saving into the same run id gets ResourceBusyError (naming the
+        # holder's pid) instead of interleaving batches; a lock left by a crashed save is taken over.
+        with store.lock_run(run_id, purpose="activations.save"):
+            if store.run_exists(run_id):
+                stored = store.read_run_meta(run_id)
+                for key in _RESUME_KEYS:
+                    if _jsonable(stored.get(key)) != _jsonable(meta[key]):
+                        raise ValueError(
+                            f"run_id={run_id!r} already exists in the store with a different {key}: stored "
+                            f"{stored.get(key)!r}, requested {meta[key]!r}. Use another run_id, or delete the run to "
+                            "redo it."
+                        )
+                done = set(store.list_batches(run_id))
+                logger.info("resuming run %r: %d complete batches kept", run_id, len(done))
+            else:
+                store.write_run_meta(run_id, meta)
 
-        self._run(run_id, names, save_dtype, max_length, _chain(first, batches), done, progress)
+            self._run(run_id, names, save_dtype, max_length, _chain(first, batches), done, progress)
         return run_id
 
     def _run(
