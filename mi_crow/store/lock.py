@@ -36,7 +36,8 @@ from types import TracebackType
 from typing import Any
 
 from mi_crow.errors import ResourceBusyError
-from mi_crow.store.atomic import TMP_SUFFIX
+from mi_crow.store.atomic import TMP_SUFFIX, is_no_space_error
+from mi_crow.store.errors import StoreWriteError
 
 try:  # POSIX only; on Windows stale locks are taken over without the flock serialisation.
     import fcntl
@@ -300,6 +301,14 @@ class RunLock:
 
     def _try_create(self, me: LockHolder) -> bool:
         """Create the lock file holding ``me``'s record; False when it already exists."""
+        try:
+            return self._create(me)
+        except OSError as exc:
+            if is_no_space_error(exc):
+                raise StoreWriteError(f"no space left on device creating the lock file {self.path}") from exc
+            raise
+
+    def _create(self, me: LockHolder) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         record = json.dumps({"format": _LOCK_FORMAT, **me.__dict__}, indent=1).encode("utf-8")
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}")
@@ -368,10 +377,25 @@ class RunLock:
                 return
             who = stale.describe() if stale is not None else "an unknown holder"
             logger.warning("%s: removed the stale lock %s of %s (%s)", self.what, self.path, who, reason)
+            if stale is not None and stale.hostname == socket.gethostname():
+                self._remove_temporaries_of(stale.pid)
         finally:
             if folder_fd is not None:
                 fcntl.flock(folder_fd, fcntl.LOCK_UN)
                 os.close(folder_fd)
+
+    def _remove_temporaries_of(self, pid: int) -> None:
+        """Delete the temporary files that the dead holder ``pid`` left in the locked folder (writes cut short by the
+        crash). Their names carry the writer's pid (see :mod:`mi_crow.store.atomic`), so live writers' files stay."""
+        removed = 0
+        for tmp in self.path.parent.rglob(f".*.{pid}-*{TMP_SUFFIX}"):
+            try:
+                tmp.unlink()
+                removed += 1
+            except OSError:
+                pass
+        if removed:
+            logger.info("%s: removed %d temporary files left by process %d", self.what, removed, pid)
 
     def __del__(self) -> None:  # a lock object dropped without release must not keep the run locked
         try:
