@@ -11,7 +11,7 @@ Example::
     store.write_activation_batch("run1", 0, {"model.layers.3": acts}, attention_mask)   # acts [b, seq, d]
     store.list_run_batches("run1")                   # [0]  (complete batches only)
     acts, mask = store.load_batch("run1", 0, "model.layers.3")
-    batch = store.get_run_batch("run1", 0)           # every layer: batch.activations["model.layers.3"], batch.attention_mask
+    batch = store.get_run_batch("run1", 0)           # all layers: batch.activations[layer], batch.attention_mask
     store.get_run_metadata("run1")["sample_count"]   # texts saved
     reader = store.activation_reader("run1", "model.layers.3", batch_size=4096, seed=0)
     for x in reader:                                 # x: [4096, d], real tokens only, shuffled across files

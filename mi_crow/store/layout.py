@@ -3,7 +3,8 @@
 ::
 
     activations/<run_id>/meta.json
-    activations/<run_id>/batch_<i>/<layer>/activations.safetensors    "activations" [b, seq, d], "attention_mask" [b, seq]
+    activations/<run_id>/batch_<i>/<layer>/activations.safetensors    "activations" [b, seq, d],
+                                                                       "attention_mask" [b, seq]
     activations/<run_id>/batch_<i>/extra.safetensors                  optional per-batch tensors (input_ids)
     activations/<run_id>/.lock                                        held while a process writes the run
     runs/<run_id>/...                                                 training runs (history, config, checkpoints)

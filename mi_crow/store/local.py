@@ -52,7 +52,8 @@ class LocalStore(Store):
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreNotWritableError(f"base_path {str(path)!r} cannot be created as a store directory: {exc}") from exc
+            raise StoreNotWritableError(
+                f"base_path {str(path)!r} cannot be created as a store directory: {exc}") from exc
         # os.access alone misses read-only mounts and is always True for root, so probe with a real write.
         try:
             probe = path / f".write_probe-{os.getpid()}{TMP_SUFFIX}"

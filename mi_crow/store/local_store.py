@@ -1,4 +1,4 @@
-"""The module path the original mi-crow documentation imports from: ``from mi_crow.store.local_store import LocalStore``.
+"""The module path of the original mi-crow documentation: ``from mi_crow.store.local_store import LocalStore``.
 
 A thin alias of :mod:`mi_crow.store`; the classes live in :mod:`mi_crow.store.local` and :mod:`mi_crow.store.base`.
 """

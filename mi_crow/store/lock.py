@@ -33,7 +33,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 from mi_crow.errors import ResourceBusyError
 from mi_crow.store.atomic import TMP_SUFFIX, is_no_space_error

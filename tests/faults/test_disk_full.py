@@ -101,7 +101,8 @@ def test_cli_save_on_a_full_filesystem_then_resumed(launcher, pipeline, referenc
     assert complete == list(range(len(complete))) and len(complete) >= 1
     for index in complete:
         a, b = ref.get_run_batch(RUN, index), store.get_run_batch(RUN, index)
-        assert torch.equal(a.activations[LAYER], b.activations[LAYER]) and torch.equal(a.attention_mask, b.attention_mask)
+        assert torch.equal(a.activations[LAYER], b.activations[LAYER])
+        assert torch.equal(a.attention_mask, b.attention_mask)
     assert _temporaries(mount.path) == []
 
     mount.resize(16 * 1024 * 1024)

@@ -60,7 +60,8 @@ def test_save_killed_and_resumed_equals_an_uninterrupted_save(launcher, pipeline
     for index in range(n_batches):
         a, b = ref.get_run_batch(RUN, index), got.get_run_batch(RUN, index)
         assert torch.equal(a.activations[LAYER], b.activations[LAYER])
-        assert torch.equal(a.attention_mask, b.attention_mask) and torch.equal(a.extra["input_ids"], b.extra["input_ids"])
+        assert torch.equal(a.attention_mask, b.attention_mask)
+        assert torch.equal(a.extra["input_ids"], b.extra["input_ids"])
     assert got.get_json(f"activations/{RUN}/cli_texts.json") == ref.get_json(f"activations/{RUN}/cli_texts.json")
     # The killed runs' lock was taken over and their half-written temporary files removed.
     assert not (run_dir / ".lock").exists() and _temporaries(run_dir) == []

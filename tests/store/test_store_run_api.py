@@ -60,7 +60,8 @@ def test_get_run_batch_refuses_incomplete_batches_and_missing_runs(store: LocalS
     store.put_tensors("activations/r/batch_1/model.layers.0/activations.safetensors",
                       {"activations": acts[LAYERS[0]], "attention_mask": mask})
     assert store.list_run_batches("r") == [0]
-    with pytest.raises(ValueError, match=r"batch_index 1 is not a complete batch of run 'r' \(complete batches: \[0\]\)"):
+    with pytest.raises(ValueError, match=r"batch_index 1 is not a complete batch of run 'r' \(complete batches: "
+                                         r"\[0\]\)"):
         store.get_run_batch("r", 1)
     with pytest.raises(RunNotFoundError, match="nope"):
         store.get_run_batch("nope", 0)
