@@ -627,8 +627,7 @@ def _store_records(meta: Mapping[str, Any], run_id: str, location: str) -> dict[
         layer_dims = {str(k): int(v) for k, v in meta.get("layer_dims", {}).items()}
         layer_dtypes = {str(k): str(v) for k, v in meta.get("layer_dtypes", {}).items()}
         n_tokens = sum(tokens[str(i)] for i in complete)
-        # Runs written before batch shapes were recorded have no sample counts to give.
-        sample_count = sum(shapes[str(i)][0] for i in complete) if all(str(i) in shapes for i in complete) else None
+        sample_count = sum(shapes[str(i)][0] for i in complete if str(i) in shapes)
     except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
         raise CorruptStoreFileError(
             f"{location} has malformed store records (complete_batches, batch_tokens, batch_shapes, layer_dims): "
