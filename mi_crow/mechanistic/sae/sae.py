@@ -15,6 +15,7 @@ import mi_crow
 from mi_crow import ops
 from mi_crow.ops.memory import empty_huge
 from mi_crow.hooks import Controller, HookType
+from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.config import SaeTrainingConfig
@@ -145,15 +146,11 @@ class TopKSae(nn.Module, Controller):
             "training_run_id": None,
         }
         self.outlier_norm_factor: float | None = None
-        self.concepts = self._make_concepts()
+        # The concepts package reads the SAE through its attributes only and never imports this module, so the
+        # import above is one-way.
+        self.concepts = AutoencoderConcepts(self)
 
     # -- construction helpers ---------------------------------------------------------------------------------
-    def _make_concepts(self) -> Any:
-        # Imported here: concepts.py refers back to the SAE's attributes, not to this module.
-        from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
-
-        return AutoencoderConcepts(self)
-
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw fresh weights: random unit-norm decoder rows, encoder = decoder transpose, zero biases.

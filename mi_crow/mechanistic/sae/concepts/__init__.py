@@ -1,0 +1,24 @@
+"""Concepts: what each SAE neuron responds to, names for neurons, and steering the model through them.
+
+All reached through ``sae.concepts`` (an :class:`AutoencoderConcepts`, in ``facade.py``):
+
+* **Discovery** (``tracker.py``, :class:`TopTextTracker`): every neuron's top texts and firing statistics,
+  collected during inference; ``export.py`` writes them as JSON or CSV.
+* **Naming** (``dictionary.py``, :class:`ConceptDictionary`): neuron -> name and notes, saved as
+  ``sae_models/<sae_id>/concepts.json`` in a store (or any path), importable from CSV.
+* **Steering** (``steering.py``): scale a neuron where it fires, or add its decoder direction where asked.
+"""
+
+from mi_crow.mechanistic.sae.concepts.dictionary import Concept, ConceptDictionary, check_neuron_index
+from mi_crow.mechanistic.sae.concepts.facade import AutoencoderConcepts
+from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopText, TopTextTracker
+
+__all__ = [
+    "AutoencoderConcepts",
+    "Concept",
+    "ConceptDictionary",
+    "NeuronStats",
+    "TopText",
+    "TopTextTracker",
+    "check_neuron_index",
+]
