@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mi_crow.mechanistic.sae.sae import TopKSae
+
 if TYPE_CHECKING:
     from mi_crow.language_model import LanguageModel
-    from mi_crow.mechanistic.sae.sae import TopKSae
 
 __all__ = ["evaluate"]
 
@@ -101,8 +102,6 @@ def evaluate(
         TypeError / ValueError: bad arguments, no layer known, an SAE width different from the layer's (both
             numbers named), no text.
     """
-    from mi_crow.mechanistic.sae.sae import TopKSae
-
     if not isinstance(sae, TopKSae):
         raise TypeError(f"evaluate: sae must be a TopKSae, got {type(sae).__name__}")
     for name, value, allow_none in (("batch_size", batch_size, False), ("max_length", max_length, True)):

@@ -19,7 +19,7 @@ from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.config import SaeTrainingConfig
-    from mi_crow.mechanistic.sae.trainer import TrainingResult
+    from mi_crow.mechanistic.sae.train import TrainingResult
     from mi_crow.store import Store
 
 __all__ = ["SaeOutput", "SparseCode", "TopKSae"]
@@ -389,7 +389,9 @@ class TopKSae(nn.Module, Controller):
             return nn.Module.train(self, bool(kwargs.pop("mode")))
         if isinstance(store, bool):
             return nn.Module.train(self, store)
-        from mi_crow.mechanistic.sae.trainer import SaeTrainer
+        # The trainer is built on this module (it imports TopKSae at import time); importing it here, when training
+        # is asked for, keeps the dependency one-way at import time: sae.py never needs the train package to load.
+        from mi_crow.mechanistic.sae.train import SaeTrainer
 
         if run_id is None or layer is None:
             raise ValueError(f"TopKSae.train: run_id and layer are required, got run_id={run_id!r}, layer={layer!r}")
