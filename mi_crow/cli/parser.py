@@ -51,6 +51,14 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", default="store", help="store directory (default: ./store)")
 
 
+def _source_args(p: argparse.ArgumentParser) -> None:
+    """Where activations come from: model, dataset, store and layer (``save`` and ``demo``)."""
+    _model_arg(p)
+    _data_args(p)
+    _store_arg(p)
+    p.add_argument("--layer", help="layer name or block index (default: the middle block)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``mi-crow`` (all subcommands); each sets ``func``, the command's ``run``."""
     parser = argparse.ArgumentParser(
@@ -76,10 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=layers.run)
 
     p = add("save", "save activations of a layer over a dataset")
-    _model_arg(p)
-    _data_args(p)
-    _store_arg(p)
-    p.add_argument("--layer", help="layer name or block index (default: the middle block)")
+    _source_args(p)
     p.add_argument("--run-id", help="activation run id (default: derived from layer and texts); re-run to resume")
     p.add_argument("--tokens", type=_positive_int, help="stop adding texts once this many tokens are selected")
     p.add_argument("--shuffle", action="store_true", help="shuffle the texts before selecting (with --seed)")
@@ -146,10 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=generate.run)
 
     p = add("demo", "the whole workflow on the default model and corpus")
-    _model_arg(p)
-    _data_args(p)
-    _store_arg(p)
-    p.add_argument("--layer", help="layer name or block index (default: the middle block)")
+    _source_args(p)
     p.add_argument("--tokens", type=_positive_int, help="tokens of activations to save (default 150000; quick 20000)")
     p.add_argument("--train-tokens", type=_positive_int, help="SAE training budget (default: 8 epochs of the saved run)")
     p.add_argument("--max-length", type=_positive_int, help="tokens per text (default 128; quick 64)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -16,9 +15,8 @@ from mi_crow import ops
 from mi_crow.errors import UserInputError
 from mi_crow.hooks import Controller, HookType
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
-from mi_crow.mechanistic.sae.keys import CONCEPTS_FILE, CONFIG_FILE, MODEL_FILE, sae_key
+from mi_crow.mechanistic.sae.saving import load_sae, load_sae_from_dir, save_sae
 from mi_crow.ops.memory import empty_huge
-from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
 from mi_crow.validation import check_choice, check_positive_int, fail, fail_type
 
 if TYPE_CHECKING:
@@ -32,8 +30,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _MODES = ("observe", "replace")
-_PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SparseCode(NamedTuple):
@@ -402,9 +398,6 @@ class TopKSae(nn.Module, Controller):
             "mi_crow_version": mi_crow.__version__,
         }
 
-    def _state_tensors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name).detach().to("cpu").contiguous() for name in _PARAM_NAMES}
-
     def save(self, store: Store, sae_id: str) -> str:
         """Save weights and configuration to ``sae_models/<sae_id>/`` (atomically, through the store).
 
@@ -413,63 +406,15 @@ class TopKSae(nn.Module, Controller):
 
         Args:
             store: the destination store.
-            sae_id: name of the saved SAE.
+            sae_id: name of the saved SAE: one folder name (the rule of every store key).
 
         Returns:
             The store key of the SAE's folder.
-        """
-        folder = sae_key(sae_id)
-        store.put_tensors(sae_key(sae_id, MODEL_FILE), self._state_tensors(), metadata={"format": "mi_crow.TopKSae"})
-        store.put_json(sae_key(sae_id, CONFIG_FILE), self.config_dict())
-        self.concepts.save(store, sae_id)
-        logger.info("saved SAE to %s", folder)
-        return folder
 
-    @classmethod
-    def _from_parts(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, Tensor],
-        where: str,
-        device: str | torch.device | None,
-    ) -> TopKSae:
-        if not isinstance(config, dict):
-            raise CorruptStoreFileError(f"TopKSae.load: {where}/{CONFIG_FILE} must hold a JSON object")
-        missing = [key for key in ("n_latents", "n_inputs", "k", "dtype") if key not in config]
-        if missing:
-            raise CorruptStoreFileError(f"TopKSae.load: {where}/{CONFIG_FILE} lacks the keys {missing}")
-        if config["dtype"] not in _DTYPES:
-            raise CorruptStoreFileError(
-                f"TopKSae.load: {where}/{CONFIG_FILE} has an unknown dtype {config['dtype']!r}"
-            )
-        sae = cls(
-            config["n_latents"],
-            config["n_inputs"],
-            config["k"],
-            device="cpu",
-            dtype=_DTYPES[config["dtype"]],
-            mode=config.get("mode", "observe"),
-            layer_signature=config.get("layer"),
-        )
-        absent = [name for name in _PARAM_NAMES if name not in tensors]
-        if absent:
-            raise CorruptStoreFileError(f"TopKSae.load: {where}/{MODEL_FILE} lacks the tensors {absent}")
-        with torch.no_grad():
-            for name in _PARAM_NAMES:
-                param = getattr(sae, name)
-                tensor = tensors[name]
-                if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
-                    raise CorruptStoreFileError(
-                        f"TopKSae.load: tensor {name} in {where}/{MODEL_FILE} has shape {tuple(tensor.shape)} "
-                        f"{tensor.dtype}, expected {tuple(param.shape)} {param.dtype} from {CONFIG_FILE}"
-                    )
-                param.copy_(tensor)
-        for key in ("model_id", "activation_run_id", "training_run_id", "layer"):
-            sae.metadata[key] = config.get(key)
-        sae.outlier_norm_factor = config.get("outlier_norm_factor")
-        if device is not None:
-            sae.to(device)
-        return sae
+        Raises:
+            UserInputError: ``sae_id`` is not one folder name (``"a/b"``, ``".."``, ``""``).
+        """
+        return save_sae(self, store, sae_id)
 
     @classmethod
     def load(
@@ -488,27 +433,12 @@ class TopKSae(nn.Module, Controller):
 
         Returns:
             The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
+
+        Raises:
+            StoreKeyNotFoundError: no SAE saved under ``sae_id``.
+            CorruptStoreFileError: its files do not describe an SAE.
         """
-        if isinstance(store, (str, Path)):
-            if sae_id is not None:
-                raise UserInputError(
-                    f"TopKSae.load: pass either a store and sae_id or a folder path, got path {store!r} and "
-                    f"sae_id={sae_id!r}"
-                )
-            return cls.load_from_dir(store, device=device)
-        if sae_id is None:
-            raise UserInputError("TopKSae.load: sae_id is required when loading from a store")
-        where = sae_key(sae_id)
-        if not store.exists(sae_key(sae_id, CONFIG_FILE)):
-            raise StoreKeyNotFoundError(
-                f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {where}/{CONFIG_FILE})"
-            )
-        config = store.get_json(sae_key(sae_id, CONFIG_FILE))
-        tensors = store.get_tensors(sae_key(sae_id, MODEL_FILE))
-        sae = cls._from_parts(config, tensors, where, device)
-        if store.exists(sae_key(sae_id, CONCEPTS_FILE)):
-            sae.concepts.load(store, sae_id)
-        return sae
+        return load_sae(cls, store, sae_id, device=device)
 
     @classmethod
     def load_from_dir(cls, path: str | Path, *, device: str | torch.device | None = None) -> TopKSae:
@@ -518,23 +448,7 @@ class TopKSae(nn.Module, Controller):
             path: the folder (e.g. ``<store>/sae_models/<sae_id>``).
             device: where to put the parameters (CPU when None).
         """
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        config_path = folder / CONFIG_FILE
-        model_path = folder / MODEL_FILE
-        for file in (config_path, model_path):
-            if not file.is_file():
-                raise StoreKeyNotFoundError(f"TopKSae.load_from_dir: missing file {file}")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CorruptStoreFileError(f"TopKSae.load_from_dir: {config_path} is not valid JSON: {exc}") from exc
-        try:
-            tensors = load_file(str(model_path))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise CorruptStoreFileError(f"TopKSae.load_from_dir: cannot read {model_path}: {exc}") from exc
-        return cls._from_parts(config, tensors, str(folder), device)
+        return load_sae_from_dir(cls, path, device=device)
 
     def extra_repr(self) -> str:
         return f"n_latents={self.n_latents}, n_inputs={self.n_inputs}, k={self.k}, mode={self.mode!r}"
