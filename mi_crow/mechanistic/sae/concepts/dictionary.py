@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
-from mi_crow.store.local import atomic_write
+from mi_crow.store.atomic import atomic_write_text
 from mi_crow.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -69,15 +69,6 @@ def check_neuron_index(neuron_idx: Any, n_latents: int, arg: str = "neuron_idx")
     if not 0 <= idx < n_latents:
         raise UserInputError(f"{arg} must be in [0, {n_latents}) (the SAE has {n_latents} latents), got {idx}")
     return idx
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    # Write beside the target and rename so that a crash never leaves a half-written file that looks valid.
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-
-    atomic_write(path, write)
 
 
 class ConceptDictionary:
@@ -243,7 +234,7 @@ class ConceptDictionary:
     def save_json(self, path: str | os.PathLike[str]) -> Path:
         """Write the dictionary as JSON to ``path`` atomically; returns the path."""
         target = Path(path)
-        _atomic_write_text(target, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(target, json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return target
 
     @classmethod
@@ -350,5 +341,5 @@ class ConceptDictionary:
         for c in self:
             writer.writerow([c.neuron, c.name, c.notes])
         target = Path(path)
-        _atomic_write_text(target, buf.getvalue())
+        atomic_write_text(target, buf.getvalue())
         return target

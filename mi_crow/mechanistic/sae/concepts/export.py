@@ -9,7 +9,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mi_crow.mechanistic.sae.concepts.dictionary import ConceptDictionary, _atomic_write_text
+from mi_crow.mechanistic.sae.concepts.dictionary import ConceptDictionary
+from mi_crow.store.atomic import atomic_write_text
 from mi_crow.mechanistic.sae.concepts.tracker import TopTextTracker
 
 __all__ = ["export_rows", "write_top_texts_csv", "write_top_texts_json"]
@@ -58,7 +59,7 @@ def write_top_texts_json(
         "neurons": export_rows(tracker, dictionary, include_empty),
     }
     target = Path(path)
-    _atomic_write_text(target, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(target, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return target
 
 
@@ -78,5 +79,5 @@ def write_top_texts_csv(path: str | os.PathLike[str], tracker: TopTextTracker, d
                  rec["token"], rec["token_id"], rec["text"]]
             )
     target = Path(path)
-    _atomic_write_text(target, buf.getvalue())
+    atomic_write_text(target, buf.getvalue())
     return target

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mi_crow.errors import UserInputError
-from mi_crow.mechanistic.sae.concepts.dictionary import _atomic_write_text
+from mi_crow.store.atomic import atomic_write_text
 from mi_crow.mechanistic.sae.keys import CONCEPTS_FILE, sae_key
 from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
 from mi_crow.validation import fail_type
@@ -38,7 +38,7 @@ def write_document(target: Any, sae_id: str | None, data: dict[str, Any]) -> str
     if not isinstance(target, (str, os.PathLike)):
         raise fail_type("target", "a Store or a path", target)
     path = Path(target)
-    _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return path
 
 
