@@ -251,7 +251,10 @@ class LanguageModelActivations:
                             raise RuntimeError(f"layer {name!r} did not run during the forward pass of batch {index}")
                         acts[name] = detector.activations
                     if pending is not None:
-                        pending.result()  # surfaces a failed write before more work is done
+                        # Surfaces a failed write before more work is done. Cleared first, so that the cleanup
+                        # below does not report the same failure again as one "during an interruption".
+                        previous, pending = pending, None
+                        previous.result()
                     pending = writer.submit(
                         lm.store.write_activation_batch,
                         run_id,
@@ -263,8 +266,8 @@ class LanguageModelActivations:
                     n_saved += 1
                     bar.update(int(mask.sum()))
                 if pending is not None:
-                    pending.result()
-                    pending = None
+                    previous, pending = pending, None
+                    previous.result()
             finally:
                 # On an interruption the batch already computed is still written in full (then marked complete),
                 # so a resumed run loses at most the batch that was in the forward pass.
