@@ -11,6 +11,8 @@ Files of a run in the store: ``runs/<training_run_id>/config.json`` (the plan, `
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -191,6 +193,23 @@ class SaeTrainer(SaeStepper):
             )
         reader = reader_factory(0)
         plan = TrainingPlan.make(config, self.sae, reader, run_id, layer, model_id)
+        # One writer per training run: a second process training into the same run id is refused (naming the
+        # holder's pid) instead of interleaving checkpoints and history; a crashed holder's lock is taken over.
+        lock = (contextlib.nullcontext() if self.store is None
+                else self.store.lock_run(plan.training_run_id, kind="training", purpose="training"))
+        with lock:
+            return self._run(plan, reader_factory, reader, sample_reader, callbacks)
+
+    def _run(
+        self,
+        plan: TrainingPlan,
+        reader_factory: ReaderFactory,
+        reader: Any,
+        sample_reader: Callable[[], Iterable[Tensor]] | None,
+        callbacks: Sequence[Callable[[StepInfo], None]],
+    ) -> TrainingResult:
+        """The loop of `train_from_reader` once the plan is made and the run is locked."""
+        config = self.config
         self.prepare(config, plan.peak_lr)
         state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader)
         run_config = self._write_run_config(plan, status="running")
