@@ -42,7 +42,7 @@ EXTRA_FILE = "extra.safetensors"
 
 #: Keys of ``meta.json`` that the store maintains itself; values given for them in ``write_run_meta`` are ignored.
 RESERVED_META_KEYS = ("run_id", "complete_batches", "batch_tokens", "batch_shapes", "n_tokens", "layer_dims",
-                      "layer_dtypes")
+                      "layer_dtypes", "sample_count", "batch_count")
 
 
 class ActivationBatch(NamedTuple):
@@ -318,6 +318,7 @@ class Store(ABC):
         records["layer_dims"] = {**records["layer_dims"], **layer_dims}
         records["layer_dtypes"] = {**records["layer_dtypes"], **layer_dtypes}
         records["n_tokens"] = sum(int(records["batch_tokens"][str(i)]) for i in records["complete_batches"])
+        records.update(_counts(records))
         meta.update(records)
         self.put_json(self.run_key(run_id, META_FILE), meta)
 
@@ -463,7 +464,7 @@ def _check_mask(attention_mask: object) -> torch.Tensor:
 
 
 def _store_records(meta: Mapping[str, Any], run_id: str) -> dict[str, Any]:
-    return {
+    records = {
         "run_id": run_id,
         "complete_batches": sorted(int(i) for i in meta.get("complete_batches", [])),
         "batch_tokens": {str(k): int(v) for k, v in meta.get("batch_tokens", {}).items()},
@@ -472,6 +473,16 @@ def _store_records(meta: Mapping[str, Any], run_id: str) -> dict[str, Any]:
         "layer_dims": dict(meta.get("layer_dims", {})),
         "layer_dtypes": dict(meta.get("layer_dtypes", {})),
     }
+    records.update(_counts(records))
+    return records
+
+
+def _counts(records: Mapping[str, Any]) -> dict[str, int]:
+    """``sample_count`` (texts in the complete batches) and ``batch_count`` (complete batches)."""
+    complete = records["complete_batches"]
+    shapes = records["batch_shapes"]
+    return {"sample_count": sum(int(shapes[str(i)][0]) for i in complete if str(i) in shapes),
+            "batch_count": len(complete)}
 
 
 def _summarise(indices: list[int]) -> str:
