@@ -131,6 +131,8 @@ class _Resharder:
                 out.append(self._build())
             self.index = index
             self.rows.append(({name: a[row] for name, a in acts.items()}, mask[row], ids[row]))
+            if len(self.rows) == self.size:  # complete: write it now, not when the next batch arrives
+                out.append(self._build())
         return out
 
     def finish(self) -> list[_StoredBatch]:
