@@ -172,14 +172,6 @@ class ModelInputDetector(Detector):
         """The ``input_ids`` of the last call, ``[batch, seq]``."""
         return self.input_ids
 
-    def get_captured_attention_mask(self) -> torch.Tensor | None:
-        """The ``attention_mask`` of the last call, ``[batch, seq]``."""
-        return self.attention_mask
-
-    def get_captured_special_token_mask(self) -> torch.Tensor | None:
-        """The special-token mask of the last call, ``[batch, seq]`` bool."""
-        return self.tensor_metadata.get("special_token_mask")
-
     def _special_ids(self) -> torch.Tensor:
         if self.special_token_ids is not None:
             return self.special_token_ids

@@ -151,6 +151,12 @@ class InferenceEngine:
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return inputs
 
+    def _request_hidden_states(self, kwargs: dict[str, Any]) -> None:
+        """Ask the model for its hidden states when a registered hook needs them (``ModelOutputDetector`` with
+        ``save_output_hidden_state=True``)."""
+        if any(getattr(hook, "wants_hidden_states", False) for hook in self._lm.layers.get_hooks()):
+            kwargs.setdefault("output_hidden_states", True)
+
     def forward_batch(
         self,
         texts: list[str],
@@ -180,9 +186,7 @@ class InferenceEngine:
         inputs = self.model_inputs(encodings)
         context = self.make_context(texts, inputs["input_ids"], inputs["attention_mask"])
         forward_kwargs.setdefault("use_cache", False)
-        if any(getattr(hook, "wants_hidden_states", False) for hook in self._lm.layers.get_hooks()):
-            # A model-level output detector asked for the last hidden state.
-            forward_kwargs.setdefault("output_hidden_states", True)
+        self._request_hidden_states(forward_kwargs)
         previous = self._lm._controllers_enabled
         self._lm._controllers_enabled = previous and bool(with_controllers)
         self._lm._batch_start(context)
@@ -353,6 +357,7 @@ class InferenceEngine:
         previous = lm._controllers_enabled
         lm._controllers_enabled = previous and bool(with_controllers)
         generate_kwargs.setdefault("pad_token_id", lm.tokenizer.pad_token_id)
+        self._request_hidden_states(generate_kwargs)
         try:
             with torch.no_grad():
                 sequences = lm.model.generate(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mi_crow.datasets import TextDataset
-from mi_crow.hooks import Detector, HookError
+from mi_crow.hooks import FunctionController, HookError
 from mi_crow.testing import SAMPLE_TEXTS
 
 MAX_LENGTH = 64
@@ -129,29 +129,22 @@ class _Empty:
         return "empty"
 
 
-class _FailOnBatch(Detector):
-    def __init__(self, layer, fail_at):
-        super().__init__(layer)
-        self.fail_at, self.batches = fail_at, 0
-
-    def on_batch_start(self, context):
-        super().on_batch_start(context)
-        self.batches += 1
-
-    def process_activations(self, module, inputs, output):
-        if self.batches == self.fail_at:
-            raise KeyError("simulated crash")
-
-
 def test_interrupted_sharded_save_resumes_and_equals_uninterrupted(tiny_gpt2, store):
     kwargs = dict(layer_signature=[0, 1], dataset=SAMPLE_TEXTS, batch_size=4, shard_size=6, max_length=MAX_LENGTH,
                   progress=False)
     tiny_gpt2.activations.save(run_id="full", **kwargs)
-    failing = _FailOnBatch(0, fail_at=4)  # the 4th forward batch: texts 12..15, shard 2 not yet complete
+    calls = {"n": 0}
+
+    def crash_in_fourth_forward(hidden):  # texts 12..15: stored batch 2 (texts 12..17) is not complete yet
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyError("simulated crash")
+
+    failing = FunctionController(0, crash_in_fourth_forward)
     tiny_gpt2.layers.register_hook(None, failing)
     with pytest.raises(HookError, match="simulated crash"):
         tiny_gpt2.activations.save(run_id="resumed", **kwargs)
-    tiny_gpt2.layers.unregister_hook(failing)
+    assert tiny_gpt2.layers.unregister_hook(failing) is True
     assert store.list_batches("resumed") == [0, 1]
     assert store.read_run_meta("resumed")["sample_count"] == 12
     with pytest.raises(ValueError, match=r"different shard_size"):

@@ -10,6 +10,7 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from mi_crow.datasets import BaseDataset, ClassificationDataset, HuggingFaceDataset, TextDataset  # noqa: E402
+from mi_crow.testing import offline_hub  # noqa: E402
 
 TEXTS = [f"sentence {i} about {'cats' if i % 3 else 'dogs'}" for i in range(12)]
 LABELS = ["dogs" if i % 3 == 0 else "cats" for i in range(12)]
@@ -17,13 +18,8 @@ LABELS = ["dogs" if i % 3 == 0 else "cats" for i in range(12)]
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
-    """Nothing here may reach the network."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    """No test here may reach the network: put both datasets and huggingface_hub into offline mode."""
+    offline_hub(monkeypatch)
 
 
 @pytest.fixture

@@ -280,3 +280,17 @@ def test_hook_error_carries_hook_id_layer_signature_and_original_error(tiny_gpt2
     assert err.hook_id == "boom" and err.layer_signature == LAYER
     assert isinstance(err.original_error, ArithmeticError) and err.original_error is err.__cause__
     assert err.layer == LAYER and err.original is err.original_error  # the older attribute names
+
+
+def test_model_output_detector_hidden_state_during_generation(tiny_gpt2):
+    det = ModelOutputDetector(save_output_hidden_state=True)
+    tiny_gpt2.layers.register_hook("output", det)
+    generated = tiny_gpt2.generate(TEXTS[:2], max_new_tokens=3, eos_token_id=None)
+    tiny_gpt2.layers.unregister_hook(det)
+    assert generated == tiny_gpt2.generate(TEXTS[:2], max_new_tokens=3, eos_token_id=None)  # observing only
+    # the last generation step feeds one token per text
+    assert det.get_captured_output_logits().shape[:2] == (2, 1)
+    assert det.tensor_metadata["output_hidden_state"].shape == (2, 1, 32)
+    # the last hidden state feeds the LM head: it reproduces the captured logits
+    logits = tiny_gpt2.model.lm_head(det.tensor_metadata["output_hidden_state"])
+    torch.testing.assert_close(logits, det.get_captured_output_logits())
