@@ -293,7 +293,8 @@ class LanguageModelActivations:
                 if _jsonable(stored.get(key)) != _jsonable(meta[key]):
                     raise UserInputError(
                         f"run_id={run_id!r} already exists in the store with a different {key}: stored "
-                        f"{stored.get(key)!r}, requested {meta[key]!r}. Use another run_id, or delete the run to redo it."
+                        f"{stored.get(key)!r}, requested {meta[key]!r}. Use another run_id, or delete the run to "
+                        "redo it."
                     )
             done = set(store.list_batches(run_id))
             logger.info("resuming run %r: %d complete batches kept", run_id, len(done))

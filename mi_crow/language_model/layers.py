@@ -96,7 +96,11 @@ class LanguageModelLayers:
         return self.list_layers()
 
     def flattened_name(self, layer_signature: str | int) -> str:
-        """The flattened spelling of a layer's name: ``transformer.h.0.mlp`` -> ``gpt2lmheadmodel_transformer_h_0_mlp``."""
+        """The flattened spelling of a layer's name.
+
+        E.g. ``transformer.h.0.mlp`` -> ``gpt2lmheadmodel_transformer_h_0_mlp``: the lower-cased model class name,
+        then the module path segments, joined with ``_``.
+        """
         if isinstance(layer_signature, str) and layer_signature in self._modules:
             name = layer_signature
         else:

@@ -104,7 +104,7 @@ def test_save_activations_dataset_and_positional_form_are_the_same_operation(tin
 
 def test_names_given_twice_and_bad_values(tiny_gpt2):
     save = tiny_gpt2.activations.save
-    with pytest.raises(ValueError, match=r"layer_signature and layers name the same argument.*layer_signature=1.*layers=0"):
+    with pytest.raises(ValueError, match=r"layer_signature and layers name the same .*layer_signature=1.*layers=0"):
         save(SAMPLE_TEXTS, 0, layer_signature=1)
     with pytest.raises(ValueError, match=r"dataset and dataset_or_texts name the same argument"):
         save(SAMPLE_TEXTS, 0, dataset=SAMPLE_TEXTS[:3])
