@@ -25,6 +25,7 @@ __all__ = [
     "make_tiny_gpt2_model",
     "make_tiny_llama_lm",
     "make_tiny_llama_model",
+    "offline_hub",
 ]
 
 SAMPLE_TEXTS: list[str] = [
@@ -185,3 +186,18 @@ def make_tiny_llama_lm(store: Any = None, seed: int = 0, **model_kwargs: Any) ->
     tokenizer = build_tokenizer("llama")
     model = make_tiny_llama_model(tokenizer, seed=seed, **model_kwargs)
     return LanguageModel(model, tokenizer, store=store, model_id=f"tiny-llama-seed{seed}")
+
+
+def offline_hub(monkeypatch: Any) -> None:
+    """Put ``huggingface_hub`` and ``datasets`` into offline mode for one test, so nothing can reach the network.
+
+    Args:
+        monkeypatch: pytest's ``monkeypatch`` fixture (the settings are undone after the test).
+    """
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
+from mi_crow.validation import check_int, check_positive_int
 
-def check_positive_int(value: object, argument: str) -> int:
-    """Return ``value`` if it is an int > 0, else raise a TypeError/ValueError naming ``argument``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {type(value).__name__} ({value!r})")
-    if value <= 0:
-        raise ValueError(f"{argument} must be > 0, got {value}")
-    return value
+__all__ = ["BaseDataset", "check_positive_int", "sample_indices"]
+
+
+def sample_indices(n_total: int, n: object, seed: int | None) -> list[int]:
+    """``n`` distinct row indices out of ``n_total``, drawn uniformly without replacement.
+
+    Args:
+        n_total: how many rows there are.
+        n: how many to draw, ``1 <= n <= n_total``.
+        seed: seed of the draw (same seed, same rows in the same order); ``None``: a fresh draw each time.
+
+    Raises:
+        ValueError: ``n`` out of range; TypeError: ``n`` or ``seed`` not an int.
+    """
+    n = check_int(n, "n", minimum=1, maximum=n_total)
+    seed = check_int(seed, "seed", allow_none=True)
+    return random.Random(seed).sample(range(n_total), n)
 
 
 class BaseDataset(ABC):

@@ -8,14 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mi_crow.datasets.base import BaseDataset, check_positive_int
+from mi_crow.datasets.base import BaseDataset, sample_indices
+from mi_crow.errors import ArgumentTypeError, NotSupportedError, UserInputError
+from mi_crow.validation import check_int, fail
 
 logger = logging.getLogger(__name__)
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
-class DatasetUnavailableOfflineError(ValueError, ConnectionError):
+class DatasetUnavailableOfflineError(UserInputError, ConnectionError):
     """A Hub dataset name that cannot be resolved without network access."""
 
 
@@ -78,13 +80,15 @@ class HuggingFaceDataset(BaseDataset):
         **load_dataset_kwargs: Any,
     ) -> None:
         if not isinstance(name, (str, os.PathLike)):
-            raise TypeError(f"name must be a str (dataset id, builder or path), got {type(name).__name__} ({name!r})")
+            raise ArgumentTypeError(
+                f"name must be a str (dataset id, builder or path), got {type(name).__name__} ({name!r})"
+            )
         if not isinstance(split, str):
-            raise TypeError(f"split must be a str, got {type(split).__name__} ({split!r})")
+            raise ArgumentTypeError(f"split must be a str, got {type(split).__name__} ({split!r})")
         if not isinstance(text_field, str):
-            raise TypeError(f"text_field must be a str, got {type(text_field).__name__} ({text_field!r})")
-        if limit is not None:
-            check_positive_int(limit, "limit")
+            raise ArgumentTypeError(f"text_field must be a str, got {type(text_field).__name__} ({text_field!r})")
+        if check_int(limit, "limit", allow_none=True) is not None and limit < 1:
+            raise fail("limit", "> 0", limit)
         self.name = os.fspath(name)
         self.split = split
         self.text_field = text_field
@@ -94,7 +98,7 @@ class HuggingFaceDataset(BaseDataset):
         self._data = self._open()
         self._check_columns()
         if not self.streaming and len(self._data) == 0:
-            raise ValueError(f"dataset {self.name!r} (split {split!r}) has no rows")
+            raise UserInputError(f"dataset {self.name!r} (split {split!r}) has no rows")
 
     # ------------------------------------------------------------------ loading
     def _open(self) -> Any:
@@ -105,7 +109,7 @@ class HuggingFaceDataset(BaseDataset):
             data = datasets.load_from_disk(str(path))
             if isinstance(data, datasets.DatasetDict):
                 if self.split not in data:
-                    raise ValueError(
+                    raise UserInputError(
                         f"split {self.split!r} not in the dataset saved at {str(path)!r}; available splits: "
                         f"{sorted(data)}"
                     )
@@ -129,10 +133,10 @@ class HuggingFaceDataset(BaseDataset):
                 "a folder written by Dataset.save_to_disk, or TextDataset.from_jsonl(path)."
             ) from exc
         except StopIteration as exc:  # some builders (json) fail this way on an empty file
-            raise ValueError(f"dataset {self.name!r} (split {self.split!r}) has no rows") from exc
+            raise UserInputError(f"dataset {self.name!r} (split {self.split!r}) has no rows") from exc
         except ValueError as exc:
             # datasets reports an unknown split or an empty source as a bare ValueError; add which dataset it was.
-            raise ValueError(f"dataset {self.name!r} (split {self.split!r}) could not be loaded: {exc}") from exc
+            raise UserInputError(f"dataset {self.name!r} (split {self.split!r}) could not be loaded: {exc}") from exc
         return self._apply_limit(data)
 
     def _apply_limit(self, data: Any) -> Any:
@@ -153,10 +157,10 @@ class HuggingFaceDataset(BaseDataset):
         if columns is None:  # a streaming source without declared features: look at the first row
             first = next(iter(self._data), None)
             if first is None:
-                raise ValueError(f"dataset {self.name!r} (split {self.split!r}) has no rows")
+                raise UserInputError(f"dataset {self.name!r} (split {self.split!r}) has no rows")
             columns = list(first)
         if self.text_field not in columns:
-            raise ValueError(
+            raise UserInputError(
                 f"text_field {self.text_field!r} is not a column of dataset {self.name!r} (split {self.split!r}); "
                 f"available columns: {columns}"
             )
@@ -182,12 +186,35 @@ class HuggingFaceDataset(BaseDataset):
                     for t in chunk[self.text_field])
         for text in rows:
             if not isinstance(text, str):
-                raise TypeError(
+                raise ArgumentTypeError(
                     f"row {index} of dataset {self.name!r}: field {self.text_field!r} must be a str, "
                     f"got {type(text).__name__} ({text!r:.80})"
                 )
             yield text
             index += 1
+
+    def random_sample(self, n: int, seed: int | None = None) -> HuggingFaceDataset:
+        """A dataset of ``n`` rows drawn uniformly without replacement (same seed, same rows).
+
+        Args:
+            n: how many texts, ``1 <= n <= len(self)``.
+            seed: seed of the draw; ``None``: a fresh draw each time.
+
+        Returns:
+            A ``HuggingFaceDataset`` over the drawn rows, in the order drawn.
+
+        Raises:
+            NotSupportedError: a streaming dataset (its length is not known).
+        """
+        if self.streaming:
+            raise NotSupportedError("random_sample needs the dataset's length: open it with streaming=False")
+        indices = sample_indices(len(self._data), n, seed)
+        sample = object.__new__(type(self))
+        sample.__dict__.update(self.__dict__)
+        sample._data = self._data.select(indices)
+        sample.limit = None
+        sample.sample = {"n": len(indices), "seed": seed}
+        return sample
 
     def describe(self) -> str:
         parts = [f"name={self.name!r}", f"split={self.split!r}", f"text_field={self.text_field!r}"]
@@ -195,6 +222,8 @@ class HuggingFaceDataset(BaseDataset):
             parts.append("streaming=True")
         if self.limit is not None:
             parts.append(f"limit={self.limit}")
+        if getattr(self, "sample", None) is not None:
+            parts.append(f"random_sample={self.sample}")
         for key in ("data_files", "data_dir", "revision"):
             if key in self.load_dataset_kwargs:
                 parts.append(f"{key}={self.load_dataset_kwargs[key]!r}")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mi_crow.hooks.hook import Controller, Detector, Hook, HookError, HookType
+from mi_crow.hooks.hook import Controller, Detector, Hook, HookError, HookType, overrides_hook_fn
 
 __all__ = ["make_torch_hook", "replace_main_tensor", "unwrap_main_tensor"]
 
@@ -84,34 +84,73 @@ def _main_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, str
     return None, None
 
 
-def _check_replacement(hook: Hook, layer: str, value: Any) -> torch.Tensor | None:
+def _pre_inputs(args: tuple[Any, ...], main: Any, where: str | int | None) -> tuple[Any, ...]:
+    """The positional inputs a PRE_FORWARD hook sees: ``args``, or ``(main,)`` when the main tensor came by keyword."""
+    return (main,) if isinstance(where, str) else args
+
+
+def _check_replacement(hook: Hook, layer: str, value: Any, allow_tuple: bool) -> Any:
     if value is None or isinstance(value, torch.Tensor):
         return value
+    if allow_tuple and isinstance(value, tuple):
+        return value
+    expected = "a torch.Tensor, a tuple or None" if allow_tuple else "a torch.Tensor or None"
     raise HookError(
         hook,
         layer,
-        TypeError(f"modify_activations must return a torch.Tensor or None, got {type(value).__name__}"),
+        TypeError(f"modify_activations must return {expected}, got {type(value).__name__}"),
     )
 
 
-def _call_hook(hook: Hook, layer: str, module: nn.Module, inputs: Any, output: Any) -> torch.Tensor | None:
+def _call_hook(hook: Hook, layer: str, module: nn.Module, inputs: Any, output: Any) -> Any:
+    """Run one mi_crow hook; returns its replacement (or None), with any exception wrapped in a HookError."""
     try:
+        if overrides_hook_fn(hook):
+            return hook._hook_fn(module, inputs, output)
         if isinstance(hook, Controller):
-            return _check_replacement(hook, layer, hook.modify_activations(module, inputs, output))
+            value = hook.modify_activations(module, inputs, output)
+            return _check_replacement(hook, layer, value, allow_tuple=hook.hook_type == HookType.PRE_FORWARD)
         if isinstance(hook, Detector):
             hook.process_activations(module, inputs, output)
             return None
-        raise TypeError(f"a hook must be a Detector or a Controller, got {type(hook).__name__}")
+        raise TypeError(
+            f"a hook must be a Detector, a Controller or a Hook that overrides _hook_fn, got {type(hook).__name__}"
+        )
     except HookError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the hook and layer named, original chained
         raise HookError(hook, layer, exc) from exc
 
 
+def _replace_pre_inputs(
+    hook: Hook, layer: str, new: Any, args: tuple[Any, ...], kwargs: dict[str, Any], where: str | int | None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Apply a PRE_FORWARD replacement: a tuple replaces the positional inputs, a tensor the main input."""
+    if isinstance(new, tuple):
+        if not isinstance(where, str):
+            return new, kwargs
+        if len(new) != 1:
+            raise HookError(hook, layer, ValueError(
+                f"the module's main input came as the keyword {where!r}: return one tensor or a 1-tuple, got a "
+                f"tuple of {len(new)}"
+            ))
+        new = new[0]
+    if where is None:
+        raise HookError(hook, layer, TypeError("the module was called without a tensor input to replace"))
+    if isinstance(where, int):
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, where: new}
+
+
 def make_torch_hook(
     hook: Hook, layer: str, is_active: Callable[[Hook], bool]
 ) -> tuple[Callable[..., Any], bool]:
     """Build the torch callback that runs ``hook`` on a module.
+
+    Detectors and controllers see the main tensor of a forward output (the hidden state of a block's tuple, the
+    logits of a model output) and return a replacement for it; a plain ``Hook`` subclass that overrides
+    ``_hook_fn`` sees the raw output and returns a replacement for it (a tensor still replaces the main tensor).
+    Every PRE_FORWARD hook sees the positional inputs as a tuple (see ``Detector.process_activations``).
 
     Args:
         hook: the mi_crow hook.
@@ -123,6 +162,7 @@ def make_torch_hook(
         ``(callback, is_pre)``: register it with ``module.register_forward_pre_hook(callback, with_kwargs=True)``
         when ``is_pre`` is True, else with ``module.register_forward_hook(callback)``.
     """
+    raw = overrides_hook_fn(hook)
     if hook.hook_type == HookType.PRE_FORWARD:
 
         def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -131,25 +171,27 @@ def make_torch_hook(
             main, where = _main_input(args, kwargs)
             hook.call_kwargs = kwargs
             try:
-                new = _call_hook(hook, layer, module, main, None)
+                new = _call_hook(hook, layer, module, args if raw else _pre_inputs(args, main, where), None)
             finally:
                 hook.call_kwargs = None
             if new is None:
                 return None
-            if where is None:
-                raise HookError(hook, layer, TypeError("the module was called without a tensor input to replace"))
-            if isinstance(where, int):
-                return (new, *args[1:]), kwargs
-            return args, {**kwargs, where: new}
+            return _replace_pre_inputs(hook, layer, new, args, kwargs, where)
 
         return pre_hook, True
 
     def forward_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not is_active(hook):
             return None
-        new = _call_hook(hook, layer, module, args, unwrap_main_tensor(output))
+        hook.call_output = output
+        try:
+            new = _call_hook(hook, layer, module, args, output if raw else unwrap_main_tensor(output))
+        finally:
+            hook.call_output = None
         if new is None:
             return None
+        if raw and not isinstance(new, torch.Tensor):
+            return new
         return replace_main_tensor(output, new)
 
     return forward_hook, False

@@ -9,12 +9,17 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from mi_crow.datasets import TextDataset
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import LayerActivationDetector
+from mi_crow.language_model.inference import check_texts
+from mi_crow.validation import check_dtype, check_identifier, check_positive_int, resolve_synonym
 
 if TYPE_CHECKING:
     from mi_crow.language_model.language_model import LanguageModel
@@ -26,43 +31,45 @@ logger = logging.getLogger(__name__)
 SAVE_FORMAT_VERSION = 1
 
 # Fields of meta.json that must agree before a run is resumed: anything else would mix incompatible batches.
-_RESUME_KEYS = ("model_id", "layers", "dtype", "batch_size", "max_length", "dataset", "dataset_sha256")
+_RESUME_KEYS = ("model_id", "layers", "dtype", "batch_size", "max_length", "dataset", "dataset_sha256",
+                "sample_limit", "shard_size")
 
 
 class _StopForward(Exception):
     """Raised from a hook once every requested layer has run, so later layers and the LM head never run."""
 
 
-class _TextListDataset:
-    """The minimal dataset protocol over a list, used when ``mi_crow.datasets`` is not available."""
+class _StoredBatch(NamedTuple):
+    """One batch as it is written: ``activations`` layer -> ``[b, seq, d]``, ``attention_mask`` and ``input_ids``
+    ``[b, seq]``."""
 
-    def __init__(self, texts: list[str]) -> None:
-        self.texts = texts
-
-    def iter_batches(self, batch_size: int) -> Iterator[list[str]]:
-        for start in range(0, len(self.texts), batch_size):
-            yield self.texts[start : start + batch_size]
-
-    def describe(self) -> dict[str, Any]:
-        return {"type": "TextDataset", "n_texts": len(self.texts)}
+    index: int
+    activations: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor
 
 
-def _as_dataset(dataset_or_texts: Any) -> Any:
-    from mi_crow.language_model.inference import check_texts
-
+def _as_dataset(dataset_or_texts: Any, argument: str) -> Any:
     if hasattr(dataset_or_texts, "iter_batches"):
         return dataset_or_texts
     if isinstance(dataset_or_texts, str) or not isinstance(dataset_or_texts, Sequence):
-        raise TypeError(
-            "dataset_or_texts must be a list of str or a mi_crow dataset (with iter_batches), got "
+        raise ArgumentTypeError(
+            f"{argument} must be a list of str or a mi_crow dataset (with iter_batches), got "
             f"{type(dataset_or_texts).__name__}"
         )
-    texts = check_texts(dataset_or_texts, "dataset_or_texts")
-    try:
-        from mi_crow.datasets import TextDataset
-    except ImportError:
-        return _TextListDataset(texts)
-    return TextDataset(texts=texts)
+    return TextDataset(texts=check_texts(dataset_or_texts, argument))
+
+
+def _limit(batches: Iterable[list[str]], limit: int | None) -> Iterator[list[str]]:
+    """The batches cut after ``limit`` texts in all (the last one shortened)."""
+    left = limit
+    for batch in batches:
+        if left is not None:
+            if left <= 0:
+                return
+            batch = batch[:left]
+            left -= len(batch)
+        yield batch
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,6 +93,70 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+class _Resharder:
+    """Regroups the rows of forward batches into stored batches of ``shard_size`` texts, in text order.
+
+    Stored batch ``i`` holds texts ``i * shard_size`` to ``(i + 1) * shard_size - 1``, right-padded to its longest
+    text; positions past a text's end hold 0 (``pad_token_id`` in ``input_ids``). Rows of batches already complete
+    (``done``) are dropped, and a forward batch whose texts all belong to complete batches need not run at all.
+    """
+
+    def __init__(self, shard_size: int, done: set[int], pad_token_id: int) -> None:
+        self.size = shard_size
+        self.done = done
+        self.pad_token_id = pad_token_id
+        self.next_text = 0
+        self.index: int | None = None
+        self.rows: list[tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]] = []
+
+    def needs_forward(self, n_texts: int) -> bool:
+        """Whether any of the next ``n_texts`` texts belongs to a batch still to be written."""
+        first, last = self.next_text // self.size, (self.next_text + n_texts - 1) // self.size
+        return any(i not in self.done for i in range(first, last + 1))
+
+    def skip(self, n_texts: int) -> None:
+        """Account for ``n_texts`` texts that need no forward pass."""
+        self.next_text += n_texts
+
+    def add(self, acts: dict[str, torch.Tensor], mask: torch.Tensor, ids: torch.Tensor) -> list[_StoredBatch]:
+        """Take one forward batch (``acts`` layer -> ``[b, seq, d]``, ``mask``/``ids`` ``[b, seq]``); return the
+        stored batches it completes."""
+        out = []
+        for row in range(mask.shape[0]):
+            index = self.next_text // self.size
+            self.next_text += 1
+            if index in self.done:
+                continue
+            if self.index is not None and index != self.index:
+                out.append(self._build())
+            self.index = index
+            self.rows.append(({name: a[row] for name, a in acts.items()}, mask[row], ids[row]))
+            if len(self.rows) == self.size:  # complete: write it now, not when the next batch arrives
+                out.append(self._build())
+        return out
+
+    def finish(self) -> list[_StoredBatch]:
+        """The last, possibly shorter, stored batch."""
+        return [self._build()] if self.rows else []
+
+    def _build(self) -> _StoredBatch:
+        rows, index = self.rows, self.index
+        self.rows, self.index = [], None
+        lengths = [int(mask.sum()) for _, mask, _ in rows]
+        seq = max(lengths)
+        n = len(rows)
+        first_acts, first_mask, first_ids = rows[0]
+        acts = {name: a.new_zeros((n, seq, a.shape[-1])) for name, a in first_acts.items()}
+        mask = first_mask.new_zeros((n, seq))
+        ids = first_ids.new_full((n, seq), self.pad_token_id)
+        for r, ((row_acts, row_mask, row_ids), length) in enumerate(zip(rows, lengths)):
+            for name, a in row_acts.items():
+                acts[name][r, :length] = a[:length]
+            mask[r, :length] = row_mask[:length]
+            ids[r, :length] = row_ids[:length]
+        return _StoredBatch(int(index), acts, mask, ids)  # type: ignore[arg-type]  # set by add() with the rows
+
+
 class LanguageModelActivations:
     """Saves layer activations of a LanguageModel into its store (``lm.activations``).
 
@@ -98,70 +169,104 @@ class LanguageModelActivations:
 
     def save(
         self,
-        dataset_or_texts: Any,
-        layers: str | int | Sequence[str | int],
+        dataset_or_texts: Any = None,
+        layers: str | int | Sequence[str | int] | None = None,
         run_id: str | None = None,
         batch_size: int = 16,
         max_length: int = 128,
         dtype: torch.dtype | str | None = None,
         progress: bool = True,
+        *,
+        dataset: Any = None,
+        layer_signature: str | int | Sequence[str | int] | None = None,
+        sample_limit: int | None = None,
+        shard_size: int | None = None,
     ) -> str:
-        """Run the model over a dataset and save the outputs of ``layers`` into the store, batch by batch.
+        """Run the model over a dataset and save the outputs of the given layers into the store, batch by batch.
+
+        Call shapes: ``save(dataset=..., layer_signature=..., sample_limit=None, batch_size=..., shard_size=None,
+        run_id=None)`` (the documented keywords) and ``save(dataset_or_texts, layers, ...)`` (positional);
+        ``dataset`` / ``dataset_or_texts`` and ``layer_signature`` / ``layers`` are two names for one argument
+        each. ``save_activations_dataset`` is the same operation.
 
         One forward pass per batch serves every requested layer, and it stops as soon as all of them have run, so
-        later layers and the LM head never run. Registered hooks stay active (controllers included). Each batch is
-        written as ``activations/<run_id>/batch_<i>/<layer>/activations.safetensors`` (``activations [b, seq, d]``
-        and ``attention_mask [b, seq]``; texts right-padded, so position ``j`` is token ``j`` of every text), plus
-        ``input_ids [b, seq]`` in the batch's extra tensors, and only then marked complete. Batch ``i`` is written in a
-        worker thread while batch ``i+1`` runs, so memory holds at most two batches whatever the dataset size.
+        later layers and the LM head never run. Registered hooks stay active (controllers included). Each stored
+        batch is written as ``activations/<run_id>/batch_<i>/<layer>/activations.safetensors`` (``activations
+        [b, seq, d]`` and ``attention_mask [b, seq]``; texts right-padded, so position ``j`` is token ``j`` of every
+        text), plus ``input_ids [b, seq]`` in the batch's extra tensors, and only then marked complete. Batch ``i``
+        is written in a worker thread while the next forward pass runs, so memory holds at most two batches
+        whatever the dataset size. ``meta.json`` records the model, layers, dtype, batching and dataset, and the
+        store keeps ``sample_count`` (texts saved) and ``batch_count`` (stored batches) in it.
 
         Re-running with the same ``run_id`` (after an interruption) skips the complete batches, leaving their files
         untouched, and continues with the first incomplete one.
 
         Args:
             dataset_or_texts: a list of str or a mi_crow dataset (anything with ``iter_batches(batch_size)`` and
-                ``describe()``).
-            layers: a layer or a list of layers (dotted names or block indices).
+                ``describe()``); ``dataset=`` is a keyword synonym.
+            layers: a layer or a list of layers (dotted or flattened names, block indices); ``layer_signature=`` is
+                a keyword synonym.
             run_id: the run to write or resume (``None``: a new id).
             batch_size: texts per forward pass.
             max_length: truncate each text to this many tokens.
             dtype: store activations in this dtype (``None``: as the model produces them).
             progress: show a progress bar with tokens/s.
+            sample_limit: save at most this many texts (the first ones of the dataset); ``None``: all.
+            shard_size: texts per stored batch when it should differ from ``batch_size`` (forward batches are
+                split or joined; a re-grouped batch is padded to its longest text with zeros). ``None``: one
+                stored batch per forward batch.
 
         Returns:
             The run id.
 
         Raises:
-            ValueError: no store, an empty dataset, a bad layer, bad sizes, or a ``run_id`` that already exists with a
-                different model, layers, dtype, batching or dataset.
+            ValueError: no store, an empty dataset, a bad layer, bad sizes, an argument given under both of its
+                names, or a ``run_id`` that already exists with a different model, layers, dtype, batching or
+                dataset.
         """
         lm = self._lm
         store = lm.store
+        data_arg = "dataset" if dataset is not None else "dataset_or_texts"
+        data = resolve_synonym("dataset", dataset, "dataset_or_texts", dataset_or_texts)
+        layers_arg = "layer_signature" if layer_signature is not None else "layers"
+        layers = resolve_synonym("layer_signature", layer_signature, "layers", layers)
         if store is None:
-            raise ValueError("lm.store is None: create the LanguageModel with store=LocalStore(path) to save activations")
-        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        from mi_crow.language_model.language_model import parse_dtype
-
-        save_dtype = parse_dtype(dtype)
-        if run_id is not None and (not isinstance(run_id, str) or not run_id or "/" in run_id or run_id[0] == "."):
-            raise ValueError(f"run_id must be a non-empty str without '/' that does not start with '.', got {run_id!r}")
+            raise UserInputError(
+                "lm.store is None: create the LanguageModel with store=LocalStore(path) to save activations"
+            )
+        if data is None:
+            raise UserInputError("dataset must be given (a list of str or a mi_crow dataset), got None")
+        if layers is None:
+            raise UserInputError("layer_signature must name a layer or a list of layers, got None")
+        batch_size = check_positive_int(batch_size, "batch_size")
+        max_length = check_positive_int(max_length, "max_length")
+        sample_limit = check_positive_int(sample_limit, "sample_limit", allow_none=True)
+        shard_size = check_positive_int(shard_size, "shard_size", allow_none=True)
+        save_dtype = check_dtype(dtype, "dtype", allow_none=True)
+        if run_id is not None:
+            try:
+                check_identifier(run_id, "run_id")
+            except ArgumentTypeError:
+                raise
+            except UserInputError as exc:
+                raise UserInputError(
+                    f"run_id must be a non-empty str without '/' that does not start with '.', got {run_id!r}"
+                ) from exc
         layer_list = [layers] if isinstance(layers, (str, int)) else list(layers)
         if not layer_list:
-            raise ValueError(f"layers must name at least one layer, got {layers!r}")
+            raise UserInputError(f"{layers_arg} must name at least one layer, got {layers!r}")
         names: list[str] = []
         for layer in layer_list:
             name = lm.layers.resolve(layer)
             if name == "":
-                raise ValueError(f"layers must be layers of the model, not the whole model, got {layer!r}")
+                raise UserInputError(f"{layers_arg} must be layers of the model, not the whole model, got {layer!r}")
             if name not in names:
                 names.append(name)
-        dataset = _as_dataset(dataset_or_texts)
-        batches = iter(dataset.iter_batches(batch_size))
+        data = _as_dataset(data, data_arg)
+        batches = _limit(data.iter_batches(batch_size), sample_limit)
         first = next(batches, None)
         if first is None or len(first) == 0:
-            raise ValueError(f"dataset_or_texts is empty: {type(dataset).__name__} yielded no texts")
+            raise UserInputError(f"{data_arg} is empty: {type(data).__name__} yielded no texts")
 
         widths = {name: lm.layers.width(name) for name in names}
         model_dtype = next((p.dtype for p in lm.model.parameters() if p.is_floating_point()), torch.float32)
@@ -171,11 +276,13 @@ class LanguageModelActivations:
             "layers": names,
             "d": widths,
             "dtype": _dtype_name(save_dtype or model_dtype),
-            "dataset": _jsonable(dataset.describe()) if hasattr(dataset, "describe") else None,
-            "dataset_sha256": _fingerprint(dataset),
+            "dataset": _jsonable(data.describe()) if hasattr(data, "describe") else None,
+            "dataset_sha256": _fingerprint(data),
             "batch_size": batch_size,
             "max_length": max_length,
             "padding_side": "right",
+            "sample_limit": sample_limit,
+            "shard_size": shard_size,
         }
         if run_id is None:
             run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -187,7 +294,7 @@ class LanguageModelActivations:
                 stored = store.read_run_meta(run_id)
                 for key in _RESUME_KEYS:
                     if _jsonable(stored.get(key)) != _jsonable(meta[key]):
-                        raise ValueError(
+                        raise UserInputError(
                             f"run_id={run_id!r} already exists in the store with a different {key}: stored "
                             f"{stored.get(key)!r}, requested {meta[key]!r}. Use another run_id, or delete the run to "
                             "redo it."
@@ -197,8 +304,55 @@ class LanguageModelActivations:
             else:
                 store.write_run_meta(run_id, meta)
 
-            self._run(run_id, names, save_dtype, max_length, _chain(first, batches), done, progress)
+            resharder = None
+            if shard_size is not None and shard_size != batch_size:
+                resharder = _Resharder(shard_size, done, lm.tokenizer.pad_token_id)
+            self._run(run_id, names, save_dtype, max_length, _chain(first, batches), done, progress, resharder)
         return run_id
+
+    def save_activations_dataset(
+        self,
+        dataset: Any = None,
+        layer_signature: str | int | Sequence[str | int] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """The same operation as ``save`` (documented spelling): ``save(dataset=dataset,
+        layer_signature=layer_signature, **kwargs)``; returns the run id."""
+        return self.save(dataset=dataset, layer_signature=layer_signature, **kwargs)
+
+    def _batches(
+        self,
+        names: list[str],
+        detectors: dict[str, LayerActivationDetector],
+        max_length: int,
+        batches: Iterable[list[str]],
+        done: set[int],
+        resharder: _Resharder | None,
+        fired: set[str],
+    ) -> Iterator[_StoredBatch]:
+        """Run the forward passes still needed and yield the batches to store, in order."""
+        for index, texts in enumerate(batches):
+            if resharder is None and index in done:
+                continue
+            if resharder is not None and not resharder.needs_forward(len(texts)):
+                resharder.skip(len(texts))
+                continue
+            fired.clear()
+            for detector in detectors.values():
+                detector.clear()
+            encodings = self._forward(texts, max_length)
+            acts = {}
+            for name, detector in detectors.items():
+                if detector.activations is None:
+                    raise RuntimeError(f"layer {name!r} did not run during the forward pass of batch {index}")
+                acts[name] = detector.activations
+            mask, ids = encodings["attention_mask"], encodings["input_ids"]
+            if resharder is None:
+                yield _StoredBatch(index, acts, mask, ids)
+            else:
+                yield from resharder.add(acts, mask, ids)
+        if resharder is not None:
+            yield from resharder.finish()
 
     def _run(
         self,
@@ -209,9 +363,8 @@ class LanguageModelActivations:
         batches: Iterable[list[str]],
         done: set[int],
         progress: bool,
+        resharder: _Resharder | None = None,
     ) -> None:
-        from tqdm.auto import tqdm
-
         lm = self._lm
         detectors = {
             name: LayerActivationDetector(name, dtype=save_dtype, device="cpu", hook_id=f"save-{run_id}-{name}")
@@ -237,19 +390,7 @@ class LanguageModelActivations:
             # Registered after the detectors so that the detectors of the last layer run before the stop.
             handles = [lm.layers.get_module(name).register_forward_hook(stopper(name)) for name in names]
             try:
-                for index, texts in enumerate(batches):
-                    if index in done:
-                        continue
-                    fired.clear()
-                    for detector in detectors.values():
-                        detector.clear()
-                    encodings = self._forward(texts, max_length)
-                    mask = encodings["attention_mask"]
-                    acts = {}
-                    for name, detector in detectors.items():
-                        if detector.activations is None:
-                            raise RuntimeError(f"layer {name!r} did not run during the forward pass of batch {index}")
-                        acts[name] = detector.activations
+                for batch in self._batches(names, detectors, max_length, batches, done, resharder, fired):
                     if pending is not None:
                         # Surfaces a failed write before more work is done. Cleared first, so that the cleanup
                         # below does not report the same failure again as one "during an interruption".
@@ -258,13 +399,13 @@ class LanguageModelActivations:
                     pending = writer.submit(
                         lm.store.write_activation_batch,
                         run_id,
-                        index,
-                        acts,
-                        mask,
-                        extra={"input_ids": encodings["input_ids"]},
+                        batch.index,
+                        batch.activations,
+                        batch.attention_mask,
+                        extra={"input_ids": batch.input_ids},
                     )
                     n_saved += 1
-                    bar.update(int(mask.sum()))
+                    bar.update(int(batch.attention_mask.sum()))
                 if pending is not None:
                     previous, pending = pending, None
                     previous.result()

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mi_crow.errors import ArgumentTypeError, NotSupportedError, UserInputError
 from mi_crow.hooks import BatchContext
+from mi_crow.validation import check_positive_int
 
 if TYPE_CHECKING:
     from transformers import BatchEncoding
 
     from mi_crow.language_model.language_model import LanguageModel
 
-__all__ = ["InferenceEngine", "check_texts"]
+__all__ = ["InferenceEngine", "check_texts", "stitch_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,23 +32,81 @@ def check_texts(texts: Any, name: str = "texts") -> list[str]:
     if isinstance(texts, str):
         return [texts]
     if not isinstance(texts, Sequence):
-        raise TypeError(f"{name} must be a list of str, got {type(texts).__name__}")
+        raise ArgumentTypeError(f"{name} must be a list of str, got {type(texts).__name__}")
     texts = list(texts)
     if not texts:
-        raise ValueError(f"{name} must contain at least one text, got an empty {type(texts).__name__}")
+        raise UserInputError(f"{name} must contain at least one text, got an empty {type(texts).__name__}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"{name}[{i}] must be a str, got {type(text).__name__}: {text!r}")
+            raise ArgumentTypeError(f"{name}[{i}] must be a str, got {type(text).__name__}: {text!r}")
     return texts
 
 
-def _check_positive_int(value: Any, name: str, allow_none: bool = True) -> int | None:
-    if value is None and allow_none:
+def _cat_padded(tensors: list[torch.Tensor], pad_value: float | int) -> torch.Tensor:
+    """Concatenate along dim 0, padding every other dim at its end to the largest size (``pad_value``)."""
+    if any(t.dim() != tensors[0].dim() for t in tensors):
+        raise NotSupportedError(f"cannot stitch tensors of different ranks {[t.dim() for t in tensors]}")
+    rest = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    total = sum(t.shape[0] for t in tensors)
+    out = tensors[0].new_full((total, *rest), pad_value)
+    row = 0
+    for t in tensors:
+        out[(slice(row, row + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        row += t.shape[0]
+    return out
+
+
+def _stitch_value(key: str, values: list[Any]) -> Any:
+    first = values[0]
+    if first is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        expected = "a positive int or None" if allow_none else "a positive int"
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-    return value
+    if isinstance(first, torch.Tensor) and first.dim() >= 1:
+        return _cat_padded(values, 0)
+    if isinstance(first, (tuple, list)) and all(isinstance(v, torch.Tensor) and v.dim() >= 1 for v in first):
+        return type(first)(_cat_padded(list(group), 0) for group in zip(*values))
+    raise NotSupportedError(
+        f"cannot join the model output field {key!r} ({type(first).__name__}) across batches; run with "
+        "batch_size=None (one forward pass) or use iter_inference to get one output per batch"
+    )
+
+
+def stitch_batches(outputs: list[Any], encodings: list[Any], pad_token_id: int | None) -> tuple[Any, Any]:
+    """Join per-batch model outputs and encodings into one output and one encoding over all the texts.
+
+    Batches are right-padded (position ``j`` is token ``j`` of every text), so joining pads every batch at its end
+    to the longest sequence of all: rows keep their order, real tokens keep their positions and values.
+
+    Args:
+        outputs: per-batch model outputs (a HF ``ModelOutput`` / mapping of tensors and tuples of tensors, or a
+            tensor), each with the batch as dim 0.
+        encodings: per-batch ``BatchEncoding`` (``input_ids``, ``attention_mask`` ``[batch, seq]``).
+        pad_token_id: fills ``input_ids`` past a text's end.
+
+    Returns:
+        ``(outputs, encodings)`` of the same types: ``logits [n_texts, max_seq, vocab]``, ``hidden_states`` /
+        ``attentions`` tuples joined element by element; ``input_ids`` padded with ``pad_token_id``,
+        ``attention_mask`` and every other tensor with 0. Positions past a text's end hold 0 in the joined
+        tensors of the shorter batches (in a single pass they hold whatever the model computed on padding).
+
+    Raises:
+        NotSupportedError: an output field that has no batch dimension (e.g. a ``loss``, a KV cache).
+    """
+    if len(outputs) == 1:
+        return outputs[0], encodings[0]
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        joined: Any = _cat_padded(outputs, 0)
+    elif isinstance(first, Mapping):
+        fields = {key: _stitch_value(key, [o[key] for o in outputs]) for key in first.keys()}
+        joined = type(first)(**fields)
+    else:
+        raise NotSupportedError(f"cannot join model outputs of type {type(first).__name__} across batches")
+    data = {}
+    for key in encodings[0].keys():
+        values = [e[key] for e in encodings]
+        pad = pad_token_id if key == "input_ids" and pad_token_id is not None else 0
+        data[key] = _cat_padded(values, pad) if isinstance(values[0], torch.Tensor) else values
+    return joined, type(encodings[0])(data)
 
 
 class InferenceEngine:
@@ -78,6 +138,7 @@ class InferenceEngine:
             special_tokens_mask=special_mask,
             tokenizer=self._lm.tokenizer,
             generation_step=step,
+            language_model=self._lm,
         )
 
     def model_inputs(self, encodings: BatchEncoding) -> dict[str, torch.Tensor]:
@@ -89,6 +150,12 @@ class InferenceEngine:
         if self._lm._accepts_position_ids:
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return inputs
+
+    def _request_hidden_states(self, kwargs: dict[str, Any]) -> None:
+        """Ask the model for its hidden states when a registered hook needs them (``ModelOutputDetector`` with
+        ``save_output_hidden_state=True``)."""
+        if any(getattr(hook, "wants_hidden_states", False) for hook in self._lm.layers.get_hooks()):
+            kwargs.setdefault("output_hidden_states", True)
 
     def forward_batch(
         self,
@@ -119,6 +186,7 @@ class InferenceEngine:
         inputs = self.model_inputs(encodings)
         context = self.make_context(texts, inputs["input_ids"], inputs["attention_mask"])
         forward_kwargs.setdefault("use_cache", False)
+        self._request_hidden_states(forward_kwargs)
         previous = self._lm._controllers_enabled
         self._lm._controllers_enabled = previous and bool(with_controllers)
         self._lm._batch_start(context)
@@ -145,9 +213,23 @@ class InferenceEngine:
         tracking over many texts).
         """
         texts = check_texts(texts)
-        batch_size = _check_positive_int(batch_size, "batch_size", allow_none=False)
+        batch_size = check_positive_int(batch_size, "batch_size")
+        max_length = check_positive_int(max_length, "max_length", allow_none=True)
         for start in range(0, len(texts), batch_size):
             yield self.forward_batch(texts[start : start + batch_size], max_length, with_controllers, **forward_kwargs)
+
+    def _run_batches(
+        self, batches: Iterable[list[str]], max_length: int | None, with_controllers: bool, **forward_kwargs: Any
+    ) -> tuple[Any, BatchEncoding]:
+        """One forward pass per batch, joined into one ``(outputs, encodings)`` (see ``stitch_batches``)."""
+        outputs, encodings = [], []
+        for batch in batches:
+            out, enc = self.forward_batch(batch, max_length, with_controllers, **forward_kwargs)
+            outputs.append(out)
+            encodings.append(enc)
+        if not outputs:
+            raise UserInputError("the input yielded no texts to run the model on")
+        return stitch_batches(outputs, encodings, self._lm.tokenizer.pad_token_id)
 
     def execute_inference(
         self,
@@ -156,31 +238,68 @@ class InferenceEngine:
         max_length: int | None = None,
         with_controllers: bool = True,
         **forward_kwargs: Any,
-    ) -> tuple[Any, BatchEncoding] | tuple[list[Any], list[BatchEncoding]]:
+    ) -> tuple[Any, BatchEncoding]:
         """Run the model over texts with all registered hooks active.
 
         Args:
             texts: a list of str (a single str is accepted).
-            batch_size: ``None`` (or ``>= len(texts)``): one forward pass over all texts. Otherwise several passes.
+            batch_size: texts per forward pass; ``None`` (or ``>= len(texts)``): one pass over all texts. The
+                result has the same shape either way.
             max_length: truncate each text to this many tokens (``None``: the model's maximum).
             with_controllers: ``False`` runs without any registered ``Controller`` (detectors still run).
             **forward_kwargs: passed to the model's forward (e.g. ``output_hidden_states=True``).
 
         Returns:
-            For one pass: ``(outputs, encodings)`` with ``outputs.logits`` ``[batch, seq, vocab]`` and the
-            right-padded ``encodings`` (``input_ids``, ``attention_mask`` ``[batch, seq]``). For several passes:
-            ``(list of outputs, list of encodings)``, one entry per batch.
+            ``(outputs, encodings)`` over all texts whatever ``batch_size`` is: ``outputs.logits``
+            ``[n_texts, seq, vocab]`` and the right-padded ``encodings`` (``input_ids``, ``attention_mask``
+            ``[n_texts, seq]``), ``seq`` the longest text. With several batches they are joined by
+            ``stitch_batches``; values at real tokens equal those of one pass over all texts (up to float
+            rounding), positions past a text's end hold 0 where a shorter batch was padded.
         """
         texts = check_texts(texts)
-        batch_size = _check_positive_int(batch_size, "batch_size")
-        max_length = _check_positive_int(max_length, "max_length")
-        if batch_size is None or batch_size >= len(texts):
-            return self.forward_batch(texts, max_length, with_controllers, **forward_kwargs)
-        outputs, encodings = [], []
-        for out, enc in self.iter_inference(texts, batch_size, max_length, with_controllers, **forward_kwargs):
-            outputs.append(out)
-            encodings.append(enc)
-        return outputs, encodings
+        batch_size = check_positive_int(batch_size, "batch_size", allow_none=True)
+        max_length = check_positive_int(max_length, "max_length", allow_none=True)
+        step = len(texts) if batch_size is None else batch_size
+        batches = (texts[start : start + step] for start in range(0, len(texts), step))
+        return self._run_batches(batches, max_length, with_controllers, **forward_kwargs)
+
+    def infer_texts(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        with_controllers: bool = True,
+        **forward_kwargs: Any,
+    ) -> Any:
+        """The model outputs for ``texts`` (``execute_inference(...)[0]``: ``logits [n_texts, seq, vocab]``)."""
+        return self.execute_inference(texts, batch_size, max_length, with_controllers, **forward_kwargs)[0]
+
+    def infer_dataset(
+        self,
+        dataset: Any,
+        batch_size: int = 16,
+        max_length: int | None = None,
+        with_controllers: bool = True,
+        **forward_kwargs: Any,
+    ) -> Any:
+        """The model outputs over a dataset, one forward pass per ``batch_size`` texts, joined like
+        ``execute_inference`` (``logits [n_texts, seq, vocab]``).
+
+        Args:
+            dataset: a mi_crow dataset (anything with ``iter_batches(batch_size)``) or a list of str.
+            batch_size: texts per forward pass.
+            max_length, with_controllers, **forward_kwargs: as in ``execute_inference``.
+
+        All outputs are kept until the end; to stream a large dataset through hooks, use ``iter_inference``.
+        """
+        batch_size = check_positive_int(batch_size, "batch_size")
+        max_length = check_positive_int(max_length, "max_length", allow_none=True)
+        if hasattr(dataset, "iter_batches"):
+            batches: Iterable[list[str]] = dataset.iter_batches(batch_size)
+        else:
+            texts = check_texts(dataset, "dataset")
+            batches = (texts[start : start + batch_size] for start in range(0, len(texts), batch_size))
+        return self._run_batches(batches, max_length, with_controllers, **forward_kwargs)[0]
 
     def generate(
         self,
@@ -210,8 +329,8 @@ class InferenceEngine:
             The generated continuations (new tokens only, special tokens removed), one str per prompt.
         """
         texts = check_texts(texts)
-        _check_positive_int(max_new_tokens, "max_new_tokens", allow_none=False)
-        max_length = _check_positive_int(max_length, "max_length")
+        check_positive_int(max_new_tokens, "max_new_tokens")
+        max_length = check_positive_int(max_length, "max_length", allow_none=True)
         lm = self._lm
         encodings = lm.tokenize(texts, max_length=max_length, padding_side="left")
         ids = encodings["input_ids"].to(lm.device)
@@ -238,6 +357,7 @@ class InferenceEngine:
         previous = lm._controllers_enabled
         lm._controllers_enabled = previous and bool(with_controllers)
         generate_kwargs.setdefault("pad_token_id", lm.tokenizer.pad_token_id)
+        self._request_hidden_states(generate_kwargs)
         try:
             with torch.no_grad():
                 sequences = lm.model.generate(

@@ -11,34 +11,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import BatchContext, Hook
 from mi_crow.language_model.activations import LanguageModelActivations
+from mi_crow.language_model.context import LanguageModelContext
 from mi_crow.language_model.inference import InferenceEngine
 from mi_crow.language_model.layers import LanguageModelLayers
+from mi_crow.validation import check_dtype, resolve_synonym
 
-__all__ = ["LanguageModel"]
+__all__ = ["LanguageModel", "parse_dtype"]
 
 logger = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-
 
 def parse_dtype(dtype: torch.dtype | str | None, name: str = "dtype") -> torch.dtype | None:
-    """Accept a ``torch.dtype``, its name (``"bfloat16"``, ``"torch.float16"``) or ``None``."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.removeprefix("torch.")
-        if key in _DTYPE_NAMES:
-            return _DTYPE_NAMES[key]
-    raise ValueError(f"{name} must be a torch.dtype or one of {sorted(_DTYPE_NAMES)}, got {dtype!r}")
+    """A ``torch.dtype``, its name (``"bfloat16"``, ``"torch.float16"``) or ``None`` (the shared ``check_dtype``)."""
+    return check_dtype(dtype, name, allow_none=True)
 
 
 def _parse_device(device: torch.device | str | None) -> torch.device | None:
@@ -47,7 +35,9 @@ def _parse_device(device: torch.device | str | None) -> torch.device | None:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device must be a torch.device or a device string like 'cpu' or 'cuda:0', got {device!r}") from None
+        raise UserInputError(
+            f"device must be a torch.device or a device string like 'cpu' or 'cuda:0', got {device!r}"
+        ) from None
 
 
 def _hub_offline() -> bool:
@@ -78,6 +68,8 @@ class LanguageModel:
         layers: ``LanguageModelLayers`` (names, resolution, shapes, hooks).
         inference: ``InferenceEngine`` (``execute_inference``, ``generate``).
         activations: ``LanguageModelActivations`` (``save``).
+        context: ``LanguageModelContext``, a live view of ``language_model``, ``model``, ``tokenizer``, ``store``,
+            ``device`` and ``model_id``.
     """
 
     def __init__(
@@ -89,11 +81,13 @@ class LanguageModel:
         model_id: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module (a HuggingFace causal LM), got {type(model).__name__}")
+            raise ArgumentTypeError(
+                f"model must be a torch.nn.Module (a HuggingFace causal LM), got {type(model).__name__}"
+            )
         if not callable(tokenizer) or not hasattr(tokenizer, "convert_ids_to_tokens"):
-            raise TypeError(f"tokenizer must be a HuggingFace tokenizer, got {type(tokenizer).__name__}")
+            raise ArgumentTypeError(f"tokenizer must be a HuggingFace tokenizer, got {type(tokenizer).__name__}")
         if model_id is not None and not isinstance(model_id, str):
-            raise TypeError(f"model_id must be a str or None, got {type(model_id).__name__}: {model_id!r}")
+            raise ArgumentTypeError(f"model_id must be a str or None, got {type(model_id).__name__}: {model_id!r}")
         parsed_device = _parse_device(device)
         if parsed_device is not None:
             model = model.to(parsed_device)
@@ -111,6 +105,7 @@ class LanguageModel:
         self.layers = LanguageModelLayers(self)
         self.inference = InferenceEngine(self)
         self.activations = LanguageModelActivations(self)
+        self.context = LanguageModelContext(self)
 
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -143,10 +138,10 @@ class LanguageModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path):
-            raise TypeError(f"name_or_path must be a hub name or a local directory, got {name_or_path!r}")
+            raise ArgumentTypeError(f"name_or_path must be a hub name or a local directory, got {name_or_path!r}")
         for arg, value in (("tokenizer_params", tokenizer_params), ("model_params", model_params)):
             if value is not None and not isinstance(value, dict):
-                raise TypeError(f"{arg} must be a dict or None, got {type(value).__name__}: {value!r}")
+                raise ArgumentTypeError(f"{arg} must be a dict or None, got {type(value).__name__}: {value!r}")
         torch_dtype = parse_dtype(dtype)
         name = str(name_or_path)
         is_local = Path(name).is_dir()
@@ -164,7 +159,7 @@ class LanguageModel:
             model = AutoModelForCausalLM.from_pretrained(name, **model_kwargs)
         except (OSError, ValueError) as exc:
             if is_local:
-                raise ValueError(
+                raise UserInputError(
                     f"name_or_path={name!r} is a local directory but no model could be loaded from it: {exc}"
                 ) from exc
             if not isinstance(exc, OSError):
@@ -174,7 +169,7 @@ class LanguageModel:
                 if offline
                 else "it is neither a local directory nor a model the HuggingFace hub could provide"
             )
-            raise ValueError(
+            raise UserInputError(
                 f"name_or_path={name!r} cannot be resolved: {where}. Pass the path of a local directory holding the "
                 f"model (config.json, weights, tokenizer files) instead, e.g. one saved with save_pretrained()."
             ) from exc
@@ -238,7 +233,8 @@ class LanguageModel:
 
     # ------------------------------------------------------------------------------------------ shortcuts
     def forwards(self, texts: list[str], **kwargs: Any) -> Any:
-        """Model outputs for ``texts`` (``outputs.logits [batch, seq, vocab]``); see ``inference.execute_inference``."""
+        """Model outputs for ``texts`` (``outputs.logits [n_texts, seq, vocab]`` whatever ``batch_size`` is); see
+        ``inference.execute_inference``."""
         return self.inference.execute_inference(texts, **kwargs)[0]
 
     def generate(self, texts: list[str], max_new_tokens: int = 20, do_sample: bool = False, **kwargs: Any) -> list[str]:
@@ -246,33 +242,39 @@ class LanguageModel:
         return self.inference.generate(texts, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
 
     # ------------------------------------------------------------------------------------------------ SAE
-    def attach_sae(self, sae: Hook, layer: str | int) -> str:
+    def attach_sae(
+        self, sae: Hook, layer_signature: str | int | None = None, *, layer: str | int | None = None
+    ) -> str:
         """Attach an SAE (a ``Controller`` that is also an ``nn.Module`` with ``n_inputs``) to a layer's output.
 
-        The SAE's ``n_inputs`` must equal the layer's width; the SAE is moved to the layer's device.
+        The same as ``lm.layers.register_hook(layer_signature, sae)``: that one registration path checks that the
+        SAE's ``n_inputs`` equals the layer's width and moves the SAE to the layer's device.
+
+        Args:
+            sae: the SAE.
+            layer_signature: the layer (dotted or flattened name, block index); ``layer=`` is a keyword synonym.
+                ``None``: the SAE's own ``layer_signature``.
 
         Returns:
             The hook id.
         """
         if not isinstance(sae, Hook):
-            raise TypeError(f"sae must be a mi_crow hook (e.g. TopKSae), got {type(sae).__name__}")
-        n_inputs = getattr(sae, "n_inputs", None)
-        if n_inputs is None:
-            raise TypeError(f"sae must have an n_inputs attribute (its input width), got {type(sae).__name__}")
-        name = self.layers.resolve(layer)
-        width = self.layers.width(name)
-        if n_inputs != width:
-            raise ValueError(
-                f"sae.n_inputs={n_inputs} does not match the width of layer {name!r}, which is {width}"
+            raise ArgumentTypeError(f"sae must be a mi_crow hook (e.g. TopKSae), got {type(sae).__name__}")
+        if getattr(sae, "n_inputs", None) is None:
+            raise ArgumentTypeError(
+                f"sae must have an n_inputs attribute (its input width), got {type(sae).__name__}"
             )
-        if isinstance(sae, nn.Module):
-            sae.to(self.layers.layer_device(name))
-        return self.layers.register_hook(name, sae)
+        layer_signature = resolve_synonym("layer_signature", layer_signature, "layer", layer, sae.layer_signature)
+        if layer_signature is None:
+            raise UserInputError(
+                "layer_signature must name the layer to attach the SAE to (the SAE carries none), got None"
+            )
+        return self.layers.register_hook(layer_signature, sae)
 
     def detach_sae(self, sae: Hook) -> None:
-        """Remove an SAE attached with ``attach_sae``."""
+        """Remove an SAE attached with ``attach_sae`` (or registered with ``layers.register_hook``)."""
         if not isinstance(sae, Hook) or not self.layers.is_registered(sae):
-            raise ValueError(f"sae {getattr(sae, 'id', sae)!r} is not attached to this model")
+            raise UserInputError(f"sae {getattr(sae, 'id', sae)!r} is not attached to this model")
         self.layers.unregister_hook(sae)
 
     def __repr__(self) -> str:

@@ -9,6 +9,7 @@ import pytest
 datasets = pytest.importorskip("datasets")
 
 from mi_crow.datasets import BaseDataset, DatasetUnavailableOfflineError, HuggingFaceDataset  # noqa: E402
+from mi_crow.testing import offline_hub  # noqa: E402
 
 TEXTS = [f"sentence {i} about things" for i in range(9)]
 
@@ -16,12 +17,7 @@ TEXTS = [f"sentence {i} about things" for i in range(9)]
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No test here may reach the network: put both datasets and huggingface_hub into offline mode."""
-    import huggingface_hub.constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    offline_hub(monkeypatch)
 
 
 @pytest.fixture

@@ -1,0 +1,5 @@
+"""``ModelInputDetector`` under its original mi-crow module path (defined in :mod:`mi_crow.hooks.detectors`)."""
+
+from mi_crow.hooks.detectors import ModelInputDetector
+
+__all__ = ["ModelInputDetector"]
