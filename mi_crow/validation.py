@@ -35,6 +35,7 @@ __all__ = [
     "describe",
     "fail",
     "fail_type",
+    "resolve_synonym",
 ]
 
 T = TypeVar("T")
@@ -282,3 +283,37 @@ def check_identifier(value: Any, argument: str) -> str:
             value,
         )
     return value
+
+
+def resolve_synonym(
+    canonical_name: str, canonical_value: Any, alias_name: str, alias_value: Any, default: Any = None
+) -> Any:
+    """One argument accepted under two names (a documented spelling and ours): return the value given.
+
+    ``None`` means "not given" for both names. Given under both names with different values, it is an error that
+    names both; the same value twice is accepted.
+
+    Args:
+        canonical_name: the name the API documents as canonical (e.g. ``"layer_signature"``).
+        canonical_value: what was passed under it.
+        alias_name: the other accepted name (e.g. ``"layers"``).
+        alias_value: what was passed under it.
+        default: returned when neither was given.
+
+    Raises:
+        UserInputError: both names given with different values.
+    """
+    if canonical_value is None:
+        return default if alias_value is None else alias_value
+    if alias_value is None or alias_value is canonical_value:
+        return canonical_value
+    try:
+        same = bool(canonical_value == alias_value)
+    except Exception:  # noqa: BLE001 - tensors and other objects without a plain truth value count as different
+        same = False
+    if not same:
+        raise UserInputError(
+            f"{canonical_name} and {alias_name} name the same argument; give only one of them, got "
+            f"{canonical_name}={describe(canonical_value)} and {alias_name}={describe(alias_value)}"
+        )
+    return canonical_value
