@@ -86,3 +86,126 @@ def test_view_assignment_of_a_wrong_shape_names_it():
         sae.decoder.weight = torch.zeros(24, 8)
     with pytest.raises(TypeError, match=r"sae\.encoder\.bias must be set to a torch\.Tensor, got list"):
         sae.encoder.bias = [0.0] * 24
+
+
+# -- the store layout of the seed: sae_models/<sae_id>/model.pt next to config.json ---------------------------------
+
+
+class _NotATensor:
+    """Something a pickle can hold but weights_only=True refuses."""
+
+    def __init__(self) -> None:
+        self.payload = "arbitrary object"
+
+
+def _same_outputs(a: TopKSae, b: TopKSae) -> None:
+    x = torch.randn(6, a.n_inputs, generator=torch.Generator().manual_seed(1))
+    ra, rb = a(x), b(x)
+    assert torch.equal(ra.reconstruction, rb.reconstruction)
+    assert torch.equal(ra.code.indices, rb.code.indices) and torch.equal(ra.code.values, rb.code.values)
+
+
+def test_store_save_writes_model_pt_that_weights_only_load_reads(store):
+    sae = _sae()
+    key = sae.save(store, "s1")
+    folder = store.base_path / "sae_models" / "s1"
+    assert key == "sae_models/s1"
+    assert (folder / "model.pt").is_file() and (folder / "config.json").is_file()
+    assert not (folder / "model.safetensors").exists()
+    state = torch.load(folder / "model.pt", weights_only=True)
+    assert set(state) == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    for name, tensor in state.items():
+        assert torch.equal(tensor, getattr(sae, name)), name
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["n_latents"], config["n_inputs"], config["k"]) == (24, 8, 3)
+    # The file is a plain state dict: a fresh SAE of the same shape takes it as it is.
+    fresh = TopKSae(n_latents=24, n_inputs=8, k=3, device="cpu")
+    fresh.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+    _same_outputs(sae, fresh)
+
+
+def test_load_from_store_folder_and_model_pt(store):
+    sae = _sae(seed=2)
+    sae.save(store, "s2")
+    folder = store.base_path / "sae_models" / "s2"
+    for loaded in (
+        TopKSae.load(store, "s2"),
+        TopKSae.load(folder),
+        TopKSae.load(str(folder)),
+        TopKSae.load(folder / "model.pt"),
+        TopKSae.load(path=folder),
+    ):
+        assert (loaded.n_latents, loaded.n_inputs, loaded.k) == (24, 8, 3)
+        _same_outputs(sae, loaded)
+
+
+def test_save_name_path_round_trip(tmp_path, monkeypatch):
+    sae = _sae(seed=3)
+    sae.concepts.name_concept(4, "four")
+    sae.concepts.manipulate_concept(neuron_idx=4, scale=0.5)
+    folder = sae.save(name="my_sae", path=tmp_path)
+    assert folder == tmp_path / "my_sae"
+    assert sorted(p.name for p in folder.iterdir()) == ["concepts.json", "config.json", "model.pt"]
+    for loaded in (TopKSae.load(folder), TopKSae.load(folder / "model.pt"), TopKSae.load(tmp_path / "my_sae.pt")):
+        _same_outputs(sae, loaded)
+        assert loaded.concepts.find_concept("four") == 4
+        assert loaded.concepts.get_manipulation_config() == {4: 0.5}
+    # Positional name and path, and the current directory when no path is given.
+    assert sae.save("again", tmp_path) == tmp_path / "again"
+    monkeypatch.chdir(tmp_path)
+    assert sae.save(name="here") == tmp_path / "here"
+    _same_outputs(sae, TopKSae.load("here"))
+
+
+def test_legacy_safetensors_folders_still_load(store):
+    from safetensors.torch import save_file
+
+    sae = _sae(seed=4)
+    folder = store.base_path / "sae_models" / "old"
+    folder.mkdir(parents=True)
+    # What earlier versions wrote: model.safetensors beside config.json.
+    save_file({name: getattr(sae, name).detach().contiguous() for name in ("W_enc", "b_enc", "W_dec", "b_dec")},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(sae.config_dict()))
+    for loaded in (TopKSae.load(store, "old"), TopKSae.load(folder)):
+        _same_outputs(sae, loaded)
+    # Saving again writes the seed's layout and drops the stale copy.
+    TopKSae.load(store, "old").save(store, "old")
+    assert (folder / "model.pt").is_file() and not (folder / "model.safetensors").exists()
+    _same_outputs(sae, TopKSae.load(store, "old"))
+
+
+def test_model_pt_with_anything_but_tensors_is_refused_with_its_path(store):
+    from mi_crow.store.errors import CorruptStoreFileError
+
+    sae = _sae(seed=5)
+    sae.save(store, "evil")
+    model_pt = store.base_path / "sae_models" / "evil" / "model.pt"
+    state = {name: getattr(sae, name).detach() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    torch.save({**state, "extra": _NotATensor()}, model_pt)
+    with pytest.raises(CorruptStoreFileError, match=rf"{model_pt}.*weights_only=True.*_NotATensor") as info:
+        TopKSae.load(store, "evil")
+    assert isinstance(info.value, ValueError)
+    # Plain values pass weights_only but are not a state dict of tensors either.
+    torch.save({**state, "note": "hello"}, model_pt)
+    with pytest.raises(CorruptStoreFileError, match=rf"{model_pt} must hold only tensors.*'note': str"):
+        TopKSae.load(model_pt)
+    torch.save([state["W_enc"]], model_pt)
+    with pytest.raises(CorruptStoreFileError, match=rf"{model_pt} must hold a state dict.*got list"):
+        TopKSae.load(store, "evil")
+
+
+def test_bad_save_and_load_arguments(store, tmp_path):
+    sae = _sae()
+    with pytest.raises(ValueError, match=r"sae_id and name .*sae_id='a' and name='b'"):
+        sae.save(store, "a", name="b")
+    with pytest.raises(ValueError, match="path is for saving to a folder"):
+        sae.save(store, "a", path=tmp_path)
+    with pytest.raises(TypeError, match="first argument must be a Store .* got int"):
+        sae.save(3, "x")
+    with pytest.raises(ValueError, match="sae_id is required"):
+        TopKSae.load(store)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        TopKSae.load(tmp_path / "nothing_here")
+    with pytest.raises(FileNotFoundError, match="no saved SAE 'absent'"):
+        TopKSae.load(store, "absent")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -14,21 +15,31 @@ from torch import Tensor, nn
 import mi_crow
 from mi_crow import ops
 from mi_crow.ops.memory import empty_huge
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import Controller, HookType
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
+from mi_crow.mechanistic.sae.files import (
+    CONCEPTS_FILE,
+    CONFIG_FILE,
+    LEGACY_MODEL_FILE,
+    MODEL_FILE,
+    SaeFiles,
+    sae_key,
+    state_from_bytes,
+    state_to_bytes,
+)
+from mi_crow.store.base import Store
+from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
+from mi_crow.validation import resolve_synonym
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.config import SaeTrainingConfig
     from mi_crow.mechanistic.sae.train import TrainingResult
-    from mi_crow.store import Store
 
 __all__ = ["LinearView", "SaeOutput", "SparseCode", "TopKSae"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-CONCEPTS_FILE = "concepts.json"
 FORMAT_VERSION = 1
 _MODES = ("observe", "replace")
 _PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -134,13 +145,6 @@ class LinearView:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def sae_key(sae_id: str, name: str = "") -> str:
-    """Store key of a file of a saved SAE: ``sae_models/<sae_id>/<name>``."""
-    if not isinstance(sae_id, str) or not sae_id or "/" in sae_id or "\\" in sae_id or ".." in sae_id:
-        raise ValueError(f"sae_id must be a non-empty name without '/', '\\\\' or '..', got {sae_id!r}")
-    return f"sae_models/{sae_id}/{name}" if name else f"sae_models/{sae_id}"
 
 
 class TopKSae(nn.Module, Controller):
@@ -504,27 +508,75 @@ class TopKSae(nn.Module, Controller):
         }
 
     def _state_tensors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name).detach().to("cpu").contiguous() for name in _PARAM_NAMES}
+        return {name: getattr(self, name).detach() for name in _PARAM_NAMES}
 
-    def save(self, store: Store, sae_id: str) -> str:
-        """Save weights and configuration to ``sae_models/<sae_id>/`` (atomically, through the store).
+    def save(
+        self,
+        store: Store | str | None = None,
+        sae_id: str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> str | Path:
+        """Save weights, configuration and concepts, in a store or in a plain folder (atomically, file by file).
 
-        Writes ``model.safetensors`` (W_enc, b_enc, W_dec, b_dec: no pickled code) and ``config.json``; the concept
-        dictionary and manipulations too.
+        Call shapes:
+
+        - ``sae.save(store, sae_id)``: to ``sae_models/<sae_id>/`` of the store; returns that key.
+        - ``sae.save(name=..., path=...)`` (or ``sae.save(name, path)``): to the folder ``<path>/<name>/`` (``path``
+          defaults to the current directory); returns that folder. It is laid out like a store's SAE folder, so
+          ``TopKSae.load(<path>/<name>)`` (or its ``model.pt``) reads it back.
+
+        Files: ``model.pt`` (the state dict ``W_enc, b_enc, W_dec, b_dec``: tensors only, readable with
+        ``torch.load(..., weights_only=True)`` and ``sae.load_state_dict``), ``config.json`` and ``concepts.json``
+        (concept names and manipulations). A ``model.safetensors`` left by an earlier version is removed.
 
         Args:
-            store: the destination store.
-            sae_id: name of the saved SAE.
+            store: the destination store (or, in the folder form, the name given positionally).
+            sae_id: name of the saved SAE in the store (or, in the folder form, the path given positionally).
+            name: the SAE's name: the folder's name in the folder form, a synonym of ``sae_id`` in the store form.
+            path: parent folder of the folder form.
 
         Returns:
-            The store key of the SAE's folder.
+            The store key of the SAE's folder, or the folder's path.
+
+        Raises:
+            UserInputError: a missing or malformed name, a store together with ``path``, or ``sae_id`` and
+                ``name`` given with different values.
         """
-        folder = sae_key(sae_id)
-        store.put_tensors(sae_key(sae_id, MODEL_FILE), self._state_tensors(), metadata={"format": "mi_crow.TopKSae"})
-        store.put_json(sae_key(sae_id, CONFIG_FILE), self.config_dict())
-        self.concepts.save(store, sae_id)
-        logger.info("saved SAE to %s", folder)
-        return folder
+        if isinstance(store, Store):
+            if path is not None:
+                raise UserInputError(
+                    f"TopKSae.save: path is for saving to a folder, not with a store; got a store and path={path!r}"
+                )
+            sae_id = resolve_synonym("sae_id", sae_id, "name", name)
+            files = SaeFiles.in_store(store, sae_id)
+            target: str | Path = files.key()
+        else:
+            if store is not None and not isinstance(store, str):
+                raise ArgumentTypeError(
+                    f"TopKSae.save: the first argument must be a Store (sae.save(store, sae_id)) or a name "
+                    f"(sae.save(name=..., path=...)), got {type(store).__name__}"
+                )
+            # sae.save(name, path) positionally: the two slots carry the name and the folder.
+            name = resolve_synonym("name", name, "the first positional argument", store)
+            path = resolve_synonym("path", path, "the second positional argument", sae_id)
+            if not isinstance(name, str):
+                raise UserInputError(f"TopKSae.save: name must be a str naming the SAE's folder, got {name!r}")
+            sae_key(name)  # the rule of a store's sae_id: one folder name
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise ArgumentTypeError(f"TopKSae.save: path must be a str or os.PathLike, got {type(path).__name__}")
+            folder = (Path.cwd() if path is None else Path(path)) / name
+            files = SaeFiles.in_folder(folder)
+            target = folder
+        files.write(MODEL_FILE, state_to_bytes(self._state_tensors()))
+        files.write(CONFIG_FILE, (json.dumps(self.config_dict(), indent=2) + "\n").encode("utf-8"))
+        if files.exists(LEGACY_MODEL_FILE):
+            # A stale copy of older weights next to the new ones could only mislead.
+            files.delete(LEGACY_MODEL_FILE)
+        self.concepts.save(*files.concepts_target())
+        logger.info("saved SAE to %s", files.where())
+        return target
 
     @classmethod
     def _from_parts(
@@ -533,7 +585,9 @@ class TopKSae(nn.Module, Controller):
         tensors: dict[str, Tensor],
         where: str,
         device: str | torch.device | None,
+        model_where: str | None = None,
     ) -> TopKSae:
+        model_where = model_where or f"{where}/{MODEL_FILE}"
         if not isinstance(config, dict):
             raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} must hold a JSON object")
         missing = [key for key in ("n_latents", "n_inputs", "k", "dtype") if key not in config]
@@ -552,14 +606,14 @@ class TopKSae(nn.Module, Controller):
         )
         absent = [name for name in _PARAM_NAMES if name not in tensors]
         if absent:
-            raise ValueError(f"TopKSae.load: {where}/{MODEL_FILE} lacks the tensors {absent}")
+            raise ValueError(f"TopKSae.load: {model_where} lacks the tensors {absent}")
         with torch.no_grad():
             for name in _PARAM_NAMES:
                 param = getattr(sae, name)
                 tensor = tensors[name]
                 if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
                     raise ValueError(
-                        f"TopKSae.load: tensor {name} in {where}/{MODEL_FILE} has shape {tuple(tensor.shape)} "
+                        f"TopKSae.load: tensor {name} in {model_where} has shape {tuple(tensor.shape)} "
                         f"{tensor.dtype}, expected {tuple(param.shape)} {param.dtype} from {CONFIG_FILE}"
                     )
                 param.copy_(tensor)
@@ -573,65 +627,98 @@ class TopKSae(nn.Module, Controller):
     @classmethod
     def load(
         cls,
-        store: Store | str | Path,
+        store: Store | str | os.PathLike[str] | None = None,
         sae_id: str | None = None,
         *,
+        path: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
     ) -> TopKSae:
         """Load an SAE saved by `save`.
 
+        Call shapes:
+
+        - ``TopKSae.load(store, sae_id)``: from ``sae_models/<sae_id>/`` of the store.
+        - ``TopKSae.load(path)`` (or ``path=...``): from a folder holding ``config.json`` and ``model.pt``, or from
+          that ``model.pt`` itself. ``<dir>/<name>.pt`` where only the folder ``<dir>/<name>/`` exists (what
+          ``sae.save(name=..., path=<dir>)`` writes) loads that folder.
+
+        Weights are read from ``model.pt`` with ``torch.load(weights_only=True)``, or from ``model.safetensors`` in
+        folders written by earlier versions; the concept dictionary and manipulations (``concepts.json``) too.
+
         Args:
-            store: the store it was saved to, or a plain folder (then ``sae_id`` is omitted, see `load_from_dir`).
+            store: the store it was saved to, or a path (then ``sae_id`` is omitted).
             sae_id: name it was saved under.
+            path: the folder or its ``model.pt`` (keyword form of the path).
             device: where to put the parameters (CPU when None).
 
         Returns:
             The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
+
+        Raises:
+            StoreKeyNotFoundError (a ``FileNotFoundError``): no such SAE / missing file; the message names it.
+            CorruptStoreFileError (a ``ValueError``): the weights file holds anything but tensors (refused by
+                ``weights_only=True``) or does not decode; the message names the file.
+            ValueError: ``config.json`` disagrees with the weights, or bad arguments.
         """
-        if isinstance(store, (str, Path)):
+        if path is not None:
+            if store is not None:
+                raise UserInputError(
+                    f"TopKSae.load: give either a store and sae_id or path, got store={store!r} and path={path!r}"
+                )
+            store = path
+        if isinstance(store, (str, os.PathLike)):
             if sae_id is not None:
-                raise ValueError(
+                raise UserInputError(
                     f"TopKSae.load: pass either a store and sae_id or a folder path, got path {store!r} and "
                     f"sae_id={sae_id!r}"
                 )
-            return cls.load_from_dir(store, device=device)
+            folder, model_file = _locate_folder(Path(store))
+            return cls._load_files(SaeFiles.in_folder(folder), device, model_file)
+        if not isinstance(store, Store):
+            raise ArgumentTypeError(
+                f"TopKSae.load: the first argument must be a Store or a path, got {type(store).__name__}"
+            )
         if sae_id is None:
-            raise ValueError("TopKSae.load: sae_id is required when loading from a store")
-        where = sae_key(sae_id)
-        if not store.exists(sae_key(sae_id, CONFIG_FILE)):
-            raise FileNotFoundError(f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {where}/{CONFIG_FILE})")
-        config = store.get_json(sae_key(sae_id, CONFIG_FILE))
-        tensors = store.get_tensors(sae_key(sae_id, MODEL_FILE))
-        sae = cls._from_parts(config, tensors, where, device)
-        if store.exists(sae_key(sae_id, CONCEPTS_FILE)):
-            sae.concepts.load(store, sae_id)
+            raise UserInputError("TopKSae.load: sae_id is required when loading from a store, got sae_id=None")
+        files = SaeFiles.in_store(store, sae_id)
+        if not files.exists(CONFIG_FILE):
+            raise StoreKeyNotFoundError(
+                f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {files.where(CONFIG_FILE)})"
+            )
+        return cls._load_files(files, device)
+
+    @classmethod
+    def _load_files(cls, files: SaeFiles, device: str | torch.device | None, model_file: str | None = None) -> TopKSae:
+        """The one loading path behind `load`: config, weights (model.pt or legacy safetensors), concepts."""
+        raw = files.read(CONFIG_FILE)
+        try:
+            config = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptStoreFileError(f"TopKSae.load: {files.where(CONFIG_FILE)} is not valid JSON: {exc}") from exc
+        if model_file is None:
+            model_file = next((f for f in (MODEL_FILE, LEGACY_MODEL_FILE) if files.exists(f)), None)
+            if model_file is None:
+                raise StoreKeyNotFoundError(
+                    f"TopKSae.load: missing file {files.where(MODEL_FILE)} (nor a {LEGACY_MODEL_FILE} of an "
+                    f"earlier version)"
+                )
+        model_where = files.where(model_file)
+        tensors = state_from_bytes(files.read(model_file), model_where, safetensors=model_file.endswith(".safetensors"))
+        sae = cls._from_parts(config, tensors, files.where(), device, model_where)
+        if files.exists(CONCEPTS_FILE):
+            sae.concepts.load(*files.concepts_target())
         return sae
 
     @classmethod
-    def load_from_dir(cls, path: str | Path, *, device: str | torch.device | None = None) -> TopKSae:
-        """Load an SAE from a plain folder holding ``model.safetensors`` and ``config.json``.
+    def load_from_dir(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> TopKSae:
+        """``TopKSae.load(path)``: load from a plain folder (``config.json`` with ``model.pt``, or the
+        ``model.safetensors`` of earlier versions) or its weights file.
 
         Args:
-            path: the folder (e.g. ``<store>/sae_models/<sae_id>``).
+            path: the folder (e.g. ``<store>/sae_models/<sae_id>``) or its ``model.pt``.
             device: where to put the parameters (CPU when None).
         """
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        config_path = folder / CONFIG_FILE
-        model_path = folder / MODEL_FILE
-        for file in (config_path, model_path):
-            if not file.is_file():
-                raise FileNotFoundError(f"TopKSae.load_from_dir: missing file {file}")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"TopKSae.load_from_dir: {config_path} is not valid JSON: {exc}") from exc
-        try:
-            tensors = load_file(str(model_path))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"TopKSae.load_from_dir: cannot read {model_path}: {exc}") from exc
-        return cls._from_parts(config, tensors, str(folder), device)
+        return cls.load(path=path, device=device)
 
     def extra_repr(self) -> str:
         return f"n_latents={self.n_latents}, n_inputs={self.n_inputs}, k={self.k}, mode={self.mode!r}"
@@ -655,3 +742,13 @@ def _zero_outliers(values: Tensor, keep: Tensor | None) -> Tensor:
     if keep is None:
         return values
     return values * keep.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
+
+
+def _locate_folder(path: Path) -> tuple[Path, str | None]:
+    """The saved SAE's folder and, when ``path`` names a file in it, that file's name (else None: the default)."""
+    if path.is_file():
+        return path.parent, path.name
+    if not path.exists() and path.suffix == ".pt" and path.with_suffix("").is_dir():
+        # sae.save(name="x", path=d) writes the folder d/x/; the original project's notebooks load "d/x.pt".
+        return path.with_suffix(""), None
+    return path, None
