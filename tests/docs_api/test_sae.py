@@ -24,6 +24,20 @@ def _sae(n: int = 24, d: int = 8, k: int = 3, seed: int = 0) -> TopKSae:
     return sae
 
 
+def test_documented_import_paths_give_the_same_objects():
+    import mi_crow.mechanistic.sae as sae_pkg
+    from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig
+    from mi_crow.mechanistic.sae import train as train_pkg
+    from mi_crow.mechanistic.sae.modules import TopKSae as ModulesTopKSae
+    from mi_crow.mechanistic.sae.modules import TopKSaeTrainingConfig as ModulesConfig
+    from mi_crow.mechanistic.sae.modules.topk_sae import TopKSae as TopKSaeFromModule
+    from mi_crow.mechanistic.sae.modules.topk_sae import TopKSaeTrainingConfig
+
+    assert ModulesTopKSae is TopKSaeFromModule is sae_pkg.TopKSae is TopKSae
+    assert TopKSaeTrainingConfig is ModulesConfig is SaeTrainingConfig is train_pkg.SaeTrainingConfig
+    assert SaeTrainer is train_pkg.SaeTrainer
+
+
 def test_keyword_construction_and_k():
     sae = TopKSae(n_latents=32, n_inputs=8, k=4, device="cpu")
     assert (sae.n_latents, sae.n_inputs, sae.k) == (32, 8, 4)
