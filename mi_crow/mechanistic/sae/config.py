@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from mi_crow.validation import check_bool, check_real, check_str
+
 __all__ = ["SaeTrainingConfig"]
 
 _LR_DECAYS = ("none", "linear", "cosine")
@@ -156,6 +158,22 @@ class SaeTrainingConfig:
     progress: bool = True
     """Show a tqdm progress bar with the live metrics."""
 
+    l1_lambda: float = 0.0
+    """Weight of an L1 penalty on the codes, added to the loss: ``l1_lambda * mean(|code|)`` with the mean over
+    every token and every latent of the dense code (``sum |values| / (tokens * n_latents)``). 0 (the default) adds
+    nothing; TopK already fixes the sparsity, so this is for the original mi-crow recipes that set it."""
+
+    use_wandb: bool = False
+    """Log the training history (every log record, and the run's configuration) to Weights & Biases. Needs the
+    ``wandb`` package (``pip install wandb`` or ``pip install 'mi_crow[wandb]'``); ``WANDB_MODE=offline`` writes a
+    local run without network."""
+
+    wandb_project: str | None = None
+    """W&B project name (None: ``WANDB_PROJECT`` or ``"mi_crow"``)."""
+
+    wandb_run_name: str | None = None
+    """W&B run name (None: the training run id)."""
+
     rank: int = 0
     """Data-parallel rank (reserved for distributed training; must be 0 for now)."""
 
@@ -251,6 +269,10 @@ class SaeTrainingConfig:
             raise ValueError(f"SaeTrainingConfig.rank must be 0 while world_size is 1, got {self.rank!r}")
         if not isinstance(self.extra, dict):
             raise TypeError(f"SaeTrainingConfig.extra must be a dict, got {type(self.extra).__name__}")
+        check_real(self.l1_lambda, "SaeTrainingConfig.l1_lambda", minimum=0.0)
+        check_bool(self.use_wandb, "SaeTrainingConfig.use_wandb")
+        check_str(self.wandb_project, "SaeTrainingConfig.wandb_project", allow_none=True)
+        check_str(self.wandb_run_name, "SaeTrainingConfig.wandb_run_name", allow_none=True)
 
     # -- validation helpers -------------------------------------------------------------------------------------
     def _check_positive_int(self, name: str) -> None:

@@ -456,20 +456,24 @@ class TopKSae(nn.Module, Controller):
         self,
         store: Store | bool = True,
         run_id: str | None = None,
-        layer: str | None = None,
+        layer_signature: str | None = None,
         config: SaeTrainingConfig | None = None,
+        *,
+        layer: str | None = None,
         **kwargs: Any,
     ) -> TopKSae | TrainingResult:
         """Train this SAE on a stored activation run, or set the module's training flag.
 
-        ``sae.train(store, run_id, layer, config)`` is ``SaeTrainer(sae, store).train(run_id, layer, config)``.
+        ``sae.train(store, run_id, layer_signature, config)`` is ``SaeTrainer(sae).train(store, run_id,
+        layer_signature, config)`` (keywords work too; ``layer`` is a synonym of ``layer_signature``).
         ``sae.train()`` / ``sae.train(False)`` keep their ``nn.Module`` meaning (``eval()`` relies on it).
 
         Args:
             store: the store holding ``activations/<run_id>/`` (or a bool: nn.Module training mode).
             run_id: activation run to train on.
-            layer: layer name inside the run.
+            layer_signature: layer name inside the run.
             config: `SaeTrainingConfig` (defaults when None).
+            layer: synonym of ``layer_signature``.
             **kwargs: passed to `SaeTrainer.train` (e.g. ``callbacks``).
 
         Returns:
@@ -477,15 +481,23 @@ class TopKSae(nn.Module, Controller):
         """
         if "mode" in kwargs:  # nn.Module.train(mode=...) spelled as a keyword
             return nn.Module.train(self, bool(kwargs.pop("mode")))
+        layer_signature = resolve_synonym("layer_signature", layer_signature, "layer", layer)
         if isinstance(store, bool):
+            if run_id is not None or layer_signature is not None or config is not None:
+                raise UserInputError(
+                    f"TopKSae.train: training needs the store, got store={store!r} with run_id={run_id!r}"
+                )
             return nn.Module.train(self, store)
         # The trainer is built on this module (it imports TopKSae at import time); importing it here, when training
         # is asked for, keeps the dependency one-way at import time: sae.py never needs the train package to load.
         from mi_crow.mechanistic.sae.train import SaeTrainer
 
-        if run_id is None or layer is None:
-            raise ValueError(f"TopKSae.train: run_id and layer are required, got run_id={run_id!r}, layer={layer!r}")
-        return SaeTrainer(self, store).train(run_id, layer, config, **kwargs)
+        if run_id is None or layer_signature is None:
+            raise UserInputError(
+                f"TopKSae.train: run_id and layer_signature are required, got run_id={run_id!r}, "
+                f"layer_signature={layer_signature!r}"
+            )
+        return SaeTrainer(self).train(store, run_id, layer_signature, config, **kwargs)
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
