@@ -21,7 +21,8 @@ from mi_crow.mechanistic.sae.concepts.dictionary import Concept, ConceptDictiona
 from mi_crow.mechanistic.sae.concepts.persistence import read_document, write_document
 from mi_crow.mechanistic.sae.concepts.export import write_top_texts_csv, write_top_texts_json
 from mi_crow.mechanistic.sae.concepts.steering import Steering
-from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopText, TopTextTracker, _check_positive_int
+from mi_crow.mechanistic.sae.concepts.top_texts import TopText, TopTexts
+from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopTextTracker, _check_positive_int
 from mi_crow.validation import resolve_synonym
 
 logger = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ class AutoencoderConcepts:
             self._tracker.tokenizer = tokenizer
         self._tracker.update(values, indices, texts, input_ids.to(device), valid, text_positions)
 
-    def get_top_texts(self, neuron_idx: int | str | None = None) -> list[list[TopText]] | list[TopText]:
+    def get_top_texts(self, neuron_idx: int | str | None = None) -> TopTexts | list[TopText]:
         """The collected top texts.
 
         Args:
@@ -178,15 +179,30 @@ class AutoencoderConcepts:
 
         Returns:
             For one neuron, a list of :class:`TopText` strongest first (at most ``top_k``; fewer if the neuron
-            fired in fewer texts). For all neurons, a list of ``n_latents`` such lists.
+            fired in fewer texts). For all neurons, a :class:`TopTexts`: a list of ``n_latents`` such lists that is
+            also a mapping ``{neuron_idx: entries}`` over the neurons that fired (``.get(42, [])``, ``.items()``).
+            Each entry unpacks as ``text, activation = entry`` and has ``.text``, ``.activation``,
+            ``.token_position``, ``.token`` and ``.token_id``.
 
         Raises:
             RuntimeError: tracking was never enabled.
         """
         tracker = self._require_tracker()
         if neuron_idx is None:
-            return tracker.top_texts()
+            return TopTexts(tracker.top_texts())
         return tracker.top_texts([self._resolve(neuron_idx)])[0]
+
+    def get_top_texts_for_neuron(self, neuron_idx: int | str, top_m: int | None = None) -> list[TopText]:
+        """One neuron's top texts, strongest first: ``get_top_texts(neuron_idx)``, cut to the first ``top_m``.
+
+        Args:
+            neuron_idx: neuron index or concept name.
+            top_m: keep at most this many entries (None: all).
+        """
+        if top_m is not None:
+            top_m = _check_positive_int(top_m, "top_m")
+        entries = self.get_top_texts(neuron_idx)
+        return entries if top_m is None else entries[:top_m]
 
     def neuron_stats(self) -> NeuronStats:
         """Firing count and rate, mean activation when active, maximum activation, per neuron.
@@ -220,6 +236,10 @@ class AutoencoderConcepts:
             The path written (atomically).
         """
         return write_top_texts_csv(path, self._require_tracker(), self.dictionary)
+
+    # The original mi-crow's names of the two exports.
+    export_top_texts_to_json = export_top_texts_json
+    export_top_texts_to_csv = export_top_texts_csv
 
     # ------------------------------------------------------------------ dictionary
     def name_concept(self, neuron_idx: int, name: str, notes: str = "") -> Concept:

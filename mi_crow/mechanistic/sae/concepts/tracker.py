@@ -37,26 +37,13 @@ from typing import Any, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from mi_crow.mechanistic.sae.concepts.top_texts import TopText
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NeuronStats", "TopText", "TopTextTracker"]
 
 _MIN_TEXT_TABLE = 1024
-
-
-class TopText(NamedTuple):
-    """One entry of a neuron's top-text list."""
-
-    text: str
-    """The full text the activation came from."""
-    activation: float
-    """The neuron's activation at its strongest token in this text."""
-    token_position: int
-    """Position of that token among the text's tokens (padding excluded, special tokens included)."""
-    token: str
-    """That token as the tokenizer spells it (``tokenizer.convert_ids_to_tokens``)."""
-    token_id: int
-    """That token's id."""
 
 
 class NeuronStats(NamedTuple):
