@@ -449,7 +449,7 @@ def _bind_train_arguments(args: tuple[Any, ...], given: dict[str, Any]) -> dict[
         )
     out = dict(given)
     for name, value in zip(names, args):
-        if out[name] is not None and out[name] is not value:
+        if out[name] is not None and out[name] is not value and out[name] != value:
             raise UserInputError(
                 f"SaeTrainer.train: {name} given both positionally ({value!r}) and as a keyword ({out[name]!r})"
             )
