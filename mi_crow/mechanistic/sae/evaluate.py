@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.mechanistic.sae.sae import TopKSae
+from mi_crow.validation import check_positive_int, fail, fail_type
 
 if TYPE_CHECKING:
     from mi_crow.language_model import LanguageModel
@@ -25,13 +27,13 @@ def _text_batches(dataset_or_texts: Any, batch_size: int) -> Iterator[list[str]]
         yield from (list(batch) for batch in dataset_or_texts.iter_batches(batch_size))
         return
     if isinstance(dataset_or_texts, str) or not isinstance(dataset_or_texts, Sequence):
-        raise TypeError(
+        raise ArgumentTypeError(
             "evaluate: dataset_or_texts must be a list of str or a mi_crow dataset (with iter_batches), got "
             f"{type(dataset_or_texts).__name__}"
         )
     bad = [i for i, t in enumerate(dataset_or_texts) if not isinstance(t, str)]
     if bad:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"evaluate: dataset_or_texts must hold str only; item {bad[0]} is "
             f"{type(dataset_or_texts[bad[0]]).__name__}"
         )
@@ -103,29 +105,28 @@ def evaluate(
             numbers named), no text.
     """
     if not isinstance(sae, TopKSae):
-        raise TypeError(f"evaluate: sae must be a TopKSae, got {type(sae).__name__}")
-    for name, value, allow_none in (("batch_size", batch_size, False), ("max_length", max_length, True)):
-        if value is None and allow_none:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"evaluate: {name} must be a positive int, got {value!r}")
+        raise fail_type("evaluate: sae", "a TopKSae", sae)
+    check_positive_int(batch_size, "evaluate: batch_size")
+    check_positive_int(max_length, "evaluate: max_length", allow_none=True)
     if not (hasattr(lm, "layers") and hasattr(lm, "inference") and hasattr(lm, "tokenize")):
-        raise TypeError(f"evaluate: lm must be a mi_crow LanguageModel, got {type(lm).__name__}")
+        raise fail_type("evaluate: lm", "a mi_crow LanguageModel", lm)
     if layer is None:
         layer = sae.metadata.get("layer")
         if layer is None:
-            raise ValueError("evaluate: layer is None and the SAE records no layer; pass layer=")
+            raise UserInputError("evaluate: layer is None and the SAE records no layer; pass layer=")
     name = lm.layers.resolve(layer)
     width = lm.layers.width(name)
     if width != sae.n_inputs:
-        raise ValueError(f"evaluate: sae.n_inputs={sae.n_inputs} does not match the width of layer {name!r}, {width}")
+        raise UserInputError(
+            f"evaluate: sae.n_inputs={sae.n_inputs} does not match the width of layer {name!r}, {width}"
+        )
     if outlier_norm_factor == "sae":
         outlier_norm_factor = sae.outlier_norm_factor
     if outlier_norm_factor is not None and (
         isinstance(outlier_norm_factor, (str, bool)) or not isinstance(outlier_norm_factor, (int, float))
         or not outlier_norm_factor > 1
     ):
-        raise ValueError(f"evaluate: outlier_norm_factor must be 'sae', None or a number > 1, got {outlier_norm_factor!r}")
+        raise fail("evaluate: outlier_norm_factor", "'sae', None or a number > 1", outlier_norm_factor)
     module = lm.layers.get_module(name)
     sae.to(lm.layers.layer_device(name))
 
@@ -202,9 +203,9 @@ def evaluate(
     if bar is not None:
         bar.close()
     if n_tokens == 0:
-        raise ValueError("evaluate: dataset_or_texts yielded no tokens")
+        raise UserInputError("evaluate: dataset_or_texts yielded no tokens")
     if n_pred == 0:
-        raise ValueError("evaluate: no next-token prediction to score (every text is a single token)")
+        raise UserInputError("evaluate: no next-token prediction to score (every text is a single token)")
 
     mean = stats["sum_x"] / n_tokens
     total_var = float(stats["sum_sq"] - n_tokens * mean.pow(2).sum())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -14,23 +13,15 @@ from torch import Tensor, nn
 
 import mi_crow
 from mi_crow import ops
-from mi_crow.ops.memory import empty_huge
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import Controller, HookType
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
-from mi_crow.mechanistic.sae.files import (
-    CONCEPTS_FILE,
-    CONFIG_FILE,
-    LEGACY_MODEL_FILE,
-    MODEL_FILE,
-    SaeFiles,
-    sae_key,
-    state_from_bytes,
-    state_to_bytes,
-)
+from mi_crow.mechanistic.sae.keys import CONFIG_FILE, check_sae_id
+from mi_crow.mechanistic.sae.saving import SaeFiles, load_sae, locate_folder, save_sae
+from mi_crow.ops.memory import empty_huge
 from mi_crow.store.base import Store
-from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
-from mi_crow.validation import resolve_synonym
+from mi_crow.store.errors import StoreKeyNotFoundError
+from mi_crow.validation import check_choice, check_positive_int, fail, fail_type, resolve_synonym
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.config import SaeTrainingConfig
@@ -42,8 +33,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _MODES = ("observe", "replace")
-_PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SparseCode(NamedTuple):
@@ -143,10 +132,6 @@ class LinearView:
         return f"LinearView({self._side}: in_features={self.in_features}, out_features={self.out_features})"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 class TopKSae(nn.Module, Controller):
     """TopK sparse autoencoder (Gao et al., 2024) that can be attached to a layer as a forward hook.
 
@@ -193,18 +178,15 @@ class TopKSae(nn.Module, Controller):
         hook_id: str | None = None,
     ) -> None:
         for name, value in (("n_latents", n_latents), ("n_inputs", n_inputs), ("k", k)):
-            if not _is_int(value):
-                raise TypeError(f"TopKSae: {name} must be a positive int, got {type(value).__name__}: {value!r}")
-            if value <= 0:
-                raise ValueError(f"TopKSae: {name} must be a positive int, got {value!r}")
+            check_positive_int(value, f"TopKSae: {name}")
         if k > n_latents:
-            raise ValueError(f"TopKSae: k must be <= n_latents={n_latents}, got k={k}")
+            raise fail("TopKSae: k", f"<= n_latents={n_latents}", k)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"TopKSae: dtype must be a floating torch.dtype, got {dtype!r}")
+            raise fail_type("TopKSae: dtype", "a floating torch.dtype", dtype)
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"TopKSae: device must be a torch device or its name, got {device!r}") from exc
+            raise fail("TopKSae: device", "a torch device or its name", device) from exc
         nn.Module.__init__(self)
         Controller.__init__(self, layer_signature=layer_signature, hook_type=HookType.FORWARD, hook_id=hook_id)
         self.n_latents = n_latents
@@ -251,9 +233,7 @@ class TopKSae(nn.Module, Controller):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in _MODES:
-            raise ValueError(f"TopKSae.mode must be one of {list(_MODES)}, got {value!r}")
-        self._mode = value
+        self._mode = check_choice(value, "TopKSae.mode", _MODES)
 
     @property
     def encoder(self) -> LinearView:
@@ -280,11 +260,11 @@ class TopKSae(nn.Module, Controller):
     # -- core ---------------------------------------------------------------------------------------------------
     def _check_input(self, x: Any, name: str = "x") -> Tensor:
         if not isinstance(x, Tensor):
-            raise TypeError(f"TopKSae: {name} must be a torch.Tensor, got {type(x).__name__}")
+            raise fail_type(f"TopKSae: {name}", "a torch.Tensor", x)
         if not x.is_floating_point():
-            raise TypeError(f"TopKSae: {name} must be a floating tensor, got dtype {x.dtype}")
+            raise fail_type(f"TopKSae: {name}", "a floating tensor", x)
         if x.dim() == 0 or x.shape[-1] != self.n_inputs:
-            raise ValueError(
+            raise UserInputError(
                 f"TopKSae: {name} must have shape [..., n_inputs={self.n_inputs}], got {tuple(x.shape)}"
             )
         return x.to(device=self.device, dtype=self.dtype)
@@ -332,18 +312,16 @@ class TopKSae(nn.Module, Controller):
         try:
             values, indices = code[0], code[1]
         except (TypeError, IndexError, KeyError):
-            raise TypeError(
-                f"TopKSae: code must be a SparseCode or a (values, indices) pair, got {type(code).__name__}"
-            ) from None
+            raise fail_type("TopKSae: code", "a SparseCode or a (values, indices) pair", code) from None
         if not isinstance(values, Tensor) or not isinstance(indices, Tensor):
-            raise TypeError("TopKSae: code values and indices must be tensors")
+            raise fail_type("TopKSae: code", "a pair of tensors (values, indices)", code)
         if values.shape != indices.shape or values.dim() == 0:
-            raise ValueError(
+            raise UserInputError(
                 f"TopKSae: code values and indices must have the same shape [..., k], got "
                 f"{tuple(values.shape)} and {tuple(indices.shape)}"
             )
         if indices.dtype != torch.int64:
-            raise TypeError(f"TopKSae: code indices must be int64, got {indices.dtype}")
+            raise fail_type("TopKSae: code indices", "an int64 tensor", indices)
         return values, indices
 
     def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
@@ -389,9 +367,9 @@ class TopKSae(nn.Module, Controller):
             None (observe, nothing manipulated) or a tensor of ``output``'s shape, dtype and device.
         """
         if not isinstance(output, Tensor):
-            raise TypeError(f"TopKSae: the hooked layer's output must be a tensor, got {type(output).__name__}")
+            raise fail_type("TopKSae: the hooked layer's output", "a tensor", output)
         if output.shape[-1] != self.n_inputs:
-            raise ValueError(
+            raise UserInputError(
                 f"TopKSae: layer output width {output.shape[-1]} does not match the SAE's n_inputs={self.n_inputs}"
             )
         concepts = self.concepts
@@ -519,9 +497,6 @@ class TopKSae(nn.Module, Controller):
             "mi_crow_version": mi_crow.__version__,
         }
 
-    def _state_tensors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name).detach() for name in _PARAM_NAMES}
-
     def save(
         self,
         store: Store | str | None = None,
@@ -545,7 +520,8 @@ class TopKSae(nn.Module, Controller):
 
         Args:
             store: the destination store (or, in the folder form, the name given positionally).
-            sae_id: name of the saved SAE in the store (or, in the folder form, the path given positionally).
+            sae_id: name of the saved SAE in the store: one folder name (or, in the folder form, the path given
+                positionally).
             name: the SAE's name: the folder's name in the folder form, a synonym of ``sae_id`` in the store form.
             path: parent folder of the folder form.
 
@@ -553,16 +529,15 @@ class TopKSae(nn.Module, Controller):
             The store key of the SAE's folder, or the folder's path.
 
         Raises:
-            UserInputError: a missing or malformed name, a store together with ``path``, or ``sae_id`` and
-                ``name`` given with different values.
+            UserInputError: a missing or malformed name (not one folder name: ``"a/b"``, ``".."``, ``""``), a store
+                together with ``path``, or ``sae_id`` and ``name`` given with different values.
         """
         if isinstance(store, Store):
             if path is not None:
                 raise UserInputError(
                     f"TopKSae.save: path is for saving to a folder, not with a store; got a store and path={path!r}"
                 )
-            sae_id = resolve_synonym("sae_id", sae_id, "name", name)
-            files = SaeFiles.in_store(store, sae_id)
+            files = SaeFiles.in_store(store, resolve_synonym("sae_id", sae_id, "name", name))
             target: str | Path = files.key()
         else:
             if store is not None and not isinstance(store, str):
@@ -573,68 +548,12 @@ class TopKSae(nn.Module, Controller):
             # sae.save(name, path) positionally: the two slots carry the name and the folder.
             name = resolve_synonym("name", name, "the first positional argument", store)
             path = resolve_synonym("path", path, "the second positional argument", sae_id)
-            if not isinstance(name, str):
-                raise UserInputError(f"TopKSae.save: name must be a str naming the SAE's folder, got {name!r}")
-            sae_key(name)  # the rule of a store's sae_id: one folder name
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ArgumentTypeError(f"TopKSae.save: path must be a str or os.PathLike, got {type(path).__name__}")
-            folder = (Path.cwd() if path is None else Path(path)) / name
-            files = SaeFiles.in_folder(folder)
-            target = folder
-        files.write(MODEL_FILE, state_to_bytes(self._state_tensors()))
-        files.write(CONFIG_FILE, (json.dumps(self.config_dict(), indent=2) + "\n").encode("utf-8"))
-        if files.exists(LEGACY_MODEL_FILE):
-            # A stale copy of older weights next to the new ones could only mislead.
-            files.delete(LEGACY_MODEL_FILE)
-        self.concepts.save(*files.concepts_target())
-        logger.info("saved SAE to %s", files.where())
+            target = (Path.cwd() if path is None else Path(path)) / check_sae_id(name)
+            files = SaeFiles.in_folder(target)
+        save_sae(self, files)
         return target
-
-    @classmethod
-    def _from_parts(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, Tensor],
-        where: str,
-        device: str | torch.device | None,
-        model_where: str | None = None,
-    ) -> TopKSae:
-        model_where = model_where or f"{where}/{MODEL_FILE}"
-        if not isinstance(config, dict):
-            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} must hold a JSON object")
-        missing = [key for key in ("n_latents", "n_inputs", "k", "dtype") if key not in config]
-        if missing:
-            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} lacks the keys {missing}")
-        if config["dtype"] not in _DTYPES:
-            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} has an unknown dtype {config['dtype']!r}")
-        sae = cls(
-            config["n_latents"],
-            config["n_inputs"],
-            config["k"],
-            device="cpu",
-            dtype=_DTYPES[config["dtype"]],
-            mode=config.get("mode", "observe"),
-            layer_signature=config.get("layer"),
-        )
-        absent = [name for name in _PARAM_NAMES if name not in tensors]
-        if absent:
-            raise ValueError(f"TopKSae.load: {model_where} lacks the tensors {absent}")
-        with torch.no_grad():
-            for name in _PARAM_NAMES:
-                param = getattr(sae, name)
-                tensor = tensors[name]
-                if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
-                    raise ValueError(
-                        f"TopKSae.load: tensor {name} in {model_where} has shape {tuple(tensor.shape)} "
-                        f"{tensor.dtype}, expected {tuple(param.shape)} {param.dtype} from {CONFIG_FILE}"
-                    )
-                param.copy_(tensor)
-        for key in ("model_id", "activation_run_id", "training_run_id", "layer"):
-            sae.metadata[key] = config.get(key)
-        sae.outlier_norm_factor = config.get("outlier_norm_factor")
-        if device is not None:
-            sae.to(device)
-        return sae
 
     @classmethod
     def load(
@@ -669,8 +588,9 @@ class TopKSae(nn.Module, Controller):
         Raises:
             StoreKeyNotFoundError (a ``FileNotFoundError``): no such SAE / missing file; the message names it.
             CorruptStoreFileError (a ``ValueError``): the weights file holds anything but tensors (refused by
-                ``weights_only=True``) or does not decode; the message names the file.
-            ValueError: ``config.json`` disagrees with the weights, or bad arguments.
+                ``weights_only=True``) or does not decode, or the files do not describe an SAE; the message names
+                the file.
+            UserInputError: bad arguments.
         """
         if path is not None:
             if store is not None:
@@ -684,8 +604,8 @@ class TopKSae(nn.Module, Controller):
                     f"TopKSae.load: pass either a store and sae_id or a folder path, got path {store!r} and "
                     f"sae_id={sae_id!r}"
                 )
-            folder, model_file = _locate_folder(Path(store))
-            return cls._load_files(SaeFiles.in_folder(folder), device, model_file)
+            folder, model_file = locate_folder(Path(store))
+            return load_sae(cls, SaeFiles.in_folder(folder), device=device, model_file=model_file)
         if not isinstance(store, Store):
             raise ArgumentTypeError(
                 f"TopKSae.load: the first argument must be a Store or a path, got {type(store).__name__}"
@@ -697,29 +617,7 @@ class TopKSae(nn.Module, Controller):
             raise StoreKeyNotFoundError(
                 f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {files.where(CONFIG_FILE)})"
             )
-        return cls._load_files(files, device)
-
-    @classmethod
-    def _load_files(cls, files: SaeFiles, device: str | torch.device | None, model_file: str | None = None) -> TopKSae:
-        """The one loading path behind `load`: config, weights (model.pt or legacy safetensors), concepts."""
-        raw = files.read(CONFIG_FILE)
-        try:
-            config = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptStoreFileError(f"TopKSae.load: {files.where(CONFIG_FILE)} is not valid JSON: {exc}") from exc
-        if model_file is None:
-            model_file = next((f for f in (MODEL_FILE, LEGACY_MODEL_FILE) if files.exists(f)), None)
-            if model_file is None:
-                raise StoreKeyNotFoundError(
-                    f"TopKSae.load: missing file {files.where(MODEL_FILE)} (nor a {LEGACY_MODEL_FILE} of an "
-                    f"earlier version)"
-                )
-        model_where = files.where(model_file)
-        tensors = state_from_bytes(files.read(model_file), model_where, safetensors=model_file.endswith(".safetensors"))
-        sae = cls._from_parts(config, tensors, files.where(), device, model_where)
-        if files.exists(CONCEPTS_FILE):
-            sae.concepts.load(*files.concepts_target())
-        return sae
+        return load_sae(cls, files, device=device)
 
     @classmethod
     def load_from_dir(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> TopKSae:
@@ -754,13 +652,3 @@ def _zero_outliers(values: Tensor, keep: Tensor | None) -> Tensor:
     if keep is None:
         return values
     return values * keep.to(device=values.device, dtype=values.dtype).unsqueeze(-1)
-
-
-def _locate_folder(path: Path) -> tuple[Path, str | None]:
-    """The saved SAE's folder and, when ``path`` names a file in it, that file's name (else None: the default)."""
-    if path.is_file():
-        return path.parent, path.name
-    if not path.exists() and path.suffix == ".pt" and path.with_suffix("").is_dir():
-        # sae.save(name="x", path=d) writes the folder d/x/; the original project's notebooks load "d/x.pt".
-        return path.with_suffix(""), None
-    return path, None

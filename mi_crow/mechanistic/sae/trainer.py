@@ -3,6 +3,7 @@
 Kept so that ``from mi_crow.mechanistic.sae.trainer import SaeTrainer`` (and the other names) keeps working.
 """
 
+from mi_crow.mechanistic.sae import train as _train
 from mi_crow.mechanistic.sae.train import (
     LossOutput,
     NonFiniteTrainingError,
@@ -15,16 +16,4 @@ from mi_crow.mechanistic.sae.train import (
 from mi_crow.mechanistic.sae.train.checkpoint import CHECKPOINT_FILE, CHECKPOINT_FORMAT
 from mi_crow.mechanistic.sae.train.trainer import HISTORY_FILE, RUN_CONFIG_FILE
 
-__all__ = [
-    "CHECKPOINT_FILE",
-    "CHECKPOINT_FORMAT",
-    "HISTORY_FILE",
-    "RUN_CONFIG_FILE",
-    "LossOutput",
-    "NonFiniteTrainingError",
-    "SaeTrainer",
-    "SaeTrainingConfig",
-    "StepInfo",
-    "TrainingResult",
-    "lr_at_step",
-]
+__all__ = [*_train.__all__, "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "HISTORY_FILE", "RUN_CONFIG_FILE"]

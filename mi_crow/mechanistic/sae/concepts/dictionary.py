@@ -19,7 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from mi_crow.errors import ArgumentTypeError, UserInputError
+from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
 from mi_crow.store.local import atomic_write
+from mi_crow.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +59,15 @@ def check_neuron_index(neuron_idx: Any, n_latents: int, arg: str = "neuron_idx")
         ValueError: outside ``[0, n_latents)``.
     """
     if isinstance(neuron_idx, bool):
-        raise TypeError(f"{arg} must be an int neuron index, got bool {neuron_idx!r}")
+        raise ArgumentTypeError(f"{arg} must be an int neuron index, got bool {neuron_idx!r}")
     try:
         idx = operator.index(neuron_idx)
     except TypeError:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{arg} must be an int neuron index, got {type(neuron_idx).__name__} {neuron_idx!r}"
         ) from None
     if not 0 <= idx < n_latents:
-        raise ValueError(f"{arg} must be in [0, {n_latents}) (the SAE has {n_latents} latents), got {idx}")
+        raise UserInputError(f"{arg} must be in [0, {n_latents}) (the SAE has {n_latents} latents), got {idx}")
     return idx
 
 
@@ -88,9 +91,7 @@ class ConceptDictionary:
     """
 
     def __init__(self, n_latents: int) -> None:
-        if isinstance(n_latents, bool) or not isinstance(n_latents, numbers.Integral) or n_latents <= 0:
-            raise ValueError(f"n_latents must be a positive int, got {n_latents!r}")
-        self.n_latents = int(n_latents)
+        self.n_latents = check_positive_int(n_latents, "n_latents")
         self._by_neuron: dict[int, Concept] = {}
         self._by_name: dict[str, int] = {}
 
@@ -111,15 +112,15 @@ class ConceptDictionary:
         """
         idx = check_neuron_index(neuron_idx, self.n_latents)
         if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+            raise ArgumentTypeError(f"name must be a str, got {type(name).__name__} {name!r}")
         clean = name.strip()
         if not clean:
-            raise ValueError(f"name must be a non-empty string, got {name!r}")
+            raise UserInputError(f"name must be a non-empty string, got {name!r}")
         if not isinstance(notes, str):
-            raise TypeError(f"notes must be a str, got {type(notes).__name__} {notes!r}")
+            raise ArgumentTypeError(f"notes must be a str, got {type(notes).__name__} {notes!r}")
         owner = self._by_name.get(clean)
         if owner is not None and owner != idx:
-            raise ValueError(f"name {clean!r} is already used by neuron {owner}; names must be unique")
+            raise UserInputError(f"name {clean!r} is already used by neuron {owner}; names must be unique")
         old = self._by_neuron.get(idx)
         if old is not None:
             del self._by_name[old.name]
@@ -158,12 +159,12 @@ class ConceptDictionary:
             ValueError: no concept has that name (the message lists a few known names).
         """
         if not isinstance(name, str):
-            raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+            raise ArgumentTypeError(f"name must be a str, got {type(name).__name__} {name!r}")
         idx = self._by_name.get(name.strip())
         if idx is None:
             known = sorted(self._by_name)
             shown = ", ".join(repr(n) for n in known[:10]) + (", ..." if len(known) > 10 else "")
-            raise ValueError(
+            raise UserInputError(
                 f"unknown concept name {name!r}; known names: {shown or '(none: name neurons with name_concept)'}"
             )
         return idx
@@ -220,19 +221,19 @@ class ConceptDictionary:
             ValueError / TypeError: malformed data (the message names the entry), or an ``n_latents`` mismatch.
         """
         if not isinstance(data, dict) or "concepts" not in data or "n_latents" not in data:
-            raise ValueError("concept dictionary data must be a dict with keys 'n_latents' and 'concepts'")
+            raise UserInputError("concept dictionary data must be a dict with keys 'n_latents' and 'concepts'")
         stored_n = data["n_latents"]
         if n_latents is not None and stored_n != n_latents:
-            raise ValueError(
+            raise UserInputError(
                 f"concept dictionary is for an SAE with n_latents={stored_n}, but this SAE has n_latents={n_latents}"
             )
         out = cls(stored_n)
         entries = data["concepts"]
         if not isinstance(entries, list):
-            raise ValueError(f"concept dictionary 'concepts' must be a list, got {type(entries).__name__}")
+            raise UserInputError(f"concept dictionary 'concepts' must be a list, got {type(entries).__name__}")
         for i, entry in enumerate(entries):
             if not isinstance(entry, dict) or "neuron" not in entry or "name" not in entry:
-                raise ValueError(f"concept dictionary entry {i} must have 'neuron' and 'name', got {entry!r}")
+                raise UserInputError(f"concept dictionary entry {i} must have 'neuron' and 'name', got {entry!r}")
             try:
                 out.add(entry["neuron"], entry["name"], entry.get("notes", "") or "")
             except (TypeError, ValueError) as exc:
@@ -257,9 +258,9 @@ class ConceptDictionary:
         try:
             data = json.loads(source.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise FileNotFoundError(f"concept dictionary file not found: {source}") from None
+            raise StoreKeyNotFoundError(f"concept dictionary file not found: {source}") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"concept dictionary file {source} is not valid JSON: {exc}") from None
+            raise CorruptStoreFileError(f"concept dictionary file {source} is not valid JSON: {exc}") from None
         try:
             return cls.from_dict(data, n_latents)
         except (TypeError, ValueError) as exc:
@@ -288,11 +289,11 @@ class ConceptDictionary:
         try:
             text = source.read_text(encoding="utf-8-sig")
         except FileNotFoundError:
-            raise FileNotFoundError(f"concept CSV file not found: {source}") from None
+            raise StoreKeyNotFoundError(f"concept CSV file not found: {source}") from None
         reader = csv.DictReader(text.splitlines())
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
         if "neuron" not in fields or "name" not in fields:
-            raise ValueError(
+            raise UserInputError(
                 f"concept CSV {source} must have a header with columns 'neuron' and 'name' (and optionally "
                 f"'notes'), got {reader.fieldnames!r}"
             )
@@ -309,19 +310,19 @@ class ConceptDictionary:
             try:
                 neuron = int(raw_neuron)
             except ValueError:
-                raise ValueError(
+                raise UserInputError(
                     f"concept CSV {source} row {row_no}: neuron must be an integer, got {raw_neuron!r}"
                 ) from None
             if not 0 <= neuron < self.n_latents:
-                raise ValueError(
+                raise UserInputError(
                     f"concept CSV {source} row {row_no}: neuron must be in [0, {self.n_latents}), got {neuron}"
                 )
             if neuron in seen_neurons:
-                raise ValueError(
+                raise UserInputError(
                     f"concept CSV {source} row {row_no}: neuron {neuron} already named in row {seen_neurons[neuron]}"
                 )
             if name in seen_names:
-                raise ValueError(
+                raise UserInputError(
                     f"concept CSV {source} row {row_no}: name {name!r} already used in row {seen_names[name]}"
                 )
             seen_neurons[neuron] = row_no

@@ -17,13 +17,14 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.concepts.dictionary import Concept, ConceptDictionary
-from mi_crow.mechanistic.sae.concepts.persistence import read_document, write_document
 from mi_crow.mechanistic.sae.concepts.export import write_top_texts_csv, write_top_texts_json
+from mi_crow.mechanistic.sae.concepts.persistence import read_document, write_document
 from mi_crow.mechanistic.sae.concepts.steering import Steering
 from mi_crow.mechanistic.sae.concepts.top_texts import TopText, TopTexts
-from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopTextTracker, _check_positive_int
-from mi_crow.validation import resolve_synonym
+from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopTextTracker
+from mi_crow.validation import check_positive_int, fail_type, resolve_synonym
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,9 @@ class AutoencoderConcepts:
     @dictionary.setter
     def dictionary(self, value: ConceptDictionary) -> None:
         if not isinstance(value, ConceptDictionary):
-            raise TypeError(f"dictionary must be a ConceptDictionary, got {type(value).__name__}")
+            raise fail_type("dictionary", "a ConceptDictionary", value)
         if value.n_latents != self.n_latents:
-            raise ValueError(
+            raise UserInputError(
                 f"dictionary is for n_latents={value.n_latents}, but the SAE has n_latents={self.n_latents}"
             )
         self._dictionary = value
@@ -96,9 +97,9 @@ class AutoencoderConcepts:
             top_k: texts kept per neuron, a positive int.
 
         Raises:
-            TypeError / ValueError: ``top_k`` is not a positive int.
+            ArgumentTypeError / UserInputError: ``top_k`` is not a positive int.
         """
-        top_k = _check_positive_int(top_k, "top_k")
+        top_k = check_positive_int(top_k, "top_k")
         if self._tracker is None or self._tracker.top_k != top_k or self._tracker.n_latents != self.n_latents:
             if self._tracker is not None:
                 logger.info("top_k changed from %d to %d: tracking starts afresh", self._tracker.top_k, top_k)
@@ -140,7 +141,7 @@ class AutoencoderConcepts:
                 "sae.concepts.disable_text_tracking())"
             )
         if values.dim() != 3:
-            raise ValueError(f"values must be [batch, seq, k], got shape {tuple(values.shape)}")
+            raise UserInputError(f"values must be [batch, seq, k], got shape {tuple(values.shape)}")
         b, s, _ = values.shape
         input_ids = context.input_ids
         if input_ids is None or tuple(input_ids.shape) != (b, s):
@@ -154,7 +155,7 @@ class AutoencoderConcepts:
             return
         texts = list(context.texts)
         if len(texts) != b:
-            raise ValueError(f"context.texts has {len(texts)} texts but the batch has {b} rows")
+            raise UserInputError(f"context.texts has {len(texts)} texts but the batch has {b} rows")
         device = values.device
         attention = getattr(context, "attention_mask", None)
         attention = (
@@ -200,7 +201,7 @@ class AutoencoderConcepts:
             top_m: keep at most this many entries (None: all).
         """
         if top_m is not None:
-            top_m = _check_positive_int(top_m, "top_m")
+            top_m = check_positive_int(top_m, "top_m")
         entries = self.get_top_texts(neuron_idx)
         return entries if top_m is None else entries[:top_m]
 

@@ -8,16 +8,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.concepts.dictionary import _atomic_write_text
+from mi_crow.mechanistic.sae.keys import CONCEPTS_FILE, sae_key
+from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
+from mi_crow.validation import fail_type
 
 __all__ = ["read_document", "store_key", "write_document"]
 
 
 def store_key(sae_id: Any) -> str:
-    """Store key of the concepts document of the SAE saved as ``sae_id``."""
-    if not isinstance(sae_id, str) or not sae_id.strip() or sae_id.startswith("/") or ".." in sae_id.split("/"):
-        raise ValueError(f"sae_id must be a non-empty relative name, got {sae_id!r}")
-    return f"sae_models/{sae_id}/concepts.json"
+    """Store key of the concepts document of the SAE saved as ``sae_id``: the folder ``TopKSae.save`` uses, with
+    the same check of ``sae_id`` (:func:`mi_crow.mechanistic.sae.keys.check_sae_id`)."""
+    return sae_key(sae_id, CONCEPTS_FILE)
 
 
 def write_document(target: Any, sae_id: str | None, data: dict[str, Any]) -> str | Path:
@@ -31,9 +34,9 @@ def write_document(target: Any, sae_id: str | None, data: dict[str, Any]) -> str
         target.put_json(key, data)
         return key
     if sae_id is not None:
-        raise ValueError(f"sae_id is only used with a store; got a path {target!r} and sae_id={sae_id!r}")
+        raise UserInputError(f"sae_id is only used with a store; got a path {target!r} and sae_id={sae_id!r}")
     if not isinstance(target, (str, os.PathLike)):
-        raise TypeError(f"target must be a Store or a path, got {type(target).__name__}")
+        raise fail_type("target", "a Store or a path", target)
     path = Path(target)
     _atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return path
@@ -46,13 +49,13 @@ def read_document(source: Any, sae_id: str | None) -> tuple[Any, str]:
         key = store_key(sae_id)
         return source.get_json(key), key
     if sae_id is not None:
-        raise ValueError(f"sae_id is only used with a store; got a path {source!r} and sae_id={sae_id!r}")
+        raise UserInputError(f"sae_id is only used with a store; got a path {source!r} and sae_id={sae_id!r}")
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"source must be a Store or a path, got {type(source).__name__}")
+        raise fail_type("source", "a Store or a path", source)
     path = Path(source)
     try:
         return json.loads(path.read_text(encoding="utf-8")), str(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"concept dictionary file not found: {path}") from None
+        raise StoreKeyNotFoundError(f"concept dictionary file not found: {path}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"concept dictionary file {path} is not valid JSON: {exc}") from None
+        raise CorruptStoreFileError(f"concept dictionary file {path} is not valid JSON: {exc}") from None

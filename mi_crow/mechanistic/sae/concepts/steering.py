@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from mi_crow.errors import ArgumentTypeError, UserInputError
+
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.concepts.dictionary import ConceptDictionary
 
@@ -33,10 +35,10 @@ class _Addition:
 
 def _check_finite_number(value: Any, arg: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{arg} must be a real number, got {type(value).__name__} {value!r}")
+        raise ArgumentTypeError(f"{arg} must be a real number, got {type(value).__name__} {value!r}")
     out = float(value)
     if not math.isfinite(out):
-        raise ValueError(f"{arg} must be finite, got {out}")
+        raise UserInputError(f"{arg} must be finite, got {out}")
     return out
 
 
@@ -60,7 +62,7 @@ class Steering:
         """Scale ``neuron`` (an already checked index) by ``scale``, a finite real ``>= 0``."""
         value = _check_finite_number(scale, "scale")
         if value < 0:
-            raise ValueError(f"scale must be >= 0 (1.5 amplifies, 0.5 suppresses, 0 ablates), got {value}")
+            raise UserInputError(f"scale must be >= 0 (1.5 amplifies, 0.5 suppresses, 0 ablates), got {value}")
         self.scales[neuron] = value
         self._scale_tables.clear()
 
@@ -70,13 +72,13 @@ class Steering:
         pos: tuple[int, ...] | None = None
         if positions is not None:
             if isinstance(positions, (str, bytes)) or not isinstance(positions, Sequence):
-                raise TypeError(f"positions must be None or a sequence of ints, got {type(positions).__name__}")
+                raise ArgumentTypeError(f"positions must be None or a sequence of ints, got {type(positions).__name__}")
             if len(positions) == 0:
-                raise ValueError("positions must be None (every token) or a non-empty sequence of ints, got []")
+                raise UserInputError("positions must be None (every token) or a non-empty sequence of ints, got []")
             checked = []
             for p in positions:
                 if isinstance(p, bool) or not isinstance(p, numbers.Integral):
-                    raise TypeError(f"positions must contain ints, got {type(p).__name__} {p!r}")
+                    raise ArgumentTypeError(f"positions must contain ints, got {type(p).__name__} {p!r}")
                 checked.append(int(p))
             pos = tuple(sorted(set(checked)))
         self.additions[neuron] = _Addition(value, pos)
@@ -132,34 +134,34 @@ class Steering:
             TypeError / ValueError: malformed config; the message names the entry.
         """
         if not isinstance(config, dict):
-            raise TypeError(f"config must be a dict, got {type(config).__name__}")
+            raise ArgumentTypeError(f"config must be a dict, got {type(config).__name__}")
         unknown = set(config) - {"version", "scales", "additions"}
         if unknown:
-            raise ValueError(f"config has unknown keys {sorted(unknown)}; expected 'version', 'scales', 'additions'")
+            raise UserInputError(f"config has unknown keys {sorted(unknown)}; expected 'version', 'scales', 'additions'")
         if config.get("version", CONFIG_VERSION) != CONFIG_VERSION:
-            raise ValueError(f"config version must be {CONFIG_VERSION}, got {config.get('version')!r}")
+            raise UserInputError(f"config version must be {CONFIG_VERSION}, got {config.get('version')!r}")
         staged = Steering(self.sae)
         for section in ("scales", "additions"):
             entries = config.get(section, [])
             if not isinstance(entries, list):
-                raise TypeError(f"config[{section!r}] must be a list, got {type(entries).__name__}")
+                raise ArgumentTypeError(f"config[{section!r}] must be a list, got {type(entries).__name__}")
             for i, entry in enumerate(entries):
                 where = f"config[{section!r}][{i}]"
                 if not isinstance(entry, dict):
-                    raise TypeError(f"{where} must be a dict, got {type(entry).__name__}")
+                    raise ArgumentTypeError(f"{where} must be a dict, got {type(entry).__name__}")
                 target = entry.get("neuron")
                 if target is None:
                     target = entry.get("name")
                 if target is None:
-                    raise ValueError(f"{where} needs a 'neuron' (or a 'name'), got {entry!r}")
+                    raise UserInputError(f"{where} needs a 'neuron' (or a 'name'), got {entry!r}")
                 try:
                     if section == "scales":
                         if "scale" not in entry:
-                            raise ValueError(f"missing 'scale' in {entry!r}")
+                            raise UserInputError(f"missing 'scale' in {entry!r}")
                         staged.set_scale(resolve(target), entry["scale"])
                     else:
                         if "activation" not in entry:
-                            raise ValueError(f"missing 'activation' in {entry!r}")
+                            raise UserInputError(f"missing 'activation' in {entry!r}")
                         staged.set_addition(resolve(target), entry["activation"], entry.get("positions"))
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"{where}: {exc}") from None
@@ -233,7 +235,7 @@ class Steering:
         if not self.scales and not self.additions:
             return None
         if values.dim() < 2 or indices.shape != values.shape:
-            raise ValueError(
+            raise UserInputError(
                 f"values and indices must have the same shape [..., k]; got {tuple(values.shape)} and "
                 f"{tuple(indices.shape)}"
             )

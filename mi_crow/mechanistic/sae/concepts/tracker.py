@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.concepts.top_texts import TopText
+from mi_crow.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,6 @@ class NeuronStats(NamedTuple):
 
 
 
-def _check_positive_int(value: Any, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{arg} must be a positive int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{arg} must be a positive int, got {value}")
-    return int(value)
-
-
 
 class TopTextTracker:
     """Per-neuron top-k texts and firing statistics, updated batch by batch with tensor operations only.
@@ -84,8 +77,8 @@ class TopTextTracker:
     """
 
     def __init__(self, n_latents: int, top_k: int) -> None:
-        self.n_latents = _check_positive_int(n_latents, "n_latents")
-        self.top_k = _check_positive_int(top_k, "top_k")
+        self.n_latents = check_positive_int(n_latents, "n_latents")
+        self.top_k = check_positive_int(top_k, "top_k")
         self.tokenizer: Any = None
         self._device: torch.device | None = None
         self._reset_buffers()
@@ -163,21 +156,21 @@ class TopTextTracker:
             text_positions: ``[batch, seq]`` int64 position of each token within its own text.
         """
         if values.dim() != 3 or indices.shape != values.shape:
-            raise ValueError(
+            raise UserInputError(
                 f"values and indices must both be [batch, seq, k]; got {tuple(values.shape)} and "
                 f"{tuple(indices.shape)}"
             )
         b, s, k = values.shape
         if len(texts) != b:
-            raise ValueError(f"texts must have one entry per batch row ({b}), got {len(texts)}")
+            raise UserInputError(f"texts must have one entry per batch row ({b}), got {len(texts)}")
         for name, t in (("input_ids", input_ids), ("valid_mask", valid_mask), ("text_positions", text_positions)):
             if tuple(t.shape) != (b, s):
-                raise ValueError(f"{name} must have shape [batch, seq] = {[b, s]}, got {list(t.shape)}")
+                raise UserInputError(f"{name} must have shape [batch, seq] = {[b, s]}, got {list(t.shape)}")
         device = values.device
         if self.values is None:
             self._allocate(device)
         elif self._device != device:
-            raise ValueError(f"tracking buffers live on {self._device}, but this batch is on {device}")
+            raise UserInputError(f"tracking buffers live on {self._device}, but this batch is on {device}")
         if b == 0 or s == 0:
             return
         n, top = self.n_latents, self.top_k

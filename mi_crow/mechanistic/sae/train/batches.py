@@ -6,6 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
+from mi_crow.errors import UserInputError
+
 from mi_crow.mechanistic.sae.train.results import ActivationReader, NonFiniteTrainingError, ReaderFactory
 from mi_crow.mechanistic.sae.train.state import TrainingState
 
@@ -64,7 +66,7 @@ class EpochBatches:
     def _next_epoch(self) -> None:
         state = self._state
         if self._epoch_batches == 0 and not self._in_resumed_epoch:
-            raise ValueError(f"SaeTrainer: epoch {state.epoch} of the activation reader yields no batch") from None
+            raise UserInputError(f"SaeTrainer: epoch {state.epoch} of the activation reader yields no batch") from None
         if state.step == self._epoch_start_step:
             # Another pass would see the same batches again: stop instead of looping forever.
             raise NonFiniteTrainingError(

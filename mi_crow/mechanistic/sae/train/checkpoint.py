@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.train.metrics import MetricsWindow
 from mi_crow.mechanistic.sae.train.results import ActivationReader
 from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
+from mi_crow.store.errors import CorruptStoreFileError
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.sae import TopKSae
@@ -92,19 +94,22 @@ def check_checkpoint(checkpoint: Any, sae: TopKSae, config: SaeTrainingConfig, p
     """Check that ``checkpoint`` continues this run: same format, SAE shape, activations and configuration.
 
     Raises:
-        ValueError: naming what differs.
+        CorruptStoreFileError: not a checkpoint of this format.
+        UserInputError: naming what differs (SAE shape, activations, configuration).
     """
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError("SaeTrainer: the checkpoint to resume from has an unknown format")
+        raise CorruptStoreFileError(
+            f"SaeTrainer: the checkpoint {plan.prefix}/{CHECKPOINT_FILE} to resume from has an unknown format"
+        )
     shape = _sae_shape(sae)
     if list(checkpoint["sae_shape"]) != shape:
-        raise ValueError(
+        raise UserInputError(
             f"SaeTrainer: cannot resume: the checkpoint is for an SAE with [n_latents, n_inputs, k]="
             f"{list(checkpoint['sae_shape'])}, this SAE has {shape}"
         )
     run_id, layer = plan.run_id, plan.layer
     if checkpoint.get("activation_run_id") != run_id or checkpoint.get("layer") != layer:
-        raise ValueError(
+        raise UserInputError(
             f"SaeTrainer: cannot resume: the checkpoint trains on run {checkpoint.get('activation_run_id')!r} "
             f"layer {checkpoint.get('layer')!r}, not run {run_id!r} layer {layer!r}"
         )
@@ -116,7 +121,7 @@ def check_checkpoint(checkpoint: Any, sae: TopKSae, config: SaeTrainingConfig, p
     )
     if differing:
         details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in differing)
-        raise ValueError(f"SaeTrainer: cannot resume with a different configuration ({details})")
+        raise UserInputError(f"SaeTrainer: cannot resume with a different configuration ({details})")
 
 
 def restore_checkpoint(

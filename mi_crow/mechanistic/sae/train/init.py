@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import geometric_median
 from mi_crow.mechanistic.sae.sae import TopKSae
@@ -30,7 +31,7 @@ def initialise_weights(
             vectors give ``b_dec``.
 
     Raises:
-        ValueError: the sample yields no batch.
+        UserInputError: the sample yields no batch.
         NonFiniteTrainingError: no token of the sample is finite.
     """
     if not config.reinit_weights:
@@ -49,7 +50,7 @@ def initialise_weights(
         if have >= config.b_dec_init_tokens:
             break
     if not chunks:
-        raise ValueError("SaeTrainer: the activation run yields no batch to initialise b_dec from")
+        raise UserInputError("SaeTrainer: the activation run yields no batch to initialise b_dec from")
     sample = torch.cat(chunks)[: config.b_dec_init_tokens]
     sample = sample[torch.isfinite(sample).all(dim=1)]
     if config.outlier_norm_factor is not None and sample.shape[0] > 0:

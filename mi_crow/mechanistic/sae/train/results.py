@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from torch import Tensor
 
+from mi_crow.errors import MiCrowError
+
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 
 if TYPE_CHECKING:
@@ -26,8 +28,10 @@ __all__ = [
 ]
 
 
-class NonFiniteTrainingError(RuntimeError):
-    """Too many batches had NaN/Inf activations or a non-finite loss (see ``max_nonfinite_fraction``)."""
+class NonFiniteTrainingError(MiCrowError, RuntimeError):
+    """Too many batches had NaN/Inf activations or a non-finite loss (see ``max_nonfinite_fraction``).
+
+    A problem of the data, not of the code: the CLI reports it as a user error."""
 
 
 class ActivationReader(Protocol):

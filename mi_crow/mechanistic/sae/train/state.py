@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mi_crow.errors import UserInputError
+
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.train.results import ActivationReader, NonFiniteTrainingError
 
@@ -77,15 +79,15 @@ class TrainingPlan:
         """The plan for training ``sae`` with ``config`` on epochs like ``reader``.
 
         Raises:
-            ValueError: the reader's width is not ``sae.n_inputs``, or it has fewer tokens than one batch.
+            UserInputError: the reader's width is not ``sae.n_inputs``, or it has fewer tokens than one batch.
         """
         if reader.d_in != sae.n_inputs:
-            raise ValueError(
+            raise UserInputError(
                 f"SaeTrainer: the activations have width {reader.d_in} but the SAE has n_inputs={sae.n_inputs}"
             )
         steps_per_epoch = reader.n_tokens // config.batch_size
         if steps_per_epoch == 0:
-            raise ValueError(
+            raise UserInputError(
                 f"SaeTrainer: the run has {reader.n_tokens} tokens, fewer than batch_size={config.batch_size}"
             )
         if config.n_tokens is not None:

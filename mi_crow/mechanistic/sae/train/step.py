@@ -30,10 +30,12 @@ import torch
 from torch import Tensor
 
 from mi_crow import ops
+from mi_crow.errors import NotSupportedError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.optim import step_in_backward
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.results import LossOutput
+from mi_crow.validation import fail, fail_type
 
 if TYPE_CHECKING:
     from mi_crow.store import Store
@@ -67,7 +69,7 @@ class SaeStepper:
 
     def __init__(self, sae: TopKSae, store: Store | None = None) -> None:
         if not isinstance(sae, TopKSae):
-            raise TypeError(f"SaeTrainer: sae must be a TopKSae, got {type(sae).__name__}")
+            raise fail_type("SaeTrainer: sae", "a TopKSae", sae)
         self.sae = sae
         self.store = store
         self.optimizer: torch.optim.Optimizer | None = None
@@ -247,7 +249,7 @@ class SaeStepper:
                 return torch.optim.Adam(params, fused=True, **kwargs)
             except (RuntimeError, ValueError) as exc:
                 if impl == "fused":
-                    raise ValueError(
+                    raise NotSupportedError(
                         f"SaeTrainingConfig.optimizer_impl='fused' is not available for "
                         f"{self.sae.device}/{self.sae.dtype} parameters: {exc}"
                     ) from exc
@@ -278,11 +280,9 @@ class SaeStepper:
         if config is None:
             config = SaeTrainingConfig()
         if not isinstance(config, SaeTrainingConfig):
-            raise TypeError(f"SaeTrainer: config must be a SaeTrainingConfig, got {type(config).__name__}")
+            raise fail_type("SaeTrainer: config", "a SaeTrainingConfig or None", config)
         # Re-validate: fields may have been changed after construction.
         config.__post_init__()
         if config.k_aux is not None and config.k_aux > self.sae.n_latents:
-            raise ValueError(
-                f"SaeTrainingConfig.k_aux must be <= n_latents={self.sae.n_latents}, got {config.k_aux}"
-            )
+            raise fail("SaeTrainingConfig.k_aux", f"<= n_latents={self.sae.n_latents}", config.k_aux)
         return config

@@ -41,7 +41,7 @@ from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
 from mi_crow.mechanistic.sae.train.step import SaeStepper
 from mi_crow.mechanistic.sae.train.wandb_log import WandbRun, require_wandb
 from mi_crow.store.base import Store
-from mi_crow.validation import resolve_synonym
+from mi_crow.validation import check_identifier, check_tensor, resolve_synonym
 
 __all__ = ["HISTORY_FILE", "RUN_CONFIG_FILE", "SaeTrainer"]
 
@@ -105,8 +105,8 @@ class SaeTrainer(SaeStepper):
             `TrainingResult` (also a mapping of per-log-step lists: ``result["loss"]``, ``result["r2"]``, ...).
 
         Raises:
-            ValueError: unknown run or layer, a layer width different from ``sae.n_inputs``, a bad config, no store,
-                an argument given twice with different values.
+            UserInputError: unknown run or layer, a layer width different from ``sae.n_inputs``, a bad config, no
+                store, an argument given twice with different values.
             NonFiniteTrainingError: too many non-finite batches.
         """
         given = _bind_train_arguments(
@@ -124,24 +124,23 @@ class SaeTrainer(SaeStepper):
                 f"layer_signature={layer!r}"
             )
         if self.store is None:
-            raise ValueError("SaeTrainer.train: the trainer has no store (SaeTrainer(sae, store))")
+            raise UserInputError("SaeTrainer.train: the trainer has no store (SaeTrainer(sae, store))")
         config = self._check_config(config)
         store = self.store
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"SaeTrainer.train: run_id must be a non-empty str, got {run_id!r}")
+        check_identifier(run_id, "SaeTrainer.train: run_id")
         runs = store.list_runs()
         if run_id not in runs:
-            raise ValueError(f"SaeTrainer.train: unknown activation run_id {run_id!r}; runs in the store: {runs}")
+            raise UserInputError(f"SaeTrainer.train: unknown activation run_id {run_id!r}; runs in the store: {runs}")
         meta = store.read_run_meta(run_id)
         layer_dims = meta.get("layer_dims", {})
         layer = _stored_layer_name(layer, layer_dims)
         if layer not in layer_dims:
-            raise ValueError(
+            raise UserInputError(
                 f"SaeTrainer.train: layer {layer!r} is not stored in run {run_id!r}; stored layers: "
                 f"{sorted(layer_dims)}"
             )
         if int(layer_dims[layer]) != self.sae.n_inputs:
-            raise ValueError(
+            raise UserInputError(
                 f"SaeTrainer.train: layer {layer!r} of run {run_id!r} has width {layer_dims[layer]} but the SAE has "
                 f"n_inputs={self.sae.n_inputs}"
             )
@@ -185,14 +184,8 @@ class SaeTrainer(SaeStepper):
             callbacks: as in `train`.
         """
         config = self._check_config(config)
-        if not isinstance(activations, Tensor) or activations.dim() != 2:
-            shape = tuple(activations.shape) if isinstance(activations, Tensor) else type(activations).__name__
-            raise ValueError(f"SaeTrainer.train_on_tensor: activations must be [tokens, d], got {shape}")
-        if activations.shape[1] != self.sae.n_inputs:
-            raise ValueError(
-                f"SaeTrainer.train_on_tensor: activations have width {activations.shape[1]} but the SAE has "
-                f"n_inputs={self.sae.n_inputs}"
-            )
+        check_tensor(activations, "SaeTrainer.train_on_tensor: activations", ndim=2,
+                     shape=(None, self.sae.n_inputs))
 
         def factory(epoch: int) -> ActivationReader:
             return TensorActivationReader(
@@ -227,7 +220,7 @@ class SaeTrainer(SaeStepper):
         config = self._check_config(config)
         self.config = config
         if self.store is None and (config.checkpoint_every is not None or config.resume or config.save_sae):
-            raise ValueError(
+            raise UserInputError(
                 "SaeTrainer: checkpoint_every, resume and save_sae need a store; pass SaeTrainer(sae, store) or set "
                 "checkpoint_every=None, save_sae=False"
             )
