@@ -147,21 +147,21 @@ def test_manipulation_config_round_trip():
     concepts.manipulate_concept(2, 1.5)
     concepts.add_concept(9, 4.0, positions=[-1, 0, 0])
     concepts.add_concept(1, -0.5)
-    cfg = concepts.get_manipulation_config()
+    cfg = concepts.manipulation_state()
     cfg = json.loads(json.dumps(cfg))  # JSON-able
     assert cfg["scales"] == [{"neuron": 2, "name": None, "scale": 1.5}, {"neuron": 6, "name": "six", "scale": 0.0}]
     assert cfg["additions"][1] == {"neuron": 9, "name": None, "activation": 4.0, "positions": [-1, 0]}
     other = make_concepts()
-    other.load_manipulation_config(cfg)
-    assert other.get_manipulation_config() == {**cfg, "scales": [dict(e, name=None) for e in cfg["scales"]]}
+    other.load_manipulation_state(cfg)
+    assert other.manipulation_state() == {**cfg, "scales": [dict(e, name=None) for e in cfg["scales"]]}
     values, indices = random_code()
     for a, b in zip(other.modify_code(values, indices), concepts.modify_code(values, indices)):
         assert torch.equal(a, b)
     # Entries may name a concept instead of a neuron.
     named = make_concepts()
     named.name_concept(5, "five")
-    named.load_manipulation_config({"scales": [{"name": "five", "scale": 2.0}]})
-    assert named.get_manipulation_config()["scales"] == [{"neuron": 5, "name": "five", "scale": 2.0}]
+    named.load_manipulation_state({"scales": [{"name": "five", "scale": 2.0}]})
+    assert named.manipulation_state()["scales"] == [{"neuron": 5, "name": "five", "scale": 2.0}]
 
 
 @pytest.mark.parametrize(

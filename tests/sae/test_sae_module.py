@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mi_crow.mechanistic.sae import SaeOutput, SparseCode, TopKSae
 
@@ -145,13 +144,13 @@ def test_save_load_roundtrip_is_bit_exact(store):
     assert key == "sae_models/my_sae"
 
     files = set(store.list("sae_models/my_sae"))
-    assert {"sae_models/my_sae/model.safetensors", "sae_models/my_sae/config.json"} <= files
+    assert {"sae_models/my_sae/model.pt", "sae_models/my_sae/config.json"} <= files
     config = json.loads((store.base_path / "sae_models/my_sae/config.json").read_text())
     assert config["n_latents"] == 32 and config["n_inputs"] == 8 and config["k"] == 3
     assert config["dtype"] == "float32" and config["layer"] == "transformer.h.1" and config["model_id"] == "tiny"
     assert config["training_run_id"] == "run-x" and "mi_crow_version" in config
-    # Weights are plain safetensors: loadable without unpickling anything.
-    raw = load_file(str(store.base_path / "sae_models/my_sae/model.safetensors"))
+    # Weights are a plain state dict: loadable without unpickling anything.
+    raw = torch.load(store.base_path / "sae_models/my_sae/model.pt", weights_only=True)
     assert set(raw) == {"W_enc", "b_enc", "W_dec", "b_dec"}
 
     x = torch.randn(5, 8)

@@ -20,6 +20,7 @@ from mi_crow.validation import (
     check_non_negative_int,
     check_positive_int,
     check_real,
+    check_str,
     fail,
     fail_type,
 )
@@ -168,6 +169,22 @@ class SaeTrainingConfig:
     progress: bool = True
     """Show a tqdm progress bar with the live metrics."""
 
+    l1_lambda: float = 0.0
+    """Weight of an L1 penalty on the codes, added to the loss: ``l1_lambda * mean(|code|)`` with the mean over
+    every token and every latent of the dense code (``sum |values| / (tokens * n_latents)``). 0 (the default) adds
+    nothing; TopK already fixes the sparsity, so this is for the original mi-crow recipes that set it."""
+
+    use_wandb: bool = False
+    """Log the training history (every log record, and the run's configuration) to Weights & Biases. Needs the
+    ``wandb`` package (``pip install wandb`` or ``pip install 'mi_crow[wandb]'``); ``WANDB_MODE=offline`` writes a
+    local run without network."""
+
+    wandb_project: str | None = None
+    """W&B project name (None: ``WANDB_PROJECT`` or ``"mi_crow"``)."""
+
+    wandb_run_name: str | None = None
+    """W&B run name (None: the training run id)."""
+
     rank: int = 0
     """Data-parallel rank (reserved for distributed training; must be 0 for now)."""
 
@@ -226,6 +243,10 @@ class SaeTrainingConfig:
             raise fail(_arg("rank"), "0 while world_size is 1", self.rank)
         if not isinstance(self.extra, dict):
             raise fail_type(_arg("extra"), "a dict", self.extra)
+        check_real(self.l1_lambda, _arg("l1_lambda"), minimum=0.0)
+        check_bool(self.use_wandb, _arg("use_wandb"))
+        check_str(self.wandb_project, _arg("wandb_project"), allow_none=True)
+        check_str(self.wandb_run_name, _arg("wandb_run_name"), allow_none=True)
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from typing import Any
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.validation import check_identifier, fail, fail_type
 
-__all__ = ["CONCEPTS_FILE", "CONFIG_FILE", "MODEL_FILE", "check_sae_id", "sae_key"]
+__all__ = ["CONCEPTS_FILE", "CONFIG_FILE", "LEGACY_MODEL_FILE", "MODEL_FILE", "check_sae_id", "sae_key"]
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.pt"
+LEGACY_MODEL_FILE = "model.safetensors"  # what earlier versions wrote; still read
 CONFIG_FILE = "config.json"
 CONCEPTS_FILE = "concepts.json"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -12,19 +13,21 @@ from torch import Tensor, nn
 
 import mi_crow
 from mi_crow import ops
-from mi_crow.errors import UserInputError
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import Controller, HookType
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
-from mi_crow.mechanistic.sae.saving import load_sae, load_sae_from_dir, save_sae
+from mi_crow.mechanistic.sae.keys import CONFIG_FILE, check_sae_id
+from mi_crow.mechanistic.sae.saving import SaeFiles, load_sae, locate_folder, save_sae
 from mi_crow.ops.memory import empty_huge
-from mi_crow.validation import check_choice, check_positive_int, fail, fail_type
+from mi_crow.store.base import Store
+from mi_crow.store.errors import StoreKeyNotFoundError
+from mi_crow.validation import check_choice, check_positive_int, fail, fail_type, resolve_synonym
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.config import SaeTrainingConfig
     from mi_crow.mechanistic.sae.train import TrainingResult
-    from mi_crow.store import Store
 
-__all__ = ["SaeOutput", "SparseCode", "TopKSae"]
+__all__ = ["LinearView", "SaeOutput", "SparseCode", "TopKSae"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,79 @@ class SaeOutput(NamedTuple):
     code: SparseCode
 
 
+class LinearView:
+    """One side of a `TopKSae` seen as an ``nn.Linear``: ``.weight`` and ``.bias`` are the SAE's own parameters.
+
+    ``sae.encoder`` and ``sae.decoder`` are such views (nothing is copied; they are not submodules, so the SAE's
+    ``state_dict`` keeps its four entries ``W_enc, b_enc, W_dec, b_dec``):
+
+    - ``sae.encoder.weight`` is ``W_enc`` itself, ``[n_latents, n_inputs]``; ``sae.encoder.bias`` is ``b_enc``
+      ``[n_latents]``. The encoder reads ``x - b_dec``: ``pre = F.linear(x - sae.decoder.bias, encoder.weight,
+      encoder.bias)``, then ReLU and top-k.
+    - ``sae.decoder.weight`` is ``W_dec.T``, ``[n_inputs, n_latents]`` (the layout of ``nn.Linear(n_latents,
+      n_inputs)``: column ``j`` is latent ``j``'s direction); ``sae.decoder.bias`` is ``b_dec`` ``[n_inputs]``, so
+      ``F.linear(dense_code, decoder.weight, decoder.bias)`` is the reconstruction.
+
+    In-place writes through ``.weight`` / ``.bias`` (under ``torch.no_grad()``, or on ``.data``) change the SAE, and
+    assigning a tensor (``sae.decoder.weight = w``) copies it into the parameter after checking its shape. Assigning
+    ``.data`` of ``decoder.weight`` (a transpose view) does not reach ``W_dec``; assign ``decoder.weight`` instead.
+
+    Args:
+        sae: the SAE.
+        side: ``"encoder"`` or ``"decoder"``.
+    """
+
+    __slots__ = ("_sae", "_side")
+
+    def __init__(self, sae: TopKSae, side: str) -> None:
+        if side not in ("encoder", "decoder"):
+            raise ValueError(f"side must be 'encoder' or 'decoder', got {side!r}")
+        self._sae = sae
+        self._side = side
+
+    @property
+    def in_features(self) -> int:
+        """Input width of this side (``n_inputs`` for the encoder, ``n_latents`` for the decoder)."""
+        return self._sae.n_inputs if self._side == "encoder" else self._sae.n_latents
+
+    @property
+    def out_features(self) -> int:
+        """Output width of this side (``n_latents`` for the encoder, ``n_inputs`` for the decoder)."""
+        return self._sae.n_latents if self._side == "encoder" else self._sae.n_inputs
+
+    @property
+    def weight(self) -> Tensor:
+        """``[out_features, in_features]`` view of the SAE's weight (``W_enc``, or ``W_dec.T``)."""
+        return self._sae.W_enc if self._side == "encoder" else self._sae.W_dec.t()
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        self._assign("weight", self.weight, value)
+
+    @property
+    def bias(self) -> Tensor:
+        """``[out_features]``: ``b_enc`` for the encoder, ``b_dec`` for the decoder."""
+        return self._sae.b_enc if self._side == "encoder" else self._sae.b_dec
+
+    @bias.setter
+    def bias(self, value: Tensor) -> None:
+        self._assign("bias", self.bias, value)
+
+    def _assign(self, name: str, target: Tensor, value: Any) -> None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"sae.{self._side}.{name} must be set to a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"sae.{self._side}.{name} must be set to a tensor of shape {list(target.shape)}, got "
+                f"{list(value.shape)}"
+            )
+        with torch.no_grad():
+            target.copy_(value)
+
+    def __repr__(self) -> str:
+        return f"LinearView({self._side}: in_features={self.in_features}, out_features={self.out_features})"
+
+
 class TopKSae(nn.Module, Controller):
     """TopK sparse autoencoder (Gao et al., 2024) that can be attached to a layer as a forward hook.
 
@@ -81,7 +157,8 @@ class TopKSae(nn.Module, Controller):
         hook_id: the hook id (random when omitted).
 
     Parameters (``nn.Parameter``): ``W_enc [n, d]``, ``b_enc [n]``, ``W_dec [n, d]`` with unit-norm rows,
-    ``b_dec [d]``.
+    ``b_dec [d]``. ``sae.encoder`` / ``sae.decoder`` show them in ``nn.Linear``'s layout (`LinearView`):
+    ``encoder.weight`` is ``W_enc`` ``[n, d]``, ``decoder.weight`` is ``W_dec.T`` ``[d, n]``.
 
     Raises:
         TypeError / ValueError: a size is not a positive int, ``k > n_latents``, an unknown mode or a non-floating
@@ -157,6 +234,18 @@ class TopKSae(nn.Module, Controller):
     @mode.setter
     def mode(self, value: str) -> None:
         self._mode = check_choice(value, "TopKSae.mode", _MODES)
+
+    @property
+    def encoder(self) -> LinearView:
+        """The encoder as an ``nn.Linear``-like view: ``.weight`` is ``W_enc`` ``[n_latents, n_inputs]``, ``.bias``
+        is ``b_enc`` (see `LinearView`)."""
+        return LinearView(self, "encoder")
+
+    @property
+    def decoder(self) -> LinearView:
+        """The decoder as an ``nn.Linear(n_latents, n_inputs)``-like view: ``.weight`` is ``W_dec.T``
+        ``[n_inputs, n_latents]``, ``.bias`` is ``b_dec`` (see `LinearView`)."""
+        return LinearView(self, "decoder")
 
     @property
     def device(self) -> torch.device:
@@ -345,20 +434,24 @@ class TopKSae(nn.Module, Controller):
         self,
         store: Store | bool = True,
         run_id: str | None = None,
-        layer: str | None = None,
+        layer_signature: str | None = None,
         config: SaeTrainingConfig | None = None,
+        *,
+        layer: str | None = None,
         **kwargs: Any,
     ) -> TopKSae | TrainingResult:
         """Train this SAE on a stored activation run, or set the module's training flag.
 
-        ``sae.train(store, run_id, layer, config)`` is ``SaeTrainer(sae, store).train(run_id, layer, config)``.
+        ``sae.train(store, run_id, layer_signature, config)`` is ``SaeTrainer(sae).train(store, run_id,
+        layer_signature, config)`` (keywords work too; ``layer`` is a synonym of ``layer_signature``).
         ``sae.train()`` / ``sae.train(False)`` keep their ``nn.Module`` meaning (``eval()`` relies on it).
 
         Args:
             store: the store holding ``activations/<run_id>/`` (or a bool: nn.Module training mode).
             run_id: activation run to train on.
-            layer: layer name inside the run.
+            layer_signature: layer name inside the run.
             config: `SaeTrainingConfig` (defaults when None).
+            layer: synonym of ``layer_signature``.
             **kwargs: passed to `SaeTrainer.train` (e.g. ``callbacks``).
 
         Returns:
@@ -366,17 +459,23 @@ class TopKSae(nn.Module, Controller):
         """
         if "mode" in kwargs:  # nn.Module.train(mode=...) spelled as a keyword
             return nn.Module.train(self, bool(kwargs.pop("mode")))
+        layer_signature = resolve_synonym("layer_signature", layer_signature, "layer", layer)
         if isinstance(store, bool):
+            if run_id is not None or layer_signature is not None or config is not None:
+                raise UserInputError(
+                    f"TopKSae.train: training needs the store, got store={store!r} with run_id={run_id!r}"
+                )
             return nn.Module.train(self, store)
         # The trainer is built on this module (it imports TopKSae at import time); importing it here, when training
         # is asked for, keeps the dependency one-way at import time: sae.py never needs the train package to load.
         from mi_crow.mechanistic.sae.train import SaeTrainer
 
-        if run_id is None or layer is None:
+        if run_id is None or layer_signature is None:
             raise UserInputError(
-                f"TopKSae.train: run_id and layer are required, got run_id={run_id!r}, layer={layer!r}"
+                f"TopKSae.train: run_id and layer_signature are required, got run_id={run_id!r}, "
+                f"layer_signature={layer_signature!r}"
             )
-        return SaeTrainer(self, store).train(run_id, layer, config, **kwargs)
+        return SaeTrainer(self).train(store, run_id, layer_signature, config, **kwargs)
 
     # -- persistence ----------------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -398,57 +497,138 @@ class TopKSae(nn.Module, Controller):
             "mi_crow_version": mi_crow.__version__,
         }
 
-    def save(self, store: Store, sae_id: str) -> str:
-        """Save weights and configuration to ``sae_models/<sae_id>/`` (atomically, through the store).
+    def save(
+        self,
+        store: Store | str | None = None,
+        sae_id: str | os.PathLike[str] | None = None,
+        *,
+        name: str | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> str | Path:
+        """Save weights, configuration and concepts, in a store or in a plain folder (atomically, file by file).
 
-        Writes ``model.safetensors`` (W_enc, b_enc, W_dec, b_dec: no pickled code) and ``config.json``; the concept
-        dictionary and manipulations too.
+        Call shapes:
+
+        - ``sae.save(store, sae_id)``: to ``sae_models/<sae_id>/`` of the store; returns that key.
+        - ``sae.save(name=..., path=...)`` (or ``sae.save(name, path)``): to the folder ``<path>/<name>/`` (``path``
+          defaults to the current directory); returns that folder. It is laid out like a store's SAE folder, so
+          ``TopKSae.load(<path>/<name>)`` (or its ``model.pt``) reads it back.
+
+        Files: ``model.pt`` (the state dict ``W_enc, b_enc, W_dec, b_dec``: tensors only, readable with
+        ``torch.load(..., weights_only=True)`` and ``sae.load_state_dict``), ``config.json`` and ``concepts.json``
+        (concept names and manipulations). A ``model.safetensors`` left by an earlier version is removed.
 
         Args:
-            store: the destination store.
-            sae_id: name of the saved SAE: one folder name (the rule of every store key).
+            store: the destination store (or, in the folder form, the name given positionally).
+            sae_id: name of the saved SAE in the store: one folder name (or, in the folder form, the path given
+                positionally).
+            name: the SAE's name: the folder's name in the folder form, a synonym of ``sae_id`` in the store form.
+            path: parent folder of the folder form.
 
         Returns:
-            The store key of the SAE's folder.
+            The store key of the SAE's folder, or the folder's path.
 
         Raises:
-            UserInputError: ``sae_id`` is not one folder name (``"a/b"``, ``".."``, ``""``).
+            UserInputError: a missing or malformed name (not one folder name: ``"a/b"``, ``".."``, ``""``), a store
+                together with ``path``, or ``sae_id`` and ``name`` given with different values.
         """
-        return save_sae(self, store, sae_id)
+        if isinstance(store, Store):
+            if path is not None:
+                raise UserInputError(
+                    f"TopKSae.save: path is for saving to a folder, not with a store; got a store and path={path!r}"
+                )
+            files = SaeFiles.in_store(store, resolve_synonym("sae_id", sae_id, "name", name))
+            target: str | Path = files.key()
+        else:
+            if store is not None and not isinstance(store, str):
+                raise ArgumentTypeError(
+                    f"TopKSae.save: the first argument must be a Store (sae.save(store, sae_id)) or a name "
+                    f"(sae.save(name=..., path=...)), got {type(store).__name__}"
+                )
+            # sae.save(name, path) positionally: the two slots carry the name and the folder.
+            name = resolve_synonym("name", name, "the first positional argument", store)
+            path = resolve_synonym("path", path, "the second positional argument", sae_id)
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise ArgumentTypeError(f"TopKSae.save: path must be a str or os.PathLike, got {type(path).__name__}")
+            target = (Path.cwd() if path is None else Path(path)) / check_sae_id(name)
+            files = SaeFiles.in_folder(target)
+        save_sae(self, files)
+        return target
 
     @classmethod
     def load(
         cls,
-        store: Store | str | Path,
+        store: Store | str | os.PathLike[str] | None = None,
         sae_id: str | None = None,
         *,
+        path: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
     ) -> TopKSae:
         """Load an SAE saved by `save`.
 
+        Call shapes:
+
+        - ``TopKSae.load(store, sae_id)``: from ``sae_models/<sae_id>/`` of the store.
+        - ``TopKSae.load(path)`` (or ``path=...``): from a folder holding ``config.json`` and ``model.pt``, or from
+          that ``model.pt`` itself. ``<dir>/<name>.pt`` where only the folder ``<dir>/<name>/`` exists (what
+          ``sae.save(name=..., path=<dir>)`` writes) loads that folder.
+
+        Weights are read from ``model.pt`` with ``torch.load(weights_only=True)``, or from ``model.safetensors`` in
+        folders written by earlier versions; the concept dictionary and manipulations (``concepts.json``) too.
+
         Args:
-            store: the store it was saved to, or a plain folder (then ``sae_id`` is omitted, see `load_from_dir`).
+            store: the store it was saved to, or a path (then ``sae_id`` is omitted).
             sae_id: name it was saved under.
+            path: the folder or its ``model.pt`` (keyword form of the path).
             device: where to put the parameters (CPU when None).
 
         Returns:
             The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
 
         Raises:
-            StoreKeyNotFoundError: no SAE saved under ``sae_id``.
-            CorruptStoreFileError: its files do not describe an SAE.
+            StoreKeyNotFoundError (a ``FileNotFoundError``): no such SAE / missing file; the message names it.
+            CorruptStoreFileError (a ``ValueError``): the weights file holds anything but tensors (refused by
+                ``weights_only=True``) or does not decode, or the files do not describe an SAE; the message names
+                the file.
+            UserInputError: bad arguments.
         """
-        return load_sae(cls, store, sae_id, device=device)
+        if path is not None:
+            if store is not None:
+                raise UserInputError(
+                    f"TopKSae.load: give either a store and sae_id or path, got store={store!r} and path={path!r}"
+                )
+            store = path
+        if isinstance(store, (str, os.PathLike)):
+            if sae_id is not None:
+                raise UserInputError(
+                    f"TopKSae.load: pass either a store and sae_id or a folder path, got path {store!r} and "
+                    f"sae_id={sae_id!r}"
+                )
+            folder, model_file = locate_folder(Path(store))
+            return load_sae(cls, SaeFiles.in_folder(folder), device=device, model_file=model_file)
+        if not isinstance(store, Store):
+            raise ArgumentTypeError(
+                f"TopKSae.load: the first argument must be a Store or a path, got {type(store).__name__}"
+            )
+        if sae_id is None:
+            raise UserInputError("TopKSae.load: sae_id is required when loading from a store, got sae_id=None")
+        files = SaeFiles.in_store(store, sae_id)
+        if not files.exists(CONFIG_FILE):
+            raise StoreKeyNotFoundError(
+                f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {files.where(CONFIG_FILE)})"
+            )
+        return load_sae(cls, files, device=device)
 
     @classmethod
-    def load_from_dir(cls, path: str | Path, *, device: str | torch.device | None = None) -> TopKSae:
-        """Load an SAE from a plain folder holding ``model.safetensors`` and ``config.json``.
+    def load_from_dir(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> TopKSae:
+        """``TopKSae.load(path)``: load from a plain folder (``config.json`` with ``model.pt``, or the
+        ``model.safetensors`` of earlier versions) or its weights file.
 
         Args:
-            path: the folder (e.g. ``<store>/sae_models/<sae_id>``).
+            path: the folder (e.g. ``<store>/sae_models/<sae_id>``) or its ``model.pt``.
             device: where to put the parameters (CPU when None).
         """
-        return load_sae_from_dir(cls, path, device=device)
+        return cls.load(path=path, device=device)
 
     def extra_repr(self) -> str:
         return f"n_latents={self.n_latents}, n_inputs={self.n_inputs}, k={self.k}, mode={self.mode!r}"

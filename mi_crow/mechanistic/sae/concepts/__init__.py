@@ -3,7 +3,8 @@
 All reached through ``sae.concepts`` (an :class:`AutoencoderConcepts`, in ``facade.py``):
 
 * **Discovery** (``tracker.py``, :class:`TopTextTracker`): every neuron's top texts and firing statistics,
-  collected during inference; ``export.py`` writes them as JSON or CSV.
+  collected during inference, handed out as ``top_texts.py``'s :class:`TopTexts` of :class:`TopText` entries;
+  ``export.py`` writes them as JSON or CSV.
 * **Naming** (``dictionary.py``, :class:`ConceptDictionary`): neuron -> name and notes, saved as
   ``sae_models/<sae_id>/concepts.json`` in a store (or any path), importable from CSV.
 * **Steering** (``steering.py``): scale a neuron where it fires, or add its decoder direction where asked;
@@ -19,7 +20,8 @@ from mi_crow.mechanistic.sae.concepts.steer_choice import (
     generate_steered,
     steering_candidates,
 )
-from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopText, TopTextTracker
+from mi_crow.mechanistic.sae.concepts.top_texts import TopText, TopTexts
+from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopTextTracker
 
 __all__ = [
     "AutoencoderConcepts",
@@ -28,6 +30,7 @@ __all__ = [
     "NeuronStats",
     "TopText",
     "TopTextTracker",
+    "TopTexts",
     "check_neuron_index",
     "choose_steering_feature",
     "generate_steered",

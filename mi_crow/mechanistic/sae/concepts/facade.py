@@ -22,8 +22,9 @@ from mi_crow.mechanistic.sae.concepts.dictionary import Concept, ConceptDictiona
 from mi_crow.mechanistic.sae.concepts.export import write_top_texts_csv, write_top_texts_json
 from mi_crow.mechanistic.sae.concepts.persistence import read_document, write_document
 from mi_crow.mechanistic.sae.concepts.steering import Steering
-from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopText, TopTextTracker
-from mi_crow.validation import check_positive_int, fail_type
+from mi_crow.mechanistic.sae.concepts.top_texts import TopText, TopTexts
+from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopTextTracker
+from mi_crow.validation import check_positive_int, fail_type, resolve_synonym
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ class AutoencoderConcepts:
             self._tracker.tokenizer = tokenizer
         self._tracker.update(values, indices, texts, input_ids.to(device), valid, text_positions)
 
-    def get_top_texts(self, neuron_idx: int | str | None = None) -> list[list[TopText]] | list[TopText]:
+    def get_top_texts(self, neuron_idx: int | str | None = None) -> TopTexts | list[TopText]:
         """The collected top texts.
 
         Args:
@@ -179,15 +180,30 @@ class AutoencoderConcepts:
 
         Returns:
             For one neuron, a list of :class:`TopText` strongest first (at most ``top_k``; fewer if the neuron
-            fired in fewer texts). For all neurons, a list of ``n_latents`` such lists.
+            fired in fewer texts). For all neurons, a :class:`TopTexts`: a list of ``n_latents`` such lists that is
+            also a mapping ``{neuron_idx: entries}`` over the neurons that fired (``.get(42, [])``, ``.items()``).
+            Each entry unpacks as ``text, activation = entry`` and has ``.text``, ``.activation``,
+            ``.token_position``, ``.token`` and ``.token_id``.
 
         Raises:
             RuntimeError: tracking was never enabled.
         """
         tracker = self._require_tracker()
         if neuron_idx is None:
-            return tracker.top_texts()
+            return TopTexts(tracker.top_texts())
         return tracker.top_texts([self._resolve(neuron_idx)])[0]
+
+    def get_top_texts_for_neuron(self, neuron_idx: int | str, top_m: int | None = None) -> list[TopText]:
+        """One neuron's top texts, strongest first: ``get_top_texts(neuron_idx)``, cut to the first ``top_m``.
+
+        Args:
+            neuron_idx: neuron index or concept name.
+            top_m: keep at most this many entries (None: all).
+        """
+        if top_m is not None:
+            top_m = check_positive_int(top_m, "top_m")
+        entries = self.get_top_texts(neuron_idx)
+        return entries if top_m is None else entries[:top_m]
 
     def neuron_stats(self) -> NeuronStats:
         """Firing count and rate, mean activation when active, maximum activation, per neuron.
@@ -222,6 +238,10 @@ class AutoencoderConcepts:
         """
         return write_top_texts_csv(path, self._require_tracker(), self.dictionary)
 
+    # The original mi-crow's names of the two exports.
+    export_top_texts_to_json = export_top_texts_json
+    export_top_texts_to_csv = export_top_texts_csv
+
     # ------------------------------------------------------------------ dictionary
     def name_concept(self, neuron_idx: int, name: str, notes: str = "") -> Concept:
         """Name a neuron (see :meth:`ConceptDictionary.add`). Returns the stored :class:`Concept`."""
@@ -239,7 +259,7 @@ class AutoencoderConcepts:
         """Save the concept dictionary (and, for the record, the current manipulations) as JSON.
 
         The document is ``{"version", "n_latents", "concepts": [{"neuron", "name", "notes"}], "manipulations":
-        <get_manipulation_config()>}``.
+        <manipulation_state()>}``.
 
         Args:
             target: a store (``put_json``) — then it goes to ``sae_models/<sae_id>/concepts.json`` — or a file path.
@@ -249,7 +269,7 @@ class AutoencoderConcepts:
             The store key or the path written.
         """
         data = self.dictionary.to_dict()
-        data["manipulations"] = self.get_manipulation_config()
+        data["manipulations"] = self.manipulation_state()
         return write_document(target, sae_id, data)
 
     def load_dictionary(self, source: Any, sae_id: str | None = None) -> ConceptDictionary:
@@ -276,47 +296,65 @@ class AutoencoderConcepts:
         self._dictionary = loaded
         return loaded
 
-    def save(self, store: Any, sae_id: str) -> str:
-        """Save the dictionary and the manipulations beside the SAE: ``sae_models/<sae_id>/concepts.json``.
+    def save(self, target: Any, sae_id: str | None = None) -> str | Path:
+        """Save the dictionary and the manipulations beside the SAE: ``sae_models/<sae_id>/concepts.json`` of a
+        store, or a file path (then without ``sae_id``).
 
         Returns:
-            The store key.
+            The store key or the path written.
         """
-        return str(self.save_dictionary(store, sae_id))
+        return self.save_dictionary(target, sae_id)
 
-    def load(self, store: Any, sae_id: str) -> ConceptDictionary:
-        """Load ``sae_models/<sae_id>/concepts.json`` from a store: the dictionary and the saved manipulations.
+    def load(self, source: Any, sae_id: str | None = None) -> ConceptDictionary:
+        """Load what :meth:`save` wrote (``sae_models/<sae_id>/concepts.json`` of a store, or a file path): the
+        dictionary and the saved manipulations.
 
         Returns:
             The loaded dictionary.
         """
-        data, where = read_document(store, sae_id)
+        data, where = read_document(source, sae_id)
         previous = self._dictionary
-        loaded = self.load_dictionary(store, sae_id)
+        loaded = self.load_dictionary(source, sae_id)
         manipulations = data.get("manipulations") if isinstance(data, dict) else None
         if manipulations is not None:
             try:
-                self.load_manipulation_config(manipulations)
+                self.load_manipulation_state(manipulations)
             except (TypeError, ValueError) as exc:
                 self._dictionary = previous
                 raise type(exc)(f"{where}: {exc}") from None
         return loaded
 
     # ------------------------------------------------------------------ manipulation
-    def manipulate_concept(self, neuron_idx_or_name: int | str, scale: float) -> None:
-        """Scale a neuron's activation wherever it fires (1.5 amplifies, 0.5 suppresses, 0 ablates).
+    def manipulate_concept(
+        self,
+        neuron_idx: int | str | None = None,
+        scale: float | None = None,
+        *,
+        neuron_idx_or_name: int | str | None = None,
+    ) -> None:
+        """Scale a neuron's activation wherever it fires (1.5 amplifies, 0.5 suppresses, 0 ablates, 1.0 resets).
+
+        ``manipulate_concept(neuron_idx=42, scale=1.5)``, ``manipulate_concept(42, 1.5)`` and
+        ``manipulate_concept("cats", 0.0)`` (a concept name, see :meth:`name_concept`) all work;
+        ``neuron_idx_or_name=`` is a keyword synonym of ``neuron_idx``.
 
         Only tokens where the neuron is among the top-k active latents change: scaling a neuron that did not
-        fire does nothing (use :meth:`add_concept` to inject it). Setting a neuron again replaces its scale.
+        fire does nothing (use :meth:`add_concept` to inject it). Setting a neuron again replaces its scale; scale
+        1.0 removes it (the neuron then passes unchanged, and :meth:`get_manipulation_config` no longer lists it).
 
         Args:
-            neuron_idx_or_name: neuron index or concept name.
+            neuron_idx: neuron index or concept name.
             scale: a finite real number ``>= 0``.
+            neuron_idx_or_name: synonym of ``neuron_idx``.
 
         Raises:
-            TypeError / ValueError: bad neuron (out of range, unknown name) or scale (negative, non-numeric).
+            TypeError / ValueError: bad neuron (out of range, unknown name) or scale (negative, non-numeric), or
+                ``neuron_idx`` and ``neuron_idx_or_name`` given with different values.
         """
-        self._steering.set_scale(self._resolve(neuron_idx_or_name), scale)
+        idx = self._resolve(resolve_synonym("neuron_idx", neuron_idx, "neuron_idx_or_name", neuron_idx_or_name))
+        self._steering.set_scale(idx, scale)
+        if self._steering.scales[idx] == 1.0:
+            self._steering.remove_scale(idx)
 
     def add_concept(
         self,
@@ -356,24 +394,97 @@ class AutoencoderConcepts:
         """Whether any scale or addition is set."""
         return self._steering.active
 
-    def get_manipulation_config(self) -> dict[str, Any]:
-        """The current manipulations as a JSON-able dict (loadable with :meth:`load_manipulation_config`).
+    def manipulation_state(self) -> dict[str, Any]:
+        """Every manipulation (scales and additions) as a JSON-able dict, loadable with
+        :meth:`load_manipulation_state`; this is what :meth:`save` stores.
 
         Layout: ``{"version": 1, "scales": [{"neuron", "name", "scale"}], "additions": [{"neuron", "name",
         "activation", "positions"}]}`` sorted by neuron; ``name`` is the concept name or ``None``.
         """
         return self._steering.to_config(self.dictionary)
 
-    def load_manipulation_config(self, config: dict[str, Any]) -> None:
-        """Replace the current manipulations with ``config`` (from :meth:`get_manipulation_config`).
+    def load_manipulation_state(self, state: dict[str, Any]) -> None:
+        """Replace the current manipulations with ``state`` (from :meth:`manipulation_state`).
 
         Each entry needs ``neuron`` or, if absent, a ``name`` from the dictionary. Everything is checked before
         anything changes.
 
         Raises:
+            TypeError / ValueError: malformed state; the message names the entry.
+        """
+        self._steering.load_config(state, self.dictionary.resolve)
+
+    def get_manipulation_config(self) -> dict[int, float]:
+        """The current scales as ``{neuron_idx: scale}``, sorted by neuron.
+
+        Re-applied by ``for i, s in config.items(): manipulate_concept(neuron_idx=int(i), scale=s)`` (also after a
+        JSON round trip, which turns the keys into strings), or by :meth:`load_manipulation_config`. Additions
+        (:meth:`add_concept`) are not part of it; :meth:`manipulation_state` holds both.
+        """
+        return dict(sorted(self._steering.scales.items()))
+
+    def load_manipulation_config(self, config: dict[Any, Any]) -> None:
+        """Apply ``config``: the ``{neuron_idx: scale}`` of :meth:`get_manipulation_config` (keys may be digit
+        strings, as after JSON) replaces every scale and keeps the additions; the full dict of
+        :meth:`manipulation_state` replaces everything.
+
+        Everything is checked before anything changes.
+
+        Raises:
             TypeError / ValueError: malformed config; the message names the entry.
         """
-        self._steering.load_config(config, self.dictionary.resolve)
+        if not isinstance(config, dict) or not config or not all(_is_neuron_key(key) for key in config):
+            self.load_manipulation_state(config)
+            return
+        staged = Steering(self.sae)
+        for key, scale in config.items():
+            try:
+                staged.set_scale(self.dictionary.resolve(int(key)), scale)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"config[{key!r}]: {exc}") from None
+        self._steering.set_scales(staged.scales)
+
+    def load_concepts(self, concepts: dict[Any, Any]) -> ConceptDictionary:
+        """Name neurons from a mapping ``{neuron_idx: name}`` (added to the dictionary; a neuron named again is
+        renamed).
+
+        Values may also be ``{"name": ..., "notes": ...}`` dicts (other keys, e.g. ``confidence``, go into the
+        notes) or lists of such entries / names, as built from a curated CSV with several candidate names per
+        neuron: the first entry names the neuron, the others are kept in its notes. Keys may be digit strings (as
+        after JSON). Everything is checked before anything changes.
+
+        Args:
+            concepts: neuron index -> name (or entry, or list of entries).
+
+        Returns:
+            The updated :attr:`dictionary`.
+
+        Raises:
+            TypeError / ValueError: a bad index, an empty or duplicate name, a malformed entry; the message names
+                the neuron.
+        """
+        if not isinstance(concepts, dict):
+            raise TypeError(f"concepts must be a dict of neuron_idx -> name, got {type(concepts).__name__}")
+        parsed: list[tuple[Any, str, str]] = []
+        for key, value in concepts.items():
+            try:
+                name, notes = _concept_entry(value)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"concepts[{key!r}]: {exc}") from None
+            parsed.append((int(key) if _is_neuron_key(key) else key, name, notes))
+        staged = ConceptDictionary(self.n_latents)
+        renamed = {neuron for neuron, _, _ in parsed if isinstance(neuron, int) and neuron in self.dictionary}
+        for concept in self.dictionary:
+            # Neurons named again drop their old names first, so names may move between them in any order.
+            if concept.neuron not in renamed:
+                staged.add(concept.neuron, concept.name, concept.notes)
+        for neuron, name, notes in parsed:
+            try:
+                staged.add(neuron, name, notes)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"concepts[{neuron!r}]: {exc}") from None
+        self._dictionary = staged
+        return staged
 
     def modify_code(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor] | None:
         """Apply the manipulations to a sparse code. Called by the SAE's hook.
@@ -397,3 +508,30 @@ class AutoencoderConcepts:
             f"named={len(self.dictionary)}, scales={len(self._steering.scales)}, "
             f"additions={len(self._steering.additions)})"
         )
+
+
+def _is_neuron_key(key: Any) -> bool:
+    """An int neuron index, or one written as a digit string (JSON object keys are strings)."""
+    if isinstance(key, bool):
+        return False
+    if isinstance(key, int):
+        return True
+    return isinstance(key, str) and key.strip().isdigit()
+
+
+def _concept_entry(value: Any) -> tuple[str, str]:
+    """``(name, notes)`` from one value of :meth:`AutoencoderConcepts.load_concepts`."""
+    if isinstance(value, str):
+        return value, ""
+    if isinstance(value, dict):
+        if "name" not in value:
+            raise ValueError(f"an entry must have a 'name', got {value!r}")
+        notes = str(value.get("notes", "") or "")
+        extra = ", ".join(f"{k}={v}" for k, v in value.items() if k not in ("name", "notes"))
+        return value["name"], "; ".join(part for part in (notes, extra) if part)
+    if isinstance(value, (list, tuple)) and value:
+        name, notes = _concept_entry(value[0])
+        others = [_concept_entry(v) for v in value[1:]]
+        also = "; ".join(f"{n} ({x})" if x else n for n, x in others)
+        return name, "; ".join(part for part in (notes, f"also: {also}" if also else "") if part)
+    raise TypeError(f"a concept must be a name, a dict with 'name' or a non-empty list of them, got {value!r}")

@@ -89,6 +89,16 @@ class Steering:
         self.additions.clear()
         self._scale_tables.clear()
 
+    def remove_scale(self, neuron: int) -> None:
+        """Forget the scale of ``neuron`` (no error when it has none): it passes unchanged again."""
+        if self.scales.pop(neuron, None) is not None:
+            self._scale_tables.clear()
+
+    def set_scales(self, scales: dict[int, float]) -> None:
+        """Replace every scale with ``scales`` (already checked indices and values); additions stay."""
+        self.scales = {neuron: scale for neuron, scale in scales.items() if scale != 1.0}
+        self._scale_tables.clear()
+
     @property
     def active(self) -> bool:
         """Whether any scale or addition is set."""

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from mi_crow.errors import UserInputError
+from mi_crow.mechanistic.sae.concepts.top_texts import TopText
 from mi_crow.validation import check_positive_int
 
 logger = logging.getLogger(__name__)
@@ -44,21 +45,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["NeuronStats", "TopText", "TopTextTracker"]
 
 _MIN_TEXT_TABLE = 1024
-
-
-class TopText(NamedTuple):
-    """One entry of a neuron's top-text list."""
-
-    text: str
-    """The full text the activation came from."""
-    activation: float
-    """The neuron's activation at its strongest token in this text."""
-    token_position: int
-    """Position of that token among the text's tokens (padding excluded, special tokens included)."""
-    token: str
-    """That token as the tokenizer spells it (``tokenizer.convert_ids_to_tokens``)."""
-    token_id: int
-    """That token's id."""
 
 
 class NeuronStats(NamedTuple):

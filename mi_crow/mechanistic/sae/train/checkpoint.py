@@ -38,7 +38,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 _SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # Config fields that may differ between an interrupted run and its resumption.
-_RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "log_every", "extra", "save_sae", "sae_id"}
+_RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "log_every", "extra", "save_sae", "sae_id",
+                       "use_wandb", "wandb_project", "wandb_run_name"}
 
 
 def _sae_shape(sae: TopKSae) -> list[int]:
@@ -112,7 +113,8 @@ def check_checkpoint(checkpoint: Any, sae: TopKSae, config: SaeTrainingConfig, p
             f"SaeTrainer: cannot resume: the checkpoint trains on run {checkpoint.get('activation_run_id')!r} "
             f"layer {checkpoint.get('layer')!r}, not run {run_id!r} layer {layer!r}"
         )
-    saved = checkpoint["config"]
+    # A field the checkpoint does not know (added in a later version) had its default value then.
+    saved = {**SaeTrainingConfig().to_dict(), **checkpoint["config"]}
     current = config.to_dict()
     differing = sorted(
         name for name in current if name not in _RESUME_FREE_FIELDS and saved.get(name) != current[name]

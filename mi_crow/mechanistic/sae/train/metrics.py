@@ -11,7 +11,7 @@ from mi_crow.mechanistic.sae.train.results import LossOutput
 
 __all__ = ["MetricsWindow"]
 
-_NAMES = ("loss", "fvu", "sse", "auxk", "l0")
+_NAMES = ("loss", "fvu", "sse", "auxk", "l0", "l1")
 
 
 class MetricsWindow:
@@ -39,6 +39,8 @@ class MetricsWindow:
         self.sums["sse"] += out.sse
         self.sums["auxk"] += out.auxk_loss
         self.sums["l0"] += out.l0
+        if out.l1 is not None:
+            self.sums["l1"] += out.l1
         self.steps += 1
         self.tokens += out.tokens
 
@@ -52,6 +54,7 @@ class MetricsWindow:
             "fvu": float(sums["fvu"]) / steps,
             "l0": float(sums["l0"]) / steps,
             "auxk_loss": float(sums["auxk"]) / steps,
+            "l1": float(sums["l1"]) / steps,
             "tokens_per_s": self.tokens / elapsed,
         }
 
@@ -71,6 +74,7 @@ class MetricsWindow:
     def load_checkpoint(self, window: dict[str, Any]) -> None:
         """Continue the window a checkpoint saved (:meth:`to_checkpoint`)."""
         for name, value in self.sums.items():
-            value.fill_(float(window[name]))
+            # Checkpoints of earlier versions have no "l1" sum.
+            value.fill_(float(window.get(name, 0.0)))
         self.steps = int(window["steps"])
         self.tokens = int(window["tokens"])

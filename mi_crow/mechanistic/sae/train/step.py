@@ -96,6 +96,7 @@ class SaeStepper:
         k_aux: int = 0,
         auxk_coef: float = 1.0 / 32.0,
         encode_dtype: torch.dtype | None = None,
+        l1_lambda: float = 0.0,
     ) -> LossOutput:
         """Forward pass and losses of one batch (differentiable; nothing is stepped).
 
@@ -106,6 +107,7 @@ class SaeStepper:
             k_aux: dead latents per token used by AuxK.
             auxk_coef: AuxK weight in ``loss``.
             encode_dtype: dtype of the encoder product (None = the SAE's dtype).
+            l1_lambda: weight of the L1 penalty ``mean |code|`` (over tokens and latents) added to ``loss``.
 
         Returns:
             `LossOutput`.
@@ -149,12 +151,18 @@ class SaeStepper:
             loss = loss + auxk_coef * auxk
         active = values > 0
         count = self._all_reduce_sum(torch.tensor(x.shape[0], dtype=torch.int64, device=x.device))
+        # mean |z| over the dense [tokens, n_latents] code: its zeros add nothing, so the k values suffice. Off, it
+        # is only measured (detached), so the loss and its gradient are exactly those without the penalty.
+        l1_source = values if l1_lambda > 0 else values.detach()
+        l1 = self._all_reduce_sum(l1_source.abs().sum(dtype=torch.float32)) / (count * sae.n_latents)
+        if l1_lambda > 0:
+            loss = loss + l1_lambda * l1.to(loss.dtype)
         l0 = self._all_reduce_sum(active.sum(dtype=torch.float32)) / count
         # index_add (not a bool scatter): duplicate indices must all count, whatever order they are written in.
         hits = torch.zeros(sae.n_latents, dtype=torch.int32, device=x.device)
         hits.index_add_(0, code.indices.reshape(-1), active.reshape(-1).to(torch.int32))
         fired = self._all_reduce_max(hits > 0)
-        return LossOutput(loss, fvu.detach(), sse.detach(), auxk.detach(), l0, fired, int(count))
+        return LossOutput(loss, fvu.detach(), sse.detach(), auxk.detach(), l0, fired, int(count), l1.detach())
 
     def _centered_sum_sq(self, x: Tensor) -> Tensor:
         """``sum ||x_i - mean||^2`` over all ranks' tokens (the mean is the global one)."""
@@ -212,6 +220,7 @@ class SaeStepper:
             k_aux=k_aux,
             auxk_coef=config.auxk_coef,
             encode_dtype=encode_dtype,
+            l1_lambda=config.l1_lambda,
         )
         if not bool(torch.isfinite(out.loss)):
             return None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mi_crow.errors import UserInputError
+from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader
 from mi_crow.mechanistic.sae.train.batches import EpochBatches
@@ -41,7 +41,9 @@ from mi_crow.mechanistic.sae.train.results import (
 from mi_crow.mechanistic.sae.train.schedule import lr_at_step
 from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
 from mi_crow.mechanistic.sae.train.step import SaeStepper
-from mi_crow.validation import check_identifier, check_tensor
+from mi_crow.mechanistic.sae.train.wandb_log import WandbRun, require_wandb
+from mi_crow.store.base import Store
+from mi_crow.validation import check_identifier, check_tensor, resolve_synonym
 
 __all__ = ["HISTORY_FILE", "RUN_CONFIG_FILE", "SaeTrainer"]
 
@@ -57,7 +59,8 @@ class SaeTrainer(SaeStepper):
     Args:
         sae: the SAE to train (in place).
         store: the store holding the activation run; also receives ``runs/<training_run_id>/`` (history, config,
-            checkpoints) and the trained SAE. May be None only for `train_on_tensor` without checkpoints.
+            checkpoints) and the trained SAE. May be None: then pass it to `train` (``SaeTrainer(sae).train(store,
+            ...)``), or use `train_on_tensor` without checkpoints.
 
     Attributes:
         sae: the SAE.
@@ -66,31 +69,62 @@ class SaeTrainer(SaeStepper):
         tokens_since_fired: ``[n_latents]`` int64, tokens since each latent was last active.
     """
 
+    _wandb: WandbRun | None = None  # the W&B run of the training in progress, when use_wandb is on
+
     # -- public entry points -------------------------------------------------------------------------------------
     def train(
         self,
-        run_id: str,
-        layer: str,
+        *args: Any,
+        store: Store | None = None,
+        run_id: str | None = None,
+        layer_signature: str | None = None,
         config: SaeTrainingConfig | None = None,
-        *,
+        layer: str | None = None,
         callbacks: Sequence[Callable[[StepInfo], None]] = (),
     ) -> TrainingResult:
-        """Train on ``activations/<run_id>/`` layer ``layer`` of the store.
+        """Train on ``activations/<run_id>/`` layer ``layer_signature`` of a store.
+
+        Call shapes (the first positional argument tells them apart by type):
+
+        - ``SaeTrainer(sae).train(store=..., run_id=..., layer_signature=..., config=...)``
+        - ``SaeTrainer(sae).train(store, run_id, layer_signature, config)`` (a `Store` first)
+        - ``SaeTrainer(sae, store).train(run_id, layer, config)`` (a run id first)
+
+        A store passed here becomes the trainer's store. ``layer`` is a synonym of ``layer_signature``. A flattened
+        layer name of the original mi-crow (``gpt2lmheadmodel_transformer_h_0_mlp``) finds the stored dotted name.
 
         Args:
+            *args: ``store, run_id, layer_signature, config`` or ``run_id, layer_signature, config`` (a prefix).
+            store: the store holding the activation run; it also receives the run's history, checkpoints and SAE.
             run_id: activation run id (``store.list_runs()``).
-            layer: layer name stored in the run.
+            layer_signature: layer name stored in the run.
             config: `SaeTrainingConfig` (defaults when None).
+            layer: synonym of ``layer_signature``.
             callbacks: called with a `StepInfo` after every optimizer step (and after its checkpoint); an exception
                 from a callback stops training (the last checkpoint stays, so ``resume=True`` continues).
 
         Returns:
-            `TrainingResult`.
+            `TrainingResult` (also a mapping of per-log-step lists: ``result["loss"]``, ``result["r2"]``, ...).
 
         Raises:
-            UserInputError: unknown run or layer, a layer width different from ``sae.n_inputs``, a bad config.
+            UserInputError: unknown run or layer, a layer width different from ``sae.n_inputs``, a bad config, no
+                store, an argument given twice with different values.
             NonFiniteTrainingError: too many non-finite batches.
         """
+        given = _bind_train_arguments(
+            args, {"store": store, "run_id": run_id, "layer_signature": layer_signature, "config": config}
+        )
+        store, run_id, config = given["store"], given["run_id"], given["config"]
+        layer = resolve_synonym("layer_signature", given["layer_signature"], "layer", layer)
+        if store is not None:
+            if not isinstance(store, Store):
+                raise ArgumentTypeError(f"SaeTrainer.train: store must be a Store, got {type(store).__name__}")
+            self.store = store
+        if run_id is None or layer is None:
+            raise UserInputError(
+                f"SaeTrainer.train: run_id and layer_signature are required, got run_id={run_id!r}, "
+                f"layer_signature={layer!r}"
+            )
         if self.store is None:
             raise UserInputError("SaeTrainer.train: the trainer has no store (SaeTrainer(sae, store))")
         config = self._check_config(config)
@@ -101,6 +135,7 @@ class SaeTrainer(SaeStepper):
             raise UserInputError(f"SaeTrainer.train: unknown activation run_id {run_id!r}; runs in the store: {runs}")
         meta = store.read_run_meta(run_id)
         layer_dims = meta.get("layer_dims", {})
+        layer = _stored_layer_name(layer, layer_dims)
         if layer not in layer_dims:
             raise UserInputError(
                 f"SaeTrainer.train: layer {layer!r} is not stored in run {run_id!r}; stored layers: "
@@ -191,6 +226,7 @@ class SaeTrainer(SaeStepper):
                 "SaeTrainer: checkpoint_every, resume and save_sae need a store; pass SaeTrainer(sae, store) or set "
                 "checkpoint_every=None, save_sae=False"
             )
+        wandb = require_wandb() if config.use_wandb else None  # fail before any work when it is missing
         reader = reader_factory(0)
         plan = TrainingPlan.make(config, self.sae, reader, run_id, layer, model_id)
         # One writer per training run: a second process training into the same run id is refused (naming the
@@ -217,6 +253,11 @@ class SaeTrainer(SaeStepper):
         window = MetricsWindow(self.sae.device)
         if window_state is not None:
             window.load_checkpoint(window_state)
+        self._wandb = None
+        if wandb is not None:
+            self._wandb = WandbRun(wandb, config.wandb_project, config.wandb_run_name or plan.training_run_id,
+                                   run_config)
+        failed = True
         try:
             while state.step < plan.total_steps:
                 lr = self._train_batch(batches.next(), plan, state, window)
@@ -232,10 +273,15 @@ class SaeTrainer(SaeStepper):
                                      state, batches.reader, window)
                 for callback in callbacks:
                     callback(StepInfo(state.step, plan.total_steps, state.tokens_seen, self))
+            result = self._finish(plan, state, run_config)
+            failed = False
         finally:
             if bar is not None:
                 bar.close()
-        return self._finish(plan, state, run_config)
+            if self._wandb is not None:
+                self._wandb.finish(failed=failed)
+                self._wandb = None
+        return result
 
     def _start(
         self,
@@ -299,16 +345,19 @@ class SaeTrainer(SaeStepper):
     def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any) -> None:
         """Append the window's record to the history (and the store), show it on the bar, empty the window."""
         means = window.means(self.sae.n_inputs)
-        dead = float((self.tokens_since_fired >= self.config.dead_window_tokens).float().mean())
+        dead_count = int((self.tokens_since_fired >= self.config.dead_window_tokens).sum())
         record = {
             "step": state.step,
             "tokens": state.tokens_seen,
             "loss": means["loss"],
             "mse": means["mse"],
             "fvu": means["fvu"],
+            "r2": 1.0 - means["fvu"],
             "l0": means["l0"],
-            "dead_fraction": dead,
+            "dead_fraction": dead_count / self.sae.n_latents,
+            "dead_features": dead_count,
             "auxk_loss": means["auxk_loss"],
+            "l1": means["l1"],
             "tokens_per_s": means["tokens_per_s"],
             "lr": lr,
             "nonfinite_batches": state.nonfinite,
@@ -318,6 +367,8 @@ class SaeTrainer(SaeStepper):
         window.clear()
         if self.store is not None:
             self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
+        if self._wandb is not None:
+            self._wandb.log(record)
         if bar is not None:
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
@@ -387,3 +438,46 @@ class SaeTrainer(SaeStepper):
             resumed_from_step=state.resumed_from,
             config=config,
         )
+
+
+_TRAIN_POSITIONAL_WITH_STORE = ("store", "run_id", "layer_signature", "config")
+_TRAIN_POSITIONAL = ("run_id", "layer_signature", "config")
+
+
+def _bind_train_arguments(args: tuple[Any, ...], given: dict[str, Any]) -> dict[str, Any]:
+    """Put `SaeTrainer.train`'s positional arguments into their named slots: a `Store` first means
+    ``(store, run_id, layer_signature, config)``, anything else ``(run_id, layer_signature, config)``."""
+    if not args:
+        return given
+    names = _TRAIN_POSITIONAL_WITH_STORE if isinstance(args[0], Store) else _TRAIN_POSITIONAL
+    if not isinstance(args[0], (Store, str)):
+        raise ArgumentTypeError(
+            f"SaeTrainer.train: the first argument must be a Store (train(store, run_id, layer_signature, config)) "
+            f"or a run id (train(run_id, layer, config)), got {type(args[0]).__name__}"
+        )
+    if len(args) > len(names):
+        raise ArgumentTypeError(
+            f"SaeTrainer.train: takes at most {len(names)} positional arguments ({', '.join(names)}), got {len(args)}"
+        )
+    out = dict(given)
+    for name, value in zip(names, args):
+        if out[name] is not None and out[name] is not value and out[name] != value:
+            raise UserInputError(
+                f"SaeTrainer.train: {name} given both positionally ({value!r}) and as a keyword ({out[name]!r})"
+            )
+        out[name] = value
+    return out
+
+
+def _stored_layer_name(layer: Any, stored: dict[str, Any]) -> Any:
+    """``layer`` as the run stores it: itself, or the one stored dotted name whose flattened spelling it is
+    (``<model class>_<path with '.' as '_'>``, the original mi-crow's layer names)."""
+    if not isinstance(layer, str) or layer in stored:
+        return layer
+    matches = []
+    for name in stored:
+        suffix = "_" + name.replace(".", "_")
+        prefix = layer[: -len(suffix)] if layer.endswith(suffix) else ""
+        if prefix and "_" not in prefix and "." not in prefix:
+            matches.append(name)
+    return matches[0] if len(matches) == 1 else layer
