@@ -234,7 +234,7 @@ class SaeTrainer(SaeStepper):
         lock = (contextlib.nullcontext() if self.store is None
                 else self.store.lock_run(plan.training_run_id, kind="training", purpose="training"))
         with lock:
-            return self._run(plan, reader_factory, reader, sample_reader, callbacks)
+            return self._run(plan, reader_factory, reader, sample_reader, callbacks, wandb)
 
     def _run(
         self,
@@ -243,8 +243,10 @@ class SaeTrainer(SaeStepper):
         reader: Any,
         sample_reader: Callable[[], Iterable[Tensor]] | None,
         callbacks: Sequence[Callable[[StepInfo], None]],
+        wandb: Any,
     ) -> TrainingResult:
-        """The loop of `train_from_reader` once the plan is made and the run is locked."""
+        """The loop of `train_from_reader` once the plan is made and the run is locked (``wandb``: the imported
+        module when ``use_wandb`` is on, else ``None``)."""
         config = self.config
         self.prepare(config, plan.peak_lr)
         state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader)
