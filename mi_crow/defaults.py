@@ -27,6 +27,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from mi_crow.errors import MiCrowError
+
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import torch
 
@@ -53,7 +55,7 @@ _CORPUS_CACHE_VERSION = 1
 MIN_PARAGRAPH_CHARS = 100
 
 
-class MissingDefaultPackageError(ImportError):
+class MissingDefaultPackageError(MiCrowError, ImportError):
     """A package that ships the default model or corpus is not installed; the message gives the pip command."""
 
 

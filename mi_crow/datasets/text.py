@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import overload
 
 from mi_crow.datasets.base import BaseDataset
+from mi_crow.errors import UserInputError
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -122,7 +123,7 @@ class TextDataset(BaseDataset):
                 if not isinstance(record, dict):
                     raise ValueError(f"{p}:{line_no} must be a JSON object, got {type(record).__name__}")
                 if text_field not in record:
-                    raise ValueError(
+                    raise UserInputError(
                         f"text_field {text_field!r} not found in {p}:{line_no}; available fields: {sorted(record)}"
                     )
                 value = record[text_field]
@@ -153,7 +154,7 @@ class TextDataset(BaseDataset):
             if not columns:
                 raise ValueError(f"path {str(p)!r} has no header row")
             if text_field not in columns:
-                raise ValueError(f"text_field {text_field!r} is not a column of {p}; available columns: {columns}")
+                raise UserInputError(f"text_field {text_field!r} is not a column of {p}; available columns: {columns}")
             texts = [row[text_field] if row[text_field] is not None else "" for row in reader]
         if not texts:
             raise ValueError(f"path {str(p)!r} has a header but no rows")

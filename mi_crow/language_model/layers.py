@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mi_crow.errors import UserInputError
 from mi_crow.hooks import Controller, Hook
 from mi_crow.hooks.dispatch import make_torch_hook, unwrap_main_tensor
 
@@ -111,7 +112,7 @@ class LanguageModelLayers:
                 raise ValueError(f"layer={layer} is an index but no list of transformer blocks was found in the model")
             n = len(blocks)
             if not -n <= layer < n:
-                raise ValueError(
+                raise UserInputError(
                     f"layer={layer} is out of range: the model has {n} transformer blocks, valid indices are "
                     f"0..{n - 1} (or -{n}..-1)"
                 )
@@ -120,7 +121,7 @@ class LanguageModelLayers:
             return layer
         close = difflib.get_close_matches(layer, self.list_layers(), n=5, cutoff=0.5)
         hint = f"closest valid names: {close}" if close else f"valid names start with: {self.list_layers()[:5]}"
-        raise ValueError(f"layer={layer!r} is not a layer of this model; {hint} (see lm.layers.list_layers())")
+        raise UserInputError(f"layer={layer!r} is not a layer of this model; {hint} (see lm.layers.list_layers())")
 
     def get_module(self, layer: str | int | None) -> nn.Module:
         """The ``nn.Module`` of a layer (``None`` / ``""``: the whole model)."""

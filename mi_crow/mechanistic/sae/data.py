@@ -8,6 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mi_crow.errors import UserInputError
+from mi_crow.validation import check_positive_int, check_tensor, fail
+
 __all__ = ["TensorActivationReader", "geometric_median"]
 
 
@@ -31,11 +34,8 @@ class TensorActivationReader:
     def __init__(
         self, data: Tensor, batch_size: int, *, shuffle: bool = True, seed: int = 0, drop_last: bool = True
     ) -> None:
-        if not isinstance(data, Tensor) or data.dim() != 2 or not data.is_floating_point():
-            shape = tuple(data.shape) if isinstance(data, Tensor) else type(data).__name__
-            raise ValueError(f"TensorActivationReader: data must be a floating [tokens, d] tensor, got {shape}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"TensorActivationReader: batch_size must be a positive int, got {batch_size!r}")
+        check_tensor(data, "TensorActivationReader: data", ndim=2, floating=True)
+        check_positive_int(batch_size, "TensorActivationReader: batch_size")
         self.data = data
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -77,7 +77,7 @@ class TensorActivationReader:
             ValueError: ``state`` belongs to a reader over different data or with another seed.
         """
         if state.get("n_tokens") != self.n_tokens or state.get("seed") != self.seed:
-            raise ValueError(
+            raise UserInputError(
                 f"TensorActivationReader.load_state_dict: state is for n_tokens={state.get('n_tokens')}, "
                 f"seed={state.get('seed')}, this reader has n_tokens={self.n_tokens}, seed={self.seed}"
             )
@@ -98,9 +98,9 @@ def geometric_median(points: Tensor, *, max_iter: int = 200, tol: float = 1e-7) 
     Returns:
         ``[d]`` in ``points.dtype``.
     """
-    if not isinstance(points, Tensor) or points.dim() != 2 or points.shape[0] == 0:
-        shape = tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__
-        raise ValueError(f"geometric_median: points must be a non-empty [tokens, d] tensor, got {shape}")
+    check_tensor(points, "geometric_median: points", ndim=2)
+    if points.shape[0] == 0:
+        raise fail("geometric_median: points", "a non-empty [tokens, d] tensor", points)
     p = points.to(torch.float64)
     guess = p.mean(dim=0)
     scale = float((p - guess).norm(dim=1).mean().clamp_min(1e-30))

@@ -23,11 +23,11 @@ from torch import Tensor
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae import metrics as M
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
+from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.validation import check_bool, check_positive_int, check_real, fail, fail_type
 
 if TYPE_CHECKING:
     from mi_crow.language_model import LanguageModel
-    from mi_crow.mechanistic.sae.sae import TopKSae
 
 __all__ = ["EvaluationResult", "evaluate", "save_saebench_core", "to_saebench_core"]
 
@@ -161,8 +161,6 @@ def evaluate(
         UserInputError / ArgumentTypeError: bad arguments, no layer known, an SAE width different from the layer's
             (both numbers named), an evaluation set without a real token or without a next-token prediction.
     """
-    from mi_crow.mechanistic.sae.sae import TopKSae
-
     if not isinstance(sae, TopKSae):
         raise fail_type("sae", "a TopKSae", sae)
     check_positive_int(batch_size, "batch_size")

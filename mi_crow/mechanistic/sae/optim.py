@@ -19,6 +19,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
+from mi_crow.errors import UserInputError
+from mi_crow.validation import fail_type
+
 __all__ = ["step_in_backward"]
 
 ParamHook = Callable[[Tensor], None]
@@ -53,7 +56,7 @@ def step_in_backward(
             already has a gradient.
     """
     if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"step_in_backward: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        raise fail_type("step_in_backward: optimizer", "a torch.optim.Optimizer", optimizer)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     ids = {id(p) for p in params}
     # Keyed by id: a tensor's == is elementwise, so tensors make poor dict keys.
@@ -62,13 +65,13 @@ def step_in_backward(
     for name, hooks in (("before_step", before_step or {}), ("after_step", after_step or {})):
         for p in hooks:
             if id(p) not in ids:
-                raise ValueError(
+                raise UserInputError(
                     f"step_in_backward: every key of {name} must be a parameter of the optimizer, got a tensor of "
                     f"shape {tuple(p.shape)} that is not"
                 )
     for p in params:
         if p.grad is not None:
-            raise ValueError(
+            raise UserInputError(
                 f"step_in_backward: parameter of shape {tuple(p.shape)} already has a gradient; call "
                 "optimizer.zero_grad(set_to_none=True) before backward"
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -13,25 +12,24 @@ from torch import Tensor, nn
 
 import mi_crow
 from mi_crow import ops
-from mi_crow.ops.memory import empty_huge
+from mi_crow.errors import UserInputError
 from mi_crow.hooks import Controller, HookType
+from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
+from mi_crow.mechanistic.sae.saving import load_sae, load_sae_from_dir, save_sae
+from mi_crow.ops.memory import empty_huge
+from mi_crow.validation import check_choice, check_positive_int, fail, fail_type
 
 if TYPE_CHECKING:
     from mi_crow.mechanistic.sae.config import SaeTrainingConfig
-    from mi_crow.mechanistic.sae.trainer import TrainingResult
+    from mi_crow.mechanistic.sae.train import TrainingResult
     from mi_crow.store import Store
 
 __all__ = ["SaeOutput", "SparseCode", "TopKSae"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-CONCEPTS_FILE = "concepts.json"
 FORMAT_VERSION = 1
 _MODES = ("observe", "replace")
-_PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class SparseCode(NamedTuple):
@@ -56,17 +54,6 @@ class SaeOutput(NamedTuple):
 
     reconstruction: Tensor
     code: SparseCode
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def sae_key(sae_id: str, name: str = "") -> str:
-    """Store key of a file of a saved SAE: ``sae_models/<sae_id>/<name>``."""
-    if not isinstance(sae_id, str) or not sae_id or "/" in sae_id or "\\" in sae_id or ".." in sae_id:
-        raise ValueError(f"sae_id must be a non-empty name without '/', '\\\\' or '..', got {sae_id!r}")
-    return f"sae_models/{sae_id}/{name}" if name else f"sae_models/{sae_id}"
 
 
 class TopKSae(nn.Module, Controller):
@@ -114,18 +101,15 @@ class TopKSae(nn.Module, Controller):
         hook_id: str | None = None,
     ) -> None:
         for name, value in (("n_latents", n_latents), ("n_inputs", n_inputs), ("k", k)):
-            if not _is_int(value):
-                raise TypeError(f"TopKSae: {name} must be a positive int, got {type(value).__name__}: {value!r}")
-            if value <= 0:
-                raise ValueError(f"TopKSae: {name} must be a positive int, got {value!r}")
+            check_positive_int(value, f"TopKSae: {name}")
         if k > n_latents:
-            raise ValueError(f"TopKSae: k must be <= n_latents={n_latents}, got k={k}")
+            raise fail("TopKSae: k", f"<= n_latents={n_latents}", k)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"TopKSae: dtype must be a floating torch.dtype, got {dtype!r}")
+            raise fail_type("TopKSae: dtype", "a floating torch.dtype", dtype)
         try:
             device = torch.device(device)
         except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"TopKSae: device must be a torch device or its name, got {device!r}") from exc
+            raise fail("TopKSae: device", "a torch device or its name", device) from exc
         nn.Module.__init__(self)
         Controller.__init__(self, layer_signature=layer_signature, hook_type=HookType.FORWARD, hook_id=hook_id)
         self.n_latents = n_latents
@@ -145,15 +129,11 @@ class TopKSae(nn.Module, Controller):
             "training_run_id": None,
         }
         self.outlier_norm_factor: float | None = None
-        self.concepts = self._make_concepts()
+        # The concepts package reads the SAE through its attributes only and never imports this module, so the
+        # import above is one-way.
+        self.concepts = AutoencoderConcepts(self)
 
     # -- construction helpers ---------------------------------------------------------------------------------
-    def _make_concepts(self) -> Any:
-        # Imported here: concepts.py refers back to the SAE's attributes, not to this module.
-        from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
-
-        return AutoencoderConcepts(self)
-
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw fresh weights: random unit-norm decoder rows, encoder = decoder transpose, zero biases.
@@ -176,9 +156,7 @@ class TopKSae(nn.Module, Controller):
 
     @mode.setter
     def mode(self, value: str) -> None:
-        if value not in _MODES:
-            raise ValueError(f"TopKSae.mode must be one of {list(_MODES)}, got {value!r}")
-        self._mode = value
+        self._mode = check_choice(value, "TopKSae.mode", _MODES)
 
     @property
     def device(self) -> torch.device:
@@ -193,11 +171,11 @@ class TopKSae(nn.Module, Controller):
     # -- core ---------------------------------------------------------------------------------------------------
     def _check_input(self, x: Any, name: str = "x") -> Tensor:
         if not isinstance(x, Tensor):
-            raise TypeError(f"TopKSae: {name} must be a torch.Tensor, got {type(x).__name__}")
+            raise fail_type(f"TopKSae: {name}", "a torch.Tensor", x)
         if not x.is_floating_point():
-            raise TypeError(f"TopKSae: {name} must be a floating tensor, got dtype {x.dtype}")
+            raise fail_type(f"TopKSae: {name}", "a floating tensor", x)
         if x.dim() == 0 or x.shape[-1] != self.n_inputs:
-            raise ValueError(
+            raise UserInputError(
                 f"TopKSae: {name} must have shape [..., n_inputs={self.n_inputs}], got {tuple(x.shape)}"
             )
         return x.to(device=self.device, dtype=self.dtype)
@@ -245,18 +223,16 @@ class TopKSae(nn.Module, Controller):
         try:
             values, indices = code[0], code[1]
         except (TypeError, IndexError, KeyError):
-            raise TypeError(
-                f"TopKSae: code must be a SparseCode or a (values, indices) pair, got {type(code).__name__}"
-            ) from None
+            raise fail_type("TopKSae: code", "a SparseCode or a (values, indices) pair", code) from None
         if not isinstance(values, Tensor) or not isinstance(indices, Tensor):
-            raise TypeError("TopKSae: code values and indices must be tensors")
+            raise fail_type("TopKSae: code", "a pair of tensors (values, indices)", code)
         if values.shape != indices.shape or values.dim() == 0:
-            raise ValueError(
+            raise UserInputError(
                 f"TopKSae: code values and indices must have the same shape [..., k], got "
                 f"{tuple(values.shape)} and {tuple(indices.shape)}"
             )
         if indices.dtype != torch.int64:
-            raise TypeError(f"TopKSae: code indices must be int64, got {indices.dtype}")
+            raise fail_type("TopKSae: code indices", "an int64 tensor", indices)
         return values, indices
 
     def decode(self, code: SparseCode | tuple[Tensor, Tensor]) -> Tensor:
@@ -302,9 +278,9 @@ class TopKSae(nn.Module, Controller):
             None (observe, nothing manipulated) or a tensor of ``output``'s shape, dtype and device.
         """
         if not isinstance(output, Tensor):
-            raise TypeError(f"TopKSae: the hooked layer's output must be a tensor, got {type(output).__name__}")
+            raise fail_type("TopKSae: the hooked layer's output", "a tensor", output)
         if output.shape[-1] != self.n_inputs:
-            raise ValueError(
+            raise UserInputError(
                 f"TopKSae: layer output width {output.shape[-1]} does not match the SAE's n_inputs={self.n_inputs}"
             )
         concepts = self.concepts
@@ -392,10 +368,14 @@ class TopKSae(nn.Module, Controller):
             return nn.Module.train(self, bool(kwargs.pop("mode")))
         if isinstance(store, bool):
             return nn.Module.train(self, store)
-        from mi_crow.mechanistic.sae.trainer import SaeTrainer
+        # The trainer is built on this module (it imports TopKSae at import time); importing it here, when training
+        # is asked for, keeps the dependency one-way at import time: sae.py never needs the train package to load.
+        from mi_crow.mechanistic.sae.train import SaeTrainer
 
         if run_id is None or layer is None:
-            raise ValueError(f"TopKSae.train: run_id and layer are required, got run_id={run_id!r}, layer={layer!r}")
+            raise UserInputError(
+                f"TopKSae.train: run_id and layer are required, got run_id={run_id!r}, layer={layer!r}"
+            )
         return SaeTrainer(self, store).train(run_id, layer, config, **kwargs)
 
     # -- persistence ----------------------------------------------------------------------------------------------
@@ -418,9 +398,6 @@ class TopKSae(nn.Module, Controller):
             "mi_crow_version": mi_crow.__version__,
         }
 
-    def _state_tensors(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name).detach().to("cpu").contiguous() for name in _PARAM_NAMES}
-
     def save(self, store: Store, sae_id: str) -> str:
         """Save weights and configuration to ``sae_models/<sae_id>/`` (atomically, through the store).
 
@@ -429,61 +406,15 @@ class TopKSae(nn.Module, Controller):
 
         Args:
             store: the destination store.
-            sae_id: name of the saved SAE.
+            sae_id: name of the saved SAE: one folder name (the rule of every store key).
 
         Returns:
             The store key of the SAE's folder.
-        """
-        folder = sae_key(sae_id)
-        store.put_tensors(sae_key(sae_id, MODEL_FILE), self._state_tensors(), metadata={"format": "mi_crow.TopKSae"})
-        store.put_json(sae_key(sae_id, CONFIG_FILE), self.config_dict())
-        self.concepts.save(store, sae_id)
-        logger.info("saved SAE to %s", folder)
-        return folder
 
-    @classmethod
-    def _from_parts(
-        cls,
-        config: dict[str, Any],
-        tensors: dict[str, Tensor],
-        where: str,
-        device: str | torch.device | None,
-    ) -> TopKSae:
-        if not isinstance(config, dict):
-            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} must hold a JSON object")
-        missing = [key for key in ("n_latents", "n_inputs", "k", "dtype") if key not in config]
-        if missing:
-            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} lacks the keys {missing}")
-        if config["dtype"] not in _DTYPES:
-            raise ValueError(f"TopKSae.load: {where}/{CONFIG_FILE} has an unknown dtype {config['dtype']!r}")
-        sae = cls(
-            config["n_latents"],
-            config["n_inputs"],
-            config["k"],
-            device="cpu",
-            dtype=_DTYPES[config["dtype"]],
-            mode=config.get("mode", "observe"),
-            layer_signature=config.get("layer"),
-        )
-        absent = [name for name in _PARAM_NAMES if name not in tensors]
-        if absent:
-            raise ValueError(f"TopKSae.load: {where}/{MODEL_FILE} lacks the tensors {absent}")
-        with torch.no_grad():
-            for name in _PARAM_NAMES:
-                param = getattr(sae, name)
-                tensor = tensors[name]
-                if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
-                    raise ValueError(
-                        f"TopKSae.load: tensor {name} in {where}/{MODEL_FILE} has shape {tuple(tensor.shape)} "
-                        f"{tensor.dtype}, expected {tuple(param.shape)} {param.dtype} from {CONFIG_FILE}"
-                    )
-                param.copy_(tensor)
-        for key in ("model_id", "activation_run_id", "training_run_id", "layer"):
-            sae.metadata[key] = config.get(key)
-        sae.outlier_norm_factor = config.get("outlier_norm_factor")
-        if device is not None:
-            sae.to(device)
-        return sae
+        Raises:
+            UserInputError: ``sae_id`` is not one folder name (``"a/b"``, ``".."``, ``""``).
+        """
+        return save_sae(self, store, sae_id)
 
     @classmethod
     def load(
@@ -502,25 +433,12 @@ class TopKSae(nn.Module, Controller):
 
         Returns:
             The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
+
+        Raises:
+            StoreKeyNotFoundError: no SAE saved under ``sae_id``.
+            CorruptStoreFileError: its files do not describe an SAE.
         """
-        if isinstance(store, (str, Path)):
-            if sae_id is not None:
-                raise ValueError(
-                    f"TopKSae.load: pass either a store and sae_id or a folder path, got path {store!r} and "
-                    f"sae_id={sae_id!r}"
-                )
-            return cls.load_from_dir(store, device=device)
-        if sae_id is None:
-            raise ValueError("TopKSae.load: sae_id is required when loading from a store")
-        where = sae_key(sae_id)
-        if not store.exists(sae_key(sae_id, CONFIG_FILE)):
-            raise FileNotFoundError(f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {where}/{CONFIG_FILE})")
-        config = store.get_json(sae_key(sae_id, CONFIG_FILE))
-        tensors = store.get_tensors(sae_key(sae_id, MODEL_FILE))
-        sae = cls._from_parts(config, tensors, where, device)
-        if store.exists(sae_key(sae_id, CONCEPTS_FILE)):
-            sae.concepts.load(store, sae_id)
-        return sae
+        return load_sae(cls, store, sae_id, device=device)
 
     @classmethod
     def load_from_dir(cls, path: str | Path, *, device: str | torch.device | None = None) -> TopKSae:
@@ -530,23 +448,7 @@ class TopKSae(nn.Module, Controller):
             path: the folder (e.g. ``<store>/sae_models/<sae_id>``).
             device: where to put the parameters (CPU when None).
         """
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        config_path = folder / CONFIG_FILE
-        model_path = folder / MODEL_FILE
-        for file in (config_path, model_path):
-            if not file.is_file():
-                raise FileNotFoundError(f"TopKSae.load_from_dir: missing file {file}")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"TopKSae.load_from_dir: {config_path} is not valid JSON: {exc}") from exc
-        try:
-            tensors = load_file(str(model_path))
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"TopKSae.load_from_dir: cannot read {model_path}: {exc}") from exc
-        return cls._from_parts(config, tensors, str(folder), device)
+        return load_sae_from_dir(cls, path, device=device)
 
     def extra_repr(self) -> str:
         return f"n_latents={self.n_latents}, n_inputs={self.n_inputs}, k={self.k}, mode={self.mode!r}"

@@ -1,0 +1,24 @@
+"""Training a `TopKSae` on stored activations: `SaeTrainer` with `SaeTrainingConfig`, returning a `TrainingResult`.
+
+One thing per module: ``step.py`` (losses and one optimizer step), ``trainer.py`` (the run: plan, resume, loop,
+logging, saving), ``state.py`` (the run's plan and its checkpointed progress), ``metrics.py`` (the logging window),
+``batches.py`` (batches over epochs), ``checkpoint.py`` (checkpoint I/O), ``init.py`` (weight initialisation),
+``schedule.py`` (the learning rate), ``results.py`` (the records handed back).
+
+The trainer imports the SAE module; ``sae.py`` does not import this package at import time (see ``TopKSae.train``).
+"""
+
+from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+from mi_crow.mechanistic.sae.train.results import LossOutput, NonFiniteTrainingError, StepInfo, TrainingResult
+from mi_crow.mechanistic.sae.train.schedule import lr_at_step
+from mi_crow.mechanistic.sae.train.trainer import SaeTrainer
+
+__all__ = [
+    "LossOutput",
+    "NonFiniteTrainingError",
+    "SaeTrainer",
+    "SaeTrainingConfig",
+    "StepInfo",
+    "TrainingResult",
+    "lr_at_step",
+]

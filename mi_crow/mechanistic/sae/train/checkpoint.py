@@ -1,0 +1,142 @@
+"""Checkpoint I/O: ``runs/<training_run_id>/checkpoint.pt``, everything a run needs to continue bit for bit.
+
+The file is a ``torch.save`` dict (format 1): ``format, config, total_steps, activation_run_id, layer, sae_shape,
+sae {W_enc, b_enc, W_dec, b_dec}, optimizer, tokens_since_fired, step, epoch, tokens_seen, batches_seen,
+nonfinite_batches, outlier_tokens, history, reader, window, rng {torch[, cuda]}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from mi_crow.errors import UserInputError
+from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+from mi_crow.mechanistic.sae.train.metrics import MetricsWindow
+from mi_crow.mechanistic.sae.train.results import ActivationReader
+from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
+from mi_crow.store.errors import CorruptStoreFileError
+
+if TYPE_CHECKING:
+    from mi_crow.mechanistic.sae.sae import TopKSae
+    from mi_crow.store import Store
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_FORMAT",
+    "check_checkpoint",
+    "read_checkpoint",
+    "restore_checkpoint",
+    "write_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+_SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
+# Config fields that may differ between an interrupted run and its resumption.
+_RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "log_every", "extra", "save_sae", "sae_id"}
+
+
+def _sae_shape(sae: TopKSae) -> list[int]:
+    return [sae.n_latents, sae.n_inputs, sae.k]
+
+
+def write_checkpoint(
+    store: Store,
+    plan: TrainingPlan,
+    config: SaeTrainingConfig,
+    sae: TopKSae,
+    optimizer: torch.optim.Optimizer,
+    tokens_since_fired: torch.Tensor,
+    state: TrainingState,
+    reader: ActivationReader,
+    window: MetricsWindow,
+) -> None:
+    """Write the run's checkpoint (replacing the previous one) through the store."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "total_steps": plan.total_steps,
+        "activation_run_id": plan.run_id,
+        "layer": plan.layer,
+        "sae_shape": _sae_shape(sae),
+        "sae": {name: getattr(sae, name).detach().cpu().clone() for name in _SAE_TENSORS},
+        "optimizer": optimizer.state_dict(),
+        "tokens_since_fired": tokens_since_fired.cpu().clone(),
+        **state.to_checkpoint(),
+        "reader": reader.state_dict(),
+        "window": window.to_checkpoint(),
+        "rng": rng,
+    }
+    key = f"{plan.prefix}/{CHECKPOINT_FILE}"
+    store.put_torch(key, checkpoint)
+    logger.debug("checkpoint at step %d written to %s", state.step, key)
+
+
+def read_checkpoint(store: Store, plan: TrainingPlan) -> dict[str, Any] | None:
+    """The run's checkpoint, or None (logged) when there is none yet."""
+    key = f"{plan.prefix}/{CHECKPOINT_FILE}"
+    if store.exists(key):
+        return store.get_torch(key)
+    logger.info("resume: no checkpoint at %s; starting run %s from scratch", key, plan.training_run_id)
+    return None
+
+
+def check_checkpoint(checkpoint: Any, sae: TopKSae, config: SaeTrainingConfig, plan: TrainingPlan) -> None:
+    """Check that ``checkpoint`` continues this run: same format, SAE shape, activations and configuration.
+
+    Raises:
+        CorruptStoreFileError: not a checkpoint of this format.
+        UserInputError: naming what differs (SAE shape, activations, configuration).
+    """
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise CorruptStoreFileError(
+            f"SaeTrainer: the checkpoint {plan.prefix}/{CHECKPOINT_FILE} to resume from has an unknown format"
+        )
+    shape = _sae_shape(sae)
+    if list(checkpoint["sae_shape"]) != shape:
+        raise UserInputError(
+            f"SaeTrainer: cannot resume: the checkpoint is for an SAE with [n_latents, n_inputs, k]="
+            f"{list(checkpoint['sae_shape'])}, this SAE has {shape}"
+        )
+    run_id, layer = plan.run_id, plan.layer
+    if checkpoint.get("activation_run_id") != run_id or checkpoint.get("layer") != layer:
+        raise UserInputError(
+            f"SaeTrainer: cannot resume: the checkpoint trains on run {checkpoint.get('activation_run_id')!r} "
+            f"layer {checkpoint.get('layer')!r}, not run {run_id!r} layer {layer!r}"
+        )
+    saved = checkpoint["config"]
+    current = config.to_dict()
+    differing = sorted(
+        name for name in current if name not in _RESUME_FREE_FIELDS and saved.get(name) != current[name]
+    )
+    if differing:
+        details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in differing)
+        raise UserInputError(f"SaeTrainer: cannot resume with a different configuration ({details})")
+
+
+def restore_checkpoint(
+    checkpoint: dict[str, Any], sae: TopKSae, optimizer: torch.optim.Optimizer
+) -> tuple[torch.Tensor, TrainingState]:
+    """Put the SAE weights, optimizer state and RNG state of a checked checkpoint back.
+
+    Returns:
+        ``(tokens_since_fired on the SAE's device, the saved TrainingState)``.
+    """
+    with torch.no_grad():
+        for name, tensor in checkpoint["sae"].items():
+            getattr(sae, name).copy_(tensor)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    tokens_since_fired = checkpoint["tokens_since_fired"].to(sae.device)
+    state = TrainingState.from_checkpoint(checkpoint)
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if torch.cuda.is_available() and "cuda" in checkpoint["rng"]:
+        torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return tokens_since_fired, state

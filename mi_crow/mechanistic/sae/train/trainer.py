@@ -1,0 +1,370 @@
+"""`SaeTrainer`: TopK SAE training from a stored activation run (the recipe of one step is in ``step.py``).
+
+A run: plan it (``state.TrainingPlan``), initialise the weights or resume from the checkpoint (``checkpoint.py``),
+then take steps on batches from epoch after epoch (``batches.EpochBatches``), logging the window means
+(``metrics.MetricsWindow``) every ``log_every`` steps and checkpointing every ``checkpoint_every``; at the end the
+run's config is marked completed and the SAE saved.
+
+Files of a run in the store: ``runs/<training_run_id>/config.json`` (the plan, ``status`` running/completed),
+``training_history.json`` (the log records) and ``checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mi_crow.errors import UserInputError
+from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+from mi_crow.mechanistic.sae.data import TensorActivationReader
+from mi_crow.mechanistic.sae.train.batches import EpochBatches
+from mi_crow.mechanistic.sae.train.checkpoint import (
+    check_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    write_checkpoint,
+)
+from mi_crow.mechanistic.sae.train.init import initialise_weights
+from mi_crow.mechanistic.sae.train.metrics import MetricsWindow
+from mi_crow.mechanistic.sae.train.results import (
+    ActivationReader,
+    ReaderFactory,
+    StepInfo,
+    TrainingResult,
+)
+from mi_crow.mechanistic.sae.train.schedule import lr_at_step
+from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
+from mi_crow.mechanistic.sae.train.step import SaeStepper
+from mi_crow.validation import check_identifier, check_tensor
+
+__all__ = ["HISTORY_FILE", "RUN_CONFIG_FILE", "SaeTrainer"]
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "training_history.json"
+RUN_CONFIG_FILE = "config.json"
+
+
+class SaeTrainer(SaeStepper):
+    """Trains a `TopKSae` on activations streamed from a store (see ``step.py`` for the recipe of one step).
+
+    Args:
+        sae: the SAE to train (in place).
+        store: the store holding the activation run; also receives ``runs/<training_run_id>/`` (history, config,
+            checkpoints) and the trained SAE. May be None only for `train_on_tensor` without checkpoints.
+
+    Attributes:
+        sae: the SAE.
+        store: the store.
+        optimizer: the Adam optimizer of the current/last run (None before training).
+        tokens_since_fired: ``[n_latents]`` int64, tokens since each latent was last active.
+    """
+
+    # -- public entry points -------------------------------------------------------------------------------------
+    def train(
+        self,
+        run_id: str,
+        layer: str,
+        config: SaeTrainingConfig | None = None,
+        *,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ) -> TrainingResult:
+        """Train on ``activations/<run_id>/`` layer ``layer`` of the store.
+
+        Args:
+            run_id: activation run id (``store.list_runs()``).
+            layer: layer name stored in the run.
+            config: `SaeTrainingConfig` (defaults when None).
+            callbacks: called with a `StepInfo` after every optimizer step (and after its checkpoint); an exception
+                from a callback stops training (the last checkpoint stays, so ``resume=True`` continues).
+
+        Returns:
+            `TrainingResult`.
+
+        Raises:
+            UserInputError: unknown run or layer, a layer width different from ``sae.n_inputs``, a bad config.
+            NonFiniteTrainingError: too many non-finite batches.
+        """
+        if self.store is None:
+            raise UserInputError("SaeTrainer.train: the trainer has no store (SaeTrainer(sae, store))")
+        config = self._check_config(config)
+        store = self.store
+        check_identifier(run_id, "SaeTrainer.train: run_id")
+        runs = store.list_runs()
+        if run_id not in runs:
+            raise UserInputError(f"SaeTrainer.train: unknown activation run_id {run_id!r}; runs in the store: {runs}")
+        meta = store.read_run_meta(run_id)
+        layer_dims = meta.get("layer_dims", {})
+        if layer not in layer_dims:
+            raise UserInputError(
+                f"SaeTrainer.train: layer {layer!r} is not stored in run {run_id!r}; stored layers: "
+                f"{sorted(layer_dims)}"
+            )
+        if int(layer_dims[layer]) != self.sae.n_inputs:
+            raise UserInputError(
+                f"SaeTrainer.train: layer {layer!r} of run {run_id!r} has width {layer_dims[layer]} but the SAE has "
+                f"n_inputs={self.sae.n_inputs}"
+            )
+
+        def factory(epoch: int) -> ActivationReader:
+            kwargs: dict[str, Any] = {
+                "shuffle": config.shuffle,
+                "seed": config.seed + epoch,
+                "dtype": self.sae.dtype,
+                "drop_last": True,
+            }
+            if config.shuffle_buffer_tokens is not None:
+                kwargs["buffer_tokens"] = config.shuffle_buffer_tokens
+            return store.activation_reader(run_id, layer, config.batch_size, **kwargs)
+
+        model_id = meta.get("model_id", meta.get("model_name"))
+        def sample() -> ActivationReader:
+            # A small buffer: the b_dec sample needs b_dec_init_tokens vectors, not a full shuffle group.
+            size = config.b_dec_init_tokens
+            return store.activation_reader(
+                run_id, layer, min(config.batch_size, size), shuffle=True, seed=config.seed, dtype=self.sae.dtype,
+                buffer_tokens=size, drop_last=False,
+            )
+
+        return self.train_from_reader(
+            factory, config, run_id=run_id, layer=layer, model_id=model_id, callbacks=callbacks, sample_reader=sample
+        )
+
+    def train_on_tensor(
+        self,
+        activations: Tensor,
+        config: SaeTrainingConfig | None = None,
+        *,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ) -> TrainingResult:
+        """Train on an in-memory ``[tokens, n_inputs]`` tensor (same recipe; checkpoints need a store).
+
+        Args:
+            activations: ``[tokens, n_inputs]`` floating tensor.
+            config: `SaeTrainingConfig`.
+            callbacks: as in `train`.
+        """
+        config = self._check_config(config)
+        check_tensor(activations, "SaeTrainer.train_on_tensor: activations", ndim=2,
+                     shape=(None, self.sae.n_inputs))
+
+        def factory(epoch: int) -> ActivationReader:
+            return TensorActivationReader(
+                activations, config.batch_size, shuffle=config.shuffle, seed=config.seed + epoch, drop_last=True
+            )
+
+        return self.train_from_reader(factory, config, callbacks=callbacks)
+
+    # -- the run -------------------------------------------------------------------------------------------------
+    def train_from_reader(
+        self,
+        reader_factory: ReaderFactory,
+        config: SaeTrainingConfig,
+        *,
+        run_id: str | None = None,
+        layer: str | None = None,
+        model_id: str | None = None,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+        sample_reader: Callable[[], Iterable[Tensor]] | None = None,
+    ) -> TrainingResult:
+        """Training loop over readers made by ``reader_factory(epoch)`` (used by `train` and `train_on_tensor`).
+
+        Args:
+            reader_factory: ``epoch -> reader`` yielding ``[batch_size, n_inputs]`` tensors, with ``n_tokens``,
+                ``d_in``, ``state_dict()`` and ``load_state_dict()``; epoch ``e`` must always give the same order.
+            config: `SaeTrainingConfig`.
+            run_id, layer, model_id: recorded in the run's config and the saved SAE.
+            callbacks: as in `train`.
+            sample_reader: makes an iterable of ``[*, n_inputs]`` batches whose first ``b_dec_init_tokens`` vectors
+                initialise ``b_dec`` (default: ``reader_factory(0)``).
+        """
+        config = self._check_config(config)
+        self.config = config
+        if self.store is None and (config.checkpoint_every is not None or config.resume or config.save_sae):
+            raise UserInputError(
+                "SaeTrainer: checkpoint_every, resume and save_sae need a store; pass SaeTrainer(sae, store) or set "
+                "checkpoint_every=None, save_sae=False"
+            )
+        reader = reader_factory(0)
+        plan = TrainingPlan.make(config, self.sae, reader, run_id, layer, model_id)
+        self.prepare(config, plan.peak_lr)
+        state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader)
+        run_config = self._write_run_config(plan, status="running")
+        bar = self._progress_bar(plan, state)
+        window = MetricsWindow(self.sae.device)
+        if window_state is not None:
+            window.load_checkpoint(window_state)
+        try:
+            while state.step < plan.total_steps:
+                lr = self._train_batch(batches.next(), plan, state, window)
+                if lr is None:
+                    continue
+                if state.step % config.log_every == 0 or state.step == plan.total_steps:
+                    self._log(plan, state, window, lr, bar)
+                if bar is not None:
+                    bar.update(1)
+                every = config.checkpoint_every
+                if every is not None and state.step % every == 0 and state.step < plan.total_steps:
+                    write_checkpoint(self.store, plan, config, self.sae, self.optimizer, self.tokens_since_fired,
+                                     state, batches.reader, window)
+                for callback in callbacks:
+                    callback(StepInfo(state.step, plan.total_steps, state.tokens_seen, self))
+        finally:
+            if bar is not None:
+                bar.close()
+        return self._finish(plan, state, run_config)
+
+    def _start(
+        self,
+        plan: TrainingPlan,
+        reader_factory: ReaderFactory,
+        reader: ActivationReader,
+        sample_reader: Callable[[], Iterable[Tensor]] | None,
+    ) -> tuple[TrainingState, EpochBatches, dict[str, Any] | None]:
+        """Resume from the run's checkpoint when asked and one exists, else initialise the weights.
+
+        Returns:
+            ``(state, batches, the checkpoint's metrics window or None)``.
+        """
+        config = self.config
+        checkpoint = read_checkpoint(self.store, plan) if config.resume else None
+        if checkpoint is None:
+            initialise_weights(self.sae, config, sample_reader or (lambda: reader_factory(0)))
+            state = TrainingState()
+            return state, EpochBatches(reader_factory, state, reader), None
+        check_checkpoint(checkpoint, self.sae, config, plan)
+        self.tokens_since_fired, state = restore_checkpoint(checkpoint, self.sae, self.optimizer)
+        batches = EpochBatches(reader_factory, state, reader, checkpoint["reader"])
+        logger.info("resumed training run %s at step %d/%d", plan.training_run_id, state.step, plan.total_steps)
+        return state, batches, checkpoint["window"]
+
+    def _train_batch(
+        self, batch: Tensor, plan: TrainingPlan, state: TrainingState, window: MetricsWindow
+    ) -> float | None:
+        """Filter one batch (non-finite, outlier tokens) and take one step on it.
+
+        Returns:
+            The step's learning rate, or None when the batch was skipped as non-finite.
+        """
+        config, sae = self.config, self.sae
+        state.batches_seen += 1
+        x = batch.to(device=sae.device, dtype=sae.dtype, non_blocking=True)
+        # NaN/Inf anywhere makes a sum (or a row norm) non-finite; an overflowing one would overflow the loss's
+        # squares too. With outlier filtering the row norms serve both checks in one pass.
+        norms = x.norm(dim=1) if config.outlier_norm_factor is not None else None
+        if not bool(torch.isfinite(norms.sum() if norms is not None else x.sum())):
+            return self._skip_nonfinite(state)
+        if norms is not None:
+            keep = norms <= config.outlier_norm_factor * norms.median()
+            n_out = int(keep.numel() - keep.sum())
+            if n_out:
+                state.outliers += n_out
+                x = x[keep]
+        lr = lr_at_step(state.step, plan.total_steps, plan.peak_lr, plan.warmup_steps, config)
+        out = self.train_step(x, lr, k_aux=plan.k_aux, encode_dtype=plan.encode_dtype)
+        if out is None:
+            return self._skip_nonfinite(state)
+        window.add(out)
+        state.step += 1
+        state.tokens_seen += out.tokens
+        return lr
+
+    def _skip_nonfinite(self, state: TrainingState) -> None:
+        state.nonfinite += 1
+        state.check_nonfinite(self.config, final=False)
+
+    def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any) -> None:
+        """Append the window's record to the history (and the store), show it on the bar, empty the window."""
+        means = window.means(self.sae.n_inputs)
+        dead = float((self.tokens_since_fired >= self.config.dead_window_tokens).float().mean())
+        record = {
+            "step": state.step,
+            "tokens": state.tokens_seen,
+            "loss": means["loss"],
+            "mse": means["mse"],
+            "fvu": means["fvu"],
+            "l0": means["l0"],
+            "dead_fraction": dead,
+            "auxk_loss": means["auxk_loss"],
+            "tokens_per_s": means["tokens_per_s"],
+            "lr": lr,
+            "nonfinite_batches": state.nonfinite,
+            "outlier_tokens": state.outliers,
+        }
+        state.history.append(record)
+        window.clear()
+        if self.store is not None:
+            self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
+        if bar is not None:
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                fvu=f"{record['fvu']:.4f}",
+                l0=f"{record['l0']:.1f}",
+                dead=f"{record['dead_fraction']:.3f}",
+                auxk=f"{record['auxk_loss']:.4f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                refresh=False,
+            )
+        logger.debug("step %d: %s", state.step, record)
+        window.restart_clock()
+
+    def _progress_bar(self, plan: TrainingPlan, state: TrainingState) -> Any:
+        if not self.config.progress:
+            return None
+        from tqdm.auto import tqdm  # only runs that show progress need tqdm
+
+        return tqdm(total=plan.total_steps, initial=state.step, desc=f"train SAE {plan.training_run_id}", unit="step")
+
+    def _write_run_config(self, plan: TrainingPlan, **status: Any) -> dict[str, Any]:
+        """Write ``runs/<id>/config.json`` (when there is a store) and return it."""
+        run_config = {
+            "training_run_id": plan.training_run_id,
+            "activation_run_id": plan.run_id,
+            "layer": plan.layer,
+            "model_id": plan.model_id,
+            "training_config": self.config.to_dict(),
+            "sae": self.sae.config_dict(),
+            "total_steps": plan.total_steps,
+            "peak_lr": plan.peak_lr,
+            "warmup_steps": plan.warmup_steps,
+            "k_aux": plan.k_aux,
+            "optimizer": type(self.optimizer).__name__ + self._optimizer_flavour(),
+            **status,
+        }
+        if self.store is not None:
+            self.store.put_json(f"{plan.prefix}/{RUN_CONFIG_FILE}", run_config)
+        return run_config
+
+    def _finish(self, plan: TrainingPlan, state: TrainingState, run_config: dict[str, Any]) -> TrainingResult:
+        """Final non-finite check, SAE metadata, the completed run config and the saved SAE."""
+        config, sae, store = self.config, self.sae, self.store
+        state.check_nonfinite(config, final=True)
+        sae.metadata.update(
+            {"layer": plan.layer, "model_id": plan.model_id, "activation_run_id": plan.run_id,
+             "training_run_id": plan.training_run_id}
+        )
+        sae.outlier_norm_factor = config.outlier_norm_factor
+        sae_id = None
+        if store is not None:
+            # The history is already on disk: the last step always logs.
+            run_config.update(status="completed", steps=state.step, tokens=state.tokens_seen,
+                              nonfinite_batches=state.nonfinite, outlier_tokens=state.outliers)
+            store.put_json(f"{plan.prefix}/{RUN_CONFIG_FILE}", run_config)
+            if config.save_sae:
+                sae_id = config.sae_id or plan.training_run_id
+                sae.save(store, sae_id)
+        return TrainingResult(
+            training_run_id=plan.training_run_id,
+            sae_id=sae_id,
+            history=state.history,
+            steps=state.step,
+            tokens=state.tokens_seen,
+            nonfinite_batches=state.nonfinite,
+            outlier_tokens=state.outliers,
+            resumed_from_step=state.resumed_from,
+            config=config,
+        )
