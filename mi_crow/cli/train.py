@@ -53,6 +53,6 @@ def run(args: argparse.Namespace) -> int:
         say(f"resumed from the checkpoint at step {result.resumed_from_step}")
     last = result.history[-1] if result.history else {}
     say(f"trained SAE {sae_id!r} (n_latents={n_latents}, k={args.k}) on {result.tokens} tokens in {result.steps} "
-        f"steps: " + ", ".join(f"{k}={last[k]:.4g}" for k in ("fvu", "l0", "dead_fraction") if k in last))
+        f"steps: " + ", ".join(f"{k}={last[k]:.4g}" for k in ("fvu", "l0", "dead_fraction") if last.get(k) is not None))
     say(f"saved to {store.location(f'sae_models/{sae_id}')}")
     return 0

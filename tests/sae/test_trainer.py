@@ -368,7 +368,8 @@ def test_decoder_bias_is_initialised_from_the_data(gpt2_run, init):
     expected = tokens.mean(0) if init == "mean" else geometric_median(tokens)
     sae = TopKSae(64, 32, 4)
     # One step at a negligible learning rate: b_dec stays where the initialisation put it.
-    cfg = _run_config(b_dec_init=init, b_dec_init_tokens=10_000, n_tokens=64, lr=1e-12, warmup_steps=0)
+    cfg = _run_config(b_dec_init=init, b_dec_init_tokens=10_000, n_tokens=64, lr=1e-12, warmup_steps=0,
+                      dead_window_tokens=64)  # a window may not exceed the budget
     sae.train(store, run_id, layer, cfg)
     torch.testing.assert_close(sae.b_dec.detach(), expected, rtol=1e-4, atol=1e-4)
     assert torch.equal(sae.W_enc, sae.W_dec) or torch.allclose(sae.W_enc, sae.W_dec, atol=1e-9)

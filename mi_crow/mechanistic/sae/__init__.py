@@ -1,10 +1,13 @@
 """TopK sparse autoencoders: the model (`TopKSae`), its training (`SaeTrainer`, `SaeTrainingConfig`), evaluation
-(`evaluate`) and concepts (`AutoencoderConcepts`, in the ``concepts`` package)."""
+(`evaluate`, SAEBench's core metrics in ``metrics.py``, `to_saebench_core`), the one outlier rule
+(`attention_sink_mask`), a synthetic ground truth (``synthetic.py``) and concepts (`AutoencoderConcepts`, in the
+``concepts`` package)."""
 
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_median
-from mi_crow.mechanistic.sae.evaluate import evaluate
+from mi_crow.mechanistic.sae.evaluate import EvaluationResult, evaluate, save_saebench_core, to_saebench_core
+from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.sae import SaeOutput, SparseCode, TopKSae
 from mi_crow.mechanistic.sae.train import (
     LossOutput,
@@ -17,6 +20,7 @@ from mi_crow.mechanistic.sae.train import (
 
 __all__ = [
     "AutoencoderConcepts",
+    "EvaluationResult",
     "LossOutput",
     "NonFiniteTrainingError",
     "SaeOutput",
@@ -27,8 +31,11 @@ __all__ = [
     "TensorActivationReader",
     "TopKSae",
     "TrainingResult",
+    "attention_sink_mask",
     "evaluate",
     "geometric_median",
     "lr_at_step",
+    "save_saebench_core",
+    "to_saebench_core",
 ]
 

@@ -25,12 +25,33 @@ from mi_crow.validation import (
     fail_type,
 )
 
-__all__ = ["SaeTrainingConfig"]
+__all__ = ["DEAD_WINDOW_FRACTION", "SaeTrainingConfig", "dead_window_for"]
 
 _LR_DECAYS = ("none", "linear", "cosine")
-_B_DEC_INITS = ("geometric_median", "mean", "zeros")
+_B_DEC_INITS = ("geometric_median", "mean", "zeros", "keep")
 _ENCODE_DTYPES = ("float32", "bfloat16")
 _OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
+
+
+#: The automatic dead window (``dead_window_tokens=None``) as a fraction of the run's token budget.
+DEAD_WINDOW_FRACTION = 0.1
+#: OpenAI's dead window, the automatic one's upper bound.
+MAX_DEAD_WINDOW_TOKENS = 10_000_000
+
+
+def dead_window_for(config: "SaeTrainingConfig", budget_tokens: int) -> int:
+    """The dead-latent window of a run of ``budget_tokens`` tokens: ``config.dead_window_tokens`` or, when that is
+    None, ``DEAD_WINDOW_FRACTION`` of the budget, at least one batch and at most 10M tokens.
+
+    Raises:
+        UserInputError: an explicit window larger than the budget (no latent could ever be found dead).
+    """
+    if config.dead_window_tokens is None:
+        return max(config.batch_size, min(MAX_DEAD_WINDOW_TOKENS, int(DEAD_WINDOW_FRACTION * budget_tokens)))
+    if config.dead_window_tokens > budget_tokens:
+        raise fail(_arg("dead_window_tokens"), f"at most the run's token budget, {budget_tokens} (no latent could ever "
+                   "be found dead)", config.dead_window_tokens)
+    return config.dead_window_tokens
 
 
 def _arg(field: str) -> str:
@@ -100,25 +121,32 @@ class SaeTrainingConfig:
     k_aux: int | None = None
     """Number of dead latents used by the AuxK loss. None means ``n_inputs // 2`` (capped at ``n_latents``)."""
 
-    dead_window_tokens: int = 10_000_000
-    """A latent is dead when it has not been active (value > 0) on any of the last ``dead_window_tokens`` tokens."""
+    dead_window_tokens: int | None = None
+    """A latent is dead when it has not been active (value > 0) on any of the last ``dead_window_tokens`` tokens; AuxK
+    trains the dead ones. None scales the window to the run: ``DEAD_WINDOW_FRACTION`` (1/10) of the token budget,
+    at least one batch and at most OpenAI's 10M tokens, so AuxK works in every run, short ones included. Until that
+    many tokens have been trained on, no latent can be called dead: the history's ``dead_fraction`` is None ("not
+    yet measurable") until then. Must not exceed the budget."""
 
     normalize_decoder: bool = True
     """Keep decoder rows at unit norm: the gradient component along each row is removed before the optimizer step and
     the rows are renormalised after it."""
 
     b_dec_init: str = "geometric_median"
-    """Decoder-bias initialisation from a sample of the data: ``"geometric_median"``, ``"mean"`` or ``"zeros"``."""
+    """Decoder-bias initialisation from a sample of the data: ``"geometric_median"``, ``"mean"``, ``"zeros"``, or
+    ``"keep"`` (leave the SAE's current ``b_dec``; for fine-tuning with ``reinit_weights=False``)."""
 
     b_dec_init_tokens: int = 32768
     """Size of the data sample used for ``b_dec_init``."""
 
     init_encoder_from_decoder: bool = True
-    """Initialise the encoder weight as the decoder's transpose (``W_enc = W_dec`` in the [n_latents, d_in] layout)."""
+    """Initialise the encoder weight as the decoder's transpose (``W_enc = W_dec`` in the [n_latents, d_in] layout).
+    False: a fresh random encoder when ``reinit_weights`` is on, the SAE's current encoder when it is off."""
 
     reinit_weights: bool = True
-    """Draw fresh unit-norm decoder rows from ``seed`` before training; False keeps the SAE's current weights (for
-    fine-tuning an existing SAE; ``b_dec_init`` and ``init_encoder_from_decoder`` still apply)."""
+    """Draw fresh unit-norm decoder rows (and zero ``b_enc``) from ``seed`` before training. False keeps the SAE's
+    current decoder and encoder bias; ``b_dec_init`` and ``init_encoder_from_decoder`` still apply (to keep every
+    weight, e.g. to fine-tune a trained SAE, also set ``b_dec_init="keep"`` and ``init_encoder_from_decoder=False``)."""
 
     seed: int = 0
     """Seed of the weight initialisation and of the data shuffling."""
@@ -128,9 +156,28 @@ class SaeTrainingConfig:
     rounded for that product only, inside the op; the master weights, every gradient, the decoder and the optimizer
     stay in the SAE's dtype). ``"bfloat16"`` is about 2.5x faster per step on CPUs with AMX."""
 
+    normalize_inputs: bool = False
+    """Train on inputs multiplied by one scalar ``s`` chosen so that their mean squared norm is ``n_inputs``
+    (estimated on the ``b_dec_init`` sample), which makes the learning rate independent of the layer's scale. At the
+    end of training the scalar is folded into the weights (``b_enc`` and ``b_dec`` divided by ``s``; latent values
+    come out in the raw scale), so the trained SAE takes raw activations like any other."""
+
+    k_anneal_fraction: float = 0.0
+    """Fraction of the steps over which the number of active latents decays linearly from ``k_anneal_start`` to the
+    SAE's ``k`` (0 turns annealing off). Starting wide lets more latents receive gradient early on."""
+
+    k_anneal_start: int | None = None
+    """Active latents at the first step when annealing; None means ``min(n_latents, 4 * k)``."""
+
+    topk_by_decoder_norm: bool = False
+    """Select the top-k latents by ``pre-activation * ||W_dec row||`` and decode with unit-norm rows, i.e. treat the
+    decoder as if it were normalised (matters with ``normalize_decoder=False``, where row norms drift). The norms are
+    folded into the weights at the end of training, so the saved SAE behaves the same under a plain top-k."""
+
     outlier_norm_factor: float | None = 10.0
-    """Tokens whose norm exceeds this multiple of their batch's median token norm are left out of training (counted
-    as ``outlier_tokens`` in the history) and later passed through unchanged by the SAE's hook and by `evaluate`.
+    """Tokens whose norm exceeds this multiple of the median norm of the batch's tokens (`attention_sink_mask`, the
+    one outlier rule) are left out of training (counted as ``outlier_tokens`` in the history) and later passed
+    through unchanged by the SAE's hook and by `evaluate`.
     Attention-sink positions of many LMs (often the first token, with norms ~100x the others) would otherwise
     dominate the variance and the loss. None keeps every token."""
 
@@ -197,8 +244,9 @@ class SaeTrainingConfig:
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)  # JSON has no tuples
-        positive_int = ("batch_size", "dead_window_tokens", "b_dec_init_tokens", "log_every", "nonfinite_grace_batches")
-        optional_positive_int = ("n_tokens", "k_aux", "shuffle_buffer_tokens", "checkpoint_every")
+        positive_int = ("batch_size", "b_dec_init_tokens", "log_every", "nonfinite_grace_batches")
+        optional_positive_int = ("n_tokens", "k_aux", "shuffle_buffer_tokens", "checkpoint_every", "dead_window_tokens",
+                                 "k_anneal_start")
         for name in positive_int + optional_positive_int:
             check_positive_int(getattr(self, name), _arg(name), allow_none=name in optional_positive_int)
         check_real(self.epochs, _arg("epochs"), minimum=0.0, min_inclusive=False, allow_none=True)
@@ -209,6 +257,10 @@ class SaeTrainingConfig:
             )
         if self.n_tokens is not None and self.n_tokens < self.batch_size:
             raise fail(_arg("n_tokens"), f"at least batch_size={self.batch_size} (one step)", self.n_tokens)
+        if self.n_tokens is not None and self.dead_window_tokens is not None and self.dead_window_tokens > self.n_tokens:
+            raise fail(_arg("dead_window_tokens"), f"at most the token budget n_tokens={self.n_tokens} (no latent "
+                       "could ever be found dead)", self.dead_window_tokens)
+        check_real(self.k_anneal_fraction, _arg("k_anneal_fraction"), minimum=0.0, maximum=1.0)
         for name in ("lr", "adam_eps"):
             check_real(getattr(self, name), _arg(name), minimum=0.0, min_inclusive=False, allow_none=name == "lr")
         check_non_negative_int(self.warmup_steps, _arg("warmup_steps"), allow_none=True)
@@ -227,7 +279,7 @@ class SaeTrainingConfig:
                               ("b_dec_init", _B_DEC_INITS), ("encode_dtype", _ENCODE_DTYPES)):
             check_choice(getattr(self, name), _arg(name), choices)
         for name in ("normalize_decoder", "init_encoder_from_decoder", "reinit_weights", "shuffle", "resume",
-                     "save_sae", "progress"):
+                     "save_sae", "progress", "normalize_inputs", "topk_by_decoder_norm"):
             check_bool(getattr(self, name), _arg(name))
         # Both name store folders (runs/<training_run_id>/, sae_models/<sae_id>/): one rule for every store key.
         for name in ("training_run_id", "sae_id"):

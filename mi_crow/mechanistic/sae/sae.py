@@ -15,6 +15,7 @@ import mi_crow
 from mi_crow import ops
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import Controller, HookType
+from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
 from mi_crow.mechanistic.sae.keys import CONFIG_FILE, check_sae_id
 from mi_crow.mechanistic.sae.saving import SaeFiles, load_sae, locate_folder, save_sae
@@ -393,7 +394,7 @@ class TopKSae(nn.Module, Controller):
             new = torch.where(keep.unsqueeze(-1), new, x)
         return new.to(device=output.device, dtype=output.dtype)
 
-    def inlier_values(self, x: Tensor, values: Tensor) -> Tensor:
+    def inlier_values(self, x: Tensor, values: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Code values with the outlier tokens' entries set to 0, for statistics and top-text tracking.
 
         The SAE was not trained on outlier tokens (attention sinks, see `inlier_mask`); their codes are huge and
@@ -402,32 +403,37 @@ class TopKSae(nn.Module, Controller):
         Args:
             x: ``[..., n_inputs]`` the encoded activations.
             values: ``[..., k]`` their code values.
+            attention_mask: ``[...]`` real tokens (nonzero) of ``x``, as for `inlier_mask`.
 
         Returns:
             ``[..., k]`` values, zero at outlier tokens (``values`` itself when no factor is set).
         """
-        return _zero_outliers(values, self.inlier_mask(x))
+        return _zero_outliers(values, self.inlier_mask(x, attention_mask))
 
-    def inlier_mask(self, x: Tensor) -> Tensor | None:
+    def inlier_mask(self, x: Tensor, attention_mask: Tensor | None = None) -> Tensor | None:
         """Tokens the SAE acts on, given `outlier_norm_factor` (None: all of them).
 
+        The one outlier rule (`attention_sink_mask`): a token is left alone when it is a real token whose norm
+        exceeds ``outlier_norm_factor`` times the median norm of the batch's real tokens, all rows together.
+
         Args:
-            x: ``[..., n_inputs]``; with 3 dims (``[batch, seq, d]``) the median norm is taken per batch row, else
-                over all tokens.
+            x: ``[..., n_inputs]`` activations.
+            attention_mask: ``[...]`` nonzero at real tokens. None: taken from the batch context of the forward pass
+                the SAE is hooked into when its shape matches (so padding is never part of the reference), else
+                every token counts as real.
 
         Returns:
-            ``[...]`` bool, False for tokens whose norm exceeds ``outlier_norm_factor`` times the median token norm
-            (attention sinks the SAE was not trained on), or None when no factor is set.
+            ``[...]`` bool, False at attention sinks (padding is never one), or None when no factor is set.
         """
         if self.outlier_norm_factor is None:
             return None
-        norms = x.detach().float().norm(dim=-1)
-        if norms.dim() >= 2:
-            median = norms.flatten(0, -2).median(dim=-1, keepdim=True).values
-            median = median.reshape(*norms.shape[:-1], 1)
-        else:
-            median = norms.median()
-        return norms <= self.outlier_norm_factor * median
+        if attention_mask is None:
+            context_mask = getattr(self.context, "attention_mask", None) if self.context is not None else None
+            if isinstance(context_mask, Tensor) and tuple(context_mask.shape) == tuple(x.shape[:-1]):
+                attention_mask = context_mask
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(x.device)
+        return ~attention_sink_mask(x, attention_mask, factor=self.outlier_norm_factor)
 
     # -- nn.Module.train doubles as the training entry point ---------------------------------------------------
     def train(  # type: ignore[override]

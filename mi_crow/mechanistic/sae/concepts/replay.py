@@ -76,6 +76,6 @@ def track_from_run(
                                          f"--dataset and --limit as when it was saved")
             code = sae.encode(acts.to(sae.dtype))
             context = lm.inference.make_context(batch_texts, ids, mask)
-            sae.concepts.observe(sae.inlier_values(acts, code.values), code.indices, context)
+            sae.concepts.observe(sae.inlier_values(acts, code.values, mask), code.indices, context)
             seen += int(mask.sum())
     return seen

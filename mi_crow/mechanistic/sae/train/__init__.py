@@ -3,7 +3,7 @@
 One thing per module: ``step.py`` (losses and one optimizer step), ``trainer.py`` (the run: plan, resume, loop,
 logging, saving), ``state.py`` (the run's plan and its checkpointed progress), ``metrics.py`` (the logging window),
 ``batches.py`` (batches over epochs), ``checkpoint.py`` (checkpoint I/O), ``init.py`` (weight initialisation),
-``schedule.py`` (the learning rate), ``results.py`` (the records handed back).
+``schedule.py`` (the learning rate, its default, k-annealing), ``results.py`` (the records handed back).
 
 The trainer imports the SAE module; ``sae.py`` does not import this package at import time (see ``TopKSae.train``).
 """

@@ -2,7 +2,7 @@
 
 The file is a ``torch.save`` dict (format 1): ``format, config, total_steps, activation_run_id, layer, sae_shape,
 sae {W_enc, b_enc, W_dec, b_dec}, optimizer, tokens_since_fired, step, epoch, tokens_seen, batches_seen,
-nonfinite_batches, outlier_tokens, history, reader, window, rng {torch[, cuda]}``.
+nonfinite_batches, outlier_tokens, history, input_scale, reader, window, rng {torch[, cuda]}``.
 """
 
 from __future__ import annotations
@@ -116,8 +116,11 @@ def check_checkpoint(checkpoint: Any, sae: TopKSae, config: SaeTrainingConfig, p
     # A field the checkpoint does not know (added in a later version) had its default value then.
     saved = {**SaeTrainingConfig().to_dict(), **checkpoint["config"]}
     current = config.to_dict()
+    # A field added after the checkpoint was written had its default then.
+    defaults = SaeTrainingConfig().to_dict()
     differing = sorted(
-        name for name in current if name not in _RESUME_FREE_FIELDS and saved.get(name) != current[name]
+        name for name in current
+        if name not in _RESUME_FREE_FIELDS and saved.get(name, defaults[name]) != current[name]
     )
     if differing:
         details = ", ".join(f"{name}: {saved.get(name)!r} -> {current[name]!r}" for name in differing)

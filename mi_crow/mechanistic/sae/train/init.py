@@ -1,4 +1,4 @@
-"""Weight initialisation at the start of a fresh run: fresh unit-norm decoder, encoder, and ``b_dec`` from data."""
+"""Weight initialisation at the start of a fresh run: decoder, encoder, ``b_dec`` from data, and the input scale."""
 
 from __future__ import annotations
 
@@ -11,38 +11,15 @@ from torch import Tensor
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import geometric_median
+from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.results import NonFiniteTrainingError
 
-__all__ = ["initialise_weights"]
+__all__ = ["fold_into_weights", "initialise_weights"]
 
 
-@torch.no_grad()
-def initialise_weights(
-    sae: TopKSae, config: SaeTrainingConfig, sample_reader: Callable[[], Iterable[Tensor]]
-) -> None:
-    """Re-draw the SAE's weights as ``config`` asks (nothing when ``reinit_weights`` is off).
-
-    Args:
-        sae: the SAE, changed in place.
-        config: ``seed``, ``init_encoder_from_decoder``, ``b_dec_init`` (``"geometric_median"``, ``"mean"`` or
-            ``"zeros"``), ``b_dec_init_tokens`` and ``outlier_norm_factor`` (outliers are left out of the sample).
-        sample_reader: makes an iterable of ``[*, n_inputs]`` batches; its first ``b_dec_init_tokens`` finite
-            vectors give ``b_dec``.
-
-    Raises:
-        UserInputError: the sample yields no batch.
-        NonFiniteTrainingError: no token of the sample is finite.
-    """
-    if not config.reinit_weights:
-        return
-    generator = torch.Generator().manual_seed(config.seed)
-    sae.reset_parameters(generator)
-    if not config.init_encoder_from_decoder:
-        w = torch.randn(sae.n_latents, sae.n_inputs, generator=generator) / math.sqrt(sae.n_inputs)
-        sae.W_enc.copy_(w)
-    if config.b_dec_init == "zeros":
-        return
+def _sample(config: SaeTrainingConfig, sample_reader: Callable[[], Iterable[Tensor]]) -> Tensor:
+    """The first ``b_dec_init_tokens`` finite, non-sink vectors of the sample reader (float32, CPU)."""
     chunks, have = [], 0
     for batch in sample_reader():
         chunks.append(batch.to(device="cpu", dtype=torch.float32))
@@ -53,10 +30,84 @@ def initialise_weights(
         raise UserInputError("SaeTrainer: the activation run yields no batch to initialise b_dec from")
     sample = torch.cat(chunks)[: config.b_dec_init_tokens]
     sample = sample[torch.isfinite(sample).all(dim=1)]
-    if config.outlier_norm_factor is not None and sample.shape[0] > 0:
-        norms = sample.norm(dim=1)
-        sample = sample[norms <= config.outlier_norm_factor * norms.median()]
+    sample = sample[~attention_sink_mask(sample, factor=config.outlier_norm_factor)]
     if sample.shape[0] == 0:
         raise NonFiniteTrainingError("SaeTrainer: every token of the b_dec initialisation sample is non-finite")
-    center = geometric_median(sample) if config.b_dec_init == "geometric_median" else sample.mean(dim=0)
-    sae.b_dec.copy_(center)
+    return sample
+
+
+@torch.no_grad()
+def initialise_weights(
+    sae: TopKSae, config: SaeTrainingConfig, sample_reader: Callable[[], Iterable[Tensor]]
+) -> float:
+    """Initialise the SAE's weights as ``config`` asks, in the frame training works in.
+
+    - ``reinit_weights``: fresh unit-norm decoder rows from ``seed`` and a zero ``b_enc`` (else both are kept);
+    - ``init_encoder_from_decoder``: ``W_enc = W_dec`` (else a fresh random encoder when reinitialising, the current
+      one when not);
+    - ``b_dec_init``: the geometric median or mean of a data sample, zeros, or ``"keep"``;
+    - ``normalize_inputs``: the scale ``s`` with mean ``||s x||^2 = n_inputs`` on the sample; kept weights are moved
+      into the scaled frame (``b_enc``, ``b_dec`` times ``s``), the inverse of `fold_into_weights`.
+
+    Args:
+        sae: the SAE, changed in place.
+        config: the options above, ``b_dec_init_tokens`` and ``outlier_norm_factor`` (sinks are left out of the
+            sample, by the one outlier rule).
+        sample_reader: makes an iterable of ``[*, n_inputs]`` batches; its first ``b_dec_init_tokens`` finite
+            vectors give ``b_dec`` and the scale.
+
+    Returns:
+        The input scale ``s`` (1.0 without ``normalize_inputs``).
+
+    Raises:
+        UserInputError: the sample yields no batch.
+        NonFiniteTrainingError: no token of the sample is finite.
+    """
+    needs_sample = config.b_dec_init in ("geometric_median", "mean") or config.normalize_inputs
+    sample = _sample(config, sample_reader) if needs_sample else None
+    scale = 1.0
+    if config.normalize_inputs:
+        assert sample is not None
+        mean_sq = float(sample.double().pow(2).sum(dim=1).mean())
+        scale = math.sqrt(sae.n_inputs / mean_sq) if mean_sq > 0 else 1.0
+        sample = sample * scale
+        sae.b_enc.mul_(scale)
+        sae.b_dec.mul_(scale)
+    if config.reinit_weights:
+        generator = torch.Generator().manual_seed(config.seed)
+        sae.reset_parameters(generator)
+        if not config.init_encoder_from_decoder:
+            w = torch.randn(sae.n_latents, sae.n_inputs, generator=generator) / math.sqrt(sae.n_inputs)
+            sae.W_enc.copy_(w)
+    elif config.init_encoder_from_decoder:
+        sae.W_enc.copy_(sae.W_dec)
+    if config.b_dec_init == "zeros":
+        sae.b_dec.zero_()
+    elif config.b_dec_init != "keep":
+        assert sample is not None
+        sae.b_dec.copy_(geometric_median(sample) if config.b_dec_init == "geometric_median" else sample.mean(dim=0))
+    return scale
+
+
+@torch.no_grad()
+def fold_into_weights(sae: TopKSae, input_scale: float, decoder_norms: bool) -> None:
+    """Turn the weights trained in the scaled, decoder-norm-ranked frame into a plain SAE on raw activations.
+
+    With decoder norms: ``W_enc``, ``b_enc`` times ``||d_i||`` and ``W_dec`` rows divided by it (the same pre-activations
+    and reconstructions, now with unit rows, so a plain top-k ranks as training did). With an input scale ``s``:
+    ``b_enc`` and ``b_dec`` divided by ``s``, so ``sae(x)`` reconstructs ``x`` as the trained SAE reconstructed
+    ``s x``, divided by ``s`` (latent values come out divided by ``s`` too; top-k order is unchanged).
+
+    Args:
+        sae: the SAE, changed in place.
+        input_scale: the scale ``s`` the inputs were multiplied by during training.
+        decoder_norms: whether training ranked latents by decoder-row norm (``topk_by_decoder_norm``).
+    """
+    if decoder_norms:
+        norms = sae.W_dec.norm(dim=1).clamp_min(1e-12)
+        sae.W_enc.mul_(norms.unsqueeze(1))
+        sae.b_enc.mul_(norms)
+        sae.W_dec.div_(norms.unsqueeze(1))
+    if input_scale != 1.0:
+        sae.b_enc.div_(input_scale)
+        sae.b_dec.div_(input_scale)

@@ -75,6 +75,7 @@ class SaeStepper:
         self.optimizer: torch.optim.Optimizer | None = None
         self.tokens_since_fired = torch.zeros(sae.n_latents, dtype=torch.int64, device=sae.device)
         self.config: SaeTrainingConfig | None = None
+        self.dead_window_tokens = 10_000_000
         self.world_size = 1
         self.rank = 0
 
@@ -97,6 +98,8 @@ class SaeStepper:
         auxk_coef: float = 1.0 / 32.0,
         encode_dtype: torch.dtype | None = None,
         l1_lambda: float = 0.0,
+        k: int | None = None,
+        topk_by_decoder_norm: bool = False,
     ) -> LossOutput:
         """Forward pass and losses of one batch (differentiable; nothing is stepped).
 
@@ -108,21 +111,30 @@ class SaeStepper:
             auxk_coef: AuxK weight in ``loss``.
             encode_dtype: dtype of the encoder product (None = the SAE's dtype).
             l1_lambda: weight of the L1 penalty ``mean |code|`` (over tokens and latents) added to ``loss``.
+            k: active latents per token (None = the SAE's ``k``; k-annealing passes more).
+            topk_by_decoder_norm: rank latents by pre-activation times decoder-row norm and decode with unit rows
+                (see ``SaeTrainingConfig.topk_by_decoder_norm``).
 
         Returns:
             `LossOutput`.
         """
         sae = self.sae
+        W_enc, b_enc, W_dec = sae.W_enc, sae.b_enc, sae.W_dec
+        if topk_by_decoder_norm:
+            # The decoder as if normalised: scaling latent i's pre-activation by ||d_i|| and its row by 1/||d_i||
+            # leaves each reconstruction unchanged but ranks latents by their contribution's size.
+            norms = W_dec.norm(dim=1).clamp_min(1e-12)
+            W_enc, b_enc, W_dec = W_enc * norms.unsqueeze(1), b_enc * norms, W_dec / norms.unsqueeze(1)
         use_aux = dead_mask is not None and k_aux > 0 and auxk_coef > 0
         enc_dtype = encode_dtype or sae.dtype
         # With a low-precision encoder product the op rounds copies of x - b_dec and W_enc for the product only;
         # it keeps none of them for backward, and every gradient is computed against the master weights.
         code = ops.topk_encode(
             x,
-            sae.W_enc,
-            sae.b_enc,
+            W_enc,
+            b_enc,
             sae.b_dec,
-            sae.k,
+            sae.k if k is None else k,
             dead_mask if use_aux else None,
             k_aux if use_aux else 0,
             compute_dtype=enc_dtype if enc_dtype != sae.dtype else None,
@@ -132,10 +144,10 @@ class SaeStepper:
         if use_aux and code.aux_values is not None:
             # Both decodes in one op, so the backward reads each decoder row once and gives W_dec one gradient.
             x_hat, e_hat = ops.sparse_decode_with_aux(
-                values, code.indices, code.aux_values.to(sae.dtype), code.aux_indices, sae.W_dec, sae.b_dec
+                values, code.indices, code.aux_values.to(sae.dtype), code.aux_indices, W_dec, sae.b_dec
             )
         else:
-            x_hat = ops.sparse_decode(values, code.indices, sae.W_dec, sae.b_dec)
+            x_hat = ops.sparse_decode(values, code.indices, W_dec, sae.b_dec)
         err = x - x_hat
         sse = _sum_sq(err)
         total_var = self._centered_sum_sq(x)
@@ -167,30 +179,41 @@ class SaeStepper:
     def _centered_sum_sq(self, x: Tensor) -> Tensor:
         """``sum ||x_i - mean||^2`` over all ranks' tokens (the mean is the global one)."""
         with torch.no_grad():
-            # sum ||x_i||^2 - ||sum x_i||^2 / N: two reductions and no [B, d] temporary. Its rounding error only
-            # rescales the loss by a constant factor, which Adam ignores; evaluate() reports FVU in float64.
-            count = self._all_reduce_sum(torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device))
-            total = self._all_reduce_sum(x.sum(dim=0).double())
-            squares = self._all_reduce_sum(_sum_sq(x).double())
-            centered = squares - total.dot(total) / count
+            # Per rank: count, per-dimension mean and centred sum of squares from torch.var_mean (a Welford-style
+            # reduction, no [B, d] temporary), then Chan's merge across ranks. The one-pass form
+            # sum ||x||^2 - ||sum x||^2 / N from float32 partial sums loses every digit when the activations sit
+            # far from the origin (2% error at a per-dimension offset of 100 sigma).
+            n = x.shape[0]
+            var, mean = torch.var_mean(x.double() if x.dtype == torch.float64 else x.float(), dim=0, correction=0)
+            count = self._all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=x.device))
+            mean = mean.double()
+            global_mean = self._all_reduce_sum(mean * n) / count
+            centered = self._all_reduce_sum(var.double().sum() * n + (mean - global_mean).pow(2).sum() * n)
             return centered.clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
 
     # -- one step ------------------------------------------------------------------------------------------------
-    def prepare(self, config: SaeTrainingConfig, lr: float | None = None) -> None:
+    def prepare(
+        self, config: SaeTrainingConfig, lr: float | None = None, dead_window_tokens: int | None = None
+    ) -> None:
         """Create the optimizer and reset the dead-latent counters (done by `train*`; call it before using
         `train_step` directly).
 
         Args:
             config: gives the Adam settings and the AuxK / decoder-norm options `train_step` uses.
             lr: initial learning rate (None: ``config.lr`` or the dictionary-size default).
+            dead_window_tokens: the run's dead-latent window (None: ``config.dead_window_tokens``, or 10M tokens
+                when that is None too; `SaeTrainer` passes the window scaled to the run).
         """
         self.config = self._check_config(config)
+        if dead_window_tokens is None:
+            dead_window_tokens = config.dead_window_tokens if config.dead_window_tokens is not None else 10_000_000
+        self.dead_window_tokens = dead_window_tokens
         peak = lr if lr is not None else (config.lr if config.lr is not None else self.sae.default_lr())
         self.optimizer = self._make_optimizer(config, peak)
         self.tokens_since_fired = torch.zeros(self.sae.n_latents, dtype=torch.int64, device=self.sae.device)
 
     def train_step(
-        self, x: Tensor, lr: float, *, k_aux: int, encode_dtype: torch.dtype | None = None
+        self, x: Tensor, lr: float, *, k_aux: int, encode_dtype: torch.dtype | None = None, k: int | None = None
     ) -> LossOutput | None:
         """One optimizer step on one batch, without any data handling.
 
@@ -204,6 +227,7 @@ class SaeStepper:
             lr: learning rate of this step.
             k_aux: dead latents per token for AuxK.
             encode_dtype: dtype of the encoder product (None = the SAE's dtype).
+            k: active latents per token of this step (None = the SAE's ``k``).
 
         Returns:
             The step's `LossOutput`, or None when the loss was non-finite (then nothing was changed).
@@ -213,7 +237,7 @@ class SaeStepper:
             raise RuntimeError("SaeTrainer.train_step: call prepare(config) first")
         for group in optimizer.param_groups:
             group["lr"] = lr
-        dead = self.tokens_since_fired >= config.dead_window_tokens
+        dead = self.tokens_since_fired >= self.dead_window_tokens
         out = self.compute_losses(
             x,
             dead_mask=dead if bool(dead.any()) else None,
@@ -221,6 +245,8 @@ class SaeStepper:
             auxk_coef=config.auxk_coef,
             encode_dtype=encode_dtype,
             l1_lambda=config.l1_lambda,
+            k=k,
+            topk_by_decoder_norm=config.topk_by_decoder_norm,
         )
         if not bool(torch.isfinite(out.loss)):
             return None

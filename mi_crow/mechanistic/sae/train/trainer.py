@@ -30,7 +30,8 @@ from mi_crow.mechanistic.sae.train.checkpoint import (
     restore_checkpoint,
     write_checkpoint,
 )
-from mi_crow.mechanistic.sae.train.init import initialise_weights
+from mi_crow.mechanistic.sae.outliers import attention_sink_mask
+from mi_crow.mechanistic.sae.train.init import fold_into_weights, initialise_weights
 from mi_crow.mechanistic.sae.train.metrics import MetricsWindow
 from mi_crow.mechanistic.sae.train.results import (
     ActivationReader,
@@ -38,7 +39,7 @@ from mi_crow.mechanistic.sae.train.results import (
     StepInfo,
     TrainingResult,
 )
-from mi_crow.mechanistic.sae.train.schedule import lr_at_step
+from mi_crow.mechanistic.sae.train.schedule import k_at_step, lr_at_step
 from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
 from mi_crow.mechanistic.sae.train.step import SaeStepper
 from mi_crow.mechanistic.sae.train.wandb_log import WandbRun, require_wandb
@@ -248,7 +249,7 @@ class SaeTrainer(SaeStepper):
         """The loop of `train_from_reader` once the plan is made and the run is locked (``wandb``: the imported
         module when ``use_wandb`` is on, else ``None``)."""
         config = self.config
-        self.prepare(config, plan.peak_lr)
+        self.prepare(config, plan.peak_lr, plan.dead_window_tokens)
         state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader)
         run_config = self._write_run_config(plan, status="running")
         bar = self._progress_bar(plan, state)
@@ -300,8 +301,8 @@ class SaeTrainer(SaeStepper):
         config = self.config
         checkpoint = read_checkpoint(self.store, plan) if config.resume else None
         if checkpoint is None:
-            initialise_weights(self.sae, config, sample_reader or (lambda: reader_factory(0)))
-            state = TrainingState()
+            scale = initialise_weights(self.sae, config, sample_reader or (lambda: reader_factory(0)))
+            state = TrainingState(input_scale=scale)
             return state, EpochBatches(reader_factory, state, reader), None
         check_checkpoint(checkpoint, self.sae, config, plan)
         self.tokens_since_fired, state = restore_checkpoint(checkpoint, self.sae, self.optimizer)
@@ -326,13 +327,16 @@ class SaeTrainer(SaeStepper):
         if not bool(torch.isfinite(norms.sum() if norms is not None else x.sum())):
             return self._skip_nonfinite(state)
         if norms is not None:
-            keep = norms <= config.outlier_norm_factor * norms.median()
-            n_out = int(keep.numel() - keep.sum())
+            sinks = attention_sink_mask(x, factor=config.outlier_norm_factor)
+            n_out = int(sinks.sum())
             if n_out:
                 state.outliers += n_out
-                x = x[keep]
+                x = x[~sinks]
+        if state.input_scale != 1.0:
+            x = x * state.input_scale
         lr = lr_at_step(state.step, plan.total_steps, plan.peak_lr, plan.warmup_steps, config)
-        out = self.train_step(x, lr, k_aux=plan.k_aux, encode_dtype=plan.encode_dtype)
+        k = k_at_step(state.step, plan.k_start, self.sae.k, plan.k_anneal_steps)
+        out = self.train_step(x, lr, k_aux=plan.k_aux, encode_dtype=plan.encode_dtype, k=k)
         if out is None:
             return self._skip_nonfinite(state)
         window.add(out)
@@ -347,16 +351,19 @@ class SaeTrainer(SaeStepper):
     def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any) -> None:
         """Append the window's record to the history (and the store), show it on the bar, empty the window."""
         means = window.means(self.sae.n_inputs)
-        dead_count = int((self.tokens_since_fired >= self.config.dead_window_tokens).sum())
+        # Before a full window of tokens no latent can have been silent for a window: "not yet measurable" (None).
+        dead_count = None
+        if state.tokens_seen >= plan.dead_window_tokens:
+            dead_count = int((self.tokens_since_fired >= plan.dead_window_tokens).sum())
         record = {
             "step": state.step,
             "tokens": state.tokens_seen,
             "loss": means["loss"],
-            "mse": means["mse"],
+            "mse": means["mse"] / state.input_scale**2,  # in the raw activations' scale
             "fvu": means["fvu"],
             "r2": 1.0 - means["fvu"],
             "l0": means["l0"],
-            "dead_fraction": dead_count / self.sae.n_latents,
+            "dead_fraction": None if dead_count is None else dead_count / self.sae.n_latents,
             "dead_features": dead_count,
             "auxk_loss": means["auxk_loss"],
             "l1": means["l1"],
@@ -376,7 +383,7 @@ class SaeTrainer(SaeStepper):
                 loss=f"{record['loss']:.4f}",
                 fvu=f"{record['fvu']:.4f}",
                 l0=f"{record['l0']:.1f}",
-                dead=f"{record['dead_fraction']:.3f}",
+                dead="n/a" if dead is None else f"{dead:.3f}",
                 auxk=f"{record['auxk_loss']:.4f}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
                 refresh=False,
@@ -404,6 +411,7 @@ class SaeTrainer(SaeStepper):
             "peak_lr": plan.peak_lr,
             "warmup_steps": plan.warmup_steps,
             "k_aux": plan.k_aux,
+            "dead_window_tokens": plan.dead_window_tokens,
             "optimizer": type(self.optimizer).__name__ + self._optimizer_flavour(),
             **status,
         }
@@ -415,6 +423,7 @@ class SaeTrainer(SaeStepper):
         """Final non-finite check, SAE metadata, the completed run config and the saved SAE."""
         config, sae, store = self.config, self.sae, self.store
         state.check_nonfinite(config, final=True)
+        fold_into_weights(sae, state.input_scale, config.topk_by_decoder_norm)
         sae.metadata.update(
             {"layer": plan.layer, "model_id": plan.model_id, "activation_run_id": plan.run_id,
              "training_run_id": plan.training_run_id}

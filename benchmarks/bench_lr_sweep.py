@@ -1,0 +1,138 @@
+"""Question: which peak learning rate minimises held-out FVU, as a function of the dictionary size and the token
+budget, and what rule fits it?
+
+On the activation tensors of bench_quality.py (SmolLM2-135M block 15, sinks removed, split by text), a TopK SAE
+(``k = 32``, batch 1024 tokens) is trained with the recipe's defaults except the peak learning rate, which runs over
+multiples of the reference ``2e-4 / sqrt(n / 2**14)`` (OpenAI's rule), for a small grid of widths ``n`` and budgets
+``T``. For each (n, T) the best multiple is located by a parabola through the three best points in log-lr, and a
+power law ``lr* = c * (n / 2**14)**a * (T / 2**20)**b`` is fitted to the optima by least squares in log space.
+
+Usage: ``python benchmarks/bench_lr_sweep.py [--quick] [--data PATH]``; prints the grid and the fitted rule and writes
+``benchmarks/results/bench_lr_sweep[_quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
+from mi_crow.mechanistic.sae.metrics import fvu
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def reference_lr(n: int) -> float:
+    return 2e-4 / math.sqrt(n / 2**14)
+
+
+def run(train: torch.Tensor, heldout: torch.Tensor, n: int, k: int, batch: int, budget: int, lr: float,
+        extra: dict[str, Any]) -> dict[str, float]:
+    torch.manual_seed(0)
+    sae = TopKSae(n, train.shape[1], k)
+    cfg = SaeTrainingConfig(batch_size=batch, n_tokens=budget, lr=lr, progress=False, checkpoint_every=None,
+                            save_sae=False, **extra)
+    start = time.perf_counter()
+    SaeTrainer(sae).train_on_tensor(train, cfg)
+    wall = time.perf_counter() - start
+    with torch.no_grad():
+        out = sae(heldout)
+    fired = torch.zeros(n, dtype=torch.bool)
+    fired[out.code.indices[out.code.values > 0]] = True
+    return {"heldout_fvu": fvu(heldout, out.reconstruction), "dead_fraction": float((~fired).float().mean()),
+            "wall_s": wall}
+
+
+def best_multiple(points: list[tuple[float, float]]) -> float:
+    """Minimiser in log-lr of a parabola through the best point and its neighbours (the best grid point itself when
+    it lies on the edge of the grid)."""
+    points = sorted(points)
+    i = min(range(len(points)), key=lambda j: points[j][1])
+    if i == 0 or i == len(points) - 1:
+        return points[i][0]
+    (x0, y0), (x1, y1), (x2, y2) = [(math.log(m), f) for m, f in points[i - 1 : i + 2]]
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2)) / denom
+    if a <= 0:
+        return points[i][0]
+    return math.exp(min(max(-b / (2 * a), x0), x2))
+
+
+def fit_rule(optima: list[dict[str, float]]) -> dict[str, float]:
+    """Least squares of ``log lr* = log c + a log(n / 2**14) + b log(T / 2**20)``."""
+    rows = torch.tensor([[1.0, math.log(o["n"] / 2**14), math.log(o["budget"] / 2**20)] for o in optima],
+                        dtype=torch.float64)
+    target = torch.tensor([math.log(o["lr"]) for o in optima], dtype=torch.float64).unsqueeze(1)
+    coef = torch.linalg.lstsq(rows, target).solution.flatten()
+    resid = (rows @ coef.unsqueeze(1) - target).flatten()
+    return {"c": math.exp(float(coef[0])), "a": float(coef[1]), "b": float(coef[2]),
+            "rms_log_error": float(resid.pow(2).mean().sqrt())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data", type=Path, default=None, help="bench_quality.py's activation tensors (.pt)")
+    parser.add_argument("--widths", default=None)
+    parser.add_argument("--budgets", default=None)
+    parser.add_argument("--multiples", default=None)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    widths = [int(v) for v in (args.widths or ("512,1024" if args.quick else "1152,4608")).split(",")]
+    budgets = [int(v) for v in (args.budgets or ("16384,65536" if args.quick else "65536,262144,1048576")).split(",")]
+    multiples = [float(v) for v in (args.multiples or "1,2,4,8,16").split(",")]
+    if args.data is None:
+        from mi_crow.defaults import get_cache_dir
+
+        args.data = get_cache_dir() / "bench_quality" / "smollm2_l15_1200_135.pt"
+    if not args.data.exists():
+        raise SystemExit(f"{args.data} is missing: run benchmarks/bench_quality.py first (it builds the tensors)")
+    data = torch.load(args.data)
+    train, heldout = data["train"], data["heldout"]
+    rows: list[dict[str, Any]] = []
+    optima: list[dict[str, float]] = []
+    for n in widths:
+        for budget in budgets:
+            budget = (budget // args.batch) * args.batch
+            points = []
+            for m in multiples:
+                lr = m * reference_lr(n)
+                res = run(train, heldout, n, args.k, args.batch, budget, lr, {})
+                rows.append({"n": n, "budget": budget, "multiple": m, "lr": lr, **res})
+                points.append((m, res["heldout_fvu"]))
+                print(json.dumps(rows[-1]), file=sys.stderr)
+            m_star = best_multiple(points)
+            optima.append({"n": n, "budget": budget, "multiple": m_star, "lr": m_star * reference_lr(n)})
+    rule = fit_rule(optima) if len(optima) >= 3 else None
+    print("| n | budget | " + " | ".join(f"x{m:g}" for m in multiples) + " | best multiple |")
+    print("|---|---|" + "---|" * len(multiples) + "---|")
+    for o in optima:
+        cells = [f"{r['heldout_fvu']:.4f}" for r in rows if r["n"] == o["n"] and r["budget"] == o["budget"]]
+        print(f"| {o['n']} | {o['budget']:,} | " + " | ".join(cells) + f" | {o['multiple']:.2f} |")
+    if rule is not None:
+        print(f"fit: lr* = {rule['c']:.3g} * (n / 2**14)^{rule['a']:.3f} * (T / 2**20)^{rule['b']:.3f} "
+              f"(rms log error {rule['rms_log_error']:.3f})")
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(), "k": args.k,
+            "batch": args.batch, "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]),
+            "data": data.get("meta")}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench_lr_sweep{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows, "optima": optima, "rule": rule}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
