@@ -383,7 +383,7 @@ class SaeTrainer(SaeStepper):
                 loss=f"{record['loss']:.4f}",
                 fvu=f"{record['fvu']:.4f}",
                 l0=f"{record['l0']:.1f}",
-                dead="n/a" if dead is None else f"{dead:.3f}",
+                dead="n/a" if dead_count is None else f"{record['dead_fraction']:.3f}",
                 auxk=f"{record['auxk_loss']:.4f}",
                 tok_s=f"{record['tokens_per_s']:.0f}",
                 refresh=False,
