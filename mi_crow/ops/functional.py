@@ -102,6 +102,13 @@ def topk_encode(
     is never materialised. Differentiable w.r.t. ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values``
     and ``aux_values``.
 
+    Ranking, the same on every backend: larger first, and NaN above every number, as in ``torch.topk``. A token
+    whose pre-activations contain NaN gets its NaN latents first (their values NaN: the ReLU keeps NaN, as
+    ``torch.relu`` does), then its best numbers; ``-inf`` entries fill the remaining slots (value 0) when nothing
+    better is left. The ``k`` indices of a row are always distinct latents. The fused kernels break ties, NaN
+    with NaN included, by the lower latent index (a stable descending sort); the reference leaves the order of
+    ties to ``torch.topk``. The aux code follows the same rule among the dead latents.
+
     Args:
         x: ``[tokens, d_in]`` inputs (callers flatten leading dimensions).
         W_enc: ``[n_latents, d_in]`` encoder weight, same dtype as ``x``.

@@ -34,9 +34,14 @@ def topk_encode_ref(
     ``pre = (x - b_dec) @ W_enc.T + b_enc`` is computed in ``x.dtype``; ``values = relu(topk(pre, k))`` sorted
     descending. With a ``compute_dtype`` other than ``x.dtype``, ``x - b_dec`` and ``W_enc`` are rounded to it
     for the product (whose result is taken in float32, as the kernels accumulate), and the rest is as before:
-    values come back in ``x.dtype``. The auxiliary code is the top-``k_aux`` of ``pre`` among latents where ``dead_mask`` is True
-    (ReLU applied). When fewer than ``k_aux`` latents are dead, the missing slots hold value 0 and index 0
-    (a padding slot has value 0, so it contributes nothing to a decode and receives no gradient).
+    values come back in ``x.dtype``. The auxiliary code is the top-``k_aux`` of ``pre`` among latents where
+    ``dead_mask`` is True (ReLU applied). When fewer than ``k_aux`` latents are dead, the missing slots hold value 0
+    and index 0 (a padding slot has value 0, so it contributes nothing to a decode and receives no gradient).
+
+    NaN ranks above every number, as in ``torch.topk``: a token whose pre-activations contain NaN gets its NaN
+    latents first (values NaN; ReLU keeps NaN), then the best numbers; the indices of a row are distinct whatever
+    its values (NaN, ``-inf``, ties). Which of several tied latents is chosen is not specified here (the fused
+    kernels take the lower index).
 
     Args:
         x: ``[B, d]`` inputs.
@@ -61,14 +66,16 @@ def topk_encode_ref(
     top = pre.topk(k, dim=1, sorted=True)
     values = torch.relu(top.values)
     indices = top.indices
+    B = x.shape[0]
     if dead_mask is None or k_aux == 0:
-        empty = x.new_empty((x.shape[0], 0))
-        return values, indices, empty, indices.new_empty((x.shape[0], 0))
-    masked = pre.masked_fill(~dead_mask.to(torch.bool), float("-inf"))
-    aux = masked.topk(k_aux, dim=1, sorted=True)
-    is_pad = torch.isinf(aux.values) & (aux.values < 0)
-    aux_values = torch.relu(aux.values.masked_fill(is_pad, 0.0))
-    aux_indices = aux.indices.masked_fill(is_pad, 0)
+        return values, indices, x.new_empty((B, 0)), indices.new_empty((B, 0))
+    # The top-k among the dead columns themselves (not over pre with live latents masked to -inf, which would
+    # tie with a dead latent whose pre-activation is -inf); slots beyond the number of dead latents are padding.
+    dead_idx = dead_mask.to(torch.bool).nonzero().squeeze(1)
+    take = min(k_aux, int(dead_idx.numel()))
+    aux = pre.index_select(1, dead_idx).topk(take, dim=1, sorted=True)
+    aux_values = torch.cat([torch.relu(aux.values), pre.new_zeros((B, k_aux - take))], dim=1)
+    aux_indices = torch.cat([dead_idx[aux.indices], indices.new_zeros((B, k_aux - take))], dim=1)
     return values, indices, aux_values, aux_indices
 
 

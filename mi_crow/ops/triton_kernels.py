@@ -121,18 +121,25 @@ def _round_to(v, dtype: tl.constexpr):
     """Round float32 v to dtype, to nearest even, and return it in dtype."""
     if dtype == tl.bfloat16:
         # Done on the bits because the interpreter truncates float32 -> bfloat16 casts; a GPU rounds to nearest
-        # even, which is what this computes, so both paths agree with PyTorch's rounding.
+        # even, which is what this computes, so both paths agree with PyTorch's rounding. (A NaN is passed through:
+        # adding the rounding bias to its bits could carry into the sign.)
         bits = v.to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        return bits.to(tl.float32, bitcast=True).to(dtype)
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True)).to(dtype)
     else:
         return v.to(dtype)
 
 
 @triton.jit
 def _float_to_key(pre, cols):
-    """Pack float32 values [R, C] and int latent indices [C] into order-preserving int64 keys [R, C]."""
+    """Pack float32 values [R, C] and int latent indices [C] into order-preserving int64 keys [R, C].
+
+    Every NaN (either sign, any payload) becomes the positive quiet NaN, whose key lies above that of +inf, so NaN
+    ranks first as in torch.topk and NaNs tie (the lower index wins); -0.0 becomes +0.0 so the zeros tie too.
+    """
     bits = pre.to(tl.int32, bitcast=True)
+    bits = tl.where(pre != pre, 0x7FC00000, bits)
+    bits = tl.where(bits == -(2**31), 0, bits)
     # Negative floats order backwards as integers; flipping their magnitude bits fixes that.
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     low = (0x7FFFFFFF - cols).to(tl.int64)
@@ -350,8 +357,8 @@ def _topk_finalize_kernel(
     val = bits.to(tl.float32, bitcast=True)
     idx = 0x7FFFFFFF - (best & 0xFFFFFFFF)
     # An empty slot (fewer dead latents than k_aux) becomes value 0 at latent 0: it adds nothing to a decode
-    # and, being 0 after ReLU, passes no gradient.
-    val = tl.where(empty, 0.0, tl.maximum(val, 0.0))
+    # and, being 0 after ReLU, passes no gradient. The ReLU keeps NaN (tl.maximum would drop it on a GPU).
+    val = tl.where(empty | (val < 0.0), 0.0, val)
     idx = tl.where(empty, 0, idx)
     out_mask = row_mask[:, None] & (kk < k)[None, :]
     out_val = _round_to(val, values_ptr.dtype.element_ty)
@@ -388,8 +395,7 @@ def _topk_encode_chunked(
     """
     B, n = x.shape[0], W_enc.shape[0]
     xc = x - b_dec
-    neg_inf = float("-inf")
-    best_v = x.new_full((B, 0), neg_inf)
+    best_v = x.new_empty((B, 0))
     best_i = torch.empty((B, 0), dtype=torch.int64, device=x.device)
     aux_v, aux_i = best_v, best_i
     for start in range(0, n, _CHUNK_LATENTS):
@@ -401,16 +407,22 @@ def _topk_encode_chunked(
         best_i = torch.cat([best_i, cols], dim=1).gather(1, top.indices)
         best_v = top.values
         if dead_mask is not None:
-            masked = pre.masked_fill(~dead_mask[start:end], neg_inf)
-            both_v = torch.cat([aux_v, masked], dim=1)
+            # Only the dead columns compete (masking live ones to -inf would tie them with a dead -inf).
+            dead_cols = dead_mask[start:end].nonzero().squeeze(1)
+            both_v = torch.cat([aux_v, pre.index_select(1, dead_cols)], dim=1)
             top = both_v.topk(min(k_aux, both_v.shape[1]), dim=1)
-            aux_i = torch.cat([aux_i, cols], dim=1).gather(1, top.indices)
+            aux_i = torch.cat([aux_i, (dead_cols + start).expand(B, -1)], dim=1).gather(1, top.indices)
             aux_v = top.values
     values = torch.relu(best_v)
     if dead_mask is None:
         return values, best_i, x.new_empty((B, 0)), best_i.new_empty((B, 0))
-    pad = torch.isneginf(aux_v)
-    return values, best_i, torch.relu(aux_v.masked_fill(pad, 0.0)), aux_i.masked_fill(pad, 0)
+    pad = k_aux - aux_v.shape[1]  # fewer dead latents than k_aux: value 0 at index 0
+    return (
+        values,
+        best_i,
+        torch.cat([torch.relu(aux_v), aux_v.new_zeros((B, pad))], dim=1),
+        torch.cat([aux_i, aux_i.new_zeros((B, pad))], dim=1),
+    )
 
 
 def topk_encode_triton(
