@@ -95,12 +95,14 @@ def topk_encode(
 ) -> TopKCode:
     """Fused encode + top-k: ``relu(topk((x - b_dec) @ W_enc.T + b_enc, k))``.
 
-    The matrix product runs in ``x.dtype``, or in ``compute_dtype`` when given: e.g. fp32 master weights with
-    ``compute_dtype=torch.bfloat16`` round ``x - b_dec`` and ``W_enc`` to bf16 for the product only (AMX on CPUs
-    that have it), accumulate in float32 and return fp32 values; the low-precision copies are not kept for
-    backward, and every gradient is computed in ``x.dtype``. The biases are cast to ``x.dtype``. On the fused kernels the full ``[tokens, n_latents]`` pre-activation matrix
-    is never materialised. Differentiable w.r.t. ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values``
-    and ``aux_values``.
+    Precision, the same on every backend: the biases are cast to ``x.dtype``; ``x - b_dec`` is computed in
+    ``x.dtype``, then it and ``W_enc`` are rounded to the product's dtype (``compute_dtype``, or ``x.dtype``);
+    the product is accumulated in float32, ``b_enc`` added in float32, the latents ranked on that float32
+    result, and only the values rounded, once, to ``x.dtype``. So fp32 master weights with
+    ``compute_dtype=torch.bfloat16`` run a bf16 product (AMX on CPUs that have it) and get fp32 values; the
+    low-precision copies are not kept for backward, and every gradient is computed in ``x.dtype``. On the fused
+    kernels the full ``[tokens, n_latents]`` pre-activation matrix is never materialised. Differentiable w.r.t.
+    ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values`` and ``aux_values``.
 
     Ranking, the same on every backend: larger first, and NaN above every number, as in ``torch.topk``. A token
     whose pre-activations contain NaN gets its NaN latents first (their values NaN: the ReLU keeps NaN, as

@@ -294,9 +294,10 @@ def _topk_encode_kernel(
                 xc = xc.to(tl.float32)
                 wt = wt.to(tl.float32)
             acc = tl.dot(xc, tl.trans(wt), acc, input_precision=INPUT_PRECISION)
+        # The contract of every backend: the product accumulated in float32, plus the bias in float32, ranked in
+        # float32 (only the values written out are rounded to their dtype, by the finalize kernel).
         be = tl.load(b_enc_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        # The reference rounds the product and the biased sum to the input dtype; so do we (no-ops for fp32).
-        pre = _round_to(_round_to(acc, dtype).to(tl.float32) + be[None, :], dtype).to(tl.float32)
+        pre = acc + be[None, :]
         keys = _float_to_key(pre, cols)
         keys = tl.where(col_mask[None, :], keys, -(2**63))
 
@@ -381,26 +382,28 @@ def _encode_blocks(B: int, d: int, k_pad: int, ka_pad: int) -> tuple[int, int, i
 
 
 def _topk_encode_chunked(
-    x: torch.Tensor,
+    xc: torch.Tensor,
     W_enc: torch.Tensor,
     b_enc: torch.Tensor,
-    b_dec: torch.Tensor,
     k: int,
     dead_mask: torch.Tensor | None,
     k_aux: int,
+    out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_encode for k or k_aux above the fused kernel's limit: latent chunks, running top-k with torch.topk.
 
+    ``xc`` is ``x - b_dec`` and ``W_enc`` the weight, both already in the product's dtype; the product is taken
+    in float32 plus the bias in float32 (the fused kernel's contract) and the values returned in ``out_dtype``.
     Same results and padding as the reference, with scratch bounded by ``[tokens, _CHUNK_LATENTS + k]``.
     """
-    B, n = x.shape[0], W_enc.shape[0]
-    xc = x - b_dec
+    B, n = xc.shape[0], W_enc.shape[0]
+    x = xc.float()
     best_v = x.new_empty((B, 0))
     best_i = torch.empty((B, 0), dtype=torch.int64, device=x.device)
     aux_v, aux_i = best_v, best_i
     for start in range(0, n, _CHUNK_LATENTS):
         end = min(n, start + _CHUNK_LATENTS)
-        pre = xc @ W_enc[start:end].T + b_enc[start:end]
+        pre = x @ W_enc[start:end].float().T + b_enc[start:end].float()
         cols = torch.arange(start, end, device=x.device).expand(B, -1)
         both_v = torch.cat([best_v, pre], dim=1)
         top = both_v.topk(min(k, both_v.shape[1]), dim=1)
@@ -413,14 +416,14 @@ def _topk_encode_chunked(
             top = both_v.topk(min(k_aux, both_v.shape[1]), dim=1)
             aux_i = torch.cat([aux_i, (dead_cols + start).expand(B, -1)], dim=1).gather(1, top.indices)
             aux_v = top.values
-    values = torch.relu(best_v)
+    values = torch.relu(best_v).to(out_dtype)
     if dead_mask is None:
-        return values, best_i, x.new_empty((B, 0)), best_i.new_empty((B, 0))
+        return values, best_i, values.new_empty((B, 0)), best_i.new_empty((B, 0))
     pad = k_aux - aux_v.shape[1]  # fewer dead latents than k_aux: value 0 at index 0
     return (
         values,
         best_i,
-        torch.cat([torch.relu(aux_v), aux_v.new_zeros((B, pad))], dim=1),
+        torch.cat([torch.relu(aux_v), aux_v.new_zeros((B, pad))], dim=1).to(out_dtype),
         torch.cat([aux_i, aux_i.new_zeros((B, pad))], dim=1),
     )
 
@@ -447,9 +450,10 @@ def topk_encode_triton(
         dead_mask: ``[n_latents]`` bool, True for dead latents, or None.
         k_aux: number of AuxK latents to pick among the dead ones, ``0 <= k_aux <= n_latents`` (fused up to
             256).
-        compute_dtype: dtype of the product (None: ``x.dtype``). Otherwise ``x - b_dec``, ``W_enc`` and
-            ``b_enc`` are cast to it for this call and the values are returned in ``x.dtype`` (they carry the
-            rounding of ``compute_dtype``, the CPU kernel's do not).
+        compute_dtype: dtype of the product's operands (None: ``x.dtype``). ``x - b_dec`` (computed in
+            ``x.dtype``) and ``W_enc`` are rounded to it for this call; as on CPU, the product is accumulated in
+            float32, ``b_enc`` is added in float32, the latents are ranked on that float32 result, and only the
+            values written out are rounded, to ``x.dtype``.
 
     Returns:
         ``(values, indices, aux_values, aux_indices)``: ``values [tokens, k]`` in ``x.dtype``, after ReLU,
@@ -493,17 +497,20 @@ def topk_encode_triton(
     else:
         _check_same_device(op, x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec)
 
-    if compute_dtype is not None and compute_dtype != x.dtype:
-        low = (x - b_dec).to(compute_dtype)
-        zero = torch.zeros(d, dtype=compute_dtype, device=x.device)
-        v, i, av, ai = topk_encode_triton(
-            low, W_enc.to(compute_dtype), b_enc.to(compute_dtype), zero, k, dead_mask, k_aux
-        )
-        return v.to(x.dtype), i, av.to(x.dtype), ai
-    if x.dtype == torch.float64:
-        return reference.topk_encode_ref(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux)
+    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: compute_dtype must be float32, bfloat16, float16, float64 or None, got {compute_dtype}")
+    cd = x.dtype if compute_dtype is None else compute_dtype
+    if torch.float64 in (x.dtype, cd):
+        return reference.topk_encode_ref(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype)
+    # The kernel's operands: x - b_dec and W_enc in the product's dtype. With a compute_dtype, the centring is
+    # done here in x's dtype and the kernel gets a zero b_dec; the rounded copies live for this call only.
+    if cd != x.dtype:
+        x_in, W_in = (x - b_dec).to(cd), W_enc.to(cd)
+        b_dec = torch.zeros(d, dtype=cd, device=x.device)
+    else:
+        x_in, W_in = x, W_enc
     has_aux = dead_mask is not None and k_aux > 0
-    # The kernel indexes the bias vectors with unit stride.
+    # The kernel indexes the bias vectors with unit stride; b_enc keeps x's dtype (it is added in float32).
     b_enc = b_enc.contiguous()
     b_dec = b_dec.contiguous()
     device = x.device
@@ -516,7 +523,8 @@ def topk_encode_triton(
         return values, indices, aux_values, aux_indices
 
     if k > _MAX_FUSED_K or (has_aux and k_aux > _MAX_FUSED_K):
-        return _topk_encode_chunked(x, W_enc, b_enc, b_dec, k, dead_mask if has_aux else None, k_aux)
+        xc = x_in - b_dec if cd == x.dtype else x_in
+        return _topk_encode_chunked(xc, W_in, b_enc, k, dead_mask if has_aux else None, k_aux, x.dtype)
 
     k_pad = _next_pow2(k)
     ka_pad = _next_pow2(k_aux) if has_aux else 1
@@ -535,11 +543,11 @@ def topk_encode_triton(
         aux_part = part  # never touched: HAS_AUX is a compile-time False
         dead_i8 = part
     # fp32 stays fp32 in the product (TF32 would change which latents win near the k-th place).
-    dot_in_fp32 = _interpreting() and x.dtype == torch.bfloat16
-    precision = "ieee" if x.dtype == torch.float32 or dot_in_fp32 else "tf32"
+    dot_in_fp32 = _interpreting() and cd == torch.bfloat16
+    precision = "ieee" if cd == torch.float32 or dot_in_fp32 else "tf32"
     _topk_encode_kernel[(n_row_blocks, splits)](
-        x,
-        W_enc,
+        x_in,
+        W_in,
         b_enc,
         b_dec,
         dead_i8,
@@ -550,10 +558,10 @@ def topk_encode_triton(
         d,
         latents_per_split,
         splits,
-        x.stride(0),
-        x.stride(1),
-        W_enc.stride(0),
-        W_enc.stride(1),
+        x_in.stride(0),
+        x_in.stride(1),
+        W_in.stride(0),
+        W_in.stride(1),
         K_PAD=k_pad,
         KA_PAD=ka_pad,
         HAS_AUX=has_aux,

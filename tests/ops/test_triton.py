@@ -534,9 +534,15 @@ def test_topk_encode_compute_dtype_runs_the_product_in_low_precision(
     dead = torch.rand(300, generator=_gen(3)) < 0.5
     values, indices, aux_v, aux_i = tk.topk_encode_triton(x, W, b_enc, b_dec, 5, dead, 12, compute_dtype)
     assert values.dtype == torch.float32 and aux_v.dtype == torch.float32
-    # Judged against float64 pre-activations of the rounded operands (the kernel's bias and values are rounded
-    # to compute_dtype too, hence the tolerance of a few units in its last place).
-    rounded = ((x - b_dec).to(compute_dtype).double() @ W.to(compute_dtype).double().t()) + b_enc.double()
-    atol = 4 * torch.finfo(compute_dtype).eps * float(rounded.abs().max())
+    # The CPU contract: operands rounded to compute_dtype, products accumulated in float32, the bias added in
+    # float32 and the values kept in float32. So against the float64 pre-activations of the rounded operands the
+    # error is float32 rounding only: at most gamma_{d+1} * (|x_r| @ |W_r|.T + |b_enc|) (Higham's bound for a
+    # float32 dot product of d terms plus one add), plus half an ulp of float32 for the value itself.
+    xr, Wr = (x - b_dec).to(compute_dtype).double(), W.to(compute_dtype).double()
+    rounded = xr @ Wr.t() + b_enc.double()
+    u = torch.finfo(torch.float32).eps / 2
+    terms = x.shape[1] + 1
+    gamma = terms * u / (1 - terms * u)
+    atol = gamma * float((xr.abs() @ Wr.abs().t() + b_enc.double().abs()).max()) + u * float(rounded.abs().max())
     _check_selection(values, indices, rounded, 5, atol=atol)
     _check_selection(aux_v, aux_i, rounded, 12, atol=atol, candidates=dead)
