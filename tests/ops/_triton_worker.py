@@ -22,7 +22,8 @@ import io, os, struct, sys
 import torch
 protocol = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protocol stream
-import mi_crow.ops.triton_kernels as tk
+import mi_crow.ops.triton as tk
+from mi_crow.ops.triton.encode import _topk_encode_kernel
 requests = sys.stdin.buffer
 while True:
     header = requests.read(8)
@@ -32,7 +33,7 @@ while True:
     name, args = torch.load(io.BytesIO(requests.read(size)), weights_only=True)
     try:
         if name == "kernel_kind":
-            reply = (True, type(tk._topk_encode_kernel).__name__)
+            reply = (True, type(_topk_encode_kernel).__name__)
         else:
             reply = (True, getattr(tk, name)(*args))
     except Exception as exc:
@@ -46,7 +47,7 @@ while True:
 
 
 class InterpretedKernels:
-    """Calls ``mi_crow.ops.triton_kernels.<name>(*args)`` in a worker process running the Triton interpreter."""
+    """Calls ``mi_crow.ops.triton.<name>(*args)`` in a worker process running the Triton interpreter."""
 
     def __init__(self) -> None:
         env = dict(os.environ, TRITON_INTERPRET="1")
