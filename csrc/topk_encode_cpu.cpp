@@ -53,9 +53,11 @@ bool mkl_sgemm_packed_available() {
 
 // A candidate (value, latent) as one sortable key, so that selection and sorting compare plain integers.
 // Order: larger value first; among equal values the lower latent index first, as in a stable descending sort.
+// NaN ranks above every number (+inf included), as in torch.topk, and all NaNs tie (so the lower index wins).
 // float: one uint64 whose high word is the value's bits mapped to an order-preserving unsigned integer and whose
 // low word is the complemented index (indices fit in 31 bits); -0.0 is folded into +0.0 first, so the two zeros
-// tie as they do under float comparison. double: a (value, index) pair with the same order.
+// tie as they do under float comparison, and every NaN (either sign, any payload) becomes the positive quiet NaN,
+// whose mapped bits lie above those of +inf. double: a (value, index) pair with the same order.
 template <typename acc_t>
 struct Key;
 
@@ -66,6 +68,7 @@ struct Key<float> {
     v += 0.0f;  // -0.0 -> +0.0
     uint32_t b;
     std::memcpy(&b, &v, sizeof(b));
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u) b = 0x7FC00000u;  // any NaN -> +qNaN
     b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
     return (static_cast<uint64_t>(b) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(idx));
   }
@@ -91,6 +94,8 @@ struct Key<double> {
   static int64_t index(const type& key) { return key.second; }
   struct Better {
     bool operator()(const type& a, const type& b) const {
+      const bool an = std::isnan(a.first), bn = std::isnan(b.first);
+      if (an || bn) return an && (!bn || a.second < b.second);
       return a.first > b.first || (a.first == b.first && a.second < b.second);
     }
   };
@@ -145,7 +150,10 @@ inline void select_best(uint64_t* keys, int64_t m, int64_t want, uint64_t* tmp) 
 }
 
 // Running top-`cap` per token row: an unsorted buffer of up to 2 * cap keys and a threshold that a new entry must
-// beat. The threshold is the cap-th best value seen at the last compaction, so it only rises.
+// beat. Until the buffer is first compacted every entry is taken (-inf and NaN included, so a row always gets
+// min(cap, entries) distinct latents); after that the threshold is the cap-th best value seen at the last
+// compaction, so it only rises. Entries come in increasing latent order, so an entry equal to the threshold loses
+// the tie: it is taken exactly when Admit says so.
 template <typename acc_t>
 struct RowBuffers {
   using K = Key<acc_t>;
@@ -154,6 +162,7 @@ struct RowBuffers {
   std::vector<key_t> keys;
   std::vector<int64_t> count;
   std::vector<acc_t> thr;
+  std::vector<uint8_t> full;  // compacted at least once: thr is a real cap-th best value
 
   void init(int64_t rows, int64_t capacity) {
     cap = capacity;
@@ -161,9 +170,21 @@ struct RowBuffers {
     keys.assign(rows * cap2, key_t{});
     count.assign(rows, 0);
     thr.assign(rows, -std::numeric_limits<acc_t>::infinity());
+    full.assign(rows, 0);
   }
 
-  acc_t threshold(int64_t r) const { return thr[r]; }
+  // Whether a later entry (higher latent index) of value v enters row r's buffer: everything before the first
+  // compaction; then v above the threshold, or v NaN above a number. Nothing beats a NaN threshold (a NaN entry
+  // ties with it and has the higher index). In vector form: (v !<= thr, true when either is NaN) | all, & some.
+  struct Admit {
+    acc_t thr;
+    bool all, none;
+    bool operator()(acc_t v) const { return all || (!none && !(v <= thr)); }
+  };
+  Admit admit(int64_t r) const {
+    return {thr[r], full[r] == 0, full[r] != 0 && std::isnan(thr[r])};
+  }
+  bool compacted(int64_t r) const { return full[r] != 0; }
 
   // Adds the candidates of one tile (each beats threshold(r); cv/ci are scratch and may be reordered). When the
   // buffer overflows, one selection keeps the best cap keys and raises the threshold.
@@ -179,10 +200,10 @@ struct RowBuffers {
       if (cnt == cap2 && q < c) {
         compact(r, scratch);
         // Entries of this tile that no longer beat the raised threshold need not be added.
-        const acc_t t = thr[r];
+        const Admit admits = admit(r);
         int64_t w = q;
         for (int64_t p = q; p < c; ++p) {
-          if (cv[p] > t) {
+          if (admits(cv[p])) {
             cv[w] = cv[p];
             ci[w++] = ci[p];
           }
@@ -206,8 +227,8 @@ struct RowBuffers {
       worst = bk[cap - 1];
     }
     count[r] = cap;
-    // Later tiles hold higher latent indices, so an equal value would lose the tie: strict > is exact.
     thr[r] = K::value(worst);
+    full[r] = 1;
   }
 
   // Appends row r's kept keys to `out`.
@@ -232,8 +253,9 @@ struct Candidates {
 template <typename acc_t>
 void scan_range(const acc_t* tile, const acc_t* bias, int64_t j0, int64_t j1, int64_t lat0, int64_t r,
                 RowBuffers<acc_t>& main, RowBuffers<acc_t>* aux, const bool* dead, Candidates<acc_t>& cand) {
-  const acc_t thr = main.threshold(r);
-  const acc_t athr = aux ? aux->threshold(r) : std::numeric_limits<acc_t>::infinity();
+  using Admit = typename RowBuffers<acc_t>::Admit;
+  const Admit adm = main.admit(r);
+  const Admit aadm = aux ? aux->admit(r) : Admit{0, false, true};
   acc_t* cv = cand.val.data();
   int32_t* ci = cand.idx.data();
   acc_t* av = cand.aval.data();
@@ -242,21 +264,25 @@ void scan_range(const acc_t* tile, const acc_t* bias, int64_t j0, int64_t j1, in
   int64_t j = j0;
 #if defined(MI_CROW_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 vthr = _mm512_set1_ps(thr);
-    const __m512 vathr = _mm512_set1_ps(athr);
+    // Admit as masks: "not v <= thr" (true when v or thr is NaN), OR'ed with all lanes before the first
+    // compaction, AND'ed with no lane when nothing can beat a NaN threshold.
+    const __m512 vthr = _mm512_set1_ps(adm.thr);
+    const __m512 vathr = _mm512_set1_ps(aadm.thr);
+    const __mmask16 m_or = adm.all ? 0xFFFF : 0, m_and = adm.none ? 0 : 0xFFFF;
+    const __mmask16 a_or = aadm.all ? 0xFFFF : 0, a_and = aadm.none ? 0 : 0xFFFF;
     const __m512i step = _mm512_set1_epi32(16);
     __m512i lane = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(lat0 + j0)),
                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     for (; j + 16 <= j1; j += 16, lane = _mm512_add_epi32(lane, step)) {
       const __m512 v = _mm512_add_ps(_mm512_loadu_ps(tile + j), _mm512_loadu_ps(bias + j));
-      const __mmask16 m = _mm512_cmp_ps_mask(v, vthr, _CMP_GT_OQ);
+      const __mmask16 m = (_mm512_cmp_ps_mask(v, vthr, _CMP_NLE_UQ) | m_or) & m_and;
       if (m) {
         _mm512_mask_compressstoreu_ps(cv + c, m, v);
         _mm512_mask_compressstoreu_epi32(ci + c, m, lane);
         c += __builtin_popcount(m);
       }
       if (aux) {
-        __mmask16 ma = _mm512_cmp_ps_mask(v, vathr, _CMP_GT_OQ);
+        __mmask16 ma = (_mm512_cmp_ps_mask(v, vathr, _CMP_NLE_UQ) | a_or) & a_and;
         if (ma) {
           ma &= _mm_cmpneq_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(dead + lat0 + j)),
                                      _mm_setzero_si128());
@@ -272,11 +298,11 @@ void scan_range(const acc_t* tile, const acc_t* bias, int64_t j0, int64_t j1, in
 #endif
   for (; j < j1; ++j) {
     const acc_t v = tile[j] + bias[j];
-    if (v > thr) {
+    if (adm(v)) {
       cv[c] = v;
       ci[c++] = static_cast<int32_t>(lat0 + j);
     }
-    if (aux && v > athr && dead[lat0 + j]) {
+    if (aux && aadm(v) && dead[lat0 + j]) {
       av[ca] = v;
       ai[ca++] = static_cast<int32_t>(lat0 + j);
     }
@@ -291,7 +317,7 @@ void scan_row(const acc_t* tile, const acc_t* bias, int64_t len, int64_t lat0, i
   // Before a row has a threshold every entry is a candidate. Scanning a short head first gives it one (the
   // k-th best of the head is a valid lower bound), so the rest of the tile is filtered instead of sorted.
   const int64_t head = 8 * main.cap;
-  if (main.threshold(r) == -std::numeric_limits<acc_t>::infinity() && head < len) {
+  if (!main.compacted(r) && head < len) {
     scan_range(tile, bias, 0, head, lat0, r, main, aux, dead, cand);
     scan_range(tile, bias, head, len, lat0, r, main, aux, dead, cand);
   } else {
@@ -428,10 +454,11 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
       std::sort(all.begin(), all.begin() + have, typename K::Better());
       for (int64_t q = 0; q < have; ++q) {
         const acc_t v = K::value(all[q]);
-        ov[q] = v > acc_t(0) ? v : acc_t(0);
+        ov[q] = (v > acc_t(0) || std::isnan(v)) ? v : acc_t(0);  // ReLU that keeps NaN, as torch.relu does
         oi[q] = K::index(all[q]);
       }
-      // Fewer candidates than slots (only possible for the aux code): pad with value 0 and index 0.
+      // Every latent enters a buffer until it is full, so a row has min(cap, candidates) keys: fewer than cap only
+      // for the aux code when fewer latents are dead than k_aux. Those slots get value 0 and index 0.
       for (int64_t q = have; q < cap; ++q) {
         ov[q] = acc_t(0);
         oi[q] = 0;

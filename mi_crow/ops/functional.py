@@ -1,6 +1,7 @@
 """Public functional API of the accelerated TopK SAE ops.
 
-These wrappers validate arguments (clear ``TypeError``/``ValueError`` naming the argument) and call the
+These wrappers validate arguments (:mod:`mi_crow.ops.checks`: the package's ``ArgumentTypeError`` /
+``UserInputError``, so ``TypeError``/``ValueError``, naming the op, the argument and the value) and call the
 ``mi_crow`` custom ops; the dispatcher picks the kernel from the tensors' device.
 """
 
@@ -11,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
+from mi_crow.errors import ArgumentTypeError, UserInputError
+from mi_crow.ops import checks
 
 class TopKCode(NamedTuple):
     """A sparse TopK code.
@@ -31,44 +32,14 @@ class TopKCode(NamedTuple):
     aux_indices: Tensor | None = None
 
 
-def _check_tensor(fn: str, name: str, t: object, ndim: int) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
-    return t
-
-
-def _check_float(fn: str, name: str, t: Tensor) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{fn}: {name} must be float32, bfloat16, float16 or float64, got {t.dtype}"
-        )
-
-
-def _check_int(fn: str, name: str, v: object, low: int, high: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__} {v!r}")
-    if not low <= v <= high:
-        raise ValueError(f"{fn}: {name} must be in [{low}, {high}], got {v}")
-    return v
-
-
-def _check_device(fn: str, ref: Tensor, **tensors: Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise ValueError(f"{fn}: {name} is on {t.device} but the other tensors are on {ref.device}")
-
-
 def _check_code(fn: str, prefix: str, values: object, indices: object) -> None:
     # A sparse code: float values [tokens, k] and int64 indices of the same shape; prefix is "" or "aux_".
-    v = _check_tensor(fn, f"{prefix}values", values, 2)
-    i = _check_tensor(fn, f"{prefix}indices", indices, 2)
-    _check_float(fn, f"{prefix}values", v)
+    v = checks.tensor(fn, f"{prefix}values", values, 2, floating=True)
+    i = checks.tensor(fn, f"{prefix}indices", indices, 2)
     if i.dtype != torch.int64:
-        raise TypeError(f"{fn}: {prefix}indices must have dtype torch.int64, got {i.dtype}")
+        raise ArgumentTypeError(f"{fn}: {prefix}indices must have dtype torch.int64, got {i.dtype}")
     if i.shape != v.shape:
-        raise ValueError(
+        raise UserInputError(
             f"{fn}: {prefix}indices must have the shape of {prefix}values {tuple(v.shape)}, got {tuple(i.shape)}"
         )
 
@@ -79,7 +50,7 @@ def _check_index_range(fn: str, name: str, indices: Tensor, n: int) -> None:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
-            raise ValueError(f"{fn}: {name} must lie in [0, {n}) (n_latents of W_dec), got {bad}")
+            raise UserInputError(f"{fn}: {name} must lie in [0, {n}) (n_latents of W_dec), got {bad}")
 
 
 def topk_encode(
@@ -95,12 +66,21 @@ def topk_encode(
 ) -> TopKCode:
     """Fused encode + top-k: ``relu(topk((x - b_dec) @ W_enc.T + b_enc, k))``.
 
-    The matrix product runs in ``x.dtype``, or in ``compute_dtype`` when given: e.g. fp32 master weights with
-    ``compute_dtype=torch.bfloat16`` round ``x - b_dec`` and ``W_enc`` to bf16 for the product only (AMX on CPUs
-    that have it), accumulate in float32 and return fp32 values; the low-precision copies are not kept for
-    backward, and every gradient is computed in ``x.dtype``. The biases are cast to ``x.dtype``. On the fused kernels the full ``[tokens, n_latents]`` pre-activation matrix
-    is never materialised. Differentiable w.r.t. ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values``
-    and ``aux_values``.
+    Precision, the same on every backend: the biases are cast to ``x.dtype``; ``x - b_dec`` is computed in
+    ``x.dtype``, then it and ``W_enc`` are rounded to the product's dtype (``compute_dtype``, or ``x.dtype``);
+    the product is accumulated in float32, ``b_enc`` added in float32, the latents ranked on that float32
+    result, and only the values rounded, once, to ``x.dtype``. So fp32 master weights with
+    ``compute_dtype=torch.bfloat16`` run a bf16 product (AMX on CPUs that have it) and get fp32 values; the
+    low-precision copies are not kept for backward, and every gradient is computed in ``x.dtype``. On the fused
+    kernels the full ``[tokens, n_latents]`` pre-activation matrix is never materialised. Differentiable w.r.t.
+    ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through ``values`` and ``aux_values``.
+
+    Ranking, the same on every backend: larger first, and NaN above every number, as in ``torch.topk``. A token
+    whose pre-activations contain NaN gets its NaN latents first (their values NaN: the ReLU keeps NaN, as
+    ``torch.relu`` does), then its best numbers; ``-inf`` entries fill the remaining slots (value 0) when nothing
+    better is left. The ``k`` indices of a row are always distinct latents. The fused kernels break ties, NaN
+    with NaN included, by the lower latent index (a stable descending sort); the reference leaves the order of
+    ties to ``torch.topk``. The aux code follows the same rule among the dead latents.
 
     Args:
         x: ``[tokens, d_in]`` inputs (callers flatten leading dimensions).
@@ -117,46 +97,41 @@ def topk_encode(
         ``k_aux > 0``, ``aux_values``/``aux_indices`` ``[tokens, k_aux]`` (else None).
     """
     fn = "topk_encode"
-    _check_tensor(fn, "x", x, 2)
-    _check_tensor(fn, "W_enc", W_enc, 2)
-    _check_tensor(fn, "b_enc", b_enc, 1)
-    _check_tensor(fn, "b_dec", b_dec, 1)
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
-        _check_float(fn, name, t)
+    for name, t, ndim in (("x", x, 2), ("W_enc", W_enc, 2), ("b_enc", b_enc, 1), ("b_dec", b_dec, 1)):
+        checks.tensor(fn, name, t, ndim, floating=True)
     n, d = W_enc.shape
     if x.shape[1] != d:
-        raise ValueError(
+        raise UserInputError(
             f"{fn}: x must have d_in = W_enc.shape[1] = {d} columns, got x of shape {tuple(x.shape)}"
         )
     if b_enc.shape[0] != n:
-        raise ValueError(f"{fn}: b_enc must have shape [{n}] (n_latents), got {tuple(b_enc.shape)}")
+        raise UserInputError(f"{fn}: b_enc must have shape [{n}] (n_latents), got {tuple(b_enc.shape)}")
     if b_dec.shape[0] != d:
-        raise ValueError(f"{fn}: b_dec must have shape [{d}] (d_in), got {tuple(b_dec.shape)}")
+        raise UserInputError(f"{fn}: b_dec must have shape [{d}] (d_in), got {tuple(b_dec.shape)}")
     if W_enc.dtype != x.dtype:
-        raise TypeError(
+        raise ArgumentTypeError(
             f"{fn}: W_enc must have the dtype of x ({x.dtype}) because the product runs in x.dtype, "
             f"got {W_enc.dtype}; cast one of them"
         )
-    _check_int(fn, "k", k, 1, n)
-    _check_int(fn, "k_aux", k_aux, 0, n)
+    checks.int_in_range(fn, "k", k, 1, n)
+    checks.int_in_range(fn, "k_aux", k_aux, 0, n)
     if dead_mask is not None:
         if not isinstance(dead_mask, Tensor):
-            raise TypeError(f"{fn}: dead_mask must be a bool Tensor or None, got {type(dead_mask).__name__}")
+            raise ArgumentTypeError(
+                f"{fn}: dead_mask must be a bool Tensor or None, got {type(dead_mask).__name__}"
+            )
         if dead_mask.dtype != torch.bool:
-            raise TypeError(f"{fn}: dead_mask must have dtype torch.bool, got {dead_mask.dtype}")
+            raise ArgumentTypeError(f"{fn}: dead_mask must have dtype torch.bool, got {dead_mask.dtype}")
         if dead_mask.shape != (n,):
-            raise ValueError(f"{fn}: dead_mask must have shape [{n}] (n_latents), got {tuple(dead_mask.shape)}")
-    _check_device(fn, x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, dead_mask=dead_mask)
+            raise UserInputError(f"{fn}: dead_mask must have shape [{n}] (n_latents), got {tuple(dead_mask.shape)}")
+    checks.same_device(fn, "x", x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, dead_mask=dead_mask)
+    checks.float_dtype(fn, "compute_dtype", compute_dtype)
     if b_enc.dtype != x.dtype:
         b_enc = b_enc.to(x.dtype)
     if b_dec.dtype != x.dtype:
         b_dec = b_dec.to(x.dtype)
     if dead_mask is None or k_aux == 0:
         dead_mask, k_aux = None, 0
-    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{fn}: compute_dtype must be torch.float32, bfloat16, float16, float64 or None, got {compute_dtype!r}"
-        )
     if compute_dtype == x.dtype:
         compute_dtype = None
     values, indices, aux_values, aux_indices = torch.ops.mi_crow.topk_encode(
@@ -185,13 +160,11 @@ def sparse_decode(values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor)
     """
     fn = "sparse_decode"
     _check_code(fn, "", values, indices)
-    _check_tensor(fn, "W_dec", W_dec, 2)
-    _check_tensor(fn, "b_dec", b_dec, 1)
-    for name, t in (("W_dec", W_dec), ("b_dec", b_dec)):
-        _check_float(fn, name, t)
+    checks.tensor(fn, "W_dec", W_dec, 2, floating=True)
+    checks.tensor(fn, "b_dec", b_dec, 1, floating=True)
     if b_dec.shape[0] != W_dec.shape[1]:
-        raise ValueError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
-    _check_device(fn, W_dec, values=values, indices=indices, b_dec=b_dec)
+        raise UserInputError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
+    checks.same_device(fn, "W_dec", W_dec, values=values, indices=indices, b_dec=b_dec)
     _check_index_range(fn, "indices", indices, W_dec.shape[0])
     if values.dtype != W_dec.dtype:
         values = values.to(W_dec.dtype)
@@ -238,19 +211,17 @@ def sparse_decode_with_aux(
     fn = "sparse_decode_with_aux"
     _check_code(fn, "", values, indices)
     _check_code(fn, "aux_", aux_values, aux_indices)
-    _check_tensor(fn, "W_dec", W_dec, 2)
-    _check_tensor(fn, "b_dec", b_dec, 1)
-    for name, t in (("W_dec", W_dec), ("b_dec", b_dec)):
-        _check_float(fn, name, t)
+    checks.tensor(fn, "W_dec", W_dec, 2, floating=True)
+    checks.tensor(fn, "b_dec", b_dec, 1, floating=True)
     if aux_values.shape[0] != values.shape[0]:
-        raise ValueError(
+        raise UserInputError(
             f"{fn}: aux_values must have {values.shape[0]} rows (the tokens of values), "
             f"got shape {tuple(aux_values.shape)}"
         )
     if b_dec.shape[0] != W_dec.shape[1]:
-        raise ValueError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
-    _check_device(
-        fn, W_dec, values=values, indices=indices, aux_values=aux_values, aux_indices=aux_indices, b_dec=b_dec
+        raise UserInputError(f"{fn}: b_dec must have shape [{W_dec.shape[1]}] (d_in), got {tuple(b_dec.shape)}")
+    checks.same_device(
+        fn, "W_dec", W_dec, values=values, indices=indices, aux_values=aux_values, aux_indices=aux_indices, b_dec=b_dec
     )
     _check_index_range(fn, "indices", indices, W_dec.shape[0])
     _check_index_range(fn, "aux_indices", aux_indices, W_dec.shape[0])

@@ -31,12 +31,21 @@ def topk_encode_ref(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Encode and keep the top-k latents per token.
 
-    ``pre = (x - b_dec) @ W_enc.T + b_enc`` is computed in ``x.dtype``; ``values = relu(topk(pre, k))`` sorted
-    descending. With a ``compute_dtype`` other than ``x.dtype``, ``x - b_dec`` and ``W_enc`` are rounded to it
-    for the product (whose result is taken in float32, as the kernels accumulate), and the rest is as before:
-    values come back in ``x.dtype``. The auxiliary code is the top-``k_aux`` of ``pre`` among latents where ``dead_mask`` is True
-    (ReLU applied). When fewer than ``k_aux`` latents are dead, the missing slots hold value 0 and index 0
-    (a padding slot has value 0, so it contributes nothing to a decode and receives no gradient).
+    ``pre = (x - b_dec) @ W_enc.T + b_enc`` and ``values = relu(topk(pre, k))`` sorted descending, with the
+    precision contract every backend keeps: ``x - b_dec`` is computed in ``x.dtype``, then it and ``W_enc`` are
+    rounded to the product's dtype (``compute_dtype``, or ``x.dtype`` when None); the product is accumulated in
+    float32 (float64 for float64 operands), ``b_enc`` is added in that precision, the latents are ranked on that
+    result, and only the values are rounded, to ``x.dtype``. (So bfloat16 inputs are ranked on float32
+    pre-activations, not on ones rounded to bfloat16.)
+
+    The auxiliary code is the top-``k_aux`` of ``pre`` among latents where ``dead_mask`` is True (ReLU applied).
+    When fewer than ``k_aux`` latents are dead, the missing slots hold value 0 and index 0 (a padding slot has
+    value 0, so it contributes nothing to a decode and receives no gradient).
+
+    NaN ranks above every number, as in ``torch.topk``: a token whose pre-activations contain NaN gets its NaN
+    latents first (values NaN; ReLU keeps NaN), then the best numbers; the indices of a row are distinct whatever
+    its values (NaN, ``-inf``, ties). Which of several tied latents is chosen is not specified here (the fused
+    kernels take the lower index).
 
     Args:
         x: ``[B, d]`` inputs.
@@ -52,23 +61,27 @@ def topk_encode_ref(
         ``(values [B, k], indices [B, k] int64, aux_values [B, k_aux], aux_indices [B, k_aux] int64)``; the aux
         tensors are ``[B, 0]`` when ``k_aux == 0`` or ``dead_mask`` is None.
     """
-    if compute_dtype is None or compute_dtype == x.dtype:
+    cd = x.dtype if compute_dtype is None else compute_dtype
+    acc = _acc_dtype(cd)
+    if cd == acc and x.dtype == acc:
         pre = (x - b_dec) @ W_enc.t() + b_enc
     else:
-        acc = _acc_dtype(compute_dtype)
-        xc = (x - b_dec).to(compute_dtype).to(acc)
-        pre = (xc @ W_enc.to(compute_dtype).to(acc).t() + b_enc.to(acc)).to(x.dtype)
+        # Exact widening of the rounded operands, so the product is the low-precision one accumulated in acc.
+        xc = (x - b_dec).to(cd).to(acc)
+        pre = xc @ W_enc.to(cd).to(acc).t() + b_enc.to(acc)
     top = pre.topk(k, dim=1, sorted=True)
-    values = torch.relu(top.values)
+    values = torch.relu(top.values).to(x.dtype)
     indices = top.indices
+    B = x.shape[0]
     if dead_mask is None or k_aux == 0:
-        empty = x.new_empty((x.shape[0], 0))
-        return values, indices, empty, indices.new_empty((x.shape[0], 0))
-    masked = pre.masked_fill(~dead_mask.to(torch.bool), float("-inf"))
-    aux = masked.topk(k_aux, dim=1, sorted=True)
-    is_pad = torch.isinf(aux.values) & (aux.values < 0)
-    aux_values = torch.relu(aux.values.masked_fill(is_pad, 0.0))
-    aux_indices = aux.indices.masked_fill(is_pad, 0)
+        return values, indices, x.new_empty((B, 0)), indices.new_empty((B, 0))
+    # The top-k among the dead columns themselves (not over pre with live latents masked to -inf, which would
+    # tie with a dead latent whose pre-activation is -inf); slots beyond the number of dead latents are padding.
+    dead_idx = dead_mask.to(torch.bool).nonzero().squeeze(1)
+    take = min(k_aux, int(dead_idx.numel()))
+    aux = pre.index_select(1, dead_idx).topk(take, dim=1, sorted=True)
+    aux_values = torch.cat([torch.relu(aux.values), pre.new_zeros((B, k_aux - take))], dim=1).to(x.dtype)
+    aux_indices = torch.cat([dead_idx[aux.indices], indices.new_zeros((B, k_aux - take))], dim=1)
     return values, indices, aux_values, aux_indices
 
 

@@ -406,9 +406,9 @@ def _register_triton() -> frozenset[str]:
     except ImportError:
         return frozenset()
     try:
-        kernels = importlib.import_module("mi_crow.ops.triton_kernels")
+        kernels = importlib.import_module("mi_crow.ops.triton")
     except Exception as exc:  # a broken optional backend must never make the package unusable
-        logger.warning("mi_crow.ops.triton_kernels could not be imported (%s); CUDA uses the reference", exc)
+        logger.warning("mi_crow.ops.triton could not be imported (%s); CUDA uses the reference", exc)
         return frozenset()
     registered = set()
     for op in OP_NAMES:
