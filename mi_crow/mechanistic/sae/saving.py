@@ -144,7 +144,8 @@ def save_sae(sae: TopKSae, files: SaeFiles) -> None:
     ``model.safetensors`` of an earlier version is removed, since a stale copy of older weights could only
     mislead."""
     files.write(MODEL_FILE, state_to_bytes({name: getattr(sae, name) for name in PARAM_NAMES}))
-    files.write(CONFIG_FILE, (json.dumps(sae.config_dict(), indent=2) + "\n").encode("utf-8"))
+    # No trailing newline: a config.json cut short anywhere never parses, so truncation is always reported.
+    files.write(CONFIG_FILE, json.dumps(sae.config_dict(), indent=2).encode("utf-8"))
     if files.exists(LEGACY_MODEL_FILE):
         files.delete(LEGACY_MODEL_FILE)
     sae.concepts.save(*files.concepts_target())
