@@ -49,7 +49,8 @@ def _close(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-4) -> No
         raise AssertionError(f"{what}: relative error {err:.2e} against the reference")
 
 
-def run_shape(s: Shape, quick: bool) -> list[dict]:
+def run_shape(s: Shape, quick: bool, mi_crow_only: bool = False) -> list[dict]:
+    """Check and time every case of one shape; ``mi_crow_only`` times the mi_crow ops alone (no speedup column)."""
     min_run = 0.3 if quick else 2.0
     g = torch.Generator().manual_seed(0)
     x = torch.randn(s.batch, s.d, generator=g)
@@ -108,6 +109,10 @@ def run_shape(s: Shape, quick: bool) -> list[dict]:
         (aux_group, "mi_crow sparse_decode_with_aux_backward",
          lambda: torch.ops.mi_crow.sparse_decode_with_aux_backward(grad, v, idx, aux_grad, av, aidx, W)),
     ]
+    if mi_crow_only:
+        timed = {(grp, name): median_seconds(fn, min_run) for grp, name, fn in cases if name.startswith("mi_crow")}
+        return [{"shape": f"B={s.batch} d={s.d} n={s.n} k={s.k}", "op": grp, "implementation": name,
+                 "ms": round(t * 1e3, 3)} for (grp, name), t in timed.items()]
     times = {(grp, name): median_seconds(fn, min_run) for grp, name, fn in cases}
     # The fused backward replaces gather_dot + scatter_rows, so it is compared with the dense pair of products.
     first: dict[str, float] = {}
@@ -135,12 +140,14 @@ def main() -> None:
     rows = []
     for s in QUICK if args.quick else FULL:
         rows += run_shape(s, args.quick)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backends {ops.backends('cpu')}\n")
+    isa = ops.cpu_isa()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backends {ops.backends('cpu')}, "
+          f"CPU kernels {isa}\n")
     print("speedup_vs_dense: the first row of each op group (the plain or dense product) / this row\n")
     print(markdown(rows))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_ops_quick" if args.quick else "bench_ops"
-    meta = {**machine_meta(), "backends": ops.backends("cpu")}
+    meta = {**machine_meta(), "backends": ops.backends("cpu"), "cpu_isa": isa._asdict() if isa else None}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     write_csv(RESULTS / f"{stem}.csv", rows, list(rows[0]))
 

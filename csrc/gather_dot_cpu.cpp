@@ -5,9 +5,13 @@
 #include <vector>
 
 #include "checks.h"
+#include "isa.h"
+
+MI_CROW_ISA_BEGIN
 #include "vec.h"
 
 namespace mi_crow {
+namespace MI_CROW_ISA {
 
 at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& W) {
   constexpr const char* op = "gather_dot";
@@ -51,6 +55,23 @@ at::Tensor gather_dot_cpu(const at::Tensor& grad_out, const at::Tensor& indices,
   return out;
 }
 
+}  // namespace MI_CROW_ISA
+}  // namespace mi_crow
+MI_CROW_ISA_END
+
+#if MI_CROW_ISA_PRIMARY
+// Only the baseline build registers the op: its entry point runs the build for the selected level.
+namespace mi_crow {
+
+MI_CROW_ISA_DECLARE(gather_dot_cpu,
+                    (const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& W),
+                    at::Tensor)
+
+at::Tensor gather_dot_dispatch(const at::Tensor& grad_out, const at::Tensor& indices, const at::Tensor& W) {
+  return MI_CROW_ISA_CALL(gather_dot_cpu, grad_out, indices, W);
+}
+
 }  // namespace mi_crow
 
-TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("gather_dot", &mi_crow::gather_dot_cpu); }
+TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("gather_dot", &mi_crow::gather_dot_dispatch); }
+#endif  // MI_CROW_ISA_PRIMARY

@@ -9,9 +9,13 @@
 
 #include "checks.h"
 #include "hugepages.h"
+#include "isa.h"
+
+MI_CROW_ISA_BEGIN
 #include "vec.h"
 
 namespace mi_crow {
+namespace MI_CROW_ISA {
 
 namespace {
 
@@ -97,6 +101,23 @@ at::Tensor scatter_rows_cpu(const at::Tensor& coef, const at::Tensor& indices, c
   return out;
 }
 
+}  // namespace MI_CROW_ISA
+}  // namespace mi_crow
+MI_CROW_ISA_END
+
+#if MI_CROW_ISA_PRIMARY
+// Only the baseline build registers the op: its entry point runs the build for the selected level.
+namespace mi_crow {
+
+MI_CROW_ISA_DECLARE(scatter_rows_cpu,
+                    (const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& x, int64_t n),
+                    at::Tensor)
+
+at::Tensor scatter_rows_dispatch(const at::Tensor& coef, const at::Tensor& indices, const at::Tensor& x, int64_t n) {
+  return MI_CROW_ISA_CALL(scatter_rows_cpu, coef, indices, x, n);
+}
+
 }  // namespace mi_crow
 
-TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("scatter_rows", &mi_crow::scatter_rows_cpu); }
+TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("scatter_rows", &mi_crow::scatter_rows_dispatch); }
+#endif  // MI_CROW_ISA_PRIMARY

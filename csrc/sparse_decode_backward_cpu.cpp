@@ -24,9 +24,13 @@
 
 #include "checks.h"
 #include "hugepages.h"
+#include "isa.h"
+
+MI_CROW_ISA_BEGIN
 #include "vec.h"
 
 namespace mi_crow {
+namespace MI_CROW_ISA {
 
 namespace {
 
@@ -223,9 +227,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_with_aux_backward_c
   return {grad_values, aux_grad_values, grad_W};
 }
 
+}  // namespace MI_CROW_ISA
+}  // namespace mi_crow
+MI_CROW_ISA_END
+
+#if MI_CROW_ISA_PRIMARY
+// Only the baseline build registers the op: its entry point runs the build for the selected level.
+namespace mi_crow {
+
+MI_CROW_ISA_DECLARE(sparse_decode_backward_cpu,
+                    (const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+                     const at::Tensor& W_dec),
+                    std::tuple<at::Tensor, at::Tensor>)
+MI_CROW_ISA_DECLARE(sparse_decode_with_aux_backward_cpu,
+                    (const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices,
+                     const at::Tensor& aux_grad_out, const at::Tensor& aux_values, const at::Tensor& aux_indices,
+                     const at::Tensor& W_dec),
+                    std::tuple<at::Tensor, at::Tensor, at::Tensor>)
+
+std::tuple<at::Tensor, at::Tensor> sparse_decode_backward_dispatch(const at::Tensor& grad_out,
+                                                                   const at::Tensor& values,
+                                                                   const at::Tensor& indices,
+                                                                   const at::Tensor& W_dec) {
+  return MI_CROW_ISA_CALL(sparse_decode_backward_cpu, grad_out, values, indices, W_dec);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_decode_with_aux_backward_dispatch(
+    const at::Tensor& grad_out, const at::Tensor& values, const at::Tensor& indices, const at::Tensor& aux_grad_out,
+    const at::Tensor& aux_values, const at::Tensor& aux_indices, const at::Tensor& W_dec) {
+  return MI_CROW_ISA_CALL(sparse_decode_with_aux_backward_cpu, grad_out, values, indices, aux_grad_out, aux_values,
+                          aux_indices, W_dec);
+}
+
 }  // namespace mi_crow
 
 TORCH_LIBRARY_IMPL(mi_crow, CPU, m) {
-  m.impl("sparse_decode_backward", &mi_crow::sparse_decode_backward_cpu);
-  m.impl("sparse_decode_with_aux_backward", &mi_crow::sparse_decode_with_aux_backward_cpu);
+  m.impl("sparse_decode_backward", &mi_crow::sparse_decode_backward_dispatch);
+  m.impl("sparse_decode_with_aux_backward", &mi_crow::sparse_decode_with_aux_backward_dispatch);
 }
+#endif  // MI_CROW_ISA_PRIMARY

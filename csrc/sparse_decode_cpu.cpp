@@ -5,9 +5,13 @@
 #include <vector>
 
 #include "checks.h"
+#include "isa.h"
+
+MI_CROW_ISA_BEGIN
 #include "vec.h"
 
 namespace mi_crow {
+namespace MI_CROW_ISA {
 
 at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
                              const at::Tensor& b_dec) {
@@ -75,6 +79,25 @@ at::Tensor sparse_decode_cpu(const at::Tensor& values, const at::Tensor& indices
   return out;
 }
 
+}  // namespace MI_CROW_ISA
+}  // namespace mi_crow
+MI_CROW_ISA_END
+
+#if MI_CROW_ISA_PRIMARY
+// Only the baseline build registers the op: its entry point runs the build for the selected level.
+namespace mi_crow {
+
+MI_CROW_ISA_DECLARE(sparse_decode_cpu,
+                    (const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                     const at::Tensor& b_dec),
+                    at::Tensor)
+
+at::Tensor sparse_decode_dispatch(const at::Tensor& values, const at::Tensor& indices, const at::Tensor& W_dec,
+                                  const at::Tensor& b_dec) {
+  return MI_CROW_ISA_CALL(sparse_decode_cpu, values, indices, W_dec, b_dec);
+}
+
 }  // namespace mi_crow
 
-TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("sparse_decode", &mi_crow::sparse_decode_cpu); }
+TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("sparse_decode", &mi_crow::sparse_decode_dispatch); }
+#endif  // MI_CROW_ISA_PRIMARY

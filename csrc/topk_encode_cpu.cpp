@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "checks.h"
-#include "vec.h"
+#include "isa.h"
 
 // MKL's CBLAS entry points, as exported by the MKL that the PyTorch CPU wheel links in. Declared weak so the
 // extension still loads against a torch without MKL; then the kernel uses at::mm_out instead.
@@ -38,7 +38,11 @@ void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int 
                           int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
+MI_CROW_ISA_BEGIN
+#include "vec.h"
+
 namespace mi_crow {
+namespace MI_CROW_ISA {
 namespace {
 
 // CBLAS enum values (fixed by the CBLAS standard and MKL).
@@ -527,6 +531,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_cpu(
   return {values.to(x.scalar_type()), indices, aux_values.to(x.scalar_type()), aux_indices};
 }
 
+}  // namespace MI_CROW_ISA
+}  // namespace mi_crow
+MI_CROW_ISA_END
+
+#if MI_CROW_ISA_PRIMARY
+// Only the baseline build registers the op: its entry point runs the build for the selected level.
+namespace mi_crow {
+
+MI_CROW_ISA_DECLARE(topk_encode_cpu,
+                    (const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec,
+                     int64_t k, const std::optional<at::Tensor>& dead_mask, int64_t k_aux,
+                     std::optional<at::ScalarType> compute_dtype),
+                    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>)
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> topk_encode_dispatch(
+    const at::Tensor& x, const at::Tensor& W_enc, const at::Tensor& b_enc, const at::Tensor& b_dec, int64_t k,
+    const std::optional<at::Tensor>& dead_mask, int64_t k_aux, std::optional<at::ScalarType> compute_dtype) {
+  return MI_CROW_ISA_CALL(topk_encode_cpu, x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype);
+}
+
 }  // namespace mi_crow
 
-TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("topk_encode", &mi_crow::topk_encode_cpu); }
+TORCH_LIBRARY_IMPL(mi_crow, CPU, m) { m.impl("topk_encode", &mi_crow::topk_encode_dispatch); }
+#endif  // MI_CROW_ISA_PRIMARY

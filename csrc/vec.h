@@ -1,20 +1,16 @@
 // Small vector helpers for the CPU kernels: loads of float/bf16/fp16 rows widened to float, axpy and dot with
-// float accumulation. AVX-512 when the build targets it (setup.py builds with -march=native), scalar otherwise.
-// Written with intrinsics because the compiler may not reorder a floating-point reduction by itself.
+// float accumulation. AVX-512 in the AVX-512 build of a kernel file (MI_CROW_AVX512, see isa.h), scalar in the
+// baseline build. Written with intrinsics because the compiler may not reorder a floating-point reduction by
+// itself.
+//
+// Included after MI_CROW_ISA_BEGIN, so these inline functions are compiled for the build's target and live in
+// its namespace (mi_crow::isa_baseline or mi_crow::isa_avx512): two builds never share a copy.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
-#include <cstdint>
-#include <type_traits>
-
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define MI_CROW_AVX512 1
-#endif
+#include "isa.h"
 
 namespace mi_crow {
+namespace MI_CROW_ISA {
 
 #if defined(MI_CROW_AVX512)
 template <typename scalar_t>
@@ -187,4 +183,5 @@ inline void widen(const scalar_t* src, acc_t* dst, int64_t len) {
   for (; c < len; ++c) dst[c] = static_cast<acc_t>(src[c]);
 }
 
+}  // namespace MI_CROW_ISA
 }  // namespace mi_crow

@@ -11,6 +11,8 @@ Environment switches (read once, at import):
 - ``MI_CROW_DISABLE_EXTENSION=1``: do not load ``mi_crow._C``; CPU uses the reference.
 - ``MI_CROW_DISABLE_TRITON=1``: do not register Triton kernels; CUDA uses the reference.
 - ``MI_CROW_REQUIRE_EXTENSION=1``: a missing or broken ``mi_crow._C`` raises ``ImportError``.
+- ``MI_CROW_CPU_ISA=baseline|avx512|avx512bf16|amx``: the highest instruction-set level the C++ CPU kernels may
+  use (clamped to what the CPU supports; default: the best it supports). See :func:`cpu_isa`.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import importlib
 import logging
 import os
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from mi_crow.ops import reference
 from mi_crow.ops.schemas import LIB, OP_NAMES, qualname
+from mi_crow.validation import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -384,6 +388,57 @@ def _load_extension() -> ModuleType | None:
 
 
 EXTENSION: ModuleType | None = _load_extension()
+
+#: Instruction-set levels of the C++ CPU kernels, lowest first (``csrc/isa.h``).
+CPU_ISA_LEVELS: tuple[str, ...] = ("baseline", "avx512", "avx512bf16", "amx")
+
+
+class CpuIsa(NamedTuple):
+    """Which instruction-set level the C++ CPU kernels run at (see :func:`cpu_isa`)."""
+
+    cpu: str
+    """The best level this CPU and its OS support: ``"baseline"``, ``"avx512"`` (AVX-512 F/BW/DQ/VL/CD),
+    ``"avx512bf16"`` (and AVX512_BF16) or ``"amx"`` (and AMX-TILE/AMX-BF16)."""
+    selected: str
+    """The level in use: ``cpu``, or a lower one asked for with ``MI_CROW_CPU_ISA``."""
+    kernels: str
+    """The build of mi_crow's kernels that runs: ``"baseline"`` or ``"avx512"``. The two upper levels run the
+    AVX-512 build: no mi_crow kernel has code of its own for them (the bf16 encoder product is MKL's, which uses
+    AVX512-BF16 or AMX by itself)."""
+    native: bool
+    """Whether the extension was built with ``MI_CROW_NATIVE=1`` (``-march=native``: not portable)."""
+    baseline_target: str
+    """The vector extension the baseline build was compiled with: ``""`` for the portable build (SSE4.2, no AVX),
+    more for a native build."""
+
+
+def _select_cpu_isa() -> None:
+    requested = os.environ.get("MI_CROW_CPU_ISA", "").strip().lower()
+    if not requested:
+        return
+    check_choice(requested, "MI_CROW_CPU_ISA", CPU_ISA_LEVELS)
+    if EXTENSION is None or not hasattr(EXTENSION, "request_cpu_isa"):
+        return
+    selected = EXTENSION.request_cpu_isa(requested)
+    if selected != requested:
+        logger.info("MI_CROW_CPU_ISA=%s is above what this CPU supports; the CPU kernels use %s", requested, selected)
+
+
+_select_cpu_isa()
+
+
+def cpu_isa() -> CpuIsa | None:
+    """Report the instruction-set level of the C++ CPU kernels (nothing is printed).
+
+    The extension is built for a portable baseline and, on x86-64, a second time for AVX-512; the CPU's flags pick
+    the build at run time, and ``MI_CROW_CPU_ISA`` (read at import) can ask for a lower level.
+
+    Returns:
+        A :class:`CpuIsa`, or None when the C++ extension is not loaded (or is an older build without levels).
+    """
+    if EXTENSION is None or not hasattr(EXTENSION, "cpu_isa"):
+        return None
+    return CpuIsa(**EXTENSION.cpu_isa())
 
 
 def _has_kernel(op: str, key: str) -> bool:
