@@ -16,8 +16,9 @@
 // was, and MI_CROW_CPU_ISA accepts them; they run the avx512 build.
 //
 // Every header whose inline functions a kernel file uses must be included before MI_CROW_ISA_BEGIN (so they are
-// compiled for the baseline target in every translation unit, and the linker may keep any copy); vec.h is the
-// exception, on purpose: it is included after it, inside the level's namespace.
+// compiled for the baseline target in every translation unit, and the linker may keep any copy); vec.h and
+// slots.h (the hot helpers) are the exceptions, on purpose: they are included after it, and put their code in the
+// build's namespace.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -65,14 +66,18 @@ Isa request_isa(Isa isa);
 // The AVX-512 build's target, applied to every function defined between MI_CROW_ISA_BEGIN and MI_CROW_ISA_END
 // (lambdas and template instantiations of our own templates included; templates of the standard library and
 // ATen, defined before, keep the baseline target).
+// (The feature list is spelled out in each pragma, on one line: _Pragma takes one string literal, neither a macro
+// nor adjacent literals.)
 #if defined(MI_CROW_ISA_VARIANT_AVX512)
 #if defined(__clang__)
-#define MI_CROW_ISA_BEGIN                                                                                        \
-  _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,popcnt\"))), apply_to = function)")
+// clang-format off
+#define MI_CROW_ISA_BEGIN _Pragma("clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,popcnt\"))), apply_to = function)")
+// clang-format on
 #define MI_CROW_ISA_END _Pragma("clang attribute pop")
 #else
-#define MI_CROW_ISA_BEGIN \
-  _Pragma("GCC push_options") _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,popcnt\")")
+#define MI_CROW_ISA_BEGIN             \
+  _Pragma("GCC push_options")         \
+  _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx512cd,avx2,fma,f16c,bmi,bmi2,popcnt\")")
 #define MI_CROW_ISA_END _Pragma("GCC pop_options")
 #endif
 #else

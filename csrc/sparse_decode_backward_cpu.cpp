@@ -27,6 +27,7 @@
 #include "isa.h"
 
 MI_CROW_ISA_BEGIN
+#include "slots.h"
 #include "vec.h"
 
 namespace mi_crow {

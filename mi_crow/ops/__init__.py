@@ -2,9 +2,9 @@
 
 Public API: :func:`topk_encode`, :func:`sparse_decode`, :func:`sparse_decode_with_aux` (the AuxK step's two
 decodes with one decoder gradient), :class:`TopKCode`, :class:`DecodeWithAux`, :func:`backends`, :func:`cpu_isa`
-(the instruction-set level of the C++ CPU kernels), and the plain PyTorch references ``*_ref``. Kernels are chosen by device through the dispatcher: the C++ extension on CPU,
-Triton (and a CUDA C++ decoder-gradient kernel where built) on CUDA, the reference everywhere else. See
-:mod:`mi_crow.ops.registration` for the environment switches.
+(the instruction-set level of the C++ CPU kernels), and the plain PyTorch references ``*_ref``. Kernels are chosen
+by device through the dispatcher: the C++ extension on CPU, Triton (and a CUDA C++ decoder-gradient kernel where
+built) on CUDA, the reference everywhere else. See :mod:`mi_crow.ops.registration` for the environment switches.
 """
 
 from mi_crow.ops import schemas as _schemas  # noqa: F401  (defines the op schemas before anything registers)
