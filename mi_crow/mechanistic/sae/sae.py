@@ -636,6 +636,24 @@ class TopKSae(nn.Module, Controller):
         """
         return cls.load(path=path, device=device)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> TopKSae:
+        """Load an SAE saved by SAELens, sparsify, dictionary_learning, circuit-tracer or mi_crow (format detected).
+
+        See `mi_crow.mechanistic.sae.interop.load_pretrained` for the keywords (``model``, ``layer``, ``device``,
+        ``dtype``, ``format``) and the errors. A file of another architecture than this class is refused.
+        """
+        from mi_crow.mechanistic.sae.interop import load_pretrained
+
+        return load_pretrained(path, expected=cls, **kwargs)
+
+    def export(self, path: str | os.PathLike[str], format: str = "sae_lens", **kwargs: Any) -> Path:
+        """Write this SAE as ``"sae_lens"``, ``"sparsify"``, ``"dictionary_learning"`` or ``"circuit_tracer"``
+        files (see `mi_crow.mechanistic.sae.interop.export_sae`); returns the folder."""
+        from mi_crow.mechanistic.sae.interop import export_sae
+
+        return export_sae(self, path, format, **kwargs)
+
     def extra_repr(self) -> str:
         return f"n_latents={self.n_latents}, n_inputs={self.n_inputs}, k={self.k}, mode={self.mode!r}"
 
