@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from mi_crow.cli import concepts, demo, generate, layers, report, save, train
+from mi_crow.cli import concepts, demo, export, generate, layers, report, save, train
 from mi_crow.cli.common import PROG
 
 __all__ = ["build_parser"]
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add a feature's decoder direction with this activation at every token")
     p.add_argument("--max-new-tokens", type=_positive_int, default=30)
     p.set_defaults(func=generate.run)
+
+    p = add("export", "write an SAE for SAELens, sparsify, dictionary_learning, circuit-tracer, Neuronpedia or SAEBench")
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
 
     p = add("demo", "the whole workflow on the default model and corpus")
     _source_args(p)
