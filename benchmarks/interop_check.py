@@ -1,0 +1,212 @@
+"""Interop against the real libraries (not part of the test suite): save SAEs with SAELens, sparsify and
+dictionary_learning and load them here; export ours and load it there; compare encode and decode on random inputs.
+
+Run it with an interpreter that has the peers installed and mi_crow importable, e.g. the ``/tmp/peers`` venv::
+
+    PYTHONPATH=$PWD /tmp/peers/bin/python benchmarks/interop_check.py
+
+A library that is not installed is reported as skipped. Results: a Markdown table on stdout and
+``benchmarks/results/interop_check.json`` (max absolute and relative differences of the dense codes and of the
+reconstructions, per direction and library).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+# A torchvision built for another torch makes transformers' import fail; none of these checks needs it.
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (  # type: ignore[assignment]
+    None if name.split(".")[0] == "torchvision" else _find_spec(name, package))
+
+import torch  # noqa: E402
+
+from mi_crow.mechanistic.sae import TopKSae  # noqa: E402
+
+N, D, K, TOKENS = 512, 64, 16, 256
+RESULTS = Path(__file__).parent / "results" / "interop_check.json"
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    a, b = a.detach().double(), b.detach().double()
+    abs_diff = (a - b).abs().max().item()
+    return {"max_abs": abs_diff, "max_rel": abs_diff / max(b.abs().max().item(), 1e-30)}
+
+
+def _ours(seed: int = 0) -> TopKSae:
+    g = torch.Generator().manual_seed(seed)
+    sae = TopKSae(N, D, K)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(N, D, generator=g) / D**0.5)
+        sae.b_enc.copy_(torch.randn(N, generator=g) * 0.05)
+        sae.b_dec.copy_(torch.randn(D, generator=g) * 0.1)
+    sae.layer_signature = "transformer.h.3"
+    sae.metadata.update(layer="transformer.h.3", model_id="gpt2")
+    return sae
+
+
+def _x(seed: int = 1) -> torch.Tensor:
+    return torch.randn(TOKENS, D, generator=torch.Generator().manual_seed(seed))
+
+
+def _record(rows: list[dict[str, Any]], library: str, direction: str, case: str,
+            ours: tuple[torch.Tensor, torch.Tensor], theirs: tuple[torch.Tensor, torch.Tensor]) -> None:
+    rows.append({"library": library, "direction": direction, "case": case, "status": "ok",
+                 "code": _diff(ours[0], theirs[0]), "reconstruction": _diff(ours[1], theirs[1])})
+
+
+def _ours_out(sae: TopKSae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return sae.encode_dense(x), sae.decode(sae.encode(x))
+
+
+# -- SAELens ---------------------------------------------------------------------------------------------------------
+def check_sae_lens(rows: list[dict[str, Any]], tmp: Path) -> None:
+    from sae_lens import SAE, TopKSAE, TopKSAEConfig
+
+    x = _x()
+    for rescale, apply_b_dec in ((False, True), (True, True), (True, False)):
+        cfg = TopKSAEConfig(d_in=D, d_sae=N, k=K, rescale_acts_by_decoder_norm=rescale,
+                            apply_b_dec_to_input=apply_b_dec)
+        cfg.metadata.hook_name = "blocks.3.hook_resid_post"
+        cfg.metadata.model_name = "gpt2"
+        theirs = TopKSAE(cfg)
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in (theirs.W_enc, theirs.b_enc, theirs.W_dec, theirs.b_dec):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        folder = tmp / f"sl-{rescale}-{apply_b_dec}"
+        theirs.save_model(folder)
+        ours = TopKSae.from_pretrained(folder)
+        with torch.no_grad():
+            their_out = (theirs.encode(x), theirs.decode(theirs.encode(x)))
+        _record(rows, "sae_lens", "theirs -> ours", f"topk rescale={rescale} apply_b_dec={apply_b_dec}",
+                _ours_out(ours, x), their_out)
+        assert ours.layer_signature == "transformer.h.3", ours.layer_signature
+    sae = _ours()
+    sae.export(tmp / "sl-ours", "sae_lens")
+    theirs = SAE.load_from_disk(tmp / "sl-ours")
+    with torch.no_grad():
+        their_out = (theirs.encode(x), theirs.decode(theirs.encode(x)))
+    _record(rows, "sae_lens", "ours -> theirs", f"topk, hook {theirs.cfg.metadata.hook_name}", _ours_out(sae, x),
+            their_out)
+
+
+# -- sparsify --------------------------------------------------------------------------------------------------------
+def _sparsify_out(coder: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        enc = coder.encode(x)
+        dense = torch.zeros(x.shape[0], coder.num_latents).scatter(-1, enc.top_indices, enc.top_acts)
+        return dense, coder.decode(enc.top_acts, enc.top_indices)
+
+
+def check_sparsify(rows: list[dict[str, Any]], tmp: Path) -> None:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    x = _x()
+    theirs = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in (theirs.encoder.weight, theirs.encoder.bias, theirs.W_dec, theirs.b_dec):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs.save_to_disk(tmp / "sp" / "h.3")
+    ours = TopKSae.from_pretrained(tmp / "sp" / "h.3")
+    _record(rows, "sparsify", "theirs -> ours", "topk SAE", _ours_out(ours, x), _sparsify_out(theirs, x))
+    sae = _ours()
+    sae.export(tmp / "sp-ours" / "h.3", "sparsify")
+    back = SparseCoder.load_from_disk(tmp / "sp-ours" / "h.3")
+    _record(rows, "sparsify", "ours -> theirs", "topk SAE", _ours_out(sae, x), _sparsify_out(back, x))
+
+
+# -- dictionary_learning ---------------------------------------------------------------------------------------------
+def check_dictionary_learning(rows: list[dict[str, Any]], tmp: Path) -> None:
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+
+    x = _x()
+    theirs = AutoEncoderTopK(D, N, K)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in (theirs.encoder.weight, theirs.encoder.bias, theirs.decoder.weight, theirs.b_dec):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    folder = tmp / "dl"
+    folder.mkdir()
+    torch.save({k: v.cpu() for k, v in theirs.state_dict().items()}, folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps({"trainer": {
+        "dict_class": "AutoEncoderTopK", "trainer_class": "TopKTrainer", "activation_dim": D, "dict_size": N,
+        "k": K, "layer": 3, "lm_name": "gpt2", "submodule_name": "resid_post_layer_3"}}))
+    ours = TopKSae.from_pretrained(folder)
+    with torch.no_grad():
+        their_out = (theirs.encode(x), theirs.decode(theirs.encode(x)))
+    _record(rows, "dictionary_learning", "theirs -> ours", "AutoEncoderTopK", _ours_out(ours, x), their_out)
+    sae = _ours()
+    sae.export(tmp / "dl-ours", "dictionary_learning")
+    back = AutoEncoderTopK.from_pretrained(str(tmp / "dl-ours" / "ae.pt"))
+    with torch.no_grad():
+        their_out = (back.encode(x), back.decode(back.encode(x)))
+    _record(rows, "dictionary_learning", "ours -> theirs", "AutoEncoderTopK", _ours_out(sae, x), their_out)
+
+
+def check_circuit_tracer(rows: list[dict[str, Any]], tmp: Path) -> None:
+    import circuit_tracer  # noqa: F401  (only its presence is checked: it loads transcoders, which need the family)
+
+    rows.append({"library": "circuit_tracer", "direction": "-", "case": "-", "status": "installed; transcoder "
+                 "export needs the Transcoder class"})
+
+
+CHECKS: dict[str, Callable[[list[dict[str, Any]], Path], None]] = {
+    "sae_lens": check_sae_lens,
+    "sparsify": check_sparsify,
+    "dictionary_learning": check_dictionary_learning,
+    "circuit_tracer": check_circuit_tracer,
+}
+
+
+def main() -> int:
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for library, check in CHECKS.items():
+            sub = tmp / library
+            sub.mkdir()
+            try:
+                check(rows, sub)
+            except ImportError as exc:
+                rows.append({"library": library, "direction": "-", "case": "-", "status": f"skipped: {exc}"})
+            except Exception as exc:  # noqa: BLE001 - a failed check is a result to report
+                traceback.print_exc()
+                rows.append({"library": library, "direction": "-", "case": "-",
+                             "status": f"FAILED: {type(exc).__name__}: {exc}"})
+    print(f"interop check: n_latents={N}, d={D}, k={K}, {TOKENS} random tokens, float32, CPU\n")
+    print("| library | direction | case | status | code max abs | code max rel | recon max abs | recon max rel |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        c, rec = r.get("code", {}), r.get("reconstruction", {})
+        cells = [f"{c.get('max_abs', float('nan')):.2e}", f"{c.get('max_rel', float('nan')):.2e}",
+                 f"{rec.get('max_abs', float('nan')):.2e}", f"{rec.get('max_rel', float('nan')):.2e}"]
+        print(f"| {r['library']} | {r['direction']} | {r['case']} | {r['status']} | {' | '.join(cells)} |")
+    versions = {}
+    for name in ("sae_lens", "sparsify", "dictionary_learning", "torch", "transformers"):
+        try:
+            from importlib.metadata import version
+
+            versions[name] = version({"sae_lens": "sae-lens", "sparsify": "eai-sparsify",
+                                      "dictionary_learning": "dictionary-learning"}.get(name, name))
+        except Exception:  # noqa: BLE001
+            versions[name] = None
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"shape": {"n_latents": N, "d": D, "k": K, "tokens": TOKENS},
+                                   "versions": versions, "rows": rows}, indent=2))
+    print(f"\nwrote {RESULTS}")
+    failed = [r for r in rows if r["status"].startswith("FAILED")]
+    worst = max((r["reconstruction"]["max_rel"] for r in rows if r["status"] == "ok"), default=0.0)
+    return 1 if failed or worst > 1e-4 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
