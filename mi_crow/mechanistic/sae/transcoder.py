@@ -13,16 +13,52 @@ manipulations add the change of the prediction.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.base import SaeBase, SparseCode, _zero_outliers
-from mi_crow.validation import check_bool, fail_type
+from mi_crow.validation import check_bool, check_tensor, fail_type, resolve_synonym
 
-__all__ = ["Transcoder"]
+if TYPE_CHECKING:
+    from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+    from mi_crow.mechanistic.sae.train import StepInfo, TrainingResult
+    from mi_crow.store import Store
+
+__all__ = ["PairedReader", "Transcoder"]
+
+
+class PairedReader:
+    """Two activation readers of one run read in step (same seed, same token order), yielding ``[B, d_in + d_out]``
+    rows ``[input | target]``: the batch layout a `Transcoder` trains on.
+
+    ``d_in`` is the input reader's width (what the trainer compares with ``n_inputs``); ``n_tokens`` its count.
+    """
+
+    def __init__(self, inputs: Any, targets: Any) -> None:
+        self.inputs = inputs
+        self.targets = targets
+        self.n_tokens = inputs.n_tokens
+        self.d_in = inputs.d_in
+        if getattr(targets, "n_tokens", self.n_tokens) != self.n_tokens:
+            raise UserInputError(
+                f"Transcoder: the input and target layers hold different token counts ({self.n_tokens} and "
+                f"{targets.n_tokens}); they must come from one activation run"
+            )
+
+    def __iter__(self) -> Iterator[Tensor]:
+        for x, y in zip(self.inputs, self.targets, strict=True):
+            yield torch.cat([x, y.to(x.dtype)], dim=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"inputs": self.inputs.state_dict(), "targets": self.targets.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inputs.load_state_dict(state["inputs"])
+        self.targets.load_state_dict(state["targets"])
 
 
 class Transcoder(SaeBase):
@@ -146,12 +182,131 @@ class Transcoder(SaeBase):
             new = torch.where(keep.unsqueeze(-1), new, y)
         return new.to(device=output.device, dtype=output.dtype)
 
+    # -- training -------------------------------------------------------------------------------------------------
+    def train(  # type: ignore[override]
+        self,
+        store: Store | bool = True,
+        run_id: str | None = None,
+        layer_signature: str | None = None,
+        config: SaeTrainingConfig | None = None,
+        *,
+        target_layer: str | None = None,
+        layer: str | None = None,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ) -> Transcoder | TrainingResult:
+        """Train on a stored activation run holding both the input layer and the target layer (saved from the same
+        forward passes, e.g. ``lm.save_activations(..., layers=[input, target])``), or set the module's training
+        flag (``tc.train()`` / ``tc.train(False)``).
+
+        The two layers are read in step (same seed, so the same token order) and trained through `SaeTrainer`
+        (`SaeTrainer.train_from_reader`): the encoder reads the input, the decoder (and skip term) predicts the
+        target, the FVU is against the target's variance, and the decoder starts at zero and keeps free row norms.
+
+        Args:
+            store: the store (or a bool: nn.Module training mode).
+            run_id: the activation run.
+            layer_signature: the input layer (``layer`` is a synonym).
+            config: `SaeTrainingConfig`.
+            target_layer: the target layer (required).
+            callbacks: as for `SaeTrainer.train`.
+
+        Raises:
+            UserInputError: unknown run, a run that lacks the input or the target layer, or a layer whose width
+                differs from ``n_inputs`` / ``n_outputs`` (each names the argument and the value).
+        """
+        if isinstance(store, bool):
+            return nn.Module.train(self, store)
+        from mi_crow.mechanistic.sae.train import SaeTrainer
+        from mi_crow.mechanistic.sae.train.trainer import _stored_layer_name
+
+        layer_signature = resolve_synonym("layer_signature", layer_signature, "layer", layer)
+        if run_id is None or layer_signature is None or target_layer is None:
+            raise UserInputError(
+                f"Transcoder.train: run_id, layer_signature and target_layer are required, got run_id={run_id!r}, "
+                f"layer_signature={layer_signature!r}, target_layer={target_layer!r}"
+            )
+        trainer = SaeTrainer(self, store)
+        config = trainer._check_config(config)
+        runs = store.list_runs()
+        if run_id not in runs:
+            raise UserInputError(f"Transcoder.train: unknown activation run_id {run_id!r}; runs in the store: {runs}")
+        meta = store.read_run_meta(run_id)
+        dims = meta.get("layer_dims", {})
+        names = {}
+        for arg, name, width, what in (("layer_signature", layer_signature, self.n_inputs, "n_inputs"),
+                                       ("target_layer", target_layer, self.n_outputs, "n_outputs")):
+            stored = _stored_layer_name(name, dims)
+            if stored not in dims:
+                raise UserInputError(
+                    f"Transcoder.train: {arg}={name!r} is not stored in run {run_id!r}; stored layers: {sorted(dims)}"
+                    + (" (save both layers from the same forward passes)" if arg == "target_layer" else "")
+                )
+            if int(dims[stored]) != width:
+                raise UserInputError(
+                    f"Transcoder.train: {arg}={name!r} of run {run_id!r} has width {dims[stored]} but the transcoder "
+                    f"has {what}={width}"
+                )
+            names[arg] = stored
+
+        def reader(name: str, batch: int, **kwargs: Any) -> Any:
+            return store.activation_reader(run_id, name, batch, dtype=self.dtype, **kwargs)
+
+        def factory(epoch: int) -> PairedReader:
+            kwargs: dict[str, Any] = {"shuffle": config.shuffle, "seed": config.seed + epoch, "drop_last": True}
+            if config.shuffle_buffer_tokens is not None:
+                kwargs["buffer_tokens"] = config.shuffle_buffer_tokens
+            return PairedReader(reader(names["layer_signature"], config.batch_size, **kwargs),
+                                reader(names["target_layer"], config.batch_size, **kwargs))
+
+        def sample() -> PairedReader:
+            size = config.b_dec_init_tokens
+            kwargs = {"shuffle": True, "seed": config.seed, "buffer_tokens": size, "drop_last": False}
+            batch = min(config.batch_size, size)
+            return PairedReader(reader(names["layer_signature"], batch, **kwargs),
+                                reader(names["target_layer"], batch, **kwargs))
+
+        self.metadata["target_layer"] = names["target_layer"]
+        return trainer.train_from_reader(
+            factory, config, run_id=run_id, layer=names["layer_signature"],
+            model_id=meta.get("model_id", meta.get("model_name")), callbacks=callbacks, sample_reader=sample,
+        )
+
+    def train_on_tensors(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        config: SaeTrainingConfig | None = None,
+        *,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ) -> TrainingResult:
+        """Train on in-memory paired activations through `SaeTrainer` (same recipe as `train`).
+
+        Args:
+            inputs: ``[tokens, n_inputs]``; targets: ``[tokens, n_outputs]`` (row ``i`` of both from one token).
+        """
+        from mi_crow.mechanistic.sae.data import TensorActivationReader
+        from mi_crow.mechanistic.sae.train import SaeTrainer
+
+        check_tensor(inputs, "Transcoder.train_on_tensors: inputs", ndim=2, shape=(None, self.n_inputs))
+        check_tensor(targets, "Transcoder.train_on_tensors: targets", ndim=2, shape=(inputs.shape[0], self.n_outputs))
+        trainer = SaeTrainer(self)
+        config = trainer._check_config(config)
+        both = torch.cat([inputs, targets.to(inputs.dtype)], dim=1)
+
+        def factory(epoch: int) -> Any:
+            r = TensorActivationReader(both, config.batch_size, shuffle=config.shuffle, seed=config.seed + epoch,
+                                       drop_last=True)
+            r.d_in = self.n_inputs  # the trainer checks the encoder's width; rows carry [input | target]
+            return r
+
+        return trainer.train_from_reader(factory, config, callbacks=callbacks)
+
     def _arch_config(self) -> dict[str, Any]:
-        return {"n_outputs": self.n_outputs, "skip": self.skip, "batch_topk": self.batch_topk}
+        return {"target_layer": self.metadata.get("target_layer"), "n_outputs": self.n_outputs, "skip": self.skip, "batch_topk": self.batch_topk}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], dtype: torch.dtype) -> Transcoder:
-        return cls(
+        out = cls(
             config["n_latents"],
             config["n_inputs"],
             config["n_outputs"],
@@ -162,6 +317,8 @@ class Transcoder(SaeBase):
             mode=config.get("mode", "observe"),
             layer_signature=config.get("layer"),
         )
+        out.metadata["target_layer"] = config.get("target_layer")
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", skip={self.skip}, batch_topk={self.batch_topk}"
