@@ -1,4 +1,5 @@
-"""TopK sparse autoencoders: the model (`TopKSae`), its training (`SaeTrainer`, `SaeTrainingConfig`), evaluation
+"""Sparse autoencoders: the models (`TopKSae`, `BatchTopKSae`, `MatryoshkaSae`, `JumpReLUSae`, `Transcoder`, on one
+base `SaeBase`; `load_sae` loads any of them), its training (`SaeTrainer`, `SaeTrainingConfig`), evaluation
 (`evaluate`, SAEBench's core metrics in ``metrics.py``, `to_saebench_core`), the one outlier rule
 (`attention_sink_mask`), a synthetic ground truth (``synthetic.py``) and concepts (`AutoencoderConcepts`, in the
 ``concepts`` package)."""
@@ -9,6 +10,11 @@ from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_media
 from mi_crow.mechanistic.sae.evaluate import EvaluationResult, evaluate, save_saebench_core, to_saebench_core
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.sae import SaeOutput, SparseCode, TopKSae
+from mi_crow.mechanistic.sae.base import SaeBase, load_sae
+from mi_crow.mechanistic.sae.batchtopk import BatchTopKSae
+from mi_crow.mechanistic.sae.jumprelu import JumpReLUSae
+from mi_crow.mechanistic.sae.matryoshka import MatryoshkaSae
+from mi_crow.mechanistic.sae.transcoder import Transcoder
 from mi_crow.mechanistic.sae.train import (
     LossOutput,
     NonFiniteTrainingError,
@@ -20,6 +26,12 @@ from mi_crow.mechanistic.sae.train import (
 
 __all__ = [
     "AutoencoderConcepts",
+    "BatchTopKSae",
+    "JumpReLUSae",
+    "MatryoshkaSae",
+    "SaeBase",
+    "Transcoder",
+    "load_sae",
     "EvaluationResult",
     "LossOutput",
     "NonFiniteTrainingError",

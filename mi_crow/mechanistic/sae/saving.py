@@ -38,7 +38,7 @@ from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
 from mi_crow.store.local import atomic_write
 
 if TYPE_CHECKING:
-    from mi_crow.mechanistic.sae.sae import TopKSae
+    from mi_crow.mechanistic.sae.base import SaeBase as TopKSae
     from mi_crow.store import Store
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "SaeFiles",
     "load_sae",
     "locate_folder",
+    "read_config",
     "sae_from_parts",
     "save_sae",
     "state_from_bytes",
@@ -143,7 +144,8 @@ def save_sae(sae: TopKSae, files: SaeFiles) -> None:
     """Write ``sae`` into ``files`` (see `TopKSae.save`): ``model.pt``, ``config.json``, ``concepts.json``; a
     ``model.safetensors`` of an earlier version is removed, since a stale copy of older weights could only
     mislead."""
-    files.write(MODEL_FILE, state_to_bytes({name: getattr(sae, name) for name in PARAM_NAMES}))
+    # The state dict: the four parameters, then the architecture's extra tensors (threshold, W_skip...).
+    files.write(MODEL_FILE, state_to_bytes(dict(sae.state_dict())))
     # No trailing newline: a config.json cut short anywhere never parses, so truncation is always reported.
     files.write(CONFIG_FILE, json.dumps(sae.config_dict(), indent=2).encode("utf-8"))
     if files.exists(LEGACY_MODEL_FILE):
@@ -166,11 +168,7 @@ def load_sae(
         StoreKeyNotFoundError: a missing file (named).
         CorruptStoreFileError: a file that does not decode or does not describe an SAE (named).
     """
-    raw = files.read(CONFIG_FILE)
-    try:
-        config = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptStoreFileError(f"TopKSae.load: {files.where(CONFIG_FILE)} is not valid JSON: {exc}") from exc
+    config = read_config(files, cls.__name__)
     if model_file is None:
         model_file = next((f for f in (MODEL_FILE, LEGACY_MODEL_FILE) if files.exists(f)), None)
         if model_file is None:
@@ -184,6 +182,20 @@ def load_sae(
     if files.exists(CONCEPTS_FILE):
         sae.concepts.load(*files.concepts_target())
     return sae
+
+
+def read_config(files: SaeFiles, who: str = "TopKSae") -> Any:
+    """The decoded ``config.json`` of ``files`` (any JSON value; `sae_from_parts` checks it is an object).
+
+    Raises:
+        StoreKeyNotFoundError: no ``config.json``.
+        CorruptStoreFileError: it is not valid JSON (the message names the file).
+    """
+    raw = files.read(CONFIG_FILE)
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStoreFileError(f"{who}.load: {files.where(CONFIG_FILE)} is not valid JSON: {exc}") from exc
 
 
 def locate_folder(path: Path) -> tuple[Path, str | None]:
@@ -229,25 +241,24 @@ def sae_from_parts(
         raise CorruptStoreFileError(
             f"TopKSae.load: {where}/{CONFIG_FILE} has an unknown dtype {config['dtype']!r}"
         )
-    sae = cls(
-        config["n_latents"],
-        config["n_inputs"],
-        config["k"],
-        device="cpu",
-        dtype=_DTYPES[config["dtype"]],
-        mode=config.get("mode", "observe"),
-        layer_signature=config.get("layer"),
-    )
-    absent = [name for name in PARAM_NAMES if name not in tensors]
+    try:
+        sae = cls.from_config(config, _DTYPES[config["dtype"]])
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CorruptStoreFileError(
+            f"{cls.__name__}.load: {where}/{CONFIG_FILE} does not describe a {cls.__name__}: {exc}"
+        ) from exc
+    # The parameters and the architecture's buffers (threshold...): every entry of the fresh SAE's state dict.
+    names = list(sae.state_dict())
+    absent = [name for name in names if name not in tensors]
     if absent:
-        raise CorruptStoreFileError(f"TopKSae.load: {model_where} lacks the tensors {absent}")
+        raise CorruptStoreFileError(f"{cls.__name__}.load: {model_where} lacks the tensors {absent}")
     with torch.no_grad():
-        for name in PARAM_NAMES:
-            param = getattr(sae, name)
+        for name in names:
+            param = sae.get_parameter(name) if name in dict(sae.named_parameters()) else sae.get_buffer(name)
             tensor = tensors[name]
             if tuple(tensor.shape) != tuple(param.shape) or tensor.dtype != param.dtype:
                 raise CorruptStoreFileError(
-                    f"TopKSae.load: tensor {name} in {model_where} has shape {tuple(tensor.shape)} "
+                    f"{cls.__name__}.load: tensor {name} in {model_where} has shape {tuple(tensor.shape)} "
                     f"{tensor.dtype}, expected {tuple(param.shape)} {param.dtype} from {CONFIG_FILE}"
                 )
             param.copy_(tensor)

@@ -194,10 +194,18 @@ def load_pretrained(
         if point_out is not None:
             _check_width(model, point_out, parts.d_out, parts.hook_name_out)
     sae = sae_from_parts(parts, dtype=dtype, device=device, expected=expected)
-    attach = point_out if parts.transcoder else point_in
-    if not parts.transcoder and attach is not None and attach.side == "output":
-        sae.layer_signature = attach.module
-        sae.metadata["layer"] = attach.module
+    if parts.transcoder:
+        family = (family_from_model(model) if model is not None else None) or family_from_name(parts.model_name)
+        attach = _transcoder_module(point_in, point_out, family)
+        if attach is None and point_in is not None and point_out is not None:
+            sae.metadata.setdefault("import_notes", []).append(
+                f"the transcoder reads {point_in} and writes {point_out}: not the input and output of one module, so "
+                f"it cannot be attached as one hook; its layer is left unset")
+    else:
+        attach = point_in.module if point_in is not None and point_in.side == "output" else None
+    if attach is not None:
+        sae.layer_signature = attach
+        sae.metadata["layer"] = attach
     sae.metadata["hook_name"] = parts.hook_name
     sae.metadata["hook_point"] = None if point_in is None else {"module": point_in.module, "side": point_in.side}
     if parts.transcoder:
@@ -205,6 +213,25 @@ def load_pretrained(
         sae.metadata["hook_point_out"] = (None if point_out is None
                                           else {"module": point_out.module, "side": point_out.side})
     return sae
+
+
+def _transcoder_module(point_in: HookPoint | None, point_out: HookPoint | None, family: str | None) -> str | None:
+    """The module a transcoder attaches to: the one whose output it predicts and whose input it reads."""
+    if point_in is None or point_out is None or point_out.side != "output":
+        return None
+    if point_in == HookPoint(point_out.module, "input"):
+        return point_out.module
+    if family is not None:
+        # The second norm's output is the MLP's input: TransformerLens' ln2.hook_normalized == mlp.hook_in.
+        name_in = module_to_tl(point_in.module, family, point_in.side)
+        match = re.match(r"^blocks\.(\d+)\.ln2\.hook_normalized$", name_in or "")
+        if match:
+            from mi_crow.language_model.hook_names import tl_to_hook
+
+            mlp_in = tl_to_hook(f"blocks.{match.group(1)}.mlp.hook_in", family)
+            if mlp_in == HookPoint(point_out.module, "input"):
+                return point_out.module
+    return None
 
 
 def _check_width(model: Any, point: HookPoint, width: int, hook_name: str | None) -> None:
@@ -216,7 +243,7 @@ def _check_width(model: Any, point: HookPoint, width: int, hook_name: str | None
         )
 
 
-def _export_hook(module: str | None, family: str | None, fmt: str) -> str | None:
+def _export_hook(module: str | None, family: str | None, fmt: str, side: str = "output") -> str | None:
     """The hook name a format expects for our module path (TransformerLens names where the format uses them)."""
     if module is None:
         return None
@@ -227,7 +254,7 @@ def _export_hook(module: str | None, family: str | None, fmt: str) -> str | None
 
         base = FAMILIES[family].base + "."
         return module[len(base):] if module.startswith(base) else module
-    return module_to_tl(module, family) or module
+    return module_to_tl(module, family, side) or module
 
 
 def export_sae(
@@ -271,7 +298,8 @@ def export_sae(
     if hook_name is not None:
         parts.hook_name = hook_name
     else:
-        parts.hook_name = _export_hook(parts.hook_name, family, format)
+        side_in = "input" if parts.transcoder else "output"
+        parts.hook_name = _export_hook(parts.hook_name, family, format, side_in)
         parts.hook_name_out = _export_hook(parts.hook_name_out, family, format)
     folder = Path(path)
     if format == "sae_lens":

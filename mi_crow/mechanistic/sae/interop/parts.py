@@ -187,85 +187,124 @@ class SaeParts:
 
 
 # -- our classes <-> parts ------------------------------------------------------------------------------------------
-def _family_classes() -> dict[str, type]:
-    """The SAE classes of this installation by architecture (the family classes when they exist)."""
-    from mi_crow.mechanistic.sae.sae import TopKSae
-
-    classes: dict[str, type] = {"topk": TopKSae}
-    try:  # the JumpReLU / BatchTopK / Transcoder family (another work item) may not be installed yet
-        import mi_crow.mechanistic.sae as sae_pkg
-
-        for arch, name in (("jumprelu", "JumpReLUSae"), ("relu", "JumpReLUSae"), ("batchtopk", "BatchTopKSae"),
-                           ("transcoder", "Transcoder")):
-            cls = getattr(sae_pkg, name, None)
-            if cls is not None:
-                classes[arch] = cls
-    except ImportError:  # pragma: no cover - the package itself always imports
-        pass
-    return classes
+def _uniform(threshold: Tensor) -> bool:
+    flat = threshold.reshape(-1)
+    return bool((flat == flat[0]).all())
 
 
 def parts_from_sae(sae: Any) -> SaeParts:
-    """The `SaeParts` of one of our SAEs (a copy of its tensors, detached, on the CPU, in its dtype).
+    """The `SaeParts` of one of our SAEs (copies of its tensors, detached, on the CPU, in its dtype).
+
+    A BatchTopK selection (BatchTopK, Matryoshka, BatchTopK transcoders) whose threshold is not estimated yet infers
+    with the per-token top-k, so it is exported as TopK; once estimated, as ``batchtopk`` with that threshold.
 
     Raises:
-        NotSupportedError: an SAE class this module does not know.
+        NotSupportedError: an SAE class this module does not know, or a JumpReLU SAE with negative thresholds (it
+            lets negative pre-activations through, which the ReLU-first JumpReLU of the other libraries cannot).
     """
-    from mi_crow.mechanistic.sae.sae import TopKSae
+    from mi_crow.mechanistic.sae.base import SaeBase
+
+    if not isinstance(sae, SaeBase):
+        raise NotSupportedError(f"export: not supported yet: SAE class {type(sae).__name__}")
 
     def t(name: str) -> Tensor:
         return getattr(sae, name).detach().to("cpu").clone()
 
     meta = dict(getattr(sae, "metadata", {}) or {})
     layer = meta.get("layer") if meta.get("layer") is not None else getattr(sae, "layer_signature", None)
-    common = dict(hook_name=None if layer is None else str(layer), model_name=meta.get("model_id"),
-                  source=f"{type(sae).__name__}")
-    if type(sae) is TopKSae or (isinstance(sae, TopKSae) and not hasattr(sae, "threshold")):
-        return SaeParts("topk", t("W_enc"), t("b_enc"), t("W_dec"), t("b_dec"), centered=True, k=int(sae.k),
-                        **common).check()
-    raise NotSupportedError(
-        f"export: not supported yet: SAE class {type(sae).__name__} (this version exports TopKSae)"
+    transcoder = bool(sae.is_transcoder)
+    selection = getattr(sae, "selection", "topk")
+    threshold = None
+    if selection == "jumprelu":
+        arch, threshold = "jumprelu", t("threshold").reshape(-1).expand(sae.n_latents).clone()
+        if bool((threshold < 0).any()):
+            raise NotSupportedError(
+                f"export: {type(sae).__name__} has negative thresholds, which pass negative pre-activations; the "
+                f"JumpReLU of the other formats applies a ReLU first"
+            )
+    elif selection == "batchtopk" and sae.has_threshold():
+        arch, threshold = "batchtopk", t("threshold").reshape(-1).expand(sae.n_latents).clone()
+    else:
+        arch = "topk"
+    W_skip = getattr(sae, "W_skip", None)
+    parts = SaeParts(
+        arch, t("W_enc"), t("b_enc"), t("W_dec"), t("b_dec"), centered=not transcoder, k=int(sae.k),
+        threshold=threshold, W_skip=None if W_skip is None else W_skip.detach().to("cpu").clone(),
+        transcoder=transcoder, hook_name=None if layer is None else str(layer),
+        model_name=meta.get("model_id"), source=type(sae).__name__,
     )
+    # A transcoder hooks the module whose output it predicts and reads that module's input: both are named by the
+    # module here, and the exporter spells them as that module's input and output.
+    parts.hook_name_out = parts.hook_name if transcoder else None
+    return parts.check()
 
 
 def sae_from_parts(parts: SaeParts, *, dtype: torch.dtype | None = None, device: Any = None,
                    expected: type | None = None) -> Any:
-    """Build our SAE for ``parts`` (the class of its architecture).
+    """Build our SAE for ``parts``: the class of its architecture.
+
+    ``topk`` -> `TopKSae`; ``jumprelu`` and ``relu`` -> `JumpReLUSae` (ReLU is threshold 0; a negative threshold of a
+    ReLU-first JumpReLU is raised to 0, which selects the same latents); ``batchtopk`` -> `BatchTopKSae` with its
+    threshold; transcoders -> `Transcoder` (TopK; BatchTopK, ReLU or a JumpReLU with one threshold run as its
+    threshold selection, ``batch_topk=True``).
 
     Args:
         parts: checked parts.
         dtype: the SAE's dtype (default: the parts' dtype).
         device: where to put it (CPU when None).
-        expected: the class ``from_pretrained`` was called on; a file of another architecture is refused unless
-            it is a base class of the right one.
+        expected: the class ``from_pretrained`` was called on; a file that loads as another class is refused.
 
     Raises:
-        NotSupportedError: an architecture or a transcoder this installation does not run yet ("not supported yet:
-            <architecture>").
+        NotSupportedError: what no class runs yet ("not supported yet: ..."), e.g. a JumpReLU transcoder with
+            per-latent thresholds, or an autoencoder with a skip connection.
         UserInputError: the file holds another architecture than ``expected``.
     """
+    from mi_crow.mechanistic.sae import BatchTopKSae, JumpReLUSae, TopKSae, Transcoder
+
     parts.check()
-    classes = _family_classes()
-    arch = "transcoder" if parts.transcoder or parts.W_skip is not None else parts.architecture
     where = parts.source or "the file"
-    cls = classes.get(arch)
-    if cls is None:
-        kind = f"transcoder ({parts.architecture})" if arch == "transcoder" else parts.architecture
-        raise NotSupportedError(f"{where}: not supported yet: {kind} (this installation runs: {sorted(classes)})")
-    if expected is not None and not issubclass(cls, expected):
-        raise UserInputError(
-            f"{where} holds a {parts.architecture} {'transcoder' if arch == 'transcoder' else 'SAE'}, which loads as "
-            f"{cls.__name__}, not {expected.__name__}; call {cls.__name__}.from_pretrained (or the base class)"
-        )
     dtype = dtype or parts.dtype
-    if arch == "topk":
-        p = parts.with_centered(True).to(dtype)
-        sae = cls(p.n_latents, p.d_in, p.k, dtype=dtype)
-        with torch.no_grad():
-            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-                getattr(sae, name).copy_(getattr(p, name))
-    else:  # pragma: no cover - wired when the family classes exist
-        sae = _family_from_parts(cls, arch, parts, dtype)
+    thr = None if parts.threshold is None else parts.threshold.to(torch.float64).clamp_min(0)
+    if parts.transcoder:
+        if parts.architecture != "topk" and parts.architecture != "relu" and not _uniform(thr):
+            raise NotSupportedError(
+                f"{where}: not supported yet: {parts.architecture} transcoder with per-latent thresholds"
+            )
+        cls: type = Transcoder
+    elif parts.W_skip is not None:
+        raise NotSupportedError(f"{where}: not supported yet: an autoencoder with a skip connection")
+    elif parts.architecture == "topk":
+        cls = TopKSae
+    elif parts.architecture == "batchtopk" and _uniform(thr):
+        cls = BatchTopKSae
+    else:
+        cls = JumpReLUSae
+    if expected is not None and not issubclass(cls, expected):
+        kind = f"{parts.architecture} {'transcoder' if parts.transcoder else 'SAE'}"
+        raise UserInputError(
+            f"{where} holds a {kind}, which loads as {cls.__name__}, not {expected.__name__}; call "
+            f"{cls.__name__}.from_pretrained (or SaeBase.from_pretrained)"
+        )
+    p = parts.with_centered(not parts.transcoder).to(dtype)
+    k = p.k if p.k is not None else min(64, p.n_latents)
+    if cls is Transcoder:
+        sae = Transcoder(p.n_latents, p.d_in, p.d_out, k, skip=p.W_skip is not None,
+                         batch_topk=p.architecture != "topk", dtype=dtype)
+    elif cls is JumpReLUSae:
+        sae = JumpReLUSae(p.n_latents, p.d_in, k, dtype=dtype)
+    else:
+        sae = cls(p.n_latents, p.d_in, k, dtype=dtype)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(getattr(p, name))
+        if p.W_skip is not None:
+            sae.W_skip.copy_(p.W_skip)
+        if cls is JumpReLUSae:
+            sae.set_threshold(thr if thr is not None else 0.0)
+        elif p.architecture != "topk":  # threshold selections of BatchTopKSae / Transcoder: one global value
+            sae.threshold.fill_(float(thr.reshape(-1)[0]) if thr is not None else 0.0)
+    if parts.threshold is not None and bool((parts.threshold < 0).any()):
+        parts.notes.append("thresholds below 0 raised to 0 (same latents: the format applies a ReLU first)")
     sae.metadata["model_id"] = parts.model_name
     sae.metadata["source"] = parts.source
     if parts.notes:
@@ -275,7 +314,3 @@ def sae_from_parts(parts: SaeParts, *, dtype: torch.dtype | None = None, device:
     if device is not None:
         sae.to(device)
     return sae
-
-
-def _family_from_parts(cls: type, arch: str, parts: SaeParts, dtype: torch.dtype) -> Any:  # pragma: no cover
-    raise NotSupportedError(f"{parts.source}: not supported yet: {arch}")

@@ -73,18 +73,22 @@ def initialise_weights(
         sample = sample * scale
         sae.b_enc.mul_(scale)
         sae.b_dec.mul_(scale)
+        if isinstance(getattr(sae, "threshold", None), Tensor):  # thresholds are on activations: same frame
+            sae.threshold.mul_(scale)
     if config.reinit_weights:
         generator = torch.Generator().manual_seed(config.seed)
         sae.reset_parameters(generator)
-        if not config.init_encoder_from_decoder:
+        if not config.init_encoder_from_decoder and not sae.is_transcoder:
             w = torch.randn(sae.n_latents, sae.n_inputs, generator=generator) / math.sqrt(sae.n_inputs)
             sae.W_enc.copy_(w)
-    elif config.init_encoder_from_decoder:
+    elif config.init_encoder_from_decoder and not sae.is_transcoder:
         sae.W_enc.copy_(sae.W_dec)
     if config.b_dec_init == "zeros":
         sae.b_dec.zero_()
     elif config.b_dec_init != "keep":
         assert sample is not None
+        if sae.is_transcoder:  # the batch rows are [input | target]; b_dec starts at the target's centre
+            sample = sample[:, sae.n_inputs :]
         sae.b_dec.copy_(geometric_median(sample) if config.b_dec_init == "geometric_median" else sample.mean(dim=0))
     return scale
 
@@ -111,3 +115,5 @@ def fold_into_weights(sae: TopKSae, input_scale: float, decoder_norms: bool) -> 
     if input_scale != 1.0:
         sae.b_enc.div_(input_scale)
         sae.b_dec.div_(input_scale)
+        if isinstance(getattr(sae, "threshold", None), Tensor):  # BatchTopK / JumpReLU thresholds are activations
+            sae.threshold.div_(input_scale)

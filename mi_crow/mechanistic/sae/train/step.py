@@ -33,6 +33,7 @@ from mi_crow import ops
 from mi_crow.errors import NotSupportedError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.optim import step_in_backward
+from mi_crow.mechanistic.sae.base import SaeBase
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.results import LossOutput
 from mi_crow.validation import fail, fail_type
@@ -68,8 +69,8 @@ class SaeStepper:
     """
 
     def __init__(self, sae: TopKSae, store: Store | None = None) -> None:
-        if not isinstance(sae, TopKSae):
-            raise fail_type("SaeTrainer: sae", "a TopKSae", sae)
+        if not isinstance(sae, SaeBase):
+            raise fail_type("SaeTrainer: sae", "a TopKSae (or another SAE of the family: BatchTopKSae, ...)", sae)
         self.sae = sae
         self.store = store
         self.optimizer: torch.optim.Optimizer | None = None
@@ -119,6 +120,14 @@ class SaeStepper:
             `LossOutput`.
         """
         sae = self.sae
+        if type(sae) is not TopKSae:
+            # BatchTopK, Matryoshka, transcoders: their losses live in losses.py (the TopK path below is unchanged).
+            from mi_crow.mechanistic.sae.train.losses import family_losses
+
+            return family_losses(
+                self, x, dead_mask=dead_mask, k_aux=k_aux, auxk_coef=auxk_coef, encode_dtype=encode_dtype,
+                l1_lambda=l1_lambda, k=k, topk_by_decoder_norm=topk_by_decoder_norm,
+            )
         W_enc, b_enc, W_dec = sae.W_enc, sae.b_enc, sae.W_dec
         if topk_by_decoder_norm:
             # The decoder as if normalised: scaling latent i's pre-activation by ||d_i|| and its row by 1/||d_i||
@@ -255,7 +264,9 @@ class SaeStepper:
         # (projected, stepped, renormalised) before the encoder's gradient exists, so at most one dense
         # [n_latents, d_in] gradient is alive at a time. The update equals a plain backward-then-step.
         before, after = {}, {}
-        if config.normalize_decoder:
+        # A transcoder's decoder starts at zero and keeps free row norms (normalising a row as soon as it leaves 0
+        # would undo the zero initialisation).
+        if config.normalize_decoder and not sae.is_transcoder:
             before[sae.W_dec] = lambda _p: self._remove_parallel_grad()
             after[sae.W_dec] = lambda _p: sae.normalize_decoder_()
         with step_in_backward(optimizer, before_step=before, after_step=after):
@@ -267,7 +278,8 @@ class SaeStepper:
 
     # -- optimizer -----------------------------------------------------------------------------------------------
     def _make_optimizer(self, config: SaeTrainingConfig, lr: float) -> torch.optim.Optimizer:
-        params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+        # W_enc, b_enc, W_dec, b_dec (and a skip transcoder's W_skip), in registration order.
+        params = list(self.sae.parameters())
         kwargs: dict[str, Any] = {"lr": lr, "betas": tuple(config.adam_betas), "eps": config.adam_eps}
         impl = config.optimizer_impl
         if impl in ("auto", "fused"):
