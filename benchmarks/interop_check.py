@@ -27,7 +27,7 @@ importlib.util.find_spec = lambda name, package=None: (  # type: ignore[assignme
 
 import torch  # noqa: E402
 
-from mi_crow.mechanistic.sae import TopKSae  # noqa: E402
+from mi_crow.mechanistic.sae import BatchTopKSae, JumpReLUSae, SaeBase, TopKSae, Transcoder  # noqa: E402
 
 N, D, K, TOKENS = 512, 64, 16, 256
 RESULTS = Path(__file__).parent / "results" / "interop_check.json"
@@ -61,9 +61,16 @@ def _record(rows: list[dict[str, Any]], library: str, direction: str, case: str,
                  "code": _diff(ours[0], theirs[0]), "reconstruction": _diff(ours[1], theirs[1])})
 
 
-def _ours_out(sae: TopKSae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _ours_out(sae: SaeBase, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return sae.encode_dense(x), sae.decode(sae.encode(x))
+        return sae.encode_dense(x), sae.predict(x, sae.encode(x))
+
+
+def _randomize(params: list[torch.Tensor], seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # -- SAELens ---------------------------------------------------------------------------------------------------------
@@ -97,6 +104,38 @@ def check_sae_lens(rows: list[dict[str, Any]], tmp: Path) -> None:
     _record(rows, "sae_lens", "ours -> theirs", f"topk, hook {theirs.cfg.metadata.hook_name}", _ours_out(sae, x),
             their_out)
 
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, SkipTranscoder, SkipTranscoderConfig, StandardSAE
+    from sae_lens import StandardSAEConfig
+
+    for name, cls, cfg_cls in (("jumprelu", JumpReLUSAE, JumpReLUSAEConfig), ("standard", StandardSAE,
+                                                                             StandardSAEConfig)):
+        theirs = cls(cfg_cls(d_in=D, d_sae=N))
+        _randomize([theirs.W_enc, theirs.b_enc, theirs.W_dec, theirs.b_dec], 6)
+        if name == "jumprelu":
+            with torch.no_grad():
+                theirs.threshold.copy_(torch.rand(N, generator=torch.Generator().manual_seed(7)) * 0.5)
+        theirs.save_model(tmp / name)
+        ours = SaeBase.from_pretrained(tmp / name)
+        with torch.no_grad():
+            their_out = (theirs.encode(x), theirs.decode(theirs.encode(x)))
+        _record(rows, "sae_lens", "theirs -> ours", f"{name} -> {type(ours).__name__}", _ours_out(ours, x), their_out)
+        back = SAE.load_from_disk(ours.export(tmp / f"{name}-back", "sae_lens"))
+        with torch.no_grad():
+            their_out = (back.encode(x), back.decode(back.encode(x)))
+        _record(rows, "sae_lens", "ours -> theirs", f"{type(ours).__name__} -> {back.cfg.architecture()}",
+                _ours_out(ours, x), their_out)
+    cfg = SkipTranscoderConfig(d_in=D, d_sae=N, d_out=D + 8, apply_b_dec_to_input=False)
+    cfg.metadata.hook_name, cfg.metadata.hook_name_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    cfg.metadata.model_name = "meta-llama/Llama-3.2-1B"
+    theirs = SkipTranscoder(cfg)
+    _randomize([theirs.W_enc, theirs.b_enc, theirs.W_dec, theirs.b_dec, theirs.W_skip], 8)
+    theirs.save_model(tmp / "skip_tc")
+    ours = SaeBase.from_pretrained(tmp / "skip_tc")
+    with torch.no_grad():
+        their_out = (theirs.encode(x), theirs(x))
+    _record(rows, "sae_lens", "theirs -> ours", f"skip_transcoder -> {type(ours).__name__} at {ours.layer_signature}",
+            _ours_out(ours, x), their_out)
+
 
 # -- sparsify --------------------------------------------------------------------------------------------------------
 def _sparsify_out(coder: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,6 +161,22 @@ def check_sparsify(rows: list[dict[str, Any]], tmp: Path) -> None:
     sae.export(tmp / "sp-ours" / "h.3", "sparsify")
     back = SparseCoder.load_from_disk(tmp / "sp-ours" / "h.3")
     _record(rows, "sparsify", "ours -> theirs", "topk SAE", _ours_out(sae, x), _sparsify_out(back, x))
+
+    theirs = SparseCoder(D, SparseCoderConfig(num_latents=N, k=K, transcode=True, skip_connection=True))
+    _randomize([theirs.encoder.weight, theirs.encoder.bias, theirs.W_dec, theirs.b_dec, theirs.W_skip], 9)
+    theirs.save_to_disk(tmp / "sp-tc" / "layers.2.mlp")
+    ours = SaeBase.from_pretrained(tmp / "sp-tc" / "layers.2.mlp")
+
+    def with_skip(coder: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        dense, out = _sparsify_out(coder, x)
+        with torch.no_grad():
+            return dense, out + x @ coder.W_skip.mT
+
+    _record(rows, "sparsify", "theirs -> ours", f"skip transcoder -> {type(ours).__name__}", _ours_out(ours, x),
+            with_skip(theirs))
+    ours.export(tmp / "sp-tc-back" / "layers.2.mlp", "sparsify")
+    back = SparseCoder.load_from_disk(tmp / "sp-tc-back" / "layers.2.mlp")
+    _record(rows, "sparsify", "ours -> theirs", "skip transcoder", _ours_out(ours, x), with_skip(back))
 
 
 # -- dictionary_learning ---------------------------------------------------------------------------------------------
@@ -150,6 +205,29 @@ def check_dictionary_learning(rows: list[dict[str, Any]], tmp: Path) -> None:
     with torch.no_grad():
         their_out = (back.encode(x), back.decode(back.encode(x)))
     _record(rows, "dictionary_learning", "ours -> theirs", "AutoEncoderTopK", _ours_out(sae, x), their_out)
+
+    from dictionary_learning.dictionary import JumpReluAutoEncoder
+    from dictionary_learning.trainers.batch_top_k import BatchTopKSAE
+
+    ours = BatchTopKSae(N, D, K)
+    _randomize([ours.W_enc, ours.b_enc, ours.W_dec, ours.b_dec], 10)
+    ours.threshold.fill_(0.3)
+    back = BatchTopKSAE.from_pretrained(str(ours.export(tmp / "dl-btk", "dictionary_learning") / "ae.pt"))
+    with torch.no_grad():
+        their_out = (back.encode(x), back.decode(back.encode(x)))
+    _record(rows, "dictionary_learning", "ours -> theirs", "BatchTopKSae -> BatchTopKSAE", _ours_out(ours, x),
+            their_out)
+    theirs = JumpReluAutoEncoder(D, N)
+    _randomize([theirs.W_enc, theirs.b_enc, theirs.W_dec, theirs.b_dec], 11)
+    with torch.no_grad():
+        theirs.threshold.copy_(torch.rand(N, generator=torch.Generator().manual_seed(12)) * 0.5)
+    (tmp / "dl-j").mkdir()
+    torch.save({k: v.cpu() for k, v in theirs.state_dict().items()}, tmp / "dl-j" / "ae.pt")
+    ours = SaeBase.from_pretrained(tmp / "dl-j")
+    with torch.no_grad():
+        their_out = (theirs.encode(x), theirs.decode(theirs.encode(x)))
+    _record(rows, "dictionary_learning", "theirs -> ours", f"JumpReluAutoEncoder -> {type(ours).__name__}",
+            _ours_out(ours, x), their_out)
 
 
 def check_circuit_tracer(rows: list[dict[str, Any]], tmp: Path) -> None:

@@ -77,7 +77,7 @@ def test_sae_lens_standard_is_jumprelu_at_zero(tmp_path):
 def test_sae_lens_skip_transcoder_attaches_to_the_mlp(tmp_path):
     t = _ae_tensors(seed=2, d_out=D_OUT)
     t["W_skip"] = _rand(D_OUT, D, seed=11) * 0.1
-    _sae_lens(tmp_path / "tc", "skip_transcoder", t, d_out=D_OUT, metadata={
+    _sae_lens(tmp_path / "tc", "skip_transcoder", t, d_out=D_OUT, apply_b_dec_to_input=False, metadata={
         "sae_lens_version": "6.54.0", "model_name": "meta-llama/Llama-3.2-1B",
         "hook_name": "blocks.3.ln2.hook_normalized", "hook_name_out": "blocks.3.hook_mlp_out"})
     sae = SaeBase.from_pretrained(tmp_path / "tc")
