@@ -104,6 +104,12 @@ def test_cli_export_neuronpedia_and_sae_lens(tmp_path, capsys):
     assert code == 0
     back = TopKSae.from_pretrained(tmp_path / "sl", model=lm)
     assert torch.equal(back.W_enc, sae.W_enc) and back.layer_signature == LAYER
+    (tmp_path / "held_out.txt").write_text("\n".join(SAMPLE_TEXTS[:6]) + "\n")
+    code = cli.main(["export", "saebench", "--store", str(tmp_path / "st"), "--sae-id", "s1", "--out",
+                     str(tmp_path / "core.json"), "--dataset", str(tmp_path / "held_out.txt"), "--max-length", "16"])
+    assert code == 0, capsys.readouterr().err
+    core = json.loads((tmp_path / "core.json").read_text())
+    assert core["eval_type_id"] == "core" and core["eval_result_metrics"]["sparsity"]["l0"] > 0
     code = cli.main(["export", "neuronpedia", "--store", str(tmp_path / "st"), "--sae-id", "nope"])
     assert code == 2 and "no such SAE" in capsys.readouterr().err
     assert not math.isnan(batch["features"][0]["frac_nonzero"])
