@@ -141,3 +141,95 @@ def test_unknown_family_and_parallel_models():
         tl_to_hook("blocks.0.hook_resid_mid", "gpt_neox")
     with pytest.raises(UserInputError, match="model family must be known"):
         resolve_hook("blocks.0.hook_resid_post")
+
+
+def test_an_imported_sae_attaches_where_its_hook_name_says(tmp_path, tiny_gpt2):
+    """A SAELens SAE on ``blocks.1.hook_resid_pre`` replaces the input of block 1 (attached to block 0's output):
+    the logits equal those of a pre-hook on block 1 that substitutes the SAE's reconstruction by hand."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mi_crow.mechanistic.sae import TopKSae
+
+    d, n, k = 32, 64, 4
+    g = torch.Generator().manual_seed(0)
+    tensors = {"W_enc": torch.randn(d, n, generator=g) * 0.2, "b_enc": torch.zeros(n),
+               "W_dec": torch.randn(n, d, generator=g) * 0.2, "b_dec": torch.randn(d, generator=g) * 0.1}
+    (tmp_path / "s").mkdir()
+    save_file(tensors, str(tmp_path / "s" / "sae_weights.safetensors"))
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({
+        "architecture": "topk", "d_in": d, "d_sae": n, "k": k, "dtype": "float32", "apply_b_dec_to_input": True,
+        "normalize_activations": "none", "metadata": {"sae_lens_version": "6.1.0", "model_name": "whatever",
+                                                      "hook_name": "blocks.1.hook_resid_pre"}}))
+    sae = TopKSae.from_pretrained(tmp_path / "s", model=tiny_gpt2)
+    assert sae.layer_signature == "transformer.h.0"
+    sae.mode = "replace"
+    enc = tiny_gpt2.tokenize(["the cat sat on the mat", "a dog"])
+    hf = tiny_gpt2.model
+
+    def manual(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        pre = (x - tensors["b_dec"]) @ tensors["W_enc"] + tensors["b_enc"]
+        top = pre.topk(k, dim=-1)
+        acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+        new = acts @ tensors["W_dec"] + tensors["b_dec"]
+        return ((new,) + tuple(args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+    with torch.no_grad():
+        handle = dict(hf.named_modules())["transformer.h.1"].register_forward_pre_hook(manual, with_kwargs=True)
+        try:
+            expected = hf(**enc).logits
+        finally:
+            handle.remove()
+        hook_id = tiny_gpt2.attach_sae(sae)
+        try:
+            got = hf(**enc).logits
+        finally:
+            tiny_gpt2.layers.unregister_hook(hook_id)
+        plain = hf(**enc).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the substitution is visible in the logits
+
+
+def test_an_imported_transcoder_replaces_the_mlp(tmp_path, tiny_llama):
+    """A sparsify transcoder of ``layers.1.mlp`` hooks ``model.layers.1.mlp``: reads its input, predicts its
+    output (checked against a hook that substitutes the transcoder's formula by hand)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mi_crow.mechanistic.sae import SaeBase
+
+    d, n, k = 32, 64, 4
+    g = torch.Generator().manual_seed(1)
+    t = {"encoder.weight": torch.randn(n, d, generator=g) * 0.3, "encoder.bias": torch.zeros(n),
+         "W_dec": torch.randn(n, d, generator=g) * 0.1, "b_dec": torch.randn(d, generator=g) * 0.01}
+    folder = tmp_path / "layers.1.mlp"
+    folder.mkdir()
+    save_file(t, str(folder / "sae.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"activation": "topk", "num_latents": n, "k": k, "d_in": d,
+                                                 "transcode": True, "skip_connection": False}))
+    tc = SaeBase.from_pretrained(folder, model=tiny_llama)
+    assert tc.layer_signature == "model.layers.1.mlp"
+    tc.mode = "replace"
+    hf = tiny_llama.model
+    enc = tiny_llama.tokenize(["the cat sat on the mat", "a dog"])
+
+    def manual(module, args, output):
+        pre = torch.relu(args[0] @ t["encoder.weight"].T + t["encoder.bias"])
+        top = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, top.indices, top.values) @ t["W_dec"] + t["b_dec"]
+
+    with torch.no_grad():
+        handle = dict(hf.named_modules())["model.layers.1.mlp"].register_forward_hook(manual)
+        try:
+            expected = hf(**enc).logits
+        finally:
+            handle.remove()
+        hook_id = tiny_llama.attach_sae(tc)
+        try:
+            got = hf(**enc).logits
+        finally:
+            tiny_llama.layers.unregister_hook(hook_id)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
