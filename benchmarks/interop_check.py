@@ -5,6 +5,9 @@ Run it with an interpreter that has the peers installed and mi_crow importable, 
 
     PYTHONPATH=$PWD /tmp/peers/bin/python benchmarks/interop_check.py
 
+(circuit-tracer was installed beside it with ``pip install --no-deps --target /tmp/interop-ct circuit-tracer`` and
+``PYTHONPATH=$PWD:/tmp/interop-ct``.)
+
 A library that is not installed is reported as skipped. Results: a Markdown table on stdout and
 ``benchmarks/results/interop_check.json`` (max absolute and relative differences of the dense codes and of the
 reconstructions, per direction and library).
@@ -231,10 +234,44 @@ def check_dictionary_learning(rows: list[dict[str, Any]], tmp: Path) -> None:
 
 
 def check_circuit_tracer(rows: list[dict[str, Any]], tmp: Path) -> None:
-    import circuit_tracer  # noqa: F401  (only its presence is checked: it loads transcoders, which need the family)
+    from circuit_tracer.transcoder.activation_functions import TopK
+    from circuit_tracer.transcoder.single_layer_transcoder import SingleLayerTranscoder, load_transcoder_set
 
-    rows.append({"library": "circuit_tracer", "direction": "-", "case": "-", "status": "installed; transcoder "
-                 "export needs the Transcoder class"})
+    x = _x()
+
+    def theirs_out(tc: Any, acts_fn: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            acts = tc.encode(x) if acts_fn is None else acts_fn(tc.encode(x, apply_activation_function=False))
+            return acts, tc.decode(acts, x)  # decode adds the skip term of x
+
+    def load(folder: Path) -> Any:
+        return load_transcoder_set({0: str(folder / "layer_0.safetensors")}, scan="mi_crow",
+                                   feature_input_hook="mlp.hook_in", feature_output_hook="hook_mlp_out",
+                                   device=torch.device("cpu"), lazy_encoder=False, lazy_decoder=False)[0]
+
+    ours = Transcoder(N, D, D, K, skip=True, batch_topk=True)
+    _randomize([ours.W_enc, ours.b_enc, ours.W_dec, ours.b_dec, ours.W_skip], 13)
+    ours.threshold.fill_(0.5)
+    ours.layer_signature = ours.metadata["layer"] = "model.layers.0.mlp"
+    ours.metadata["model_id"] = "meta-llama/Llama-3.2-1B"
+    theirs = load(ours.export(tmp / "ct-btk", "circuit_tracer"))
+    _record(rows, "circuit_tracer", "ours -> theirs", "BatchTopK skip transcoder -> JumpReLU", _ours_out(ours, x),
+            theirs_out(theirs))
+    ours_topk = Transcoder(N, D, D, K, skip=True)
+    _randomize([ours_topk.W_enc, ours_topk.b_enc, ours_topk.W_dec, ours_topk.b_dec, ours_topk.W_skip], 14)
+    ours_topk.layer_signature = ours_topk.metadata["layer"] = "model.layers.0.mlp"
+    ours_topk.metadata["model_id"] = "meta-llama/Llama-3.2-1B"
+    theirs = load(ours_topk.export(tmp / "ct-topk", "circuit_tracer"))
+    # circuit-tracer 0.5.0's load_transcoder_set has no activation argument (its main branch reads
+    # activation: topk / k from config.yaml): apply its TopK by hand, as that branch does.
+    _record(rows, "circuit_tracer", "ours -> theirs", "TopK skip transcoder (TopK applied by hand)",
+            _ours_out(ours_topk, x), theirs_out(theirs, TopK(K)))
+    tc = load(ours.export(tmp / "ct-src", "circuit_tracer"))
+    tc.to_safetensors(str(tmp / "ct-src" / "layer_0.safetensors"))  # their writer, our config.yaml
+    back = SaeBase.from_pretrained(tmp / "ct-src", layer=0)
+    _record(rows, "circuit_tracer", "theirs -> ours", f"to_safetensors -> {type(back).__name__}",
+            _ours_out(back, x), theirs_out(tc))
+    assert isinstance(SingleLayerTranscoder, type)
 
 
 CHECKS: dict[str, Callable[[list[dict[str, Any]], Path], None]] = {
@@ -269,12 +306,13 @@ def main() -> int:
                  f"{rec.get('max_abs', float('nan')):.2e}", f"{rec.get('max_rel', float('nan')):.2e}"]
         print(f"| {r['library']} | {r['direction']} | {r['case']} | {r['status']} | {' | '.join(cells)} |")
     versions = {}
-    for name in ("sae_lens", "sparsify", "dictionary_learning", "torch", "transformers"):
+    for name in ("sae_lens", "sparsify", "dictionary_learning", "circuit_tracer", "torch", "transformers"):
         try:
             from importlib.metadata import version
 
             versions[name] = version({"sae_lens": "sae-lens", "sparsify": "eai-sparsify",
-                                      "dictionary_learning": "dictionary-learning"}.get(name, name))
+                                      "dictionary_learning": "dictionary-learning",
+                                      "circuit_tracer": "circuit-tracer"}.get(name, name))
         except Exception:  # noqa: BLE001
             versions[name] = None
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

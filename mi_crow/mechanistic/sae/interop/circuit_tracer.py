@@ -11,11 +11,17 @@ optionally ``W_skip [d_out, d_in]`` and ``activation_function.threshold [n]``. T
 (``pre = x @ W_enc.T + b_enc``, no ``b_dec`` subtracted); JumpReLU is ``pre * (pre > threshold)``; circuit-tracer's
 TopK keeps the ``k`` largest pre-activations without a ReLU, which equals mi_crow's TopK whenever at least ``k``
 pre-activations are positive (a token with fewer would get negative entries there and zeros here).
+
+Checked against circuit-tracer 0.5.0 (``benchmarks/interop_check.py``): its ``load_transcoder_set`` reads JumpReLU
+and ReLU layer files as written here, but has no ``activation`` argument yet, so a TopK set is only run as TopK by
+circuit-tracer versions that read ``activation: topk`` and ``k`` from ``config.yaml`` (its main branch); 0.5.0 would
+run it as ReLU. BatchTopK transcoders (a threshold) are written as JumpReLU files and need no such support.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError
 __all__ = ["CONFIG_FILE", "layer_file", "read_circuit_tracer", "read_config_yaml", "write_circuit_tracer"]
 
 CONFIG_FILE = "config.yaml"
+logger = logging.getLogger(__name__)
 _LAYER = re.compile(r"^layer_(\d+)\.safetensors$")
 
 
@@ -175,6 +182,8 @@ def write_circuit_tracer(layers: dict[int, SaeParts], folder: Path, *, model_nam
     ]
     if arch == "topk":
         lines += ["activation: \"topk\"", f"k: {int(k)}"]  # type: ignore[arg-type]
+        logger.warning("circuit-tracer set %s is TopK: circuit-tracer versions without config.yaml 'activation' "
+                       "support (0.5.0) run it as ReLU", folder)
     elif arch == "relu":
         lines.append("activation: \"relu\"")
     folder.mkdir(parents=True, exist_ok=True)
