@@ -30,6 +30,7 @@ from mi_crow.errors import UserInputError
 
 __all__ = ["FORMATS", "add_arguments", "run"]
 
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FORMATS = ("sae_lens", "sparsify", "dictionary_learning", "circuit_tracer", "neuronpedia", "saebench")
 
 
@@ -58,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     info = cli_info(store, args.sae_id)
     out = Path(args.out or f"{args.sae_id}-{args.format}")
     model_name = args.model_name or sae.metadata.get("model_id") or info.get("model")
+    if isinstance(model_name, str) and model_name.startswith("default"):
+        # The embedded default model (a GGUF of SmolLM2-135M-Instruct): name it by its hub id in other tools' files.
+        model_name = DEFAULT_HUB_ID
     if args.format in ("sae_lens", "sparsify", "dictionary_learning", "circuit_tracer"):
         folder = sae.export(out, args.format, model_name=model_name)
         say(f"exported {args.sae_id} as {args.format} -> {folder.resolve()}")

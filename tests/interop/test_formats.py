@@ -312,3 +312,13 @@ def test_export_refuses_what_the_format_cannot_hold(tmp_path):
         _our_sae().export(tmp_path / "ct", "circuit_tracer")
     with pytest.raises(UserInputError, match="format must be one of"):
         _our_sae().export(tmp_path / "x", "safetensors")
+
+
+def test_an_input_only_hook_leaves_the_layer_unset(tmp_path):
+    """hook_resid_mid is the input of the pre-MLP norm: no module outputs it, so the SAE is not given a layer."""
+    write_sae_lens_v6(tmp_path / "s", metadata={"sae_lens_version": "6.5.1", "model_name": "meta-llama/Llama-3.2-1B",
+                                                  "hook_name": "blocks.4.hook_resid_mid"})
+    sae = TopKSae.from_pretrained(tmp_path / "s")
+    assert sae.layer_signature is None
+    assert sae.metadata["hook_point"] == {"module": "model.layers.4.post_attention_layernorm", "side": "input"}
+    assert "layer is left unset" in sae.metadata["import_notes"][-1]

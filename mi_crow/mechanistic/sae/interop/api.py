@@ -203,6 +203,10 @@ def load_pretrained(
                 f"it cannot be attached as one hook; its layer is left unset")
     else:
         attach = point_in.module if point_in is not None and point_in.side == "output" else None
+        if point_in is not None and point_in.side == "input":
+            sae.metadata.setdefault("import_notes", []).append(
+                f"hook {parts.hook_name!r} is the input of {point_in.module!r}, which no module outputs; SAEs attach "
+                f"to a module's output, so the layer is left unset")
     if attach is not None:
         sae.layer_signature = attach
         sae.metadata["layer"] = attach
