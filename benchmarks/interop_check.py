@@ -30,7 +30,7 @@ importlib.util.find_spec = lambda name, package=None: (  # type: ignore[assignme
 
 import torch  # noqa: E402
 
-from mi_crow.mechanistic.sae import BatchTopKSae, JumpReLUSae, SaeBase, TopKSae, Transcoder  # noqa: E402
+from mi_crow.mechanistic.sae import BatchTopKSae, SaeBase, TopKSae, Transcoder  # noqa: E402
 
 N, D, K, TOKENS = 512, 64, 16, 256
 RESULTS = Path(__file__).parent / "results" / "interop_check.json"
