@@ -666,6 +666,7 @@ class Store(ABC):
         acts = tensors.get("activations")
         if acts is None:
             raise CorruptStoreFileError(f"{self.location(key)} has no tensor 'activations' (has {sorted(tensors)})")
+        source = "meta.json" if "attention_mask" in tensors else "its completion marker"
         if "attention_mask" in tensors:  # format 1: drop the padding
             mask = tensors["attention_mask"]
             if acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(mask.shape):
@@ -676,11 +677,10 @@ class Store(ABC):
             raise CorruptStoreFileError(f"{self.location(key)} must hold activations [tokens, d], has "
                                         f"{list(acts.shape)}")
         if d is not None and acts.shape[1] != d:
-            raise CorruptStoreFileError(f"{self.location(key)} has width {acts.shape[1]}, the run's records say "
-                                        f"d={d}")
+            raise CorruptStoreFileError(f"{self.location(key)} has width {acts.shape[1]}, {source} says d={d}")
         if n_tokens is not None and acts.shape[0] != n_tokens:
-            raise CorruptStoreFileError(f"{self.location(key)} has {acts.shape[0]} real tokens, the run's records "
-                                        f"(marker / meta.json) say {n_tokens}")
+            raise CorruptStoreFileError(f"{self.location(key)} has {acts.shape[0]} real tokens, {source} says "
+                                        f"{n_tokens}")
         return acts
 
     def _read_packed_tokens_file(self, run_id: str, batch_index: int, record: Mapping[str, Any]
