@@ -265,7 +265,7 @@ class LanguageModelActivations:
         later layers and the LM head never run. Registered hooks stay active (controllers included). New runs use
         store format 2 (:mod:`mi_crow.store.packed`): each stored batch is written as
         ``activations/<run_id>/batch_<i>/<layer>/activations.safetensors`` holding only the real tokens
-        (``activations [tokens, d]``, text after text) in the storage dtype, ``tokens.safetensors`` (token ids,
+        (``activations [tokens, d]``, text after text) in the storage dtype, ``extra.safetensors`` (token ids,
         per-text offsets, the texts' dataset indices), then a completion marker; ``store.load_batch`` /
         ``get_run_batch`` still return each batch right-padded (``[b, seq, d]`` with its mask, position ``j`` is
         token ``j`` of every text, zeros past a text's end) and ``input_ids [b, seq]`` in its extra tensors. Batch

@@ -6,7 +6,7 @@ Layout of a format-2 activation run (the seed's folders; see :mod:`mi_crow.store
                                                                 and once when it ends ("status": "complete")
     activations/<run_id>/index.json                             per-batch records, written once at the end
     activations/<run_id>/batch_<i>/<layer>/activations.safetensors   "activations" [tokens, d] in the storage dtype
-    activations/<run_id>/batch_<i>/tokens.safetensors           "token_ids" [tokens] int32, "offsets" [texts + 1]
+    activations/<run_id>/batch_<i>/extra.safetensors            "token_ids" [tokens] int32, "offsets" [texts + 1]
                                                                 int64, "text_ids" [texts] int64
     activations/<run_id>/batch_<i>/complete.json                the batch's completion marker, written last
 
@@ -44,7 +44,7 @@ __all__ = [
 FORMAT_KEY = "store_format"
 PACKED_FORMAT = 2
 MARKER_FILE = "complete.json"
-TOKENS_FILE = "tokens.safetensors"
+TOKENS_FILE = "extra.safetensors"  # the name format 1 gives a batch's extra tensors (input_ids)
 INDEX_FILE = "index.json"
 #: Storage dtypes a format-2 run may use.
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
