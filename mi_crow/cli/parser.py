@@ -91,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass")
     p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (truncation)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the stored activations")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the stored activations (default: the model's compute dtype)")
+    p.add_argument("--shard-tokens", type=_positive_int,
+                   help="real tokens per stored batch (whole forward batches are joined; default: one stored batch "
+                        "per forward batch)")
     p.set_defaults(func=save.run)
 
     p = add("train", "train a TopK SAE on a saved activation run")
