@@ -31,11 +31,12 @@ std::atomic<int> g_requested{static_cast<int>(LowpGemm::automatic)};
 // Small integers: every product and sum below is exact in float32, so the check can demand equality.
 float check_value(int64_t i, int64_t j, int salt) { return static_cast<float>(((i * 7 + j * 13 + salt) % 9) - 4); }
 
-// One product through onednn_bf16_strip on shapes with an M tail and a latent tail, compared exactly with a plain
-// loop. Any exception (a torch without the oneDNN micro-kernel, a CPU it refuses) or a wrong number disables it.
-bool onednn_self_check() {
+// One product through onednn_bf16_strip (more rows than a token block, with a tail; a strip with a latent tail;
+// depth d) compared exactly with a plain loop. Any exception (a torch without the oneDNN micro-kernel, a CPU it
+// refuses) or a wrong number disables it.
+bool onednn_self_check(int64_t d) {
   try {
-    const int64_t rows = 37, d = 96, n = 50, ldc = kStripLatents + 3;
+    const int64_t rows = 261, n = 50, ldc = kStripLatents + 3;
     std::vector<c10::BFloat16> A(rows * d), W(n * d), strip(d * kStripLatents);
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t k = 0; k < d; ++k) A[i * d + k] = c10::BFloat16(check_value(i, k, 1));
@@ -65,9 +66,22 @@ bool onednn_self_check() {
 bool onednn_ok() {
   // The instructions first (selected level, so MI_CROW_CPU_ISA=avx512 turns this off), then the self-check, once.
   if (selected_isa() < Isa::avx512bf16) return false;
-  static const bool ok = onednn_self_check();
+  static const bool ok = onednn_self_check(96);
   return ok;
 }
+
+}  // namespace
+
+bool onednn_supports_depth(int64_t d) {
+  if (d <= 0 || d % 2 != 0 || !onednn_ok()) return false;
+  if (d % 32 == 0) return true;
+  // A depth that is not a whole number of AMX tile rows (32 bf16) takes the micro-kernel's tail path: checked
+  // once on its own.
+  static const bool tail_ok = onednn_self_check(98);
+  return tail_ok;
+}
+
+namespace {
 
 LowpGemm automatic_choice(bool half) {
   if (!half && onednn_ok()) return LowpGemm::onednn;

@@ -47,6 +47,8 @@ void pack_vnni_strip(const c10::BFloat16* W, int64_t d, int64_t lat0, int64_t co
 // lda) @ strip, with oneDNN's micro-kernel. Only when lowp_gemm(false) == LowpGemm::onednn.
 void onednn_bf16_strip(int64_t rows, int64_t d, const c10::BFloat16* A, int64_t lda, const c10::BFloat16* strip,
                        float* C, int64_t ldc);
+// Whether onednn_bf16_strip serves depth d (even, and self-checked for its tail when not a multiple of 32).
+bool onednn_supports_depth(int64_t d);
 // Releases the micro-kernel's per-thread hardware state (the AMX tile configuration); call at the end of a task
 // that used onednn_bf16_strip.
 void onednn_release();

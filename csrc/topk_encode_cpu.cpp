@@ -370,7 +370,7 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
   Product product = Product::generic;
   if constexpr (is_low) {
     const LowpGemm g = lowp_gemm(is_f16);
-    if (g == LowpGemm::onednn && is_bf16 && d % 2 == 0) {
+    if (g == LowpGemm::onednn && is_bf16 && onednn_supports_depth(d)) {
       product = Product::onednn;
     } else if (g == LowpGemm::mkl && lowp_gemm_available(LowpGemm::mkl, is_f16)) {
       product = Product::mkl_low;
