@@ -173,11 +173,11 @@ def _is_grid(args: argparse.Namespace, layers: list[str]) -> bool:
 def _grid(args: argparse.Namespace, widths: dict[str, int], store: Any, grid_id: str) -> Any:
     from mi_crow.mechanistic.sae.train.grid import SaeGrid
 
-    config = _config(args.tokens, args.epochs, args.batch_size, args.lr, 0, None, args.checkpoint_every, args.resume,
+    config = _config(args.tokens, args.epochs, args.batch_size, args.lr, 0, None, args.checkpoint_every, False,
                      progress=False)
     n_latents = args.n_latents or sorted({8 * d for d in widths.values()})
     return SaeGrid.product(widths, k=args.k, n_latents=n_latents, seed=args.seed, config=config, store=store,
-                           grid_id=grid_id)
+                           grid_id=grid_id, resume=args.resume)
 
 
 def _grid_report(result: Any, store: Any, model_id: str | None, run_id: str | None) -> int:

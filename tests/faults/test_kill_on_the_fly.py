@@ -1,7 +1,7 @@
 """SIGKILL during ``mi-crow train --model ... --dataset ...`` (training on the fly), then ``--resume``: the SAE and its
 history equal an uninterrupted run's bit for bit (a kill loses at most the forwards of the buffer half in progress
 and the steps since the last checkpoint, which the resumed run recomputes identically). Resuming with another
-dataset is refused, naming what differs.
+dataset (refused, naming what differs) is tested in ``tests/sae/test_on_the_fly.py``.
 """
 
 from __future__ import annotations
@@ -72,16 +72,3 @@ def test_train_on_the_fly_killed_and_resumed_gives_the_same_sae_bit_for_bit(laun
             continue
         assert got.get_bytes(key) == ref.get_bytes(key), key  # bit for bit, the weights included
     assert _history(got) == _history(ref)
-
-    # Resuming with another dataset is refused: kill a fresh run after its first checkpoint, then resume it over
-    # other texts.
-    other_store = fast_tmp / "otf-other"
-    other = fast_tmp / "other.txt"
-    other.write_text((workdir / "data.txt").read_text(encoding="utf-8") + "one more line of text\n", encoding="utf-8")
-    other_checkpoint = other_store / "runs" / SAE / "checkpoint.pt"
-    first = launcher.run(*_train(workdir, other_store, resume=False), kill_when=other_checkpoint.exists)
-    assert first.killed or first.returncode == 0, first.describe()
-    assert other_checkpoint.exists()
-    refused = launcher.run(*_train(workdir, other_store, resume=True, dataset=other))
-    assert refused.returncode == 2, refused.describe()
-    assert "dataset_sha256" in refused.stderr and "n_texts" in refused.stderr, refused.describe()

@@ -175,6 +175,7 @@ class SaeGrid:
         config: SaeTrainingConfig | None = None,
         store: Store | None = None,
         grid_id: str = "grid",
+        resume: bool | None = None,
     ) -> SaeGrid:
         """The grid of every ``(layer, k, n_latents, seed)``: an SAE ``n_latents x widths[layer]`` with top-``k``,
         trained with ``config`` (``seed`` replaced; run and SAE named ``<grid_id>-<layer>-k<k>-n<n>-s<seed>``).
@@ -184,6 +185,8 @@ class SaeGrid:
             k, n_latents, seed: the values of each axis.
             config: the shared settings (default `SaeTrainingConfig()`).
             store, grid_id: as in the constructor.
+            resume: continue the grid from its checkpoint (None: ``config.resume``; a shared config cannot say
+                ``resume=True`` itself, having no ``training_run_id``).
         """
         base = config if config is not None else SaeTrainingConfig()
         if not isinstance(base, SaeTrainingConfig):
@@ -199,7 +202,8 @@ class SaeGrid:
                         raise fail("SaeGrid.product: k", f"<= every n_latents (got n_latents={n})", k_)
                     for s in seed:
                         name = f"{grid_id}-{_slug(layer)}-k{k_}-n{n}-s{s}"
-                        member_config = dataclasses.replace(base, seed=s, training_run_id=name, sae_id=name)
+                        member_config = dataclasses.replace(base, seed=s, training_run_id=name, sae_id=name,
+                                                            resume=base.resume if resume is None else bool(resume))
                         members.append(GridMember(TopKSae(n_latents=n, n_inputs=int(d), k=k_), layer, member_config))
         return cls(members, store=store, grid_id=grid_id)
 
