@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import time
 from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -368,12 +370,14 @@ class SaeTrainer(SaeStepper):
         lr = self._train_batch(batch, plan, state, window, filtered=filtered)
         if lr is None:
             return
+        every = config.checkpoint_every
+        checkpoint_due = checkpoints and every is not None and state.step % every == 0 and state.step < plan.total_steps
         if state.step % config.log_every == 0 or state.step == plan.total_steps:
-            self._log(plan, state, window, lr, session.bar)
+            self._log(plan, state, window, lr, session.bar,
+                      write=checkpoint_due or state.step == plan.total_steps)
         if session.bar is not None:
             session.bar.update(1)
-        every = config.checkpoint_every
-        if checkpoints and every is not None and state.step % every == 0 and state.step < plan.total_steps:
+        if checkpoint_due:
             write_checkpoint(self.store, plan, config, self.sae, self.optimizer, self.tokens_since_fired,
                              state, reader, window)
         for callback in session.callbacks:
@@ -427,15 +431,22 @@ class SaeTrainer(SaeStepper):
         state.batches_seen += 1
         x = batch.to(device=sae.device, dtype=sae.dtype, non_blocking=True)
         # NaN/Inf anywhere makes a sum (or a row norm) non-finite; an overflowing one would overflow the loss's
-        # squares too. With outlier filtering the row norms serve both checks in one pass.
-        norms = x.norm(dim=1) if config.outlier_norm_factor is not None and not filtered else None
-        if not bool(torch.isfinite(norms.sum() if norms is not None else x.sum())):
-            return self._skip_nonfinite(state)
-        if norms is not None:
-            sinks = attention_sink_mask(x, factor=config.outlier_norm_factor)
-            n_out = int(sinks.sum())
+        # squares too. With outlier filtering the row norms serve both checks in one pass over x, and the sum and
+        # the sink count come to the host together (one synchronisation).
+        if config.outlier_norm_factor is None or filtered:
+            if not bool(torch.isfinite(x.sum())):
+                return self._skip_nonfinite(state)
+        else:
+            norms = (x.norm(dim=1) if x.dtype in (torch.float32, torch.float64)
+                     else torch.linalg.vector_norm(x, dim=1, dtype=torch.float32))
+            # The one outlier rule on the row norms already at hand: the norm of a one-element row is its absolute
+            # value, so [B, 1] norms give the same decision as x without a second pass over x.
+            sinks = attention_sink_mask(norms.unsqueeze(1), factor=config.outlier_norm_factor)
+            total, n_out = torch.stack([norms.sum(), sinks.sum(dtype=norms.dtype)]).tolist()
+            if not math.isfinite(total):
+                return self._skip_nonfinite(state)
             if n_out:
-                state.outliers += n_out
+                state.outliers += int(n_out)
                 x = x[~sinks]
         if state.input_scale != 1.0:
             x = x * state.input_scale
@@ -453,8 +464,18 @@ class SaeTrainer(SaeStepper):
         state.nonfinite += 1
         state.check_nonfinite(self.config, final=False)
 
-    def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any) -> None:
-        """Append the window's record to the history (and the store), show it on the bar, empty the window."""
+    # The history file is rewritten whole (it is one JSON list), so its cost grows with the run: it is written at
+    # checkpoints and at the end, and in between only once the time since the last write is this many times what
+    # that write took (at most ~1/HISTORY_WRITE_SPACING of the run goes to it). Resuming never needs the file: the
+    # checkpoint holds the history.
+    HISTORY_WRITE_SPACING = 20.0
+    _history_written_at = float("-inf")
+    _history_write_cost = 0.0
+
+    def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any,
+             write: bool = True) -> None:
+        """Append the window's record to the history (and, when ``write`` or when due, to the store), show it on
+        the bar, empty the window."""
         means = window.means(self.sae.n_inputs)
         # Before a full window of tokens no latent can have been silent for a window: "not yet measurable" (None).
         dead_count = None
@@ -480,7 +501,11 @@ class SaeTrainer(SaeStepper):
         state.history.append(record)
         window.clear()
         if self.store is not None:
-            self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
+            now = time.perf_counter()
+            if write or now - self._history_written_at >= self.HISTORY_WRITE_SPACING * self._history_write_cost:
+                self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
+                self._history_written_at = time.perf_counter()
+                self._history_write_cost = self._history_written_at - now
         if self._wandb is not None:
             self._wandb.log(record)
         if bar is not None:
