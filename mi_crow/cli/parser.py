@@ -98,20 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per forward batch)")
     p.set_defaults(func=save.run)
 
-    p = add("train", "train a TopK SAE on a saved activation run")
-    _store_arg(p)
-    p.add_argument("--run-id", help="activation run (default: the only run in the store)")
-    p.add_argument("--layer", help="layer stored in the run (default: its only layer)")
-    p.add_argument("--n-latents", type=_positive_int, help="number of latents (default: 8 x layer width)")
-    p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
-    p.add_argument("--tokens", type=_positive_int, help="token budget (default: one epoch)")
-    p.add_argument("--epochs", type=_positive_float, help="passes over the run (instead of --tokens)")
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="tokens per optimizer step")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: scaled with n_latents)")
-    p.add_argument("--sae-id", help="name of the saved SAE (default: derived from the run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted training of the same --sae-id from its last checkpoint")
+    p = add("train", "train TopK SAEs on a saved activation run or straight from a model (--model)")
+    train.add_arguments(p)
     p.set_defaults(func=train.run)
 
     p = add("concepts", "collect each feature's top texts (and name features)")
