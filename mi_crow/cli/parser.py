@@ -124,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="activation run for statistics (default: the SAE's training run)")
     p.add_argument("--layer")
     p.add_argument("--out", default="report.html", help="output HTML file (default: ./report.html)")
-    p.add_argument("--eval-texts", type=int, default=16, help="texts for the loss-recovered evaluation (0: skip)")
+    p.add_argument("--eval-texts", type=int, default=16, help="held-out texts for the evaluation (0: skip)")
+    p.add_argument("--eval-dataset", default="default",
+                   help="where the evaluation texts come from: 'default' (the Wikipedia sample) or a .txt/.jsonl/.csv "
+                        "file; texts the SAE's activation run was saved from are left out (default: default)")
+    p.add_argument("--text-field", default="text", help="column with the text in .jsonl/.csv (default: text)")
     p.add_argument("--max-length", type=_positive_int, default=128)
     p.add_argument("--max-tokens", type=_positive_int, help="tokens of the run used for the statistics")
     p.set_defaults(func=report.run)
