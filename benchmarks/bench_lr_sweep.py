@@ -4,11 +4,13 @@ budget, and what rule fits it?
 On the activation tensors of bench_quality.py (SmolLM2-135M block 15, sinks removed, split by text), a TopK SAE
 (``k = 32``, batch 1024 tokens) is trained with the recipe's defaults except the peak learning rate, which runs over
 multiples of the reference ``2e-4 / sqrt(n / 2**14)`` (OpenAI's rule), for a small grid of widths ``n`` and budgets
-``T``. For each (n, T) the best multiple is located by a parabola through the three best points in log-lr, and a
-power law ``lr* = c * (n / 2**14)**a * (T / 2**20)**b`` is fitted to the optima by least squares in log space.
+``T``. Each (n, T) cell starts on a small grid of multiples (default 2, 4, 8) and adds a point (x2 or /2) while the
+best one lies on the grid's edge; its best multiple is located by a parabola through the best point and its two
+neighbours in log-lr, and a power law ``lr* = c * (n / 2**14)**a * (T / 2**20)**b`` is fitted to the optima by least squares in log space.
 
-Usage: ``python benchmarks/bench_lr_sweep.py [--quick] [--data PATH]``; prints the grid and the fitted rule and writes
-``benchmarks/results/bench_lr_sweep[_quick].json``.
+Usage: ``python benchmarks/bench_lr_sweep.py [--quick] [--data PATH] [--cells 4608:1048576,...] [--resume]``; prints
+the grid and the fitted rule and writes ``benchmarks/results/bench_lr_sweep[_quick].json`` after every run (``--resume``
+keeps the runs already there, so a sweep can be run in pieces).
 """
 
 from __future__ import annotations
@@ -79,21 +81,50 @@ def fit_rule(optima: list[dict[str, float]]) -> dict[str, float]:
             "rms_log_error": float(resid.pow(2).mean().sqrt())}
 
 
+def _identifiable(optima: list[dict[str, float]]) -> bool:
+    """Whether the cells determine the power law's three parameters (its design matrix has rank 3)."""
+    rows = torch.tensor([[1.0, math.log(o["n"]), math.log(o["budget"])] for o in optima], dtype=torch.float64)
+    return len(optima) >= 3 and int(torch.linalg.matrix_rank(rows)) == 3
+
+
+def _cell_points(rows: list[dict[str, Any]], n: int, budget: int) -> list[tuple[float, float]]:
+    return sorted((r["multiple"], r["heldout_fvu"]) for r in rows if r["n"] == n and r["budget"] == budget)
+
+
+def _next_multiple(points: list[tuple[float, float]], factor: float) -> float | None:
+    """The grid point to add when the best multiple lies on an edge of the grid (None when it is inside)."""
+    i = min(range(len(points)), key=lambda j: points[j][1])
+    if i == 0:
+        return points[0][0] / factor
+    if i == len(points) - 1:
+        return points[-1][0] * factor
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--data", type=Path, default=None, help="bench_quality.py's activation tensors (.pt)")
     parser.add_argument("--widths", default=None)
     parser.add_argument("--budgets", default=None)
-    parser.add_argument("--multiples", default=None)
+    parser.add_argument("--cells", default=None,
+                        help="explicit (n:budget) cells, e.g. 4608:1048576,1152:65536 (instead of widths x budgets)")
+    parser.add_argument("--multiples", default=None, help="starting grid of multiples of the reference lr")
+    parser.add_argument("--extend", type=int, default=2,
+                        help="grid points added (x2 or /2) per cell while the best multiple lies on the grid's edge")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the results file")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    widths = [int(v) for v in (args.widths or ("512,1024" if args.quick else "1152,4608")).split(",")]
-    budgets = [int(v) for v in (args.budgets or ("16384,65536" if args.quick else "65536,262144,1048576")).split(",")]
-    multiples = [float(v) for v in (args.multiples or "1,2,4,8,16").split(",")]
+    if args.cells:
+        cells = [tuple(int(v) for v in c.split(":")) for c in args.cells.split(",")]
+    else:
+        widths = [int(v) for v in (args.widths or ("512,1024" if args.quick else "1152,4608")).split(",")]
+        budgets = [int(v) for v in (args.budgets or ("16384,65536" if args.quick else "65536,262144,1048576")).split(",")]
+        cells = [(n, b) for n in widths for b in budgets]
+    multiples = [float(v) for v in (args.multiples or "2,4,8").split(",")]
     if args.data is None:
         from mi_crow.defaults import get_cache_dir
 
@@ -102,34 +133,48 @@ def main() -> None:
         raise SystemExit(f"{args.data} is missing: run benchmarks/bench_quality.py first (it builds the tensors)")
     data = torch.load(args.data)
     train, heldout = data["train"], data["heldout"]
-    rows: list[dict[str, Any]] = []
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(), "k": args.k,
+            "batch": args.batch, "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]),
+            "reference_lr": "2e-4 / sqrt(n / 2**14)", "data": data.get("meta")}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench_lr_sweep{'_quick' if args.quick else ''}.json"
+    rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
+
+    def measure(n: int, budget: int, m: float) -> None:
+        if any(r["n"] == n and r["budget"] == budget and math.isclose(r["multiple"], m) for r in rows):
+            return
+        lr = m * reference_lr(n)
+        res = run(train, heldout, n, args.k, args.batch, budget, lr, {})
+        rows.append({"n": n, "budget": budget, "multiple": m, "lr": lr, **res})
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        path.write_text(json.dumps({"meta": meta, "rows": rows, "optima": None, "rule": None}, indent=2))
+
     optima: list[dict[str, float]] = []
-    for n in widths:
-        for budget in budgets:
-            budget = (budget // args.batch) * args.batch
-            points = []
-            for m in multiples:
-                lr = m * reference_lr(n)
-                res = run(train, heldout, n, args.k, args.batch, budget, lr, {})
-                rows.append({"n": n, "budget": budget, "multiple": m, "lr": lr, **res})
-                points.append((m, res["heldout_fvu"]))
-                print(json.dumps(rows[-1]), file=sys.stderr)
-            m_star = best_multiple(points)
-            optima.append({"n": n, "budget": budget, "multiple": m_star, "lr": m_star * reference_lr(n)})
-    rule = fit_rule(optima) if len(optima) >= 3 else None
-    print("| n | budget | " + " | ".join(f"x{m:g}" for m in multiples) + " | best multiple |")
-    print("|---|---|" + "---|" * len(multiples) + "---|")
+    for n, budget in cells:
+        budget = (budget // args.batch) * args.batch
+        for m in multiples:
+            measure(n, budget, m)
+        for _ in range(args.extend):
+            extra = _next_multiple(_cell_points(rows, n, budget), 2.0)
+            if extra is None:
+                break
+            measure(n, budget, extra)
+        points = _cell_points(rows, n, budget)
+        m_star = best_multiple(points)
+        optima.append({"n": n, "budget": budget, "multiple": m_star, "lr": m_star * reference_lr(n),
+                       "best_heldout_fvu": min(f for _, f in points)})
+    rule = fit_rule(optima) if _identifiable(optima) else None
+    grid = sorted({r["multiple"] for r in rows})
+    print("held-out FVU by multiple of the reference lr 2e-4 / sqrt(n / 2**14):")
+    print("| n | budget | " + " | ".join(f"x{m:g}" for m in grid) + " | best multiple |")
+    print("|---|---|" + "---|" * len(grid) + "---|")
     for o in optima:
-        cells = [f"{r['heldout_fvu']:.4f}" for r in rows if r["n"] == o["n"] and r["budget"] == o["budget"]]
-        print(f"| {o['n']} | {o['budget']:,} | " + " | ".join(cells) + f" | {o['multiple']:.2f} |")
+        by_m = {r["multiple"]: r["heldout_fvu"] for r in rows if r["n"] == o["n"] and r["budget"] == o["budget"]}
+        cells_txt = [f"{by_m[m]:.4f}" if m in by_m else "" for m in grid]
+        print(f"| {o['n']} | {o['budget']:,} | " + " | ".join(cells_txt) + f" | {o['multiple']:.2f} |")
     if rule is not None:
         print(f"fit: lr* = {rule['c']:.3g} * (n / 2**14)^{rule['a']:.3f} * (T / 2**20)^{rule['b']:.3f} "
               f"(rms log error {rule['rms_log_error']:.3f})")
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(), "k": args.k,
-            "batch": args.batch, "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]),
-            "data": data.get("meta")}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench_lr_sweep{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps({"meta": meta, "rows": rows, "optima": optima, "rule": rule}, indent=2))
     print(f"wrote {path}")
 

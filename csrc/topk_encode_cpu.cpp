@@ -22,6 +22,7 @@
 
 #include "checks.h"
 #include "isa.h"
+#include "lowp_gemm.h"
 
 // MKL's CBLAS entry points, as exported by the MKL that the PyTorch CPU wheel links in. Declared weak so the
 // extension still loads against a torch without MKL; then the kernel uses at::mm_out instead.
@@ -329,6 +330,23 @@ void scan_row(const acc_t* tile, const acc_t* bias, int64_t len, int64_t lat0, i
   }
 }
 
+// Which product fills the float scratch tile with pre-activations (without bias); see lowp_gemm.h.
+enum class Product {
+  generic,       // at::mm_out in the operands' dtype (float32 / float64 without MKL)
+  f32_packed,    // MKL packed sgemm on float32 operands
+  widen,         // bf16/fp16 operands widened to float32 (exact), then the float32 product (packed where possible)
+  onednn,        // oneDNN's bf16 micro-kernel on VNNI strips of the tile
+  mkl_low,       // MKL's cblas_gemm_bf16bf16f32 / cblas_gemm_f16f16f32
+};
+
+// The per-tile form of W_enc that a product reads, built once per tile by the tile's owner (all token blocks
+// share it when tiles are the outer loop; each thread has its own when latents are split between threads).
+struct TileOperand {
+  std::vector<float> packed;         // MKL's packed copy of the float32 (or widened) tile
+  at::Tensor wide;                   // [kTileLatents, d] float32: the widened tile (Product::widen)
+  std::vector<c10::BFloat16> vnni;   // the tile as VNNI strips (Product::onednn)
+};
+
 // xc, W: the product's operands in scalar_t; b_enc: [n] in acc_t; the outputs values/aux_values are acc_t (the
 // caller converts them to x's dtype).
 template <typename scalar_t>
@@ -343,13 +361,36 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
   const acc_t* bias_p = b_enc.data_ptr<acc_t>();
   const std::vector<acc_t> bias(bias_p, bias_p + n);
 
-  // The low-precision BLAS paths re-pack the W_enc tile on every call; taller token blocks amortise that.
-  const int64_t tile_tokens = std::is_same_v<scalar_t, acc_t> ? kTileTokens : 2 * kTileTokens;
+  constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
+  constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  constexpr bool is_f16 = std::is_same_v<scalar_t, c10::Half>;
+  constexpr bool is_low = is_bf16 || is_f16;
+
+  // The product, chosen at run time for low-precision operands (lowp_gemm.h).
+  Product product = Product::generic;
+  if constexpr (is_low) {
+    const LowpGemm g = lowp_gemm(is_f16);
+    if (g == LowpGemm::onednn && is_bf16 && onednn_supports_depth(d)) {
+      product = Product::onednn;
+    } else if (g == LowpGemm::mkl && lowp_gemm_available(LowpGemm::mkl, is_f16)) {
+      product = Product::mkl_low;
+    } else {
+      product = Product::widen;
+    }
+  }
+  // MKL's mixed-precision GEMMs re-pack the W_enc tile on every call; taller token blocks amortise that.
+  const int64_t tile_tokens = product == Product::mkl_low ? 2 * kTileTokens : kTileTokens;
   const int64_t n_tiles = (n + kTileLatents - 1) / kTileLatents;
   const int64_t n_blocks = (B + tile_tokens - 1) / tile_tokens;
   const int64_t threads = at::get_num_threads();
   // Split latents between threads only when there are too few token blocks to keep every thread busy.
   const int64_t segments = (n_blocks >= threads || n_tiles < 2) ? 1 : std::min<int64_t>(threads, n_tiles);
+  if constexpr (is_f32) {
+    if (segments == 1 && mkl_sgemm_packed_available() && d <= (1 << 30)) product = Product::f32_packed;
+  }
+  // The widened product packs its tile for MKL when the tile is shared by full token blocks.
+  const bool widen_packed =
+      product == Product::widen && segments == 1 && mkl_sgemm_packed_available() && d <= (1 << 30);
 
   std::vector<RowBuffers<acc_t>> mains(segments), auxs(segments);
   for (int64_t s = 0; s < segments; ++s) {
@@ -357,38 +398,84 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
     if (use_aux) auxs[s].init(B, k_aux);
   }
 
-  // Which BLAS path fills the scratch tile with float pre-activations (without bias).
-  constexpr bool is_f32 = std::is_same_v<scalar_t, float>;
-  constexpr bool is_bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
-  constexpr bool is_f16 = std::is_same_v<scalar_t, c10::Half>;
-  const bool packed = is_f32 && segments == 1 && mkl_sgemm_packed_available() && d <= (1 << 30);
-  const bool mkl_low = (is_bf16 && cblas_gemm_bf16bf16f32 != nullptr) || (is_f16 && cblas_gemm_f16f16f32 != nullptr);
   const scalar_t* xp = xc.data_ptr<scalar_t>();  // [B, d]
   const scalar_t* wp = W.data_ptr<scalar_t>();   // [n, d]
+  // The widened tokens (Product::widen): float32 [B, d], exact copies of the rounded values.
+  const at::Tensor xw = product == Product::widen ? xc.to(at::kFloat) : at::Tensor();
+  const float* xwp = product == Product::widen ? xw.data_ptr<float>() : nullptr;
+  // Scratch rows of the onednn product are whole strips wide.
+  const int64_t strips_per_tile = (kTileLatents + kStripLatents - 1) / kStripLatents;
 
-  // The packed copy of the current W_enc tile (MKL fp32 path only), shared by all token blocks of the tile.
-  std::vector<float> packed_tile;
-  if (packed) {
-    packed_tile.resize(cblas_sgemm_pack_get_size(kBMatrix, tile_tokens, kTileLatents, d) / sizeof(float) + 16);
-  }
+  auto make_operand = [&]() {
+    TileOperand op;
+    if (product == Product::f32_packed || widen_packed) {
+      op.packed.resize(cblas_sgemm_pack_get_size(kBMatrix, tile_tokens, kTileLatents, d) / sizeof(float) + 16);
+    }
+    if (product == Product::widen) op.wide = at::empty({kTileLatents, d}, xc.options().dtype(at::kFloat));
+    if (product == Product::onednn) op.vnni.resize(strips_per_tile * kStripLatents * d);
+    return op;
+  };
+  // Builds the form of tile `tile` that the product reads.
+  auto prepare = [&](int64_t tile, TileOperand& op) {
+    const int64_t lat0 = tile * kTileLatents, len = std::min(kTileLatents, n - lat0);
+    if (product == Product::f32_packed) {
+      cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, tile_tokens, len, d, 1.0f,
+                       reinterpret_cast<const float*>(wp) + lat0 * d, d, op.packed.data());
+    } else if (product == Product::widen) {
+      if constexpr (is_low) {
+        float* wide = op.wide.data_ptr<float>();
+        for (int64_t j = 0; j < len; ++j) widen(wp + (lat0 + j) * d, wide + j * d, d);
+        if (widen_packed) {
+          cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, tile_tokens, len, d, 1.0f, wide, d, op.packed.data());
+        }
+      }
+    } else if (product == Product::onednn) {
+      if constexpr (is_bf16) {
+        const int64_t strips = (len + kStripLatents - 1) / kStripLatents;
+        for (int64_t s = 0; s < strips; ++s) {
+          pack_vnni_strip(wp, d, lat0 + s * kStripLatents, std::min(kStripLatents, len - s * kStripLatents),
+                          op.vnni.data() + s * kStripLatents * d);
+        }
+      }
+    }
+  };
 
-  // Product of one token block with one latent tile into float scratch [rows, len], then the scan of its rows.
+  // Product of one token block with one latent tile into float scratch [rows, ld], then the scan of its rows.
   auto process = [&](int64_t blk, int64_t tile, int64_t seg, acc_t* scratch, at::Tensor& scratch_t,
-                     Candidates<acc_t>& cand) {
+                     Candidates<acc_t>& cand, const TileOperand& op) {
     // Dispatch-key guards are thread-local, and this may run on a worker thread.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const int64_t row0 = blk * tile_tokens, rows = std::min(tile_tokens, B - row0);
     const int64_t lat0 = tile * kTileLatents, len = std::min(kTileLatents, n - lat0);
-    if (packed && rows == tile_tokens) {
+    int64_t ld = len;
+    if (product == Product::f32_packed && rows == tile_tokens) {
       // (The packed operand was built for tile_tokens rows; a short last block takes the generic path.)
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, len, d, reinterpret_cast<const float*>(xp) + row0 * d,
-                          d, packed_tile.data(), len, 0.0f, reinterpret_cast<float*>(scratch), len);
-    } else if (is_bf16 && mkl_low) {
+                          d, op.packed.data(), len, 0.0f, reinterpret_cast<float*>(scratch), len);
+    } else if (product == Product::widen) {
+      if (widen_packed && rows == tile_tokens) {
+        cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, rows, len, d, xwp + row0 * d, d, op.packed.data(), len,
+                            0.0f, reinterpret_cast<float*>(scratch), len);
+      } else {
+        // scratch is float here (acc_t of bf16/fp16); wrap it as the output.
+        at::Tensor out = at::from_blob(scratch, {rows, len}, xw.options());
+        at::mm_out(out, xw.narrow(0, row0, rows), op.wide.narrow(0, 0, len).t());
+      }
+    } else if (product == Product::onednn) {
+      if constexpr (is_bf16) {
+        const int64_t strips = (len + kStripLatents - 1) / kStripLatents;
+        ld = strips * kStripLatents;
+        for (int64_t s = 0; s < strips; ++s) {
+          onednn_bf16_strip(rows, d, xp + row0 * d, d, op.vnni.data() + s * kStripLatents * d,
+                            reinterpret_cast<float*>(scratch) + s * kStripLatents, ld);
+        }
+      }
+    } else if (product == Product::mkl_low && is_bf16) {
       cblas_gemm_bf16bf16f32(kRowMajor, kNoTrans, kTrans, rows, len, d, 1.0f,
                              reinterpret_cast<const uint16_t*>(xp + row0 * d), d,
                              reinterpret_cast<const uint16_t*>(wp + lat0 * d), d, 0.0f,
                              reinterpret_cast<float*>(scratch), len);
-    } else if (is_f16 && mkl_low) {
+    } else if (product == Product::mkl_low && is_f16) {
       cblas_gemm_f16f16f32(kRowMajor, kNoTrans, kTrans, rows, len, d, 1.0f,
                            reinterpret_cast<const uint16_t*>(xp + row0 * d), d,
                            reinterpret_cast<const uint16_t*>(wp + lat0 * d), d, 0.0f,
@@ -399,7 +486,7 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
       if constexpr (!std::is_same_v<scalar_t, acc_t>) widen(out.data_ptr<scalar_t>(), scratch, rows * len);
     }
     for (int64_t r = 0; r < rows; ++r) {
-      scan_row<acc_t>(scratch + r * len, bias.data() + lat0, len, lat0, row0 + r, mains[seg],
+      scan_row<acc_t>(scratch + r * ld, bias.data() + lat0, len, lat0, row0 + r, mains[seg],
                       use_aux ? &auxs[seg] : nullptr, dead, cand);
     }
   };
@@ -409,33 +496,33 @@ void encode_impl(const at::Tensor& xc, const at::Tensor& W, const at::Tensor& b_
     at::Tensor dtype_buf = std::is_same_v<scalar_t, acc_t> ? acc_buf : at::empty({tile_tokens * kTileLatents}, xc.options());
     Candidates<acc_t> cand(kTileLatents);
     body(acc_buf.data_ptr<acc_t>(), dtype_buf, cand);
+    if (product == Product::onednn) onednn_release();
   };
 
   if (segments == 1) {
+    TileOperand shared = make_operand();
     for (int64_t tile = 0; tile < n_tiles; ++tile) {
-      if (packed) {
-        const int64_t lat0 = tile * kTileLatents, len = std::min(kTileLatents, n - lat0);
-        cblas_sgemm_pack(kRowMajor, kBMatrix, kTrans, tile_tokens, len, d, 1.0f,
-                         reinterpret_cast<const float*>(wp) + lat0 * d, d, packed_tile.data());
-      }
+      prepare(tile, shared);
       at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
         run_tasks([&](acc_t* scratch, at::Tensor& scratch_t, Candidates<acc_t>& cand) {
-          for (int64_t blk = begin; blk < end; ++blk) process(blk, tile, 0, scratch, scratch_t, cand);
+          for (int64_t blk = begin; blk < end; ++blk) process(blk, tile, 0, scratch, scratch_t, cand, shared);
         });
       });
     }
   } else {
     at::parallel_for(0, segments, 1, [&](int64_t begin, int64_t end) {
+      TileOperand own = make_operand();
       run_tasks([&](acc_t* scratch, at::Tensor& scratch_t, Candidates<acc_t>& cand) {
         for (int64_t seg = begin; seg < end; ++seg) {
           const int64_t t0 = seg * n_tiles / segments, t1 = (seg + 1) * n_tiles / segments;
-          for (int64_t tile = t0; tile < t1; ++tile)
-            for (int64_t blk = 0; blk < n_blocks; ++blk) process(blk, tile, seg, scratch, scratch_t, cand);
+          for (int64_t tile = t0; tile < t1; ++tile) {
+            prepare(tile, own);
+            for (int64_t blk = 0; blk < n_blocks; ++blk) process(blk, tile, seg, scratch, scratch_t, cand, own);
+          }
         }
       });
     });
   }
-
   // Merge segments (if any), sort descending, apply ReLU and write the outputs.
   acc_t* vp = values.data_ptr<acc_t>();              // [B, k]
   int64_t* ip = indices.data_ptr<int64_t>();         // [B, k]

@@ -189,7 +189,7 @@ def load_default_model(
 
     Args:
         store: store for activations and SAEs (optional).
-        dtype: model dtype (``None``: float32 as cached).
+        dtype: model dtype (``None``: float32 as cached; ``"auto"``: :func:`preferred_model_dtype`).
         device: device to run on (``None``: the LanguageModel default).
         cache_dir: where the converted folder is cached (see :func:`get_cache_dir`).
 
@@ -200,6 +200,97 @@ def load_default_model(
 
     path = default_model_path(cache_dir)
     return LanguageModel.from_huggingface(str(path), store=store, device=device, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model's compute dtype: bf16 where the hardware runs it faster than float32, float32 elsewhere.
+
+#: What a model-dtype option accepts: ``"auto"`` (:func:`preferred_model_dtype`), or a fixed dtype.
+MODEL_DTYPES = ("auto", "float32", "bfloat16")
+#: Environment variable read by :func:`resolve_model_dtype` when no dtype is given (the CLI's model loading).
+MODEL_DTYPE_ENV = "MI_CROW_MODEL_DTYPE"
+# /proc/cpuinfo flags of bf16 matrix instructions (used only when the C++ extension is not loaded).
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions: AVX512_BF16 or AMX-BF16 (x86-64).
+
+    Read from the C++ extension's run-time detection (``mi_crow.ops.cpu_isa().cpu``: cpuid and the OS's saved
+    register state), or from ``/proc/cpuinfo``'s flags when the extension is not loaded. Plain AVX-512 does not
+    count: there oneDNN runs bf16 through conversions and is slower than float32.
+    """
+    try:
+        from mi_crow.ops import cpu_isa
+
+        info = cpu_isa()
+    except ImportError:  # pragma: no cover - the ops package imports without the extension
+        info = None
+    if info is not None:
+        return info.cpu in ("avx512bf16", "amx")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    match = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
+    return bool(match) and any(flag in match.group(1).split() for flag in _BF16_CPU_FLAGS)
+
+
+def preferred_model_dtype(device: "str | torch.device | None" = None) -> "torch.dtype":
+    """The dtype a model forward should run in on ``device``: the one policy for activation saving and the demo.
+
+    ``torch.bfloat16`` on a CUDA GPU that supports it and on a CPU with bf16 matrix instructions
+    (:func:`cpu_has_bf16_matmul`: AMX or AVX512_BF16, where a bf16 forward is about twice as fast); ``torch.float32``
+    everywhere else (CPUs without them run bf16 through conversions, several times slower; other devices).
+
+    Args:
+        device: the device the model runs on (``None``: CPU).
+
+    Returns:
+        ``torch.bfloat16`` or ``torch.float32``.
+    """
+    import torch
+
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_has_bf16_matmul() else torch.float32
+    return torch.float32
+
+
+def resolve_model_dtype(
+    dtype: "torch.dtype | str | None" = None, device: "str | torch.device | None" = None
+) -> "torch.dtype":
+    """Turn a model-dtype option into a dtype.
+
+    Args:
+        dtype: ``"auto"`` (:func:`preferred_model_dtype` for ``device``), a dtype or its name (``"float32"``,
+            ``"bfloat16"``, ``"float16"``), or ``None``: ``$MI_CROW_MODEL_DTYPE`` if set, else ``"auto"``.
+        device: the device the model runs on (``None``: CPU).
+
+    Returns:
+        The ``torch.dtype`` to load the model in.
+
+    Raises:
+        ValueError / TypeError: ``dtype`` (or the environment variable) names no floating dtype.
+    """
+    from mi_crow.errors import UserInputError
+    from mi_crow.validation import check_dtype, fail
+
+    argument = "dtype"
+    if dtype is None:
+        env = os.environ.get(MODEL_DTYPE_ENV, "").strip()
+        dtype, argument = (env, MODEL_DTYPE_ENV) if env else ("auto", argument)
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        return preferred_model_dtype(device)
+    import torch
+
+    allowed = (torch.float32, torch.bfloat16, torch.float16)
+    try:
+        return check_dtype(dtype, argument, allowed=allowed)
+    except UserInputError:
+        raise fail(argument, "'auto', 'float32', 'bfloat16', 'float16' or one of those torch dtypes", dtype) from None
 
 
 # --------------------------------------------------------------------------------------------------------------

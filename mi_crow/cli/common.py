@@ -67,14 +67,23 @@ def model_path(spec: str) -> str:
 
 
 def load_model(spec: str, store: Any = None, dtype: str | None = None) -> LanguageModel:
+    """Load ``--model`` on CPU in the model dtype policy's dtype.
+
+    ``dtype``: ``"auto"`` (bfloat16 on a CPU with bf16 matrix instructions, else float32:
+    :func:`mi_crow.defaults.preferred_model_dtype`), ``"float32"`` or ``"bfloat16"``; ``None`` reads
+    ``$MI_CROW_MODEL_DTYPE`` and defaults to ``"auto"``. So ``mi-crow save``, the demo and every command that runs
+    the model forward use the same dtype.
+    """
+    from mi_crow.defaults import resolve_model_dtype
     from mi_crow.language_model import LanguageModel
 
     path = model_path(spec)
+    model_dtype = resolve_model_dtype(dtype, "cpu")
     t0 = time.perf_counter()
-    lm = LanguageModel.from_huggingface(path, store=store, dtype=dtype)
+    lm = LanguageModel.from_huggingface(path, store=store, dtype=model_dtype)
     # Keep the user's name ("default") in run metadata so the run resumes whatever the cache path is.
     lm.model_id = "default:SmolLM2-135M-Instruct" if spec == "default" else str(spec)
-    logger.info("loaded %s in %.1f s", path, time.perf_counter() - t0)
+    logger.info("loaded %s (%s) in %.1f s", path, str(model_dtype).replace("torch.", ""), time.perf_counter() - t0)
     return lm
 
 

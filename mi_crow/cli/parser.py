@@ -91,23 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass")
     p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (truncation)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the stored activations")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the stored activations (default: the model's compute dtype)")
+    p.add_argument("--shard-tokens", type=_positive_int,
+                   help="real tokens per stored batch (whole forward batches are joined; default: one stored batch "
+                        "per forward batch)")
     p.set_defaults(func=save.run)
 
-    p = add("train", "train a TopK SAE on a saved activation run")
-    _store_arg(p)
-    p.add_argument("--run-id", help="activation run (default: the only run in the store)")
-    p.add_argument("--layer", help="layer stored in the run (default: its only layer)")
-    p.add_argument("--n-latents", type=_positive_int, help="number of latents (default: 8 x layer width)")
-    p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
-    p.add_argument("--tokens", type=_positive_int, help="token budget (default: one epoch)")
-    p.add_argument("--epochs", type=_positive_float, help="passes over the run (instead of --tokens)")
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="tokens per optimizer step")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: scaled with n_latents)")
-    p.add_argument("--sae-id", help="name of the saved SAE (default: derived from the run)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted training of the same --sae-id from its last checkpoint")
+    p = add("train", "train TopK SAEs on a saved activation run or straight from a model (--model)")
+    train.add_arguments(p)
     p.set_defaults(func=train.run)
 
     p = add("concepts", "collect each feature's top texts (and name features)")
@@ -132,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="activation run for statistics (default: the SAE's training run)")
     p.add_argument("--layer")
     p.add_argument("--out", default="report.html", help="output HTML file (default: ./report.html)")
-    p.add_argument("--eval-texts", type=int, default=16, help="texts for the loss-recovered evaluation (0: skip)")
+    p.add_argument("--eval-texts", type=int, default=16, help="held-out texts for the evaluation (0: skip)")
+    p.add_argument("--eval-dataset", default="default",
+                   help="where the evaluation texts come from: 'default' (the Wikipedia sample) or a .txt/.jsonl/.csv "
+                        "file; texts the SAE's activation run was saved from are left out (default: default)")
+    p.add_argument("--text-field", default="text", help="column with the text in .jsonl/.csv (default: text)")
     p.add_argument("--max-length", type=_positive_int, default=128)
     p.add_argument("--max-tokens", type=_positive_int, help="tokens of the run used for the statistics")
     p.set_defaults(func=report.run)

@@ -1,4 +1,5 @@
-"""``mi-crow report``: evaluate an SAE (statistics over a stored run, LM loss recovered) and write the HTML report."""
+"""``mi-crow report``: evaluate an SAE on held-out texts (reconstruction and LM-loss figures), gather statistics over
+a stored run for the feature list, and write the HTML report."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from mi_crow.cli.common import (
     check_fits,
     check_run,
     cli_info,
+    load_dataset,
     load_model,
     load_sae,
     load_tokenizer,
@@ -31,24 +33,58 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def evaluate_step(lm: LanguageModel | None, sae: TopKSae, store: Any, run_id: str, layer: str,
                   eval_texts: list[str], max_length: int, max_tokens: int | None = None) -> tuple[dict, FeatureStats]:
-    """FVU, MSE, L0 and dead fraction over the stored run (:mod:`mi_crow.report.stats`), plus the LM loss clean /
-    with the SAE spliced in / with the layer zeroed and the loss recovered on ``eval_texts`` (needs ``lm``; from
-    :func:`mi_crow.mechanistic.sae.evaluate.evaluate`)."""
+    """The evaluation figures of the report and the feature statistics of its feature list.
+
+    With ``lm`` and ``eval_texts`` (held-out texts: pick them with `pick_eval_texts`), FVU, MSE, L0, explained
+    variance, the LM loss clean / with the SAE spliced in / with the layer zeroed, the loss recovered and the KL score
+    come from :func:`mi_crow.mechanistic.sae.evaluate.evaluate` on those texts, and ``n_tokens`` counts their tokens;
+    the same reconstruction figures over the stored run (training activations, :mod:`mi_crow.report.stats`) are
+    kept as ``train_fvu``, ``train_mse``, ``train_l0`` and ``train_n_tokens``. ``dead_fraction`` is always the
+    stored run's (a few held-out texts are too few tokens to call a latent dead). Without ``lm`` or texts, only the
+    stored run's figures exist and are reported under the plain names."""
     from mi_crow.report import feature_stats_from_store
 
     stats = feature_stats_from_store(sae, store, run_id, layer, max_tokens=max_tokens)
-    metrics: dict[str, Any] = {"fvu": stats.fvu, "mse": stats.mse, "l0": stats.l0,
-                               "dead_fraction": stats.dead_fraction, "n_tokens": stats.n_tokens}
-    if lm is not None and eval_texts:
-        from mi_crow.mechanistic.sae.evaluate import evaluate
+    on_run: dict[str, Any] = {"fvu": stats.fvu, "mse": stats.mse, "l0": stats.l0,
+                              "dead_fraction": stats.dead_fraction, "n_tokens": stats.n_tokens}
+    if lm is None or not eval_texts:
+        return on_run, stats
+    from mi_crow.mechanistic.sae.evaluate import evaluate
 
-        # The LM-loss part needs full forward passes: run it on a few texts only.
-        lm_metrics = evaluate(sae, lm, eval_texts, layer, batch_size=8, max_length=max_length, progress=True)
-        for key in ("loss_clean", "loss_sae", "loss_zero", "loss_recovered", "delta_loss"):
-            if key in lm_metrics:
-                metrics[key] = lm_metrics[key]
-        metrics["eval_texts"] = len(eval_texts)
+    # Full forward passes (clean, spliced, zeroed): run them on a few texts only.
+    held_out = evaluate(sae, lm, eval_texts, layer, batch_size=8, max_length=max_length, progress=True,
+                        weight_metrics=False)
+    metrics: dict[str, Any] = {key: held_out[key] for key in (
+        "fvu", "mse", "l0", "explained_variance", "loss_clean", "loss_sae", "loss_zero", "loss_recovered",
+        "delta_loss", "kl_div_score") if key in held_out}
+    metrics["dead_fraction"] = on_run["dead_fraction"]
+    metrics["n_tokens"] = int(held_out["n_tokens"])
+    metrics["eval_texts"] = len(eval_texts)
+    metrics.update({f"train_{key}": on_run[key] for key in ("fvu", "mse", "l0", "n_tokens")})
     return metrics, stats
+
+
+def pick_eval_texts(store: Any, runs: list[str], spec: str, count: int, text_field: str = "text") -> list[str]:
+    """``count`` texts of the dataset ``spec`` (as ``--dataset`` takes it) that are not among the texts of the
+    activation runs ``runs`` (the SAE's training texts).
+
+    Raises:
+        UserInputError: the dataset has no text outside the runs' texts.
+    """
+    from mi_crow.mechanistic.sae.evaluate import held_out_texts
+
+    seen: list[str] = []
+    for run_id in dict.fromkeys(r for r in runs if r):
+        texts = run_texts(store, run_id)
+        if texts is None:
+            say(f"  note: run {run_id!r} has no saved texts, so the evaluation texts cannot be checked to be held out")
+        else:
+            seen.extend(texts)
+    texts = held_out_texts(load_dataset(spec, None, text_field), seen, count)
+    if not texts:
+        raise UserInputError(f"--eval-dataset {spec!r} has no text outside the SAE's training texts; pass a dataset "
+                             f"of held-out texts")
+    return texts
 
 
 def report_step(out: str, sae: TopKSae, store: Any, sae_id: str, stats: FeatureStats, metrics: dict,
@@ -98,14 +134,19 @@ def run(args: argparse.Namespace) -> int:
     if model and args.eval_texts > 0:
         lm = load_model(model, store=store)
         check_fits(lm, sae, layer)
-    texts = run_texts(store, run_id) or []
-    metrics, stats = evaluate_step(lm, sae, store, run_id, layer, texts[: args.eval_texts], args.max_length,
-                                   args.max_tokens)
+    eval_texts: list[str] = []
+    if lm is not None:
+        eval_texts = pick_eval_texts(store, [info.get("activation_run"), run_id], args.eval_dataset, args.eval_texts,
+                                     args.text_field)
+        say(f"evaluating on {len(eval_texts)} held-out texts of --eval-dataset {args.eval_dataset!r}")
+    metrics, stats = evaluate_step(lm, sae, store, run_id, layer, eval_texts, args.max_length, args.max_tokens)
     put_cli_info(store, args.sae_id, eval=metrics)
     tokenizer = lm.tokenizer if lm is not None else (load_tokenizer(model) if model else None)
     out = report_step(args.out, sae, store, args.sae_id, stats, metrics, tokenizer,
                       title=f"mi_crow feature report: {args.sae_id}",
-                      metadata={"model": model, "layer": layer, "sae": args.sae_id, "run": run_id})
+                      metadata={"model": model, "layer": layer, "sae": args.sae_id, "run": run_id,
+                                "evaluation texts": f"{len(eval_texts)} held-out texts of {args.eval_dataset!r}"
+                                if eval_texts else "none (statistics over the stored run only)"})
     print_metrics(metrics)
     say(f"report: {out.resolve()}")
     return 0

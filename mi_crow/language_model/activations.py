@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -28,11 +30,15 @@ __all__ = ["LanguageModelActivations", "SAVE_FORMAT_VERSION"]
 
 logger = logging.getLogger(__name__)
 
-SAVE_FORMAT_VERSION = 1
+#: Format of new runs: 2 = packed, padding-free token vectors with per-batch completion markers
+#: (:mod:`mi_crow.store.packed`). Runs saved in format 1 (padded files) are resumed in format 1.
+SAVE_FORMAT_VERSION = 2
 
 # Fields of meta.json that must agree before a run is resumed: anything else would mix incompatible batches.
 _RESUME_KEYS = ("model_id", "layers", "dtype", "batch_size", "max_length", "dataset", "dataset_sha256",
-                "sample_limit", "shard_size")
+                "sample_limit", "shard_size", "shard_tokens")
+#: Storage dtypes of format-2 runs; a model computing in another dtype (float64) is stored in float32.
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _StopForward(Exception):
@@ -47,6 +53,71 @@ class _StoredBatch(NamedTuple):
     activations: dict[str, torch.Tensor]
     attention_mask: torch.Tensor
     input_ids: torch.Tensor
+
+
+class _Shard(NamedTuple):
+    """One format-2 batch as it is written: packed ``[tokens, d]`` per layer, ``offsets [texts + 1]``, ``token_ids
+    [tokens]``, the texts' global indices and the forward batches it holds."""
+
+    index: int
+    activations: dict[str, torch.Tensor]
+    offsets: torch.Tensor
+    token_ids: torch.Tensor
+    text_ids: torch.Tensor
+    forward_batches: list[int]
+
+
+class _Skip:
+    """The batches this process does not write: complete ones, and (sharded saving) those of the other ranks."""
+
+    def __init__(self, complete: set[int], rank: int, world: int) -> None:
+        self.complete, self.rank, self.world = complete, rank, world
+
+    def __contains__(self, index: object) -> bool:
+        return index in self.complete or (isinstance(index, int) and index % self.world != self.rank)
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised default ``torch.distributed`` group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_ok(ok: bool, world: int) -> bool:
+    """Whether every rank reports ``ok`` (an all-reduce; a rank that failed makes every rank stop, none hangs)."""
+    if world == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _pack(batch: _StoredBatch, text_start: int, forward_batches: list[int]) -> _Shard:
+    """A padded stored batch as a packed shard (its texts are ``text_start, text_start + 1, ...``)."""
+    real = batch.attention_mask.bool()
+    lengths = real.sum(dim=1).to(torch.int64)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    acts = {name: a[real] for name, a in batch.activations.items()}
+    text_ids = torch.arange(text_start, text_start + lengths.numel(), dtype=torch.int64)
+    return _Shard(batch.index, acts, offsets, batch.input_ids[real], text_ids, forward_batches)
+
+
+def _join(pieces: list[_Shard], index: int) -> _Shard:
+    """Several packed forward batches as one shard."""
+    if len(pieces) == 1:
+        return pieces[0]._replace(index=index)
+    lengths = torch.cat([p.offsets[1:] - p.offsets[:-1] for p in pieces])
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    acts = {name: torch.cat([p.activations[name] for p in pieces]) for name in pieces[0].activations}
+    return _Shard(index, acts, offsets, torch.cat([p.token_ids for p in pieces]),
+                  torch.cat([p.text_ids for p in pieces]), [b for p in pieces for b in p.forward_batches])
 
 
 def _as_dataset(dataset_or_texts: Any, argument: str) -> Any:
@@ -181,6 +252,7 @@ class LanguageModelActivations:
         layer_signature: str | int | Sequence[str | int] | None = None,
         sample_limit: int | None = None,
         shard_size: int | None = None,
+        shard_tokens: int | None = None,
     ) -> str:
         """Run the model over a dataset and save the outputs of the given layers into the store, batch by batch.
 
@@ -190,16 +262,26 @@ class LanguageModelActivations:
         each. ``save_activations_dataset`` is the same operation.
 
         One forward pass per batch serves every requested layer, and it stops as soon as all of them have run, so
-        later layers and the LM head never run. Registered hooks stay active (controllers included). Each stored
-        batch is written as ``activations/<run_id>/batch_<i>/<layer>/activations.safetensors`` (``activations
-        [b, seq, d]`` and ``attention_mask [b, seq]``; texts right-padded, so position ``j`` is token ``j`` of every
-        text), plus ``input_ids [b, seq]`` in the batch's extra tensors, and only then marked complete. Batch ``i``
-        is written in a worker thread while the next forward pass runs, so memory holds at most two batches
-        whatever the dataset size. ``meta.json`` records the model, layers, dtype, batching and dataset, and the
-        store keeps ``sample_count`` (texts saved) and ``batch_count`` (stored batches) in it.
+        later layers and the LM head never run. Registered hooks stay active (controllers included). New runs use
+        store format 2 (:mod:`mi_crow.store.packed`): each stored batch is written as
+        ``activations/<run_id>/batch_<i>/<layer>/activations.safetensors`` holding only the real tokens
+        (``activations [tokens, d]``, text after text) in the storage dtype, ``extra.safetensors`` (token ids,
+        per-text offsets, the texts' dataset indices), then a completion marker; ``store.load_batch`` /
+        ``get_run_batch`` still return each batch right-padded (``[b, seq, d]`` with its mask, position ``j`` is
+        token ``j`` of every text, zeros past a text's end) and ``input_ids [b, seq]`` in its extra tensors. Batch
+        ``i`` is written in a worker thread while the next forward pass runs, so memory holds at most two batches
+        whatever the dataset size. ``meta.json`` (written when the save starts and when it ends) records the model,
+        layers, dtype, batching and dataset, and the store keeps ``sample_count`` (texts saved) and
+        ``batch_count`` (stored batches) in it.
 
         Re-running with the same ``run_id`` (after an interruption) skips the complete batches, leaving their files
-        untouched, and continues with the first incomplete one.
+        untouched, and continues with the first incomplete one; at most the batch that was being written is lost.
+        Runs saved in format 1 are continued in format 1.
+
+        Under an initialised ``torch.distributed`` process group (``torchrun``), every rank calls ``save`` with the
+        same arguments and saves a disjoint part of the dataset (forward batch ``b`` goes to rank
+        ``b % world_size``) into the same run; batch indices never collide; rank 0 holds the run's lock and writes
+        ``meta.json`` at the start and, after every rank is done, at the end. ``run_id=None`` takes rank 0's id.
 
         Args:
             dataset_or_texts: a list of str or a mi_crow dataset (anything with ``iter_batches(batch_size)`` and
@@ -209,12 +291,17 @@ class LanguageModelActivations:
             run_id: the run to write or resume (``None``: a new id).
             batch_size: texts per forward pass.
             max_length: truncate each text to this many tokens.
-            dtype: store activations in this dtype (``None``: as the model produces them).
+            dtype: storage dtype, ``bfloat16``, ``float16`` or ``float32`` (``None``: the model's compute dtype,
+                read from its parameters; float32 for a float64 model). Resuming a run with another dtype is an
+                error naming both.
             progress: show a progress bar with tokens/s.
             sample_limit: save at most this many texts (the first ones of the dataset); ``None``: all.
             shard_size: texts per stored batch when it should differ from ``batch_size`` (forward batches are
                 split or joined; a re-grouped batch is padded to its longest text with zeros). ``None``: one
                 stored batch per forward batch.
+            shard_tokens: real tokens per stored batch: forward batches are joined (whole) into one stored batch
+                until it holds at least this many tokens (the last one may hold fewer); for long runs, where
+                a stored batch should hold many forward batches. Not together with ``shard_size``.
 
         Returns:
             The run id.
@@ -242,6 +329,10 @@ class LanguageModelActivations:
         max_length = check_positive_int(max_length, "max_length")
         sample_limit = check_positive_int(sample_limit, "sample_limit", allow_none=True)
         shard_size = check_positive_int(shard_size, "shard_size", allow_none=True)
+        shard_tokens = check_positive_int(shard_tokens, "shard_tokens", allow_none=True)
+        if shard_size is not None and shard_tokens is not None:
+            raise UserInputError(f"give shard_size (texts per stored batch) or shard_tokens (tokens per stored "
+                                 f"batch), not both; got shard_size={shard_size}, shard_tokens={shard_tokens}")
         save_dtype = check_dtype(dtype, "dtype", allow_none=True)
         if run_id is not None:
             try:
@@ -269,7 +360,10 @@ class LanguageModelActivations:
             raise UserInputError(f"{data_arg} is empty: {type(data).__name__} yielded no texts")
 
         widths = {name: lm.layers.width(name) for name in names}
+        # The model's compute dtype, read from its parameters now (a bf16 forward policy may have cast them).
         model_dtype = next((p.dtype for p in lm.model.parameters() if p.is_floating_point()), torch.float32)
+        if save_dtype is None and model_dtype not in _STORAGE_DTYPES:
+            model_dtype = torch.float32
         meta = {
             "format_version": SAVE_FORMAT_VERSION,
             "model_id": lm.model_id,
@@ -283,9 +377,42 @@ class LanguageModelActivations:
             "padding_side": "right",
             "sample_limit": sample_limit,
             "shard_size": shard_size,
+            "shard_tokens": shard_tokens,
+            "pad_token_id": getattr(lm.tokenizer, "pad_token_id", None),
         }
+        rank, world = _distributed()
         if run_id is None:
             run_id = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+            if world > 1:
+                import torch.distributed as dist
+
+                shared = [run_id]
+                dist.broadcast_object_list(shared, src=0)
+                run_id = shared[0]
+        stored_format = store.run_format(run_id) if store.run_exists(run_id) else SAVE_FORMAT_VERSION
+        if stored_format == 1 and world == 1:
+            meta["format_version"] = 1
+            self._save_v1(store, run_id, meta, names, save_dtype, max_length, _chain(first, batches), shard_size,
+                          progress)
+            return run_id
+        if stored_format == 1:
+            raise UserInputError(f"run {run_id!r} is a format-1 run; sharded saving ({world} ranks) writes format 2 "
+                                 "runs only: use another run_id")
+        storage = save_dtype or model_dtype
+        if storage not in _STORAGE_DTYPES:
+            raise UserInputError(f"dtype must be one of bfloat16, float16, float32 for a stored run, got "
+                                 f"{_dtype_name(storage)}")
+        meta["dtype"] = _dtype_name(storage)
+        self._save_v2(store, run_id, meta, names, widths, storage, max_length, _chain(first, batches), batch_size,
+                      shard_size, shard_tokens, progress, rank, world)
+        return run_id
+
+    def _save_v1(self, store: Any, run_id: str, meta: dict[str, Any], names: list[str],
+                 save_dtype: torch.dtype | None, max_length: int, batches: Iterable[list[str]],
+                 shard_size: int | None, progress: bool) -> None:
+        """Continue a format-1 run (padded files, records in ``meta.json``) in format 1."""
+        lm = self._lm
+        batch_size = meta["batch_size"]
         done: set[int] = set()
         # One writer per run: a second process saving into the same run id gets ResourceBusyError (naming the
         # holder's pid) instead of interleaving batches; a lock left by a crashed save is taken over.
@@ -307,8 +434,142 @@ class LanguageModelActivations:
             resharder = None
             if shard_size is not None and shard_size != batch_size:
                 resharder = _Resharder(shard_size, done, lm.tokenizer.pad_token_id)
-            self._run(run_id, names, save_dtype, max_length, _chain(first, batches), done, progress, resharder)
-        return run_id
+            self._run(run_id, names, save_dtype, max_length, batches, done, progress, resharder)
+
+    def _save_v2(self, store: Any, run_id: str, meta: dict[str, Any], names: list[str], widths: dict[str, int],
+                 storage: torch.dtype, max_length: int, batches: Iterable[list[str]], batch_size: int,
+                 shard_size: int | None, shard_tokens: int | None, progress: bool, rank: int, world: int) -> None:
+        """Save (or resume) a format-2 run; with ``world > 1`` this rank's part of it."""
+        lm = self._lm
+        # 1. Every rank reads the run's state before anyone writes, and checks it the same way (same errors).
+        records: list[dict[str, Any]] = []
+        if store.run_exists(run_id):
+            stored = store.read_run_meta(run_id)
+            for key in _RESUME_KEYS:
+                if _jsonable(stored.get(key)) != _jsonable(meta[key]):
+                    raise UserInputError(
+                        f"run_id={run_id!r} already exists in the store with a different {key}: stored "
+                        f"{stored.get(key)!r}, requested {meta[key]!r}. Use another run_id, or delete the run to "
+                        "redo it."
+                    )
+            records = store.batch_records(run_id)
+            if rank == 0:
+                logger.info("resuming run %r: %d complete batches kept", run_id, len(records))
+        _all_ok(True, world)
+        # 2. Rank 0 takes the run's lock and (re)writes meta.json ("writing"); the others wait for it.
+        with contextlib.ExitStack() as stack:
+            failure: BaseException | None = None
+            if rank == 0:
+                try:
+                    stack.enter_context(store.lock_run(run_id, purpose="activations.save"))
+                    store.create_packed_run(run_id, meta, widths, storage)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                    failure = exc
+            if not _all_ok(failure is None, world):
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"rank 0 could not start saving run {run_id!r} (see its error); nothing written")
+            # 3. Every rank writes its batches.
+            complete = {r["batch_index"] for r in records}
+            try:
+                shards = self._shards(names, max_length, batches, batch_size, shard_size, shard_tokens, records,
+                                      complete, rank, world)
+                self._write_shards(run_id, names, storage, shards, progress, rank)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+                failure = exc
+            if not _all_ok(failure is None, world):
+                if failure is not None:
+                    raise failure
+                raise RuntimeError(f"another rank failed while saving run {run_id!r} (see its error); the batches "
+                                   "written so far are kept: run the same save again to resume")
+            # 4. Rank 0 records the end: index.json and the final meta.json.
+            if rank == 0:
+                store.finish_packed_run(run_id)
+            _all_ok(True, world)
+
+    def _shards(self, names: list[str], max_length: int, batches: Iterable[list[str]], batch_size: int,
+                shard_size: int | None, shard_tokens: int | None, records: list[dict[str, Any]],
+                complete: set[int], rank: int, world: int) -> Callable[[dict[str, LayerActivationDetector],
+                                                                          set[str]], Iterator[_Shard]]:
+        """A generator factory: given the detectors, the packed batches this rank writes, in order."""
+        lm = self._lm
+
+        def by_text_count(detectors: dict[str, LayerActivationDetector], fired: set[str]) -> Iterator[_Shard]:
+            size = shard_size if shard_size is not None else batch_size
+            skip = _Skip(complete, rank, world)
+            resharder = _Resharder(shard_size, skip, lm.tokenizer.pad_token_id) \
+                if shard_size is not None and shard_size != batch_size else None  # type: ignore[arg-type]
+            for batch in self._batches(names, detectors, max_length, batches, skip, resharder, fired):
+                forward = [batch.index] if resharder is None else []
+                yield _pack(batch, batch.index * size, forward)
+
+        def by_tokens(detectors: dict[str, LayerActivationDetector], fired: set[str]) -> Iterator[_Shard]:
+            done_forward = {b for r in records for b in r["forward_batches"]}
+            base = max(complete) + 1 if complete else 0
+            made, pieces, n = 0, [], 0
+            for batch in self._batches(names, detectors, max_length, batches, _Skip(done_forward, rank, world),
+                                       None, fired):
+                pieces.append(_pack(batch, batch.index * batch_size, [batch.index]))
+                n += int(pieces[-1].offsets[-1])
+                if n >= shard_tokens:  # type: ignore[operator]
+                    yield _join(pieces, base + made * world + rank)
+                    made, pieces, n = made + 1, [], 0
+            if pieces:
+                yield _join(pieces, base + made * world + rank)
+
+        return by_tokens if shard_tokens is not None else by_text_count
+
+    def _write_shards(self, run_id: str, names: list[str], storage: torch.dtype,
+                      shards: Callable[[dict[str, LayerActivationDetector], set[str]], Iterator[_Shard]],
+                      progress: bool, rank: int) -> None:
+        lm = self._lm
+        detectors = {
+            name: LayerActivationDetector(name, dtype=storage, device="cpu", hook_id=f"save-{run_id}-{name}")
+            for name in names
+        }
+        fired: set[str] = set()
+
+        def stopper(name: str):
+            def hook(module: nn.Module, args: Any, output: Any) -> None:
+                fired.add(name)
+                if len(fired) == len(names):
+                    raise _StopForward
+
+            return hook
+
+        bar = tqdm(desc=f"saving {run_id}", unit="tok", unit_scale=True, disable=not progress or rank != 0,
+                   leave=False)
+        n_saved = 0
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi_crow-save")
+        pending: Future[None] | None = None
+        with lm.layers.hooks(list(detectors.values())):
+            handles = [lm.layers.get_module(name).register_forward_hook(stopper(name)) for name in names]
+            try:
+                for shard in shards(detectors, fired):
+                    if pending is not None:
+                        previous, pending = pending, None
+                        previous.result()
+                    pending = writer.submit(
+                        lm.store.write_packed_batch, run_id, shard.index, shard.activations, shard.offsets,
+                        shard.token_ids, text_ids=shard.text_ids, forward_batches=shard.forward_batches, rank=rank)
+                    n_saved += 1
+                    bar.update(int(shard.offsets[-1]))
+                if pending is not None:
+                    previous, pending = pending, None
+                    previous.result()
+            finally:
+                # On an interruption the batch already computed is still written in full (then marked complete),
+                # so a resumed run loses at most the batch that was in the forward pass.
+                if pending is not None:
+                    try:
+                        pending.result()
+                    except Exception:  # noqa: BLE001 - the interrupting exception is the one to report
+                        logger.exception("writing the last batch of run %r failed during an interruption", run_id)
+                writer.shutdown(wait=True)
+                for handle in handles:
+                    handle.remove()
+                bar.close()
+        logger.info("run %r (rank %d): saved %d new batches", run_id, rank, n_saved)
 
     def save_activations_dataset(
         self,
@@ -326,7 +587,7 @@ class LanguageModelActivations:
         detectors: dict[str, LayerActivationDetector],
         max_length: int,
         batches: Iterable[list[str]],
-        done: set[int],
+        done: Any,
         resharder: _Resharder | None,
         fired: set[str],
     ) -> Iterator[_StoredBatch]:

@@ -124,7 +124,9 @@ class LanguageModel:
             name_or_path: a local directory (works offline) or a hub name (needs it cached or a network).
             store: the store for ``activations.save``.
             device: where to put the model (``None``: CPU).
-            dtype: model weights dtype (``torch.bfloat16``, ``"float16"``, ...; ``None``: float32).
+            dtype: model weights dtype (``torch.bfloat16``, ``"float16"``, ...; ``None``: float32; ``"auto"``:
+                bfloat16 where the device runs it faster, else float32, see
+                :func:`mi_crow.defaults.preferred_model_dtype`).
             tokenizer_params: extra keyword arguments for ``AutoTokenizer.from_pretrained``.
             model_params: extra keyword arguments for ``AutoModelForCausalLM.from_pretrained``.
 
@@ -142,7 +144,12 @@ class LanguageModel:
         for arg, value in (("tokenizer_params", tokenizer_params), ("model_params", model_params)):
             if value is not None and not isinstance(value, dict):
                 raise ArgumentTypeError(f"{arg} must be a dict or None, got {type(value).__name__}: {value!r}")
-        torch_dtype = parse_dtype(dtype)
+        if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+            from mi_crow.defaults import preferred_model_dtype
+
+            torch_dtype = preferred_model_dtype(device)
+        else:
+            torch_dtype = parse_dtype(dtype)
         name = str(name_or_path)
         is_local = Path(name).is_dir()
         model_kwargs = dict(model_params or {})

@@ -13,6 +13,14 @@ Environment switches (read once, at import):
 - ``MI_CROW_REQUIRE_EXTENSION=1``: a missing or broken ``mi_crow._C`` raises ``ImportError``.
 - ``MI_CROW_CPU_ISA=baseline|avx512|avx512bf16|amx``: the highest instruction-set level the C++ CPU kernels may
   use (clamped to what the CPU supports; default: the best it supports). See :func:`cpu_isa`.
+- ``MI_CROW_LOWP_GEMM=auto|onednn|mkl|fp32``: the matrix product behind a bf16 / fp16 encoder on CPU (default
+  ``auto``: oneDNN's bf16 micro-kernel where the CPU has bf16 instructions, else the exact widened float32
+  product). A product this machine cannot run falls back to the automatic choice. See :func:`cpu_isa`.
+
+Autocast: ``topk_encode`` has an ``AutocastCPU`` and an ``AutocastCUDA`` kernel. Inside
+``torch.autocast(device, dtype=torch.bfloat16)`` (or float16) a float32 ``topk_encode`` without a
+``compute_dtype`` runs with ``compute_dtype`` = the autocast dtype: the encoder product in low precision, values,
+gradients and master weights in float32, exactly as an explicit ``compute_dtype`` would.
 """
 
 from __future__ import annotations
@@ -363,6 +371,48 @@ torch.library.register_autograd(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Autocast: inside torch.autocast(device, dtype=bf16/fp16) a float32 topk_encode asks for the low-precision
+# encoder product through its compute_dtype, so values, gradients and master weights stay float32 (casting the
+# inputs, as torch.library.register_autocast does, would give bf16 values and round the weights' gradients).
+# The Autocast keys are dispatched before Autograd, so the op is recorded for backward with that compute_dtype.
+# ---------------------------------------------------------------------------------------------------------------
+AUTOCAST_DEVICES: tuple[str, ...] = ("cpu", "cuda")
+
+
+def _autocast_compute_dtype(x: Tensor, compute_dtype: torch.dtype | None, device_type: str) -> torch.dtype | None:
+    # Autocast lowers float32 work only (as torch's own autocast leaves float64 alone); an explicit compute_dtype
+    # is kept.
+    if compute_dtype is not None or x.dtype != torch.float32 or not torch.is_autocast_enabled(device_type):
+        return compute_dtype
+    return torch.get_autocast_dtype(device_type)
+
+
+def _register_topk_encode_autocast(device_type: str) -> None:
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+    op = torch.ops.mi_crow.topk_encode.default
+
+    def run(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype=None):  # type: ignore[no-untyped-def]
+        cd = _autocast_compute_dtype(x, compute_dtype, device_type)
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, cd)
+
+    def kernel(_keyset, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return run(*args, **kwargs)
+
+    LIB.impl("topk_encode", kernel, key_name, with_keyset=True)
+    # The Python dispatcher (torch.compile tracing) looks for a Python kernel on the op itself.
+    if op.has_kernel_for_dispatch_key(key):
+        op.py_kernels.pop(key, None)
+    op.py_impl(key)(run)
+
+
+for _device_type in AUTOCAST_DEVICES:
+    if torch._C._is_autocast_available(_device_type):
+        _register_topk_encode_autocast(_device_type)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Native kernels
 # ---------------------------------------------------------------------------------------------------------------
 def _load_extension() -> ModuleType | None:
@@ -403,13 +453,19 @@ class CpuIsa(NamedTuple):
     """The level in use: ``cpu``, or a lower one asked for with ``MI_CROW_CPU_ISA``."""
     kernels: str
     """The build of mi_crow's kernels that runs: ``"baseline"`` or ``"avx512"``. The two upper levels run the
-    AVX-512 build: no mi_crow kernel has code of its own for them (the bf16 encoder product is MKL's, which uses
-    AVX512-BF16 or AMX by itself)."""
+    AVX-512 build: no mi_crow kernel has code of its own for them; what they change is the bf16 encoder product
+    (``bf16_gemm``: oneDNN's bf16 micro-kernel, which uses AVX512-BF16 or AMX)."""
     native: bool
     """Whether the extension was built with ``MI_CROW_NATIVE=1`` (``-march=native``: not portable)."""
     baseline_target: str
     """The vector extension the baseline build was compiled with: ``""`` for the portable build (SSE4.2, no AVX),
     more for a native build."""
+    bf16_gemm: str = "unknown"
+    """The matrix product behind a bf16 encoder (``compute_dtype=torch.bfloat16``): ``"onednn"`` (oneDNN's bf16
+    micro-kernel: AVX512_BF16 or AMX instructions), ``"mkl"`` (MKL's bf16 GEMM) or ``"fp32"`` (the operands
+    widened to float32, exact, on CPUs without bf16 instructions). ``"unknown"`` for an older build."""
+    fp16_gemm: str = "unknown"
+    """The same for a float16 encoder (``"mkl"`` or ``"fp32"``)."""
 
 
 def _select_cpu_isa() -> None:
@@ -425,6 +481,24 @@ def _select_cpu_isa() -> None:
 
 
 _select_cpu_isa()
+
+#: Products a bf16 / fp16 encoder may use (``csrc/lowp_gemm.h``); ``auto`` picks the fastest available.
+LOWP_GEMMS: tuple[str, ...] = ("auto", "onednn", "mkl", "fp32")
+
+
+def _select_lowp_gemm() -> None:
+    requested = os.environ.get("MI_CROW_LOWP_GEMM", "").strip().lower()
+    if not requested:
+        return
+    check_choice(requested, "MI_CROW_LOWP_GEMM", LOWP_GEMMS)
+    if EXTENSION is None or not hasattr(EXTENSION, "request_lowp_gemm"):
+        return
+    used = EXTENSION.request_lowp_gemm(requested)
+    if requested != "auto" and used != requested:
+        logger.info("MI_CROW_LOWP_GEMM=%s is not available on this machine; bf16 encoders use %s", requested, used)
+
+
+_select_lowp_gemm()
 
 
 def cpu_isa() -> CpuIsa | None:

@@ -41,8 +41,21 @@ from mi_crow.store.layout import (
     activation_key,
     batch_folder,
     check_batch_index,
+    check_count,
     sae_key,
     training_key,
+)
+from mi_crow.store.packed import (
+    FORMAT_KEY,
+    INDEX_FILE,
+    MARKER_FILE,
+    PACKED_FORMAT,
+    STORAGE_DTYPES,
+    TOKENS_FILE,
+    check_record,
+    index_to_records,
+    records_to_index,
+    unpack_to_padded,
 )
 from mi_crow.store.reader import ActivationReader
 from mi_crow.validation import check_choice, check_identifier, check_real, check_str, fail, fail_type
@@ -283,12 +296,31 @@ class Store(ABC):
                 f"activation run {run_id!r} not found in store {self.location('')}: no {self.location(key)}; "
                 f"existing runs: {runs if runs else 'none'}"
             )
-        meta = self.get_json(key)
-        if not isinstance(meta, dict):
-            raise CorruptStoreFileError(f"{self.location(key)} must hold a JSON object, got {type(meta).__name__}")
+        meta = self._meta_file(run_id)
+        if _is_packed(meta):
+            return self._packed_meta(run_id, meta)
         # Normalised records; also fills sample_count/batch_count for runs written before they were recorded.
         meta.update(_store_records(meta, run_id, self.location(key)))
         return meta
+
+    def _meta_file(self, run_id: str) -> dict[str, Any]:
+        """``meta.json`` as stored (no records added); a missing run raises ``RunNotFoundError``."""
+        key = self.run_key(run_id, META_FILE)
+        try:
+            meta = self.get_json(key)
+        except StoreKeyNotFoundError:
+            runs = self.list_runs()
+            raise RunNotFoundError(
+                f"activation run {run_id!r} not found in store {self.location('')}: no {self.location(key)}; "
+                f"existing runs: {runs if runs else 'none'}"
+            ) from None
+        if not isinstance(meta, dict):
+            raise CorruptStoreFileError(f"{self.location(key)} must hold a JSON object, got {type(meta).__name__}")
+        return meta
+
+    def run_format(self, run_id: str) -> int:
+        """Store format of run ``run_id``: 1 (padded files, records in ``meta.json``) or 2 (packed, markers)."""
+        return PACKED_FORMAT if _is_packed(self._meta_file(run_id)) else 1
 
     def get_run_metadata(self, run_id: str) -> dict[str, Any]:
         """The ``meta.json`` of run ``run_id`` as a dict (the same as :meth:`read_run_meta`)."""
@@ -313,6 +345,12 @@ class Store(ABC):
             raise fail_type("meta", "a mapping (dict)", meta)
         with self.lock_run(run_id, purpose="write_run_meta"):
             existing = self.read_run_meta(run_id) if self.run_exists(run_id) else {}
+            if _is_packed(existing):
+                raw = self._meta_file(run_id)
+                merged = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS and k not in _PACKED_KEYS}
+                merged.update({k: raw[k] for k in (*RESERVED_META_KEYS, *_PACKED_KEYS) if k in raw})
+                self.put_json(self.run_key(run_id, META_FILE), merged)
+                return
             merged: dict[str, Any] = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS}
             merged.update(_store_records(existing, run_id, self.location(self.run_key(run_id, META_FILE))))
             self.put_json(self.run_key(run_id, META_FILE), merged)
@@ -366,6 +404,10 @@ class Store(ABC):
         meta_key = self.run_key(run_id, META_FILE)
         with self.lock_run(run_id, purpose="write_activation_batch"):
             meta = self.read_run_meta(run_id) if self.run_exists(run_id) else {"run_id": run_id}
+            if _is_packed(meta):
+                raise UserInputError(
+                    f"run {run_id!r} is a packed (format 2) run: write its batches with write_packed_batch, not "
+                    "write_activation_batch (one run never mixes the two formats)")
             layer_dims = dict(meta.get("layer_dims", {}))
             layer_dtypes = dict(meta.get("layer_dtypes", {}))
             if meta.get("complete_batches") and set(activations) != set(layer_dims):
@@ -409,6 +451,274 @@ class Store(ABC):
             meta.update(_store_records(records, run_id, self.location(meta_key)))
             self.put_json(meta_key, meta)
 
+    # ------------------------------------------------------------------ format 2: packed runs
+    def create_packed_run(self, run_id: str, meta: Mapping[str, Any], layers: Mapping[str, int],
+                          dtype: torch.dtype | str) -> None:
+        """Start (or restart, to resume) writing format-2 run ``run_id``: ``meta.json`` with ``"status": "writing"``.
+
+        Layout and guarantees: :mod:`mi_crow.store.packed`. The caller holds the run's lock (``lock_run``) for the
+        whole save. Restarting a run keeps its complete batches; the run's ``index.json`` is ignored until
+        :meth:`finish_packed_run` rewrites it.
+
+        Args:
+            run_id: the run.
+            meta: the writer's JSON-serialisable description (model, layers, dataset...); the store's own keys are
+                ignored.
+            layers: layer name -> width ``d`` of every layer the run stores.
+            dtype: storage dtype (``torch.bfloat16``, ``torch.float16`` or ``torch.float32``, or their names).
+
+        Raises:
+            ValueError: a bad argument; the run exists as a format-1 run, with another storage dtype or other layers
+                (the message names both values).
+        """
+        check_identifier(run_id, "run_id")
+        if not isinstance(meta, Mapping):
+            raise fail_type("meta", "a mapping (dict)", meta)
+        dtype_name = _storage_dtype_name(dtype)
+        if not isinstance(layers, Mapping) or not layers:
+            raise fail("layers", "a non-empty dict layer name -> width d", layers)
+        dims = {}
+        for layer, d in layers.items():
+            _check_layer_name(layer)
+            dims[layer] = check_count(d, f"layers[{layer!r}]")
+        if self.run_exists(run_id):
+            stored = self._meta_file(run_id)
+            if not _is_packed(stored):
+                raise UserInputError(f"run {run_id!r} exists as a format-1 (padded) run; it cannot continue as a "
+                                     "packed run (use another run_id, or delete the run)")
+            if stored.get("storage_dtype") != dtype_name:
+                raise UserInputError(
+                    f"run {run_id!r} is stored in dtype {stored.get('storage_dtype')}, this save asks for "
+                    f"{dtype_name}: one run holds one storage dtype (save with dtype={stored.get('storage_dtype')!r}, "
+                    "or use another run_id)")
+            if stored.get("layer_dims") != dims:
+                raise UserInputError(f"run {run_id!r} stores layers {stored.get('layer_dims')}, this save writes "
+                                     f"{dims}")
+        header = {k: v for k, v in meta.items() if k not in RESERVED_META_KEYS and k not in _PACKED_KEYS}
+        header.update({"run_id": run_id, FORMAT_KEY: PACKED_FORMAT, "status": "writing", "storage_dtype": dtype_name,
+                       "layer_dims": dims, "layer_dtypes": {layer: dtype_name for layer in dims}})
+        self.put_json(self.run_key(run_id, META_FILE), header)
+
+    def write_packed_batch(
+        self,
+        run_id: str,
+        batch_index: int,
+        activations: Mapping[str, torch.Tensor],
+        offsets: torch.Tensor,
+        token_ids: torch.Tensor,
+        *,
+        text_ids: torch.Tensor | None = None,
+        forward_batches: list[int] | None = None,
+        rank: int = 0,
+    ) -> None:
+        """Write one batch of format-2 run ``run_id``: its files, then its completion marker (O(1) in the run size).
+
+        ``meta.json`` is not touched. Rewriting a complete batch first removes its marker. Several processes may
+        write disjoint batch indices of one run at once (sharded saving).
+
+        Args:
+            run_id: a run started with :meth:`create_packed_run`.
+            batch_index: ``i >= 0``.
+            activations: layer -> ``[tokens, d]`` packed token vectors in the run's storage dtype, every layer of
+                the run, texts one after the other.
+            offsets: ``[texts + 1]`` int: text ``t`` is tokens ``offsets[t]:offsets[t + 1]``; ``offsets[0] == 0``,
+                ``offsets[-1] == tokens``.
+            token_ids: ``[tokens]`` token ids.
+            text_ids: ``[texts]`` global dataset index of each text (default: ``0 .. texts - 1``).
+            forward_batches: the writer's forward batches the batch holds (used to resume).
+            rank: the writing process's rank (recorded).
+
+        Raises:
+            ValueError: inconsistent shapes, another dtype or other layers than the run's (both named).
+        """
+        check_identifier(run_id, "run_id")
+        check_batch_index(batch_index)
+        header = self._meta_file(run_id)
+        if not _is_packed(header):
+            raise UserInputError(f"run {run_id!r} is a format-1 run; write_packed_batch needs a run started with "
+                                 "create_packed_run")
+        dims = header["layer_dims"]
+        dtype = STORAGE_DTYPES[header["storage_dtype"]]
+        if not isinstance(activations, Mapping) or set(activations) != set(dims):
+            raise fail("activations", f"a dict with exactly the run's layers {sorted(dims)}",
+                       sorted(activations) if isinstance(activations, Mapping) else activations)
+        if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 2 \
+                or offsets.dtype.is_floating_point:
+            raise fail_type("offsets", "an integer Tensor[texts + 1] (texts >= 1)", offsets)
+        offsets = offsets.to(torch.int64).cpu()
+        lengths = offsets[1:] - offsets[:-1]
+        if int(offsets[0]) != 0 or bool((lengths < 0).any()):
+            raise fail("offsets", "non-decreasing from 0", offsets.tolist()[:8])
+        n_tokens, n_texts = int(offsets[-1]), int(lengths.numel())
+        if not isinstance(token_ids, torch.Tensor) or tuple(token_ids.shape) != (n_tokens,) \
+                or token_ids.dtype.is_floating_point:
+            raise fail("token_ids", f"an integer Tensor[{n_tokens}] (offsets[-1] tokens)", token_ids)
+        if text_ids is None:
+            text_ids = torch.arange(n_texts)
+        if not isinstance(text_ids, torch.Tensor) or tuple(text_ids.shape) != (n_texts,):
+            raise fail("text_ids", f"an integer Tensor[{n_texts}] (one per text)", text_ids)
+        for layer, tensor in activations.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise fail_type(f"activations[{layer!r}]", "a Tensor[tokens, d]", tensor)
+            if tuple(tensor.shape) != (n_tokens, int(dims[layer])):
+                raise UserInputError(f"activations[{layer!r}] must have shape [{n_tokens}, {dims[layer]}] "
+                                     f"(offsets[-1] tokens, the layer's d), got {list(tensor.shape)}")
+            if tensor.dtype != dtype:
+                raise UserInputError(f"activations[{layer!r}] has dtype {_dtype_str(tensor.dtype)} but run "
+                                     f"{run_id!r} is stored in {header['storage_dtype']}")
+        folder = batch_folder(batch_index)
+        marker = self.run_key(run_id, folder, MARKER_FILE)
+        if self.exists(marker):
+            self.delete(marker)  # rewriting: never a marker over files from two different writes
+        meta = {"run_id": run_id, "batch_index": str(batch_index), FORMAT_KEY: str(PACKED_FORMAT)}
+        for layer, tensor in activations.items():
+            self.put_tensors(self.batch_key(run_id, batch_index, layer), {"activations": tensor},
+                             metadata={**meta, "layer": layer})
+        self.put_tensors(self.run_key(run_id, folder, TOKENS_FILE),
+                         {"token_ids": token_ids.to(torch.int32), "offsets": offsets,
+                          "text_ids": text_ids.to(torch.int64)}, metadata=meta)
+        record = {"batch_index": batch_index, "n_tokens": n_tokens, "n_texts": n_texts,
+                  "max_len": int(lengths.max()), "rank": int(rank),
+                  "forward_batches": [int(b) for b in (forward_batches or [])]}
+        self.put_bytes(marker, json.dumps(record).encode("utf-8"))
+
+    def finish_packed_run(self, run_id: str, meta: Mapping[str, Any] | None = None) -> None:
+        """End a format-2 save: write ``index.json`` from the markers, then ``meta.json`` with the totals and
+        ``"status": "complete"`` (``meta``: user keys to update at the same time)."""
+        header = self._meta_file(run_id)
+        if not _is_packed(header):
+            raise UserInputError(f"run {run_id!r} is not a packed (format 2) run")
+        if meta:
+            header.update({k: v for k, v in meta.items() if k not in RESERVED_META_KEYS and k not in _PACKED_KEYS})
+        records = self._marker_records(run_id, header)
+        self.put_json(self.run_key(run_id, INDEX_FILE), records_to_index(records))
+        header.update(_packed_totals(records))
+        header["status"] = "complete"
+        self.put_json(self.run_key(run_id, META_FILE), header)
+
+    def batch_records(self, run_id: str) -> list[dict[str, Any]]:
+        """Per-batch records of a format-2 run (``batch_index``, ``n_tokens``, ``n_texts``, ``max_len``, ``rank``,
+        ``forward_batches``), sorted by batch index: from ``index.json`` once the save completed, else rebuilt from
+        the completion markers (after a crash, or while a save runs)."""
+        header = self._meta_file(run_id)
+        if not _is_packed(header):
+            raise UserInputError(f"run {run_id!r} is a format-1 run; its records are in read_run_meta(run_id)")
+        return self._records(run_id, header)
+
+    def _records(self, run_id: str, header: Mapping[str, Any]) -> list[dict[str, Any]]:
+        if header.get("status") == "complete":
+            key = self.run_key(run_id, INDEX_FILE)
+            if not self.exists(key):
+                raise CorruptStoreFileError(f"{self.location(self.run_key(run_id, META_FILE))} says the run is "
+                                            f"complete but {self.location(key)} is missing")
+            return index_to_records(self.get_json(key), self.location(key))
+        return self._marker_records(run_id, header)
+
+    def _marker_records(self, run_id: str, header: Mapping[str, Any]) -> list[dict[str, Any]]:
+        records = []
+        for index in self._marked_batches(run_id):
+            key = self.run_key(run_id, batch_folder(index), MARKER_FILE)
+            records.append(check_record(self.get_json(key), self.location(key), index))
+        return records
+
+    def _marked_batches(self, run_id: str) -> list[int]:
+        """Sorted indices of the batch folders of ``run_id`` that hold a completion marker."""
+        found = []
+        prefix = self.run_key(run_id)
+        for key in self.list(prefix):
+            parts = key[len(prefix) + 1:].split("/")
+            if len(parts) == 2 and parts[1] == MARKER_FILE and parts[0].startswith("batch_"):
+                found.append(int(parts[0][len("batch_"):]))
+        return sorted(found)
+
+    def _packed_meta(self, run_id: str, header: dict[str, Any]) -> dict[str, Any]:
+        records = self._records(run_id, header)
+        meta = dict(header)
+        meta.update(_packed_totals(records))
+        meta["complete_batches"] = [r["batch_index"] for r in records]
+        meta["batch_tokens"] = {str(r["batch_index"]): r["n_tokens"] for r in records}
+        meta["batch_shapes"] = {str(r["batch_index"]): [r["n_texts"], r["max_len"]] for r in records}
+        return meta
+
+    def _packed_record(self, run_id: str, batch_index: int) -> dict[str, Any]:
+        """The marker of one batch (O(1)); a batch without one is not complete (``UserInputError``)."""
+        key = self.run_key(run_id, batch_folder(batch_index), MARKER_FILE)
+        if not self.exists(key):
+            raise UserInputError(f"batch_index {batch_index} is not a complete batch of run {run_id!r} "
+                                 f"(no completion marker {self.location(key)})")
+        return check_record(self.get_json(key), self.location(key), batch_index)
+
+    def read_tokens(self, run_id: str, batch_index: int, layer: str, n_tokens: int | None = None,
+                    d: int | None = None) -> torch.Tensor:
+        """The real-token vectors ``[tokens, d]`` of ``layer`` in batch ``batch_index``, in storage order (text by
+        text), without consulting ``meta.json`` (for readers that read it once; both formats).
+
+        Args:
+            n_tokens, d: what the run's records say; a file that disagrees raises ``CorruptStoreFileError``
+                naming the file and both values.
+        """
+        key = self.batch_key(run_id, batch_index, layer)
+        try:
+            tensors = self.get_tensors(key)
+        except StoreKeyNotFoundError as exc:
+            raise CorruptStoreFileError(f"batch {batch_index} of run {run_id!r} is recorded complete but "
+                                        f"{self.location(key)} is missing") from exc
+        acts = tensors.get("activations")
+        if acts is None:
+            raise CorruptStoreFileError(f"{self.location(key)} has no tensor 'activations' (has {sorted(tensors)})")
+        source = "meta.json" if "attention_mask" in tensors else "its completion marker"
+        if "attention_mask" in tensors:  # format 1: drop the padding
+            mask = tensors["attention_mask"]
+            if acts.dim() != 3 or tuple(acts.shape[:2]) != tuple(mask.shape):
+                raise CorruptStoreFileError(f"{self.location(key)} has inconsistent shapes: activations "
+                                            f"{list(acts.shape)}, attention_mask {list(mask.shape)}")
+            acts = acts.reshape(-1, acts.shape[2])[mask.reshape(-1).bool()]
+        elif acts.dim() != 2:
+            raise CorruptStoreFileError(f"{self.location(key)} must hold activations [tokens, d], has "
+                                        f"{list(acts.shape)}")
+        if d is not None and acts.shape[1] != d:
+            raise CorruptStoreFileError(f"{self.location(key)} has width {acts.shape[1]}, {source} says d={d}")
+        if n_tokens is not None and acts.shape[0] != n_tokens:
+            raise CorruptStoreFileError(f"{self.location(key)} has {acts.shape[0]} real tokens, {source} says "
+                                        f"{n_tokens}")
+        return acts
+
+    def _read_packed_tokens_file(self, run_id: str, batch_index: int, record: Mapping[str, Any]
+                                 ) -> dict[str, torch.Tensor]:
+        key = self.run_key(run_id, batch_folder(batch_index), TOKENS_FILE)
+        try:
+            tensors = self.get_tensors(key)
+        except StoreKeyNotFoundError as exc:
+            raise CorruptStoreFileError(f"batch {batch_index} of run {run_id!r} has a completion marker but "
+                                        f"{self.location(key)} is missing") from exc
+        offsets, ids, text_ids = tensors.get("offsets"), tensors.get("token_ids"), tensors.get("text_ids")
+        if offsets is None or ids is None or text_ids is None or offsets.numel() != record["n_texts"] + 1 \
+                or int(offsets[-1]) != record["n_tokens"] or ids.numel() != record["n_tokens"] \
+                or text_ids.numel() != record["n_texts"]:
+            raise CorruptStoreFileError(
+                f"{self.location(key)} disagrees with its completion marker ({record['n_texts']} texts, "
+                f"{record['n_tokens']} tokens): holds {{{', '.join(f'{k}: {list(v.shape)}' for k, v in tensors.items())}}}")
+        return tensors
+
+    def batch_text_indices(self, run_id: str, batch_index: int) -> list[int]:
+        """Global dataset indices of the texts of batch ``batch_index``, in row order (both formats).
+
+        Format 1 batches hold consecutive texts: those after the texts of the batches before it.
+        """
+        check_batch_index(batch_index)
+        header = self._meta_file(run_id)
+        if _is_packed(header):
+            record = self._packed_record(run_id, batch_index)
+            return self._read_packed_tokens_file(run_id, batch_index, record)["text_ids"].tolist()
+        meta = self.read_run_meta(run_id)
+        if batch_index not in meta["complete_batches"]:
+            raise UserInputError(f"batch_index {batch_index} is not a complete batch of run {run_id!r}")
+        shapes = meta["batch_shapes"]
+        per = meta.get("shard_size") or meta.get("batch_size")
+        start = batch_index * int(per) if per else sum(shapes[str(i)][0] for i in meta["complete_batches"]
+                                                       if i < batch_index)
+        return list(range(start, start + shapes[str(batch_index)][0]))
+
     def list_batches(self, run_id: str) -> list[int]:
         """Sorted indices of the complete batches of run ``run_id`` (as recorded in ``meta.json``)."""
         meta = self.read_run_meta(run_id)
@@ -443,9 +753,25 @@ class Store(ABC):
         check_identifier(run_id, "run_id")
         check_batch_index(batch_index)
         check_identifier(layer, "layer")
+        header = self._meta_file(run_id)
+        if _is_packed(header):
+            # O(1): this batch's marker, not the run's records.
+            if layer not in header["layer_dims"]:
+                raise UserInputError(f"layer {layer!r} is not stored in run {run_id!r}; stored layers: "
+                                     f"{sorted(header['layer_dims'])}")
+            record = self._packed_record(run_id, batch_index)
+            return self._unpacked(run_id, batch_index, layer, record, header)
         meta = self.read_run_meta(run_id)
         self._check_complete(run_id, batch_index, layer, meta)
         return self.read_batch_file(run_id, batch_index, layer)
+
+    def _unpacked(self, run_id: str, batch_index: int, layer: str, record: Mapping[str, Any],
+                  header: Mapping[str, Any]) -> ActivationBatch:
+        """A format-2 batch as format 1 returns it: right-padded ``[texts, max_len, d]`` and its mask."""
+        packed = self.read_tokens(run_id, batch_index, layer, record["n_tokens"], int(header["layer_dims"][layer]))
+        offsets = self._read_packed_tokens_file(run_id, batch_index, record)["offsets"]
+        acts, mask = unpack_to_padded(packed, offsets)
+        return ActivationBatch(acts, mask)
 
     def read_batch_file(self, run_id: str, batch_index: int, layer: str) -> ActivationBatch:
         """Read the file of ``layer`` in batch ``batch_index`` without consulting ``meta.json``.
@@ -461,6 +787,9 @@ class Store(ABC):
             StoreKeyNotFoundError / CorruptStoreFileError: the file is missing, unreadable or does not hold the two
                 tensors with matching shapes (the message names the path).
         """
+        header = self._meta_file(run_id) if self.run_exists(run_id) else {}
+        if _is_packed(header):
+            return self._unpacked(run_id, batch_index, layer, self._packed_record(run_id, batch_index), header)
         key = self.batch_key(run_id, batch_index, layer)
         tensors = self.get_tensors(key)
         acts, mask = tensors.get("activations"), tensors.get("attention_mask")
@@ -478,10 +807,23 @@ class Store(ABC):
     def load_batch_extra(self, run_id: str, batch_index: int) -> dict[str, torch.Tensor]:
         """Load the ``extra`` tensors written with batch ``batch_index`` of run ``run_id`` (``{}`` if none)."""
         check_batch_index(batch_index)
+        header = self._meta_file(run_id)
+        if _is_packed(header):
+            return self._packed_extra(run_id, batch_index, self._packed_record(run_id, batch_index), header)
         meta = self.read_run_meta(run_id)
         if batch_index not in meta["complete_batches"]:
             raise UserInputError(f"batch_index {batch_index} is not a complete batch of run {run_id!r}")
         return self._read_extra(run_id, batch_index)
+
+    def _packed_extra(self, run_id: str, batch_index: int, record: Mapping[str, Any], header: Mapping[str, Any]
+                      ) -> dict[str, torch.Tensor]:
+        """Format-2 token ids as format 1 stores them: ``input_ids [texts, max_len]`` int64 padded with the run's
+        ``pad_token_id`` (0 if it has none)."""
+        tensors = self._read_packed_tokens_file(run_id, batch_index, record)
+        pad = header.get("pad_token_id")
+        ids, _ = unpack_to_padded(tensors["token_ids"].to(torch.int64), tensors["offsets"],
+                                  fill=int(pad) if pad is not None else 0)
+        return {"input_ids": ids}
 
     def _read_extra(self, run_id: str, batch_index: int) -> dict[str, torch.Tensor]:
         key = self.run_key(run_id, batch_folder(batch_index), EXTRA_FILE)
@@ -510,6 +852,14 @@ class Store(ABC):
                 the other layers' (the message names the path).
         """
         check_batch_index(batch_index)
+        header = self._meta_file(run_id)
+        if _is_packed(header):
+            record = self._packed_record(run_id, batch_index)
+            unpacked = {layer: self._unpacked(run_id, batch_index, layer, record, header)
+                        for layer in sorted(header["layer_dims"])}
+            mask = next(iter(unpacked.values())).attention_mask
+            return RunBatch({layer: b.activations for layer, b in unpacked.items()}, mask,
+                            self._packed_extra(run_id, batch_index, record, header))
         meta = self.read_run_meta(run_id)
         layers = sorted(meta["layer_dims"])
         if not layers:
@@ -549,12 +899,13 @@ class Store(ABC):
         batch_size: int,
         *,
         shuffle: bool = True,
-        buffer_tokens: int = 2**18,
+        buffer_tokens: int | None = None,
         seed: int = 0,
         dtype: torch.dtype | None = None,
         drop_last: bool = True,
         epochs: int | None = 1,
-        prefetch: bool = False,
+        prefetch: bool = True,
+        buffer_bytes: int | None = None,
     ) -> ActivationReader:
         """Stream run ``run_id``'s ``layer`` as padding-free token vectors in batches (see ``ActivationReader``).
 
@@ -563,19 +914,56 @@ class Store(ABC):
             layer: layer name as stored.
             batch_size: tokens per batch.
             shuffle: permute files per epoch and mix tokens across files in the shuffle buffer.
-            buffer_tokens: shuffle buffer size in tokens; bounds memory.
+            buffer_tokens: shuffle buffer size in tokens (instead of ``buffer_bytes``).
+            buffer_bytes: shuffle buffer size in bytes of yielded vectors (default 1 GiB; with ``prefetch`` the
+                group being served and the one read ahead share it). Smaller than one batch: ``ValueError``.
             seed: seed of all permutations (same seed, same stream).
             dtype: dtype of the yielded tensors (``None`` = as stored).
             drop_last: drop each epoch's last batch when it is short.
             epochs: passes over the run, ``None`` = endless.
-            prefetch: load the next buffer in a background thread.
+            prefetch: read the next buffer ahead in a background thread (default).
 
         Returns:
             An :class:`~mi_crow.store.reader.ActivationReader`: an iterable of ``Tensor[batch_size, d_in]`` with
             ``n_tokens``, ``d_in``, ``state_dict()`` and ``load_state_dict()``.
         """
         return ActivationReader(self, run_id, layer, batch_size, shuffle=shuffle, buffer_tokens=buffer_tokens,
-                                seed=seed, dtype=dtype, drop_last=drop_last, epochs=epochs, prefetch=prefetch)
+                                seed=seed, dtype=dtype, drop_last=drop_last, epochs=epochs, prefetch=prefetch,
+                                buffer_bytes=buffer_bytes)
+
+
+#: Keys of a format-2 ``meta.json`` that the store maintains (besides ``RESERVED_META_KEYS``).
+_PACKED_KEYS = (FORMAT_KEY, "status", "storage_dtype")
+
+
+def _is_packed(meta: Mapping[str, Any]) -> bool:
+    return meta.get(FORMAT_KEY) == PACKED_FORMAT
+
+
+def _dtype_str(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _storage_dtype_name(dtype: object) -> str:
+    name = _dtype_str(dtype) if isinstance(dtype, torch.dtype) else dtype
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    if isinstance(name, str):
+        name = aliases.get(name.removeprefix("torch."), name.removeprefix("torch."))
+    if name not in STORAGE_DTYPES:
+        raise fail("dtype", f"a storage dtype, one of {sorted(STORAGE_DTYPES)}", dtype)
+    return str(name)
+
+
+def _check_layer_name(layer: object) -> None:
+    check_identifier(layer, "layer name")
+    if layer in (EXTRA_FILE, TOKENS_FILE, MARKER_FILE):
+        raise fail("layer name", "a name other than the batch folder's own files "
+                                 f"({EXTRA_FILE!r}, {TOKENS_FILE!r}, {MARKER_FILE!r})", layer)
+
+
+def _packed_totals(records: list[dict[str, Any]]) -> dict[str, int]:
+    return {"n_tokens": sum(r["n_tokens"] for r in records), "sample_count": sum(r["n_texts"] for r in records),
+            "batch_count": len(records)}
 
 
 def _prepare_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None

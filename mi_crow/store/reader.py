@@ -4,7 +4,8 @@ Design (why it looks like this):
 
 * Each epoch visits the run's complete batch files in an order permuted with ``(seed, epoch)``.
 * Files are consumed in *groups*: consecutive files (in that order) are loaded until the group would exceed
-  ``buffer_tokens`` real tokens. The group's real tokens (padding dropped with the attention mask) go into one
+  ``buffer_tokens`` real tokens (by default what ``buffer_bytes``, 1 GiB, holds; half of it per group when reading
+  ahead). The group's real tokens (format-1 padding dropped; format-2 files hold only real tokens) go into one
   preallocated buffer, a random permutation seeded with ``(seed, epoch, group)`` is drawn, and batches are gathered
   from the buffer with ``index_select`` on slices of that permutation. Tokens that do not fill a last batch are
   carried into the next group, where they are shuffled again.
@@ -27,15 +28,32 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from mi_crow.errors import UserInputError
-from mi_crow.store.errors import CorruptStoreFileError
 from mi_crow.store.layout import check_count
 from mi_crow.validation import check_bool, check_identifier, check_int, fail, fail_type
 
-__all__ = ["ActivationReader", "BatchSource"]
+__all__ = ["DEFAULT_BUFFER_BYTES", "ActivationReader", "BatchSource", "buffer_rows"]
 
 logger = logging.getLogger(__name__)
 
 _STATE_VERSION = 1
+#: Default shuffle-buffer size: 1 GiB of token vectors (in the dtype they are yielded in).
+DEFAULT_BUFFER_BYTES = 1 << 30
+
+
+def buffer_rows(buffer_bytes: int, d: int, dtype: torch.dtype, batch_size: int, *, parts: int = 1,
+                argument: str = "buffer_bytes") -> int:
+    """How many ``d``-wide vectors of ``dtype`` fit in ``buffer_bytes / parts``; fewer than ``batch_size`` is a
+    ``ValueError`` naming the buffer, the vector size and the batch size."""
+    buffer_bytes = check_count(buffer_bytes, argument)
+    row = d * torch.empty(0, dtype=dtype).element_size()
+    rows = buffer_bytes // parts // row
+    if rows < batch_size:
+        share = f" (halved: the read-ahead buffer takes the other half)" if parts == 2 else ""
+        raise UserInputError(
+            f"{argument}={buffer_bytes} holds {rows} token vectors of d={d} in {str(dtype).removeprefix('torch.')} "
+            f"({row} bytes each){share}, fewer than one batch of batch_size={batch_size}: give at least "
+            f"{batch_size * row * parts} bytes")
+    return rows
 _MASK64 = (1 << 63) - 1
 
 
@@ -67,8 +85,9 @@ class BatchSource(Protocol):
     def read_run_meta(self, run_id: str) -> dict[str, Any]:
         """The run's ``meta.json`` (``layer_dims``, ``layer_dtypes``, ``complete_batches``, ``batch_tokens``)."""
 
-    def read_batch_file(self, run_id: str, batch_index: int, layer: str) -> _LayerBatch:
-        """``(activations [b, seq, d], attention_mask [b, seq])`` of one layer of one batch."""
+    def read_tokens(self, run_id: str, batch_index: int, layer: str, n_tokens: int | None = None,
+                    d: int | None = None) -> torch.Tensor:
+        """The real-token vectors ``[tokens, d]`` of one layer of one batch (checked against ``n_tokens``, ``d``)."""
 
     def batch_key(self, run_id: str, batch_index: int, layer: str) -> str:
         """Key of that file."""
@@ -94,13 +113,17 @@ class ActivationReader:
         layer: layer name as stored.
         batch_size: tokens per yielded batch (> 0).
         shuffle: shuffle file order per epoch and tokens within the buffer.
-        buffer_tokens: shuffle buffer size in tokens (> 0); bounds memory.
+        buffer_tokens: shuffle group size in token vectors (> 0); the older way to bound memory.
+        buffer_bytes: shuffle buffer size in bytes of yielded vectors (default ``DEFAULT_BUFFER_BYTES``, 1 GiB),
+            used when ``buffer_tokens`` is None; with ``prefetch`` the group being served and the group read ahead
+            share it (half each). A buffer that cannot hold one batch is a ``ValueError``.
         seed: seed of every permutation.
         dtype: dtype of yielded tensors (``None`` = as stored).
         drop_last: drop the last batch of an epoch when it has fewer than ``batch_size`` tokens.
         epochs: number of passes over the run, or ``None`` for an endless stream.
-        prefetch: load the next buffer in a background thread while the current one is consumed (hides file
-            reading behind the consumer's work; holds up to two buffers). Yields exactly the same batches.
+        prefetch: read the next group ahead in a background thread while the current one is consumed (default;
+            hides file reading behind the consumer's work). With the same group size it yields exactly the same
+            batches as without.
 
     Attributes:
         n_tokens: real tokens per epoch (from ``meta.json``).
@@ -117,17 +140,24 @@ class ActivationReader:
         batch_size: int,
         *,
         shuffle: bool = True,
-        buffer_tokens: int = 2**18,
+        buffer_tokens: int | None = None,
         seed: int = 0,
         dtype: torch.dtype | None = None,
         drop_last: bool = True,
         epochs: int | None = 1,
-        prefetch: bool = False,
+        prefetch: bool = True,
+        buffer_bytes: int | None = None,
     ) -> None:
         check_identifier(run_id, "run_id")
         check_identifier(layer, "layer")
         self.batch_size = check_count(batch_size, "batch_size")
-        self.buffer_tokens = check_count(buffer_tokens, "buffer_tokens")
+        if buffer_tokens is not None and buffer_bytes is not None:
+            raise UserInputError(f"give buffer_tokens or buffer_bytes, not both (got buffer_tokens={buffer_tokens}, "
+                                 f"buffer_bytes={buffer_bytes})")
+        if buffer_tokens is not None:
+            check_count(buffer_tokens, "buffer_tokens")
+        if buffer_bytes is not None:
+            check_count(buffer_bytes, "buffer_bytes")
         check_int(seed, "seed")
         if epochs is not None:
             check_count(epochs, "epochs")
@@ -166,6 +196,12 @@ class ActivationReader:
             )
         self.stored_dtype = getattr(torch, meta.get("layer_dtypes", {}).get(layer, "float32"))
         self.out_dtype: torch.dtype = dtype if dtype is not None else self.stored_dtype
+        if buffer_tokens is None:
+            buffer_tokens = buffer_rows(DEFAULT_BUFFER_BYTES if buffer_bytes is None else buffer_bytes, self.d_in,
+                                        self.out_dtype, self.batch_size, parts=2 if self.prefetch else 1)
+        #: Token vectors per shuffle group (the read-ahead group, with ``prefetch``, is a second one).
+        self.buffer_tokens: int = buffer_tokens
+        self.buffer_bytes: int | None = buffer_bytes
         self.peak_buffered_tokens = 0
         self.reset()
 
@@ -293,22 +329,10 @@ class ActivationReader:
         buffer = torch.empty(total, self.d_in, dtype=self.out_dtype)
         offset = n_carry
         for index in files:
-            batch = self.store.read_batch_file(self.run_id, index, self.layer)
-            acts, mask = batch.activations, batch.attention_mask
             n = self.file_tokens[index]
-            key = self.store.batch_key(self.run_id, index, self.layer)
-            if acts.shape[2] != self.d_in:
-                raise CorruptStoreFileError(
-                    f"{self.store.location(key)} has width {acts.shape[2]}, meta.json says d={self.d_in}")
-            rows = mask.reshape(-1).nonzero().squeeze(1)
-            if rows.numel() != n:
-                raise CorruptStoreFileError(
-                    f"{self.store.location(key)} has {rows.numel()} real tokens, meta.json says {n}")
-            flat = acts.reshape(-1, self.d_in)
-            if flat.dtype == self.out_dtype:
-                torch.index_select(flat, 0, rows, out=buffer[offset: offset + n])
-            else:
-                buffer[offset: offset + n].copy_(flat.index_select(0, rows))
+            # Both store formats: the file's real tokens, checked against the run's records (n, d).
+            tokens = self.store.read_tokens(self.run_id, index, self.layer, n, self.d_in)
+            buffer[offset: offset + n].copy_(tokens)
             offset += n
         self.peak_buffered_tokens = max(self.peak_buffered_tokens, total)
         return buffer

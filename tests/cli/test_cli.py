@@ -130,8 +130,10 @@ def test_report_writes_html_with_evaluation(capsys, trained, tmp_path) -> None:
 
     assert cli.main(["concepts", "--store", str(trained["store"]), "--sae-id", "s1"]) == 0
     out_file = tmp_path / "r.html"
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("\n".join(HELD_OUT_TEXTS) + "\n", encoding="utf-8")
     code, out, _ = run(capsys, "report", "--store", trained["store"], "--sae-id", "s1", "--out", out_file,
-                       "--eval-texts", "6", "--max-length", "24")
+                       "--eval-texts", "6", "--max-length", "24", "--eval-dataset", held_out)
     assert code == 0 and out_file.is_file() and "FVU" in out
     html = out_file.read_text(encoding="utf-8")
     data = json.loads(re.search(r'<script id="report-data" type="application/json">(.*?)</script>', html, re.S)
@@ -140,6 +142,50 @@ def test_report_writes_html_with_evaluation(capsys, trained, tmp_path) -> None:
     info = LocalStore(trained["store"]).get_json("sae_models/s1/cli.json")["eval"]
     assert 0 <= info["fvu"] < 1 and info["l0"] <= 4 and info["n_tokens"] > 0
     assert {"loss_clean", "loss_sae", "loss_zero", "loss_recovered"} <= set(info) and info["eval_texts"] == 6
+    assert {"train_fvu", "train_l0", "train_n_tokens"} <= set(info)
+
+
+#: Texts that are not in the tiny run (which was saved from SAMPLE_TEXTS).
+HELD_OUT_TEXTS = [
+    "A lighthouse keeper counted ships until dawn.",
+    "The orchestra tuned their instruments in silence.",
+    "Fresh snow covered the mountain pass overnight.",
+    "She repaired the old radio with a soldering iron.",
+    "Bees returned to the hive before the storm.",
+    "The library opened a new wing for rare maps.",
+    "Two engineers argued about the bridge design.",
+    "A kettle whistled in the empty kitchen.",
+]
+
+
+def test_report_evaluates_on_held_out_texts_only(capsys, trained, tmp_path) -> None:
+    """The evaluation texts are the --eval-dataset's texts minus the run's: the figures equal evaluate() on exactly
+    those texts, and a dataset holding only training texts is refused."""
+    from mi_crow.cli.common import load_model, model_of_sae
+    from mi_crow.mechanistic.sae import TopKSae, evaluate
+    from mi_crow.store import LocalStore
+
+    mixed = SAMPLE_TEXTS[:3] + HELD_OUT_TEXTS[:2] + SAMPLE_TEXTS[3:5] + HELD_OUT_TEXTS[2:]
+    data = tmp_path / "mixed.txt"
+    data.write_text("\n".join(mixed) + "\n", encoding="utf-8")
+    code, out, _ = run(capsys, "report", "--store", trained["store"], "--sae-id", "s1", "--out", tmp_path / "r.html",
+                       "--eval-texts", "5", "--max-length", "24", "--eval-dataset", data)
+    assert code == 0 and "evaluating on 5 held-out texts" in out
+    store = LocalStore(trained["store"])
+    cli_json = store.get_json("sae_models/s1/cli.json")
+    info = cli_json["eval"]
+    lm = load_model(model_of_sae(None, cli_json), store=store)
+    expected = evaluate(TopKSae.load(store, "s1"), lm, HELD_OUT_TEXTS[:5], "model.layers.1", batch_size=8,
+                        max_length=24)
+    for key in ("fvu", "l0", "loss_sae", "loss_clean", "n_tokens"):
+        assert info[key] == pytest.approx(expected[key], rel=1e-6), key
+    assert info["eval_texts"] == 5
+
+    only_training = tmp_path / "train_only.txt"
+    only_training.write_text("\n".join(SAMPLE_TEXTS[:4]) + "\n", encoding="utf-8")
+    code, _, err = run(capsys, "report", "--store", trained["store"], "--sae-id", "s1", "--out", tmp_path / "x.html",
+                       "--eval-dataset", only_training)
+    assert code == 2 and "--eval-dataset" in err and "no text outside the SAE's training texts" in err
 
 
 def test_generate_with_and_without_steering(capsys, trained, workdir) -> None:

@@ -109,6 +109,16 @@ def test_damaged_sae_files_are_reported_by_path(damaged: LocalStore, how):
 def _rewrite_mask(store: LocalStore, change: str) -> Path:
     path = store.path(BATCH_FILE)
     tensors = load_file(path)
+    if "attention_mask" not in tensors:  # format 2: real tokens only; the same damages to the packed tensor
+        acts = tensors["activations"]
+        if change == "missing":
+            tensors = {"other": acts}
+        elif change == "wrong shape":
+            tensors["activations"] = acts[:, :-1].contiguous()
+        else:  # one more real token than the completion marker recorded
+            tensors["activations"] = torch.cat([acts, acts[:1]])
+        save_file(tensors, path)
+        return path
     mask = tensors["attention_mask"]
     if change == "missing":
         del tensors["attention_mask"]
@@ -129,7 +139,9 @@ def _rewrite_mask(store: LocalStore, change: str) -> Path:
 def test_a_damaged_attention_mask_is_reported_by_path(damaged: LocalStore, change):
     path = _rewrite_mask(damaged, change)
     readers = [_read_whole_run]
-    if change != "extra real token":  # the file on its own is consistent then; only meta.json's count tells
+    if change != "extra real token" or "attention_mask" not in load_file(path):
+        # format 1: with an extra real token the file on its own is consistent; only meta.json's count tells
+        # (format 2 checks every file against its completion marker)
         readers += [lambda s: s.get_run_batch(RUN, 3), lambda s: s.load_batch(RUN, 3, LAYER)]
     for read in readers:
         with pytest.raises(MiCrowError) as info:

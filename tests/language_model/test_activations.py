@@ -39,7 +39,10 @@ def test_saved_activations_equal_plain_forward(tiny_lm, sample_texts):
         for block in (0, 1):
             batch = store.load_batch(run_id, index, names[block])
             assert torch.equal(batch.attention_mask, mask)
-            torch.testing.assert_close(batch.activations, hidden[block])
+            real = mask.bool()
+            # Format 2 stores real tokens only: the padded view holds them at their positions and zeros elsewhere.
+            torch.testing.assert_close(batch.activations[real], hidden[block][real])
+            assert (batch.activations[~real] == 0).all()
         assert torch.equal(store.load_batch_extra(run_id, index)["input_ids"], ids)
     meta = store.read_run_meta(run_id)
     assert meta["model_id"] == tiny_lm.model_id
@@ -65,7 +68,9 @@ def test_save_sublayer_and_last_block_equal_torch_hook_reference(tiny_gpt2, samp
     run_id = tiny_gpt2.activations.save(sample_texts, layers, batch_size=8, progress=False)
     for name in layers:
         for index in range(3):
-            torch.testing.assert_close(tiny_gpt2.store.load_batch(run_id, index, name).activations, ref[name][index])
+            got = tiny_gpt2.store.load_batch(run_id, index, name)
+            real = got.attention_mask.bool()
+            torch.testing.assert_close(got.activations[real], ref[name][index][real])
 
 
 def test_forward_stops_after_deepest_requested_layer(tiny_lm, sample_texts):
@@ -107,13 +112,13 @@ def test_save_streams_the_dataset_batch_by_batch(tiny_gpt2, sample_texts):
     dataset = CountingDataset(sample_texts)
     seen_at_write = []
     store = tiny_gpt2.store
-    original = store.write_activation_batch
+    original = store.write_packed_batch
 
-    def spy(run_id, index, acts, mask, extra=None):
+    def spy(run_id, index, *args, **kwargs):
         seen_at_write.append((index, dataset.texts_seen))
-        return original(run_id, index, acts, mask, extra=extra)
+        return original(run_id, index, *args, **kwargs)
 
-    store.write_activation_batch = spy
+    store.write_packed_batch = spy
     tiny_gpt2.activations.save(dataset, 0, batch_size=4, progress=False)
     # batch i is written while at most batch i+1 has been read (the writer overlaps the next forward): memory
     # holds two batches at most, never the dataset
@@ -130,16 +135,22 @@ def test_save_dtype_and_dataset_object(tiny_gpt2, sample_texts):
     assert meta["dtype"] == "bfloat16" and "sample" in meta["dataset"]
     ref = _reference_hidden(tiny_gpt2, sample_texts, (0,), 12)
     for index, (hidden, _, _) in enumerate(ref):
-        got = tiny_gpt2.store.load_batch(run_id, index, "transformer.h.0").activations
+        got, mask = tiny_gpt2.store.load_batch(run_id, index, "transformer.h.0")
         assert got.dtype == torch.bfloat16
-        assert torch.equal(got, hidden[0].to(torch.bfloat16))
+        real = mask.bool()
+        assert torch.equal(got[real], hidden[0].to(torch.bfloat16)[real])
+    # stored packed in bf16: 2 bytes per value of a real token (plus the safetensors header)
+    path = tiny_gpt2.store.path(f"activations/{run_id}/batch_0/transformer.h.0/activations.safetensors")
+    n_real = tiny_gpt2.store.read_run_meta(run_id)["batch_tokens"]["0"]
+    assert n_real * 32 * 2 < path.stat().st_size < n_real * 32 * 2 + 1024
 
 
 def test_save_with_controller_saves_controlled_activations(tiny_gpt2, sample_texts):
     with tiny_gpt2.layers.hooks({0: FunctionController(lambda h: h * 0 + 3.0)}):
         run_id = tiny_gpt2.activations.save(sample_texts[:4], 0, batch_size=4, progress=False)
     batch = tiny_gpt2.store.load_batch(run_id, 0, "transformer.h.0")
-    assert torch.equal(batch.activations, torch.full_like(batch.activations, 3.0))
+    real = batch.attention_mask.bool()
+    assert torch.equal(batch.activations[real], torch.full_like(batch.activations[real], 3.0))
 
 
 def test_progress_bar_counts_tokens(tiny_gpt2, sample_texts, capsys):
@@ -180,7 +191,7 @@ def test_interrupted_save_resumes_and_equals_uninterrupted(tiny_lm, sample_texts
     assert store.list_batches("resumed") == [0, 1, 2]
     assert [h for h in tiny_lm.layers.get_hooks()] == []
     before = {i: _batch_files(store, "resumed", i) for i in range(3)}
-    assert all(len(files) == len(names) + 1 for files in before.values())  # one file per layer + extra
+    assert all(len(files) == len(names) + 2 for files in before.values())  # one file per layer, tokens, marker
 
     assert tiny_lm.activations.save(sample_texts, layers, run_id="resumed", batch_size=4, progress=False) == "resumed"
     assert store.list_batches("resumed") == store.list_batches(full) == list(range(6))
@@ -275,17 +286,17 @@ def test_save_bad_input(tiny_gpt2, sample_texts):
 
 def test_failed_write_surfaces_and_resume_completes(tiny_gpt2, sample_texts):
     store = tiny_gpt2.store
-    original = store.write_activation_batch
+    original = store.write_packed_batch
 
-    def flaky(run_id, index, acts, mask, extra=None):
+    def flaky(run_id, index, *args, **kwargs):
         if index == 2:
             raise OSError("disk full (simulated)")
-        return original(run_id, index, acts, mask, extra=extra)
+        return original(run_id, index, *args, **kwargs)
 
-    store.write_activation_batch = flaky
+    store.write_packed_batch = flaky
     with pytest.raises(OSError, match="disk full"):
         tiny_gpt2.activations.save(sample_texts, 0, run_id="w", batch_size=4, progress=False)
     assert store.list_batches("w") == [0, 1]
-    store.write_activation_batch = original
+    store.write_packed_batch = original
     tiny_gpt2.activations.save(sample_texts, 0, run_id="w", batch_size=4, progress=False)
     assert store.list_batches("w") == list(range(6))

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae, evaluate
+from mi_crow.mechanistic.sae import TopKSae, evaluate
 
-LAYER = 1
+LAYER = 1  # the block of the evaluate_trained fixture (tests/sae/conftest.py)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,23 +40,8 @@ def _hf_loss(lm, enc, replace=None) -> float:
     return float(out.loss)
 
 
-@pytest.fixture
-def trained(tiny_lm, sample_texts):
-    """A small SAE trained briefly on the layer's activations (so the numbers are in a realistic range)."""
-    enc, hidden = _hidden_states(tiny_lm, sample_texts, 32)
-    acts = hidden[enc["attention_mask"].bool()]
-    torch.manual_seed(0)
-    sae = TopKSae(64, acts.shape[1], 4)
-    # AuxK off: on this random tiny model zeroing the layer *lowers* the loss, so loss_recovered is ill-conditioned
-    # for SAEs whose spliced loss lands near the zero-ablated one; this recipe keeps it well away (~0.6).
-    cfg = SaeTrainingConfig(batch_size=32, epochs=6, lr=1e-2, auxk_coef=0.0, progress=False, checkpoint_every=None,
-                            save_sae=False)
-    SaeTrainer(sae).train_on_tensor(acts, cfg)
-    return tiny_lm, sae
-
-
-def test_evaluate_matches_hand_computation(trained, sample_texts):
-    lm, sae = trained
+def test_evaluate_matches_hand_computation(evaluate_trained, sample_texts):
+    lm, sae = evaluate_trained
     texts = sample_texts[:10]
     result = evaluate(sae, lm, texts, LAYER, batch_size=len(texts), max_length=32)
 
@@ -90,8 +75,8 @@ def test_evaluate_matches_hand_computation(trained, sample_texts):
     assert result["delta_loss"] == pytest.approx(result["loss_sae"] - result["loss_clean"], rel=1e-12)
 
 
-def test_evaluate_is_token_weighted_across_batches(trained, sample_texts):
-    lm, sae = trained
+def test_evaluate_is_token_weighted_across_batches(evaluate_trained, sample_texts):
+    lm, sae = evaluate_trained
     texts = sample_texts[:10]
     one = evaluate(sae, lm, texts, LAYER, batch_size=10, max_length=32)
     several = evaluate(sae, lm, texts, LAYER, batch_size=3, max_length=32)
@@ -99,8 +84,8 @@ def test_evaluate_is_token_weighted_across_batches(trained, sample_texts):
         assert several[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
 
 
-def test_evaluate_ignores_attached_controllers_and_uses_recorded_layer(trained, sample_texts):
-    lm, sae = trained
+def test_evaluate_ignores_attached_controllers_and_uses_recorded_layer(evaluate_trained, sample_texts):
+    lm, sae = evaluate_trained
     texts = sample_texts[:5]
     base = evaluate(sae, lm, texts, LAYER, batch_size=5, max_length=32)
     sae.metadata["layer"] = lm.layers.resolve(LAYER)
@@ -131,8 +116,8 @@ def test_evaluate_bad_input(tiny_gpt2, sample_texts):
     assert all(isinstance(v, float) and not math.isnan(v) for v in result.values())
 
 
-def test_evaluate_leaves_norm_outliers_alone_like_a_hand_computation(trained, sample_texts):
-    lm, sae = trained
+def test_evaluate_leaves_norm_outliers_alone_like_a_hand_computation(evaluate_trained, sample_texts):
+    lm, sae = evaluate_trained
     texts = sample_texts[:8]
     factor = 1.05  # low enough that some real tokens of the tiny model count as outliers
     result = evaluate(sae, lm, texts, LAYER, batch_size=len(texts), max_length=32, outlier_norm_factor=factor)

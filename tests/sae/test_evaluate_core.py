@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from mi_crow.errors import UserInputError
-from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae, evaluate
+from mi_crow.mechanistic.sae import TopKSae, evaluate
 from mi_crow.mechanistic.sae.evaluate import EvaluationResult, save_saebench_core, to_saebench_core
 
-LAYER = 1
+LAYER = 1  # the block of the evaluate_trained fixture (tests/sae/conftest.py)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,23 +55,8 @@ def _kl(clean, new, enc):
     return float((p * (p.log() - q.log())).sum(-1).mean())
 
 
-@pytest.fixture
-def trained(tiny_lm, sample_texts):
-    enc = tiny_lm.tokenize(sample_texts, max_length=32, padding_side="right")
-    hidden, _ = _run(tiny_lm, enc)
-    acts = hidden[enc["attention_mask"].bool()]
-    torch.manual_seed(0)
-    sae = TopKSae(64, acts.shape[1], 4)
-    # AuxK off: on this random tiny model zeroing the layer *lowers* the loss, so loss_recovered is ill-conditioned
-    # for SAEs whose spliced loss lands near the zero-ablated one; this recipe keeps it well away (~0.6).
-    cfg = SaeTrainingConfig(batch_size=32, epochs=6, lr=1e-2, auxk_coef=0.0, progress=False, checkpoint_every=None,
-                            save_sae=False)
-    SaeTrainer(sae).train_on_tensor(acts, cfg)
-    return tiny_lm, sae
-
-
-def test_saebench_metrics_match_plain_computations(trained, sample_texts):
-    lm, sae = trained
+def test_saebench_metrics_match_plain_computations(evaluate_trained, sample_texts):
+    lm, sae = evaluate_trained
     texts = sample_texts[:10]
     result = evaluate(sae, lm, texts, LAYER, batch_size=4, max_length=32, outlier_norm_factor=None)
     assert isinstance(result, EvaluationResult)
@@ -133,8 +118,8 @@ def test_saebench_metrics_match_plain_computations(trained, sample_texts):
         assert result[f"average_max_{name}_cosine_sim"] == pytest.approx(float(ref.mean()), abs=1e-5)
 
 
-def test_saebench_core_layout_round_trips_through_json(trained, sample_texts, tmp_path):
-    lm, sae = trained
+def test_saebench_core_layout_round_trips_through_json(evaluate_trained, sample_texts, tmp_path):
+    lm, sae = evaluate_trained
     result = evaluate(sae, lm, sample_texts[:6], LAYER, batch_size=3, max_length=32)
     core = to_saebench_core(result)
     assert core["eval_type_id"] == "core"

@@ -114,15 +114,15 @@ def test_buffer_bound_respected(tmp_path):
     origin = _write_run(store, n_files=40, b=2, seq=5)  # files of at most 10 tokens
     max_file = max(store.read_run_meta("run")["batch_tokens"].values())
     loads = []
-    real_load = store.read_batch_file
+    real_load = store.read_tokens
 
-    def counting_load(run_id, index, layer):
+    def counting_load(run_id, index, layer, *args):
         loads.append(index)
-        return real_load(run_id, index, layer)
+        return real_load(run_id, index, layer, *args)
 
-    store.read_batch_file = counting_load  # type: ignore[method-assign]
+    store.read_tokens = counting_load  # type: ignore[method-assign]
     buffer_tokens = 24
-    reader = store.activation_reader("run", LAYER, 4, buffer_tokens=buffer_tokens, drop_last=False)
+    reader = store.activation_reader("run", LAYER, 4, buffer_tokens=buffer_tokens, drop_last=False, prefetch=False)
     it = iter(reader)
     next(it)
     # Before the first batch only as many files were read as fit the buffer: the run is never loaded whole.

@@ -165,7 +165,7 @@ def test_reader_imports_nothing_from_the_store_base_and_uses_only_public_store_m
                       and node.value.attr == "store" and node.attr.startswith("_")})
     assert private == []
     # What the reader calls on the store is part of Store's documented API.
-    for method in ("read_run_meta", "read_batch_file", "batch_key", "location"):
+    for method in ("read_run_meta", "read_tokens", "batch_key", "location"):
         assert getattr(Store, method).__doc__
 
 

@@ -7,7 +7,13 @@ base `SaeBase`; `load_sae` loads any of them), its training (`SaeTrainer`, `SaeT
 from mi_crow.mechanistic.sae.concepts import AutoencoderConcepts
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader, geometric_median
-from mi_crow.mechanistic.sae.evaluate import EvaluationResult, evaluate, save_saebench_core, to_saebench_core
+from mi_crow.mechanistic.sae.evaluate import (
+    EvaluationResult,
+    evaluate,
+    held_out_texts,
+    save_saebench_core,
+    to_saebench_core,
+)
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.sae import SaeOutput, SparseCode, TopKSae
 from mi_crow.mechanistic.sae.base import SaeBase, load_sae
@@ -46,6 +52,7 @@ __all__ = [
     "attention_sink_mask",
     "evaluate",
     "geometric_median",
+    "held_out_texts",
     "lr_at_step",
     "save_saebench_core",
     "to_saebench_core",

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from mi_crow.validation import check_bool, check_positive_int, check_real, fail,
 if TYPE_CHECKING:
     from mi_crow.language_model import LanguageModel
 
-__all__ = ["EvaluationResult", "evaluate", "save_saebench_core", "to_saebench_core"]
+__all__ = ["EvaluationResult", "evaluate", "held_out_texts", "save_saebench_core", "to_saebench_core"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,34 @@ def _text_batches(dataset_or_texts: Any, batch_size: int) -> Iterator[list[str]]
             raise fail_type(f"dataset_or_texts item {i}", "a str", text)
     for start in range(0, len(dataset_or_texts), batch_size):
         yield list(dataset_or_texts[start : start + batch_size])
+
+
+def held_out_texts(candidates: Iterable[str], seen: Iterable[str], limit: int | None = None) -> list[str]:
+    """The texts of ``candidates`` that are not in ``seen`` (exact match), each once, in order, at most ``limit``.
+
+    This is how the CLI picks evaluation texts: the evaluation dataset's texts minus those the SAE's activations were
+    saved from, so that no number is measured on training texts.
+
+    Args:
+        candidates: evaluation texts (a list or a mi_crow dataset: anything iterable over str).
+        seen: the training texts.
+        limit: keep at most this many (None: all).
+
+    Raises:
+        UserInputError / ArgumentTypeError: ``limit`` is not a positive int or None, or a candidate is not a str.
+    """
+    check_positive_int(limit, "limit", allow_none=True)
+    exclude = set(seen)
+    out: list[str] = []
+    for i, text in enumerate(candidates):
+        if limit is not None and len(out) >= limit:
+            break
+        if not isinstance(text, str):
+            raise fail_type(f"candidates item {i}", "a str", text)
+        if text not in exclude:
+            exclude.add(text)
+            out.append(text)
+    return out
 
 
 def _hidden(output: Any) -> Tensor:

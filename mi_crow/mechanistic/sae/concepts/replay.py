@@ -38,8 +38,8 @@ def track_from_run(
         sae: the ``TopKSae`` whose concepts are collected; ``n_inputs`` must be the layer's width.
         run_id: the activation run in ``lm.store``.
         layer: the layer stored in the run.
-        texts: the run's texts in the order they were saved (batch ``i`` holds texts
-            ``[i * batch_size, (i + 1) * batch_size)``).
+        texts: the run's texts in the order they were saved (``store.batch_text_indices(run_id, i)`` says which
+            texts batch ``i`` holds).
         top_k: texts kept per feature.
         progress: show a progress bar over the batches.
 
@@ -54,7 +54,6 @@ def track_from_run(
 
     store = lm.store
     meta = store.read_run_meta(run_id)
-    batch_size = int(meta["batch_size"])
     max_length = int(meta["max_length"])
     texts = list(texts)
     sae.concepts.enable_text_tracking(top_k=top_k)
@@ -62,7 +61,8 @@ def track_from_run(
     batches = store.list_batches(run_id)
     with torch.no_grad():
         for i in tqdm(batches, desc="top texts", unit="batch", disable=None if progress else True):
-            batch_texts = texts[i * batch_size:(i + 1) * batch_size]
+            rows = store.batch_text_indices(run_id, i)  # format 2 batches may hold any texts of the dataset
+            batch_texts = [texts[j] for j in rows if j < len(texts)]
             acts, mask = store.load_batch(run_id, i, layer)
             ids = store.load_batch_extra(run_id, i).get("input_ids")
             if ids is None or len(batch_texts) != acts.shape[0]:

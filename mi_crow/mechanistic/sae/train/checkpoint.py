@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT",
+    "build_checkpoint",
     "check_checkpoint",
     "read_checkpoint",
     "restore_checkpoint",
@@ -58,10 +59,27 @@ def write_checkpoint(
     window: MetricsWindow,
 ) -> None:
     """Write the run's checkpoint (replacing the previous one) through the store."""
+    checkpoint = build_checkpoint(plan, config, sae, optimizer, tokens_since_fired, state, reader.state_dict(), window)
+    key = f"{plan.prefix}/{CHECKPOINT_FILE}"
+    store.put_torch(key, checkpoint)
+    logger.debug("checkpoint at step %d written to %s", state.step, key)
+
+
+def build_checkpoint(
+    plan: TrainingPlan,
+    config: SaeTrainingConfig,
+    sae: TopKSae,
+    optimizer: torch.optim.Optimizer,
+    tokens_since_fired: torch.Tensor,
+    state: TrainingState,
+    reader_state: dict[str, Any],
+    window: MetricsWindow,
+) -> dict[str, Any]:
+    """The checkpoint dict `write_checkpoint` writes (a grid of SAEs keeps one per SAE in its grid checkpoint)."""
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    checkpoint = {
+    return {
         "format": CHECKPOINT_FORMAT,
         "config": config.to_dict(),
         "total_steps": plan.total_steps,
@@ -72,13 +90,10 @@ def write_checkpoint(
         "optimizer": optimizer.state_dict(),
         "tokens_since_fired": tokens_since_fired.cpu().clone(),
         **state.to_checkpoint(),
-        "reader": reader.state_dict(),
+        "reader": reader_state,
         "window": window.to_checkpoint(),
         "rng": rng,
     }
-    key = f"{plan.prefix}/{CHECKPOINT_FILE}"
-    store.put_torch(key, checkpoint)
-    logger.debug("checkpoint at step %d written to %s", state.step, key)
 
 
 def read_checkpoint(store: Store, plan: TrainingPlan) -> dict[str, Any] | None:

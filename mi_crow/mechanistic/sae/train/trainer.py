@@ -12,8 +12,10 @@ Files of a run in the store: ``runs/<training_run_id>/config.json`` (the plan, `
 from __future__ import annotations
 
 import contextlib
-
 import logging
+import math
+import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -33,6 +35,7 @@ from mi_crow.mechanistic.sae.train.checkpoint import (
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.train.init import fold_into_weights, initialise_weights
 from mi_crow.mechanistic.sae.train.metrics import MetricsWindow
+from mi_crow.mechanistic.sae.train.on_the_fly import DEFAULT_BUFFER_BYTES
 from mi_crow.mechanistic.sae.train.results import (
     ActivationReader,
     ReaderFactory,
@@ -197,6 +200,71 @@ class SaeTrainer(SaeStepper):
 
         return self.train_from_reader(factory, config, callbacks=callbacks)
 
+    def train_from_model(
+        self,
+        lm: Any,
+        dataset: Any,
+        layers: str | int | Sequence[str | int],
+        config: SaeTrainingConfig | None = None,
+        *,
+        forward_batch_size: int = 16,
+        max_length: int = 128,
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+        callbacks: Sequence[Callable[[StepInfo], None]] = (),
+    ) -> TrainingResult:
+        """Train straight from the model's forward passes over ``dataset``, without a stored activation run.
+
+        The forwards run on a producer thread into a shuffle buffer of ``buffer_bytes`` (two halves: one trained on,
+        one filled; see ``on_the_fly.py``); padding never reaches the SAE and attention sinks are left out by the one
+        outlier rule (``config.outlier_norm_factor``, over the real tokens of each forward batch). One epoch is one
+        pass over the texts. Checkpoints (with a store) record the position in the dataset: ``resume=True``
+        recomputes at most the forwards of one buffer half and continues bit for bit; resuming with other texts,
+        another model, layer, ``max_length``, ``forward_batch_size`` or ``buffer_bytes`` is refused, naming what
+        differs.
+
+        Args:
+            lm: the `LanguageModel`.
+            dataset: a list of str or a mi_crow dataset (its texts are read in order).
+            layers: the layer (a name or block index; a one-element list is accepted). Several layers: `SaeGrid`.
+            config: `SaeTrainingConfig` (``n_tokens`` or ``epochs`` set the budget; default one epoch).
+            forward_batch_size: texts per forward pass.
+            max_length: tokens per text (truncation).
+            buffer_bytes: size of the shuffle buffer in bytes (default 1 GiB).
+            callbacks: as in `train`.
+
+        Returns:
+            `TrainingResult`; the saved SAE's metadata names the layer and model (no activation run).
+
+        Raises:
+            UserInputError: several layers, a layer whose width is not ``sae.n_inputs``, a buffer smaller than two
+                batches, empty texts, a bad config, or a resume that does not match the checkpoint.
+        """
+        from mi_crow.mechanistic.sae.train.on_the_fly import ModelActivationStream, texts_of
+
+        config = self._check_config(config)
+        layer_list = [layers] if isinstance(layers, (str, int)) else list(layers)
+        if len(layer_list) != 1:
+            raise UserInputError(
+                f"SaeTrainer.train_from_model: layers must name one layer for one SAE, got {layers!r}; train several "
+                f"layers at once with SaeGrid"
+            )
+        layer = lm.layers.resolve(layer_list[0])
+        width = int(lm.layers.width(layer))
+        if width != self.sae.n_inputs:
+            raise UserInputError(
+                f"SaeTrainer.train_from_model: layer {layer!r} has width {width} but the SAE has "
+                f"n_inputs={self.sae.n_inputs}"
+            )
+        stream = ModelActivationStream(
+            lm, texts_of(dataset), [layer], batch_size=config.batch_size, forward_batch_size=forward_batch_size,
+            max_length=max_length, buffer_bytes=buffer_bytes, seed=config.seed, dtype=self.sae.dtype,
+            device=self.sae.device, outlier_norm_factor=config.outlier_norm_factor,
+        )
+        return self.train_from_reader(
+            lambda epoch: stream.reader(epoch, layer), config, layer=layer, model_id=getattr(lm, "model_id", None),
+            callbacks=callbacks, sample_reader=lambda: stream.sample(layer),
+        )
+
     # -- the run -------------------------------------------------------------------------------------------------
     def train_from_reader(
         self,
@@ -248,9 +316,37 @@ class SaeTrainer(SaeStepper):
     ) -> TrainingResult:
         """The loop of `train_from_reader` once the plan is made and the run is locked (``wandb``: the imported
         module when ``use_wandb`` is on, else ``None``)."""
+        session = self._open(plan, reader_factory, reader, sample_reader, callbacks, wandb)
+        failed = True
+        try:
+            batches, state = session.batches, session.state
+            while state.step < plan.total_steps:
+                batch = batches.next()
+                self._advance(session, batch, batches.reader)
+            result = self._finish(plan, state, session.run_config)
+            failed = False
+        finally:
+            self._close(session, failed)
+        return result
+
+    def _open(
+        self,
+        plan: TrainingPlan,
+        reader_factory: ReaderFactory,
+        reader: Any,
+        sample_reader: Callable[[], Iterable[Tensor]] | None,
+        callbacks: Sequence[Callable[[StepInfo], None]],
+        wandb: Any,
+        checkpoint: Any = ...,
+    ) -> _Session:
+        """Start a run: optimizer, weights or checkpoint, the run config, progress bar, metrics window, W&B.
+
+        ``checkpoint``: the checkpoint dict to resume from (a grid passes its member's), None for a fresh start,
+        or ``...``: the run's own checkpoint when ``config.resume`` asks for it.
+        """
         config = self.config
         self.prepare(config, plan.peak_lr, plan.dead_window_tokens)
-        state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader)
+        state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader, checkpoint)
         run_config = self._write_run_config(plan, status="running")
         bar = self._progress_bar(plan, state)
         window = MetricsWindow(self.sae.device)
@@ -260,31 +356,39 @@ class SaeTrainer(SaeStepper):
         if wandb is not None:
             self._wandb = WandbRun(wandb, config.wandb_project, config.wandb_run_name or plan.training_run_id,
                                    run_config)
-        failed = True
-        try:
-            while state.step < plan.total_steps:
-                lr = self._train_batch(batches.next(), plan, state, window)
-                if lr is None:
-                    continue
-                if state.step % config.log_every == 0 or state.step == plan.total_steps:
-                    self._log(plan, state, window, lr, bar)
-                if bar is not None:
-                    bar.update(1)
-                every = config.checkpoint_every
-                if every is not None and state.step % every == 0 and state.step < plan.total_steps:
-                    write_checkpoint(self.store, plan, config, self.sae, self.optimizer, self.tokens_since_fired,
-                                     state, batches.reader, window)
-                for callback in callbacks:
-                    callback(StepInfo(state.step, plan.total_steps, state.tokens_seen, self))
-            result = self._finish(plan, state, run_config)
-            failed = False
-        finally:
-            if bar is not None:
-                bar.close()
-            if self._wandb is not None:
-                self._wandb.finish(failed=failed)
-                self._wandb = None
-        return result
+        return _Session(plan, state, batches, window, run_config, bar, tuple(callbacks))
+
+    def _advance(self, session: _Session, batch: Tensor, reader: Any, *, checkpoints: bool = True) -> None:
+        """One batch of a run: the step, then (as due) the log record, the checkpoint and the callbacks.
+
+        ``reader``: the reader the batch came from (its position goes into the checkpoint; a reader that filters
+        the outlier rule itself reports the tokens it left out through ``take_outliers``)."""
+        plan, state, window, config = session.plan, session.state, session.window, self.config
+        filtered = getattr(reader, "filters_outliers", False)
+        if filtered:
+            state.outliers += reader.take_outliers()
+        lr = self._train_batch(batch, plan, state, window, filtered=filtered)
+        if lr is None:
+            return
+        every = config.checkpoint_every
+        checkpoint_due = checkpoints and every is not None and state.step % every == 0 and state.step < plan.total_steps
+        if state.step % config.log_every == 0 or state.step == plan.total_steps:
+            self._log(plan, state, window, lr, session.bar,
+                      write=checkpoint_due or state.step == plan.total_steps)
+        if session.bar is not None:
+            session.bar.update(1)
+        if checkpoint_due:
+            write_checkpoint(self.store, plan, config, self.sae, self.optimizer, self.tokens_since_fired,
+                             state, reader, window)
+        for callback in session.callbacks:
+            callback(StepInfo(state.step, plan.total_steps, state.tokens_seen, self))
+
+    def _close(self, session: _Session, failed: bool) -> None:
+        if session.bar is not None:
+            session.bar.close()
+        if self._wandb is not None:
+            self._wandb.finish(failed=failed)
+            self._wandb = None
 
     def _start(
         self,
@@ -292,6 +396,7 @@ class SaeTrainer(SaeStepper):
         reader_factory: ReaderFactory,
         reader: ActivationReader,
         sample_reader: Callable[[], Iterable[Tensor]] | None,
+        checkpoint: Any = ...,
     ) -> tuple[TrainingState, EpochBatches, dict[str, Any] | None]:
         """Resume from the run's checkpoint when asked and one exists, else initialise the weights.
 
@@ -299,7 +404,8 @@ class SaeTrainer(SaeStepper):
             ``(state, batches, the checkpoint's metrics window or None)``.
         """
         config = self.config
-        checkpoint = read_checkpoint(self.store, plan) if config.resume else None
+        if checkpoint is ...:
+            checkpoint = read_checkpoint(self.store, plan) if config.resume else None
         if checkpoint is None:
             scale = initialise_weights(self.sae, config, sample_reader or (lambda: reader_factory(0)))
             state = TrainingState(input_scale=scale)
@@ -311,9 +417,12 @@ class SaeTrainer(SaeStepper):
         return state, batches, checkpoint["window"]
 
     def _train_batch(
-        self, batch: Tensor, plan: TrainingPlan, state: TrainingState, window: MetricsWindow
+        self, batch: Tensor, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, *,
+        filtered: bool = False,
     ) -> float | None:
         """Filter one batch (non-finite, outlier tokens) and take one step on it.
+
+        ``filtered``: the batch is already free of outlier tokens (the reader applied the rule).
 
         Returns:
             The step's learning rate, or None when the batch was skipped as non-finite.
@@ -322,15 +431,22 @@ class SaeTrainer(SaeStepper):
         state.batches_seen += 1
         x = batch.to(device=sae.device, dtype=sae.dtype, non_blocking=True)
         # NaN/Inf anywhere makes a sum (or a row norm) non-finite; an overflowing one would overflow the loss's
-        # squares too. With outlier filtering the row norms serve both checks in one pass.
-        norms = x.norm(dim=1) if config.outlier_norm_factor is not None else None
-        if not bool(torch.isfinite(norms.sum() if norms is not None else x.sum())):
-            return self._skip_nonfinite(state)
-        if norms is not None:
-            sinks = attention_sink_mask(x, factor=config.outlier_norm_factor)
-            n_out = int(sinks.sum())
+        # squares too. With outlier filtering the row norms serve both checks in one pass over x, and the sum and
+        # the sink count come to the host together (one synchronisation).
+        if config.outlier_norm_factor is None or filtered:
+            if not bool(torch.isfinite(x.sum())):
+                return self._skip_nonfinite(state)
+        else:
+            norms = (x.norm(dim=1) if x.dtype in (torch.float32, torch.float64)
+                     else torch.linalg.vector_norm(x, dim=1, dtype=torch.float32))
+            # The one outlier rule on the row norms already at hand: the norm of a one-element row is its absolute
+            # value, so [B, 1] norms give the same decision as x without a second pass over x.
+            sinks = attention_sink_mask(norms.unsqueeze(1), factor=config.outlier_norm_factor)
+            total, n_out = torch.stack([norms.sum(), sinks.sum(dtype=norms.dtype)]).tolist()
+            if not math.isfinite(total):
+                return self._skip_nonfinite(state)
             if n_out:
-                state.outliers += n_out
+                state.outliers += int(n_out)
                 x = x[~sinks]
         if state.input_scale != 1.0:
             x = x * state.input_scale
@@ -348,8 +464,18 @@ class SaeTrainer(SaeStepper):
         state.nonfinite += 1
         state.check_nonfinite(self.config, final=False)
 
-    def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any) -> None:
-        """Append the window's record to the history (and the store), show it on the bar, empty the window."""
+    # The history file is rewritten whole (it is one JSON list), so its cost grows with the run: it is written at
+    # checkpoints and at the end, and in between only once the time since the last write is this many times what
+    # that write took (at most ~1/HISTORY_WRITE_SPACING of the run goes to it). Resuming never needs the file: the
+    # checkpoint holds the history.
+    HISTORY_WRITE_SPACING = 20.0
+    _history_written_at = float("-inf")
+    _history_write_cost = 0.0
+
+    def _log(self, plan: TrainingPlan, state: TrainingState, window: MetricsWindow, lr: float, bar: Any,
+             write: bool = True) -> None:
+        """Append the window's record to the history (and, when ``write`` or when due, to the store), show it on
+        the bar, empty the window."""
         means = window.means(self.sae.n_inputs)
         # Before a full window of tokens no latent can have been silent for a window: "not yet measurable" (None).
         dead_count = None
@@ -375,7 +501,11 @@ class SaeTrainer(SaeStepper):
         state.history.append(record)
         window.clear()
         if self.store is not None:
-            self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
+            now = time.perf_counter()
+            if write or now - self._history_written_at >= self.HISTORY_WRITE_SPACING * self._history_write_cost:
+                self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
+                self._history_written_at = time.perf_counter()
+                self._history_write_cost = self._history_written_at - now
         if self._wandb is not None:
             self._wandb.log(record)
         if bar is not None:
@@ -449,6 +579,19 @@ class SaeTrainer(SaeStepper):
             resumed_from_step=state.resumed_from,
             config=config,
         )
+
+
+@dataclass
+class _Session:
+    """A run in progress: what `SaeTrainer._advance` needs between two batches."""
+
+    plan: TrainingPlan
+    state: TrainingState
+    batches: EpochBatches
+    window: MetricsWindow
+    run_config: dict[str, Any]
+    bar: Any
+    callbacks: tuple[Callable[[StepInfo], None], ...]
 
 
 _TRAIN_POSITIONAL_WITH_STORE = ("store", "run_id", "layer_signature", "config")

@@ -1,0 +1,262 @@
+"""Question: end to end at the demo's shape (d=576, n=4608, k=32, batch 1024 tokens), how many tokens/s does SAE
+training reach -- against the real sparsify on the same tensor, straight from the model (on the fly) against the
+model forward alone and the SAE training alone, and for a grid of 8 SAEs from one pass against 8 separate runs?
+
+Parts (one process each for the peers; everything in float32 on the CPU unless the machine has a GPU):
+
+1. ``sae alone``: ``SaeTrainer.train_on_tensor`` over a fixed ``[T, 576]`` tensor (wall of the whole call: setup,
+   ``b_dec`` initialisation, every step, logging), and ``sparsify`` (``eai-sparsify``, its default ``Trainer``, fed
+   the same tensor through the stand-in model of ``bench_quality.py``) on the same tensor, budget and batch, in the
+   peers' interpreter (``--peer-python``, default ``/tmp/peers/bin/python``). Both processes import ``torch._dynamo``
+   before timing (a one-off import of seconds that ``torch.optim`` triggers on first use).
+2. ``forward alone``: the embedded SmolLM2-135M over paragraphs of the default corpus, ``forward_batch_size`` texts
+   per pass, stopped after block 15 (what the on-the-fly producer runs), padding and sinks removed.
+   ``on the fly``: ``SaeTrainer.train_from_model`` over the same texts (one epoch), tokens trained / wall.
+3. ``grid``: 8 SAEs (k in {16, 32} x n in {4608, 9216} x seed in {0, 1}) with `SaeGrid` from one pass, against the
+   same 8 trained one after the other -- from the model on the fly (the pass is the forward) and from a stored run
+   (the pass is the read).
+
+The tensor of part 1 is synthetic (a mixture of 2,000 random unit directions with 32 active per token, plus an
+offset and noise): the speed of the step does not depend on the values. Timings on a shared machine are noisy: the
+script prints the machine load (``os.getloadavg``) before and after each part.
+
+Usage: ``python benchmarks/bench_end_to_end.py [--quick] [--parts sae,otf,grid] [--peer-python PATH]``; prints
+Markdown tables and writes ``benchmarks/results/bench_end_to_end[_quick].json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+D, N, K, BATCH = 576, 4608, 32, 1024
+LAYER_INDEX = 15
+
+
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def synthetic(tokens: int, d: int = D, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(2000, d, generator=g)
+    atoms /= atoms.norm(dim=1, keepdim=True)
+    idx = torch.randint(0, 2000, (tokens, 32), generator=g)
+    amp = torch.rand(tokens, 32, generator=g)
+    x = torch.einsum("tk,tkd->td", amp, atoms[idx]) + 0.5 + 0.1 * torch.randn(tokens, d, generator=g)
+    return x.contiguous()
+
+
+# -- part 1 -----------------------------------------------------------------------------------------------------------
+def worker(args: argparse.Namespace) -> None:
+    """Runs in the peers' interpreter: sparsify on the tensor in ``--data``; prints the wall as JSON."""
+    import torch._dynamo  # noqa: F401 - see the module docstring
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    from bench_quality import train_sparsify
+
+    data = torch.load(args.data)
+    result = train_sparsify(data["train"], data["train"][:256], N, K, BATCH, args.budget)
+    print(json.dumps({"wall_s": result["wall_s"], "version": result["version"]}))
+
+
+def mi_crow_alone(x: torch.Tensor, budget: int) -> dict[str, Any]:
+    import torch._dynamo  # noqa: F401
+
+    from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
+
+    cfg = SaeTrainingConfig(batch_size=BATCH, n_tokens=budget, progress=False, checkpoint_every=None, save_sae=False)
+    start = time.perf_counter()
+    result = SaeTrainer(TopKSae(N, D, K)).train_on_tensor(x, cfg)
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "tokens": result.tokens, "tokens_per_s": result.tokens / wall}
+
+
+def part_sae(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    budget = args.budget
+    x = synthetic(budget)
+    load0 = _load()
+    mine = mi_crow_alone(x, budget)
+    row: dict[str, Any] = {"mi_crow_tokens_per_s": mine["tokens_per_s"], "mi_crow_wall_s": mine["wall_s"],
+                           "budget_tokens": budget}
+    peer = args.peer_python
+    if peer and Path(peer).exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data.pt"
+            torch.save({"train": x}, data)
+            done = subprocess.run([peer, __file__, "--worker", "--data", str(data), "--budget", str(budget),
+                                   "--threads", str(args.threads)], capture_output=True, text=True)
+        if done.returncode == 0:
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            row.update(sparsify_version=res["version"], sparsify_wall_s=res["wall_s"],
+                       sparsify_tokens_per_s=budget / res["wall_s"])
+            row["speedup_vs_sparsify"] = row["mi_crow_tokens_per_s"] / row["sparsify_tokens_per_s"]
+        else:
+            row["sparsify_error"] = done.stderr[-2000:]
+    row["load_before_after"] = [load0, _load()]
+    out["sae_alone"] = row
+    print("\n### SAE training alone (fp32, same tensor)\n")
+    print("| library | tokens/s | wall s |\n|---|---|---|")
+    print(f"| mi_crow | {row['mi_crow_tokens_per_s']:,.0f} | {row['mi_crow_wall_s']:.1f} |")
+    if "sparsify_tokens_per_s" in row:
+        print(f"| sparsify {row['sparsify_version']} | {row['sparsify_tokens_per_s']:,.0f} | "
+              f"{row['sparsify_wall_s']:.1f} |")
+        print(f"\nmi_crow / sparsify: {row['speedup_vs_sparsify']:.2f}x (target >= 2.5x)")
+    else:
+        print(f"\nsparsify not run: {row.get('sparsify_error', 'no peer interpreter')[-300:]}")
+
+
+# -- parts 2 and 3 -------------------------------------------------------------------------------------------------------
+def _model_and_texts(n_texts: int) -> tuple[Any, list[str], str]:
+    from mi_crow import defaults
+    from mi_crow.language_model import LanguageModel
+
+    lm = LanguageModel.from_huggingface(str(defaults.default_model_path()))
+    texts = list(defaults.default_corpus_paragraphs())[:n_texts]
+    return lm, texts, lm.layers.resolve(LAYER_INDEX)
+
+
+def part_otf(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    import torch._dynamo  # noqa: F401
+
+    from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
+    from mi_crow.mechanistic.sae.train.on_the_fly import ModelActivationStream
+
+    lm, texts, layer = _model_and_texts(args.texts)
+    load0 = _load()
+    stream = ModelActivationStream(lm, texts, [layer], batch_size=BATCH, forward_batch_size=16, max_length=128)
+    start, kept = time.perf_counter(), 0
+    with torch.no_grad():
+        for i in range(0, len(texts), 16):
+            vectors, _ = stream._forward_vectors(texts[i:i + 16])
+            kept += vectors[layer].shape[0]
+    forward_wall = time.perf_counter() - start
+    forward_tps = kept / forward_wall
+    x = synthetic(max(kept, BATCH * 4))
+    budget = (kept // BATCH) * BATCH
+    sae_alone = mi_crow_alone(x, budget)
+    cfg = SaeTrainingConfig(batch_size=BATCH, epochs=1.0, progress=False, checkpoint_every=None, save_sae=False)
+    start = time.perf_counter()
+    result = SaeTrainer(TopKSae(N, D, K)).train_from_model(lm, texts, layer, cfg, forward_batch_size=16,
+                                                            max_length=128)
+    otf_wall = time.perf_counter() - start
+    otf_tps = result.tokens / otf_wall
+    slower = min(forward_tps, sae_alone["tokens_per_s"])
+    row = {"texts": len(texts), "real_tokens_kept": kept, "forward_tokens_per_s": forward_tps,
+           "sae_alone_tokens_per_s": sae_alone["tokens_per_s"], "on_the_fly_tokens_per_s": otf_tps,
+           "on_the_fly_tokens": result.tokens, "on_the_fly_wall_s": otf_wall,
+           "on_the_fly_vs_slower": otf_tps / slower, "load_before_after": [load0, _load()]}
+    out["on_the_fly"] = row
+    print("\n### On the fly (SmolLM2-135M block 15, fp32, forward batch 16 x <=128 tokens)\n")
+    print("| path | tokens/s |\n|---|---|")
+    print(f"| model forward alone | {forward_tps:,.0f} |\n| SAE training alone | {sae_alone['tokens_per_s']:,.0f} |")
+    print(f"| on the fly | {otf_tps:,.0f} |")
+    print(f"\non the fly / slower of the two: {row['on_the_fly_vs_slower']:.2f} (target >= 0.90)")
+
+
+def _grid_members(base: Any, ks=(16, 32), ns=(4608, 9216), seeds=(0, 1)) -> list[tuple[int, int, int]]:
+    return [(k, n, s) for k in ks for n in ns for s in seeds]
+
+
+def part_grid(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    import torch._dynamo  # noqa: F401
+
+    from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
+    from mi_crow.mechanistic.sae.train.grid import SaeGrid
+    from mi_crow.store import LocalStore
+
+    lm, texts, layer = _model_and_texts(args.grid_texts)
+    base = SaeTrainingConfig(batch_size=BATCH, epochs=1.0, progress=False, checkpoint_every=None, save_sae=False)
+    combos = _grid_members(base)
+    rows: dict[str, Any] = {"members": len(combos), "texts": len(texts), "load_before": _load()}
+    # From the model: one forward pass for the grid against one per SAE.
+    grid = SaeGrid.product({layer: D}, k=[16, 32], n_latents=[4608, 9216], seed=[0, 1], config=base)
+    start = time.perf_counter()
+    grid.train_from_model(lm, texts, forward_batch_size=16, max_length=128)
+    rows["model_grid_wall_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    for k, n, s in combos:
+        cfg = dataclasses.replace(base, seed=s)
+        SaeTrainer(TopKSae(n, D, k)).train_from_model(lm, texts, layer, cfg, forward_batch_size=16, max_length=128)
+    rows["model_separate_wall_s"] = time.perf_counter() - start
+    rows["model_ratio"] = rows["model_grid_wall_s"] / rows["model_separate_wall_s"]
+    # From a stored run: one read for the grid against one per SAE.
+    with tempfile.TemporaryDirectory() as tmp:
+        store = LocalStore(tmp)
+        lm.store = store
+        lm.activations.save(texts, layer, run_id="r", batch_size=16, max_length=128, progress=False)
+        base_s = dataclasses.replace(base, save_sae=False)
+        grid = SaeGrid.product({layer: D}, k=[16, 32], n_latents=[4608, 9216], seed=[0, 1], config=base_s,
+                               store=store, grid_id="g")
+        start = time.perf_counter()
+        grid.train("r")
+        rows["stored_grid_wall_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        for k, n, s in combos:
+            cfg = dataclasses.replace(base_s, seed=s, training_run_id=f"sep-{k}-{n}-{s}")
+            SaeTrainer(TopKSae(n, D, k), store).train("r", layer, cfg)
+        rows["stored_separate_wall_s"] = time.perf_counter() - start
+    rows["stored_ratio"] = rows["stored_grid_wall_s"] / rows["stored_separate_wall_s"]
+    rows["load_after"] = _load()
+    out["grid"] = rows
+    print(f"\n### Grid of {len(combos)} SAEs (k 16/32 x n 4608/9216 x seed 0/1), one pass vs separate runs\n")
+    print("| source | grid s | 8 separate s | ratio |\n|---|---|---|---|")
+    print(f"| model (on the fly) | {rows['model_grid_wall_s']:.1f} | {rows['model_separate_wall_s']:.1f} | "
+          f"{rows['model_ratio']:.2f} |")
+    print(f"| stored run | {rows['stored_grid_wall_s']:.1f} | {rows['stored_separate_wall_s']:.1f} | "
+          f"{rows['stored_ratio']:.2f} |")
+    print("\n(target: <= 0.60)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small budgets (a loaded 2-core machine)")
+    parser.add_argument("--parts", default="sae,otf,grid")
+    parser.add_argument("--peer-python", default="/tmp/peers/bin/python")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--budget", type=int, default=None, help="tokens of part 1")
+    parser.add_argument("--texts", type=int, default=None, help="texts of part 2")
+    parser.add_argument("--grid-texts", type=int, default=None, help="texts of part 3")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    torch.set_num_threads(args.threads)
+    args.budget = args.budget or (BATCH * (16 if args.quick else 100))
+    args.texts = args.texts or (64 if args.quick else 400)
+    args.grid_texts = args.grid_texts or (48 if args.quick else 200)
+    out: dict[str, Any] = {"meta": {"torch": torch.__version__, "threads": args.threads,
+                                    "machine": platform.processor() or platform.machine(),
+                                    "cpu_count": os.cpu_count(), "d": D, "n": N, "k": K, "batch": BATCH,
+                                    "quick": args.quick}}
+    parts = args.parts.split(",")
+    if "sae" in parts:
+        part_sae(args, out)
+    if "otf" in parts:
+        part_otf(args, out)
+    if "grid" in parts:
+        part_grid(args, out)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench_end_to_end{'_quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(out, indent=2))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

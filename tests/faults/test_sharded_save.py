@@ -1,0 +1,89 @@
+"""Sharded saving: ``python -m mi_crow save`` in 2 processes with torchrun's environment (gloo on 127.0.0.1) writes
+one run that reads back identical, text by text, to a 1-process save; batch indices never collide."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mi_crow.store import LocalStore
+
+from .conftest import ROOT, Pipeline, cli_env
+
+pytestmark = pytest.mark.slow
+
+RUN, LAYER = Pipeline.RUN, Pipeline.LAYER
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def by_text(store: LocalStore, run: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Text index -> (token ids, vectors of LAYER), read through the store's padded view and text mapping."""
+    out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i in store.list_run_batches(run):
+        batch = store.get_run_batch(run, i)
+        for row, text in enumerate(store.batch_text_indices(run, i)):
+            n = int(batch.attention_mask[row].sum())
+            assert text not in out, f"text {text} stored twice"
+            out[text] = (batch.extra["input_ids"][row, :n], batch.activations[LAYER][row, :n])
+    return out
+
+
+def assert_same_texts(got: LocalStore, ref: LocalStore) -> None:
+    a, b = by_text(got, RUN), by_text(ref, RUN)
+    assert sorted(a) == sorted(b) == list(range(Pipeline.N_TEXTS))
+    for text in b:
+        assert torch.equal(a[text][0], b[text][0]) and torch.equal(a[text][1], b[text][1]), text
+    for key in ("n_tokens", "sample_count", "layer_dims", "dtype", "model_id"):
+        assert got.get_run_metadata(RUN)[key] == ref.get_run_metadata(RUN)[key], key
+
+
+def _run_ranks(argv: list[object], world: int = 2) -> list[subprocess.CompletedProcess]:
+    port = _free_port()
+    procs = []
+    for rank in range(world):
+        env = cli_env()
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-m", "mi_crow", *map(str, argv)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
+@pytest.mark.parametrize("extra", [[], ["--shard-tokens", "30"]], ids=["per-forward-batch", "shard-tokens"])
+def test_two_ranks_save_one_run_equal_to_one_process(pipeline, reference, fast_tmp, extra):
+    store_path = fast_tmp / f"sharded{len(extra)}"
+    results = _run_ranks(pipeline.save(store_path) + extra)
+    for r in results:
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    got, ref = LocalStore(store_path), LocalStore(reference["store"])
+    assert_same_texts(got, ref)
+    meta = got.get_run_metadata(RUN)
+    assert meta["status"] == "complete"
+    records = got.batch_records(RUN)
+    assert {r["rank"] for r in records} == {0, 1}
+    assert all(r["batch_index"] % 2 == r["rank"] for r in records)  # indices of the two ranks never collide
+    assert got.get_json(f"activations/{RUN}/cli_texts.json") == ref.get_json(f"activations/{RUN}/cli_texts.json")
+    assert not (store_path / "activations" / RUN / ".lock").exists()
+    if extra:  # a stored batch holds whole forward batches, at least 30 tokens except each rank's last
+        for rank in (0, 1):
+            mine = [r for r in records if r["rank"] == rank]
+            assert all(r["n_tokens"] >= 30 for r in mine[:-1]) and all(len(r["forward_batches"]) >= 1 for r in mine)
+            assert all(b % 2 == rank for r in mine for b in r["forward_batches"])
