@@ -230,3 +230,19 @@ def test_circuit_tracer_set_and_its_errors(tmp_path):
         export_sae(_fill(TopKSae(N, D, K), 70), tmp_path / "x", "circuit_tracer")
     with pytest.raises(NotSupportedError, match="SAELens has no topk transcoder"):
         _fill(Transcoder(N, D, D, K), 71).export(tmp_path / "y", "sae_lens")
+
+
+def test_a_circuit_tracer_set_from_one_export_per_layer(tmp_path):
+    """Exporting each layer's transcoder into one folder builds the set: layer_0, layer_1 and one config.yaml."""
+    folder = tmp_path / "set"
+    tcs = []
+    for layer in (0, 1):
+        tc = _fill(Transcoder(N, D, D, K), 80 + layer)
+        tc.layer_signature = tc.metadata["layer"] = f"model.layers.{layer}.mlp"
+        tc.export(folder, "circuit_tracer")
+        tcs.append(tc)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.yaml", "layer_0.safetensors", "layer_1.safetensors"]
+    for layer, tc in enumerate(tcs):
+        back = Transcoder.from_pretrained(folder, layer=layer)
+        assert back.layer_signature == f"model.layers.{layer}.mlp"
+        _same_outputs(tc, back)
