@@ -19,15 +19,17 @@ MAX_LEN = 24
 LAYER = "model.layers.1"
 
 
-def _tracked(lm, tmp_path):
+def _tracked(lm, tmp_path, sae=None, layer=LAYER):
     torch.manual_seed(1)
-    sae = TopKSae(64, 32, 4)
+    sae = sae if sae is not None else TopKSae(64, 32, 4)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.1)
-    sae.layer_signature = LAYER
-    sae.metadata["layer"] = LAYER
+        if sae.is_transcoder:
+            sae.W_dec.normal_(0, 0.1)
+    sae.layer_signature = layer
+    sae.metadata["layer"] = layer
     sae.concepts.enable_text_tracking(top_k=3)
-    lm.attach_sae(sae, LAYER)
+    lm.attach_sae(sae, layer)
     for _ in lm.inference.iter_inference(SAMPLE_TEXTS, batch_size=4, max_length=MAX_LEN):
         pass
     lm.detach_sae(sae)
@@ -36,8 +38,14 @@ def _tracked(lm, tmp_path):
     return sae, doc
 
 
-def test_features_agree_with_tracking_and_weights(tiny_llama, tmp_path):
-    sae, doc = _tracked(tiny_llama, tmp_path)
+@pytest.mark.parametrize("kind", ["sae", "transcoder"])
+def test_features_agree_with_tracking_and_weights(tiny_llama, tmp_path, kind):
+    from mi_crow.mechanistic.sae import Transcoder
+
+    if kind == "sae":
+        sae, doc = _tracked(tiny_llama, tmp_path)
+    else:  # a transcoder reads the MLP's input: the replay must encode that, not the MLP's output
+        sae, doc = _tracked(tiny_llama, tmp_path, Transcoder(64, 32, 32, 4), "model.layers.1.mlp")
     rows = {r["neuron"]: r for r in doc["neurons"]}
     chosen = sorted(rows)[:6]
     feats = neuronpedia_features(sae, tiny_llama, doc, features=chosen, max_length=MAX_LEN, n_logits=5, bins=8)

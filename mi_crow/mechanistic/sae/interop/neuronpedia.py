@@ -63,12 +63,15 @@ def _unembedding(lm: Any) -> Tensor:
 @torch.no_grad()
 def _per_token_codes(sae: Any, lm: Any, layer: str, texts: Sequence[str], max_length: int,
                      batch_size: int) -> list[tuple[list[int], Tensor, Tensor]]:
-    """For each text: its real token ids and the SAE code ``(values [T, k], indices [T, k])`` at ``layer``."""
+    """For each text: its real token ids and the SAE code ``(values [T, k], indices [T, k])`` at ``layer`` (of the
+    layer's output; of its first input for a transcoder, which reads the input of the module it hooks)."""
     module = lm.layers.get_module(layer)
     captured: list[Tensor] = []
+    reads_input = bool(getattr(sae, "is_transcoder", False))
 
     def grab(mod: Any, args: Any, output: Any) -> None:
-        captured.append((output[0] if isinstance(output, tuple) else output).detach())
+        seen = args[0] if reads_input else output
+        captured.append((seen[0] if isinstance(seen, tuple) else seen).detach())
 
     out: list[tuple[list[int], Tensor, Tensor]] = []
     handle = module.register_forward_hook(grab)
