@@ -322,3 +322,11 @@ def test_an_input_only_hook_leaves_the_layer_unset(tmp_path):
     assert sae.layer_signature is None
     assert sae.metadata["hook_point"] == {"module": "model.layers.4.post_attention_layernorm", "side": "input"}
     assert "layer is left unset" in sae.metadata["import_notes"][-1]
+
+
+def test_dictionary_learning_checkpoint_uses_the_run_config(tmp_path):
+    state = write_dictionary_learning(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "run" / "checkpoints" / "ae_1000.pt")
+    sae = TopKSae.from_pretrained(tmp_path / "run" / "checkpoints" / "ae_1000.pt")
+    assert torch.equal(sae.W_enc, state["encoder.weight"]) and sae.metadata["hook_name"] == "blocks.2.hook_resid_post"

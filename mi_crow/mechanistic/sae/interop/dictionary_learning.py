@@ -73,6 +73,8 @@ def read_dictionary_learning(folder: Path, weights_file: str = WEIGHTS_FILE) -> 
         state = obj["ae"]
         norm_factor = obj.get("norm_factor")
     config_path = folder / CONFIG_FILE
+    if not config_path.is_file() and folder.name == "checkpoints":
+        config_path = folder.parent / CONFIG_FILE  # <run>/checkpoints/ae_<step>.pt beside <run>/config.json
     config = read_json(config_path) if config_path.is_file() else {}
     trainer = config.get("trainer") if isinstance(config.get("trainer"), dict) else {}
     if not trainer and isinstance(obj.get("config"), dict):
