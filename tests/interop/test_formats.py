@@ -330,3 +330,18 @@ def test_dictionary_learning_checkpoint_uses_the_run_config(tmp_path):
     torch.save(state, tmp_path / "run" / "checkpoints" / "ae_1000.pt")
     sae = TopKSae.from_pretrained(tmp_path / "run" / "checkpoints" / "ae_1000.pt")
     assert torch.equal(sae.W_enc, state["encoder.weight"]) and sae.metadata["hook_name"] == "blocks.2.hook_resid_post"
+
+
+def test_dictionary_learning_backup_checkpoint_gets_its_norm_factor(tmp_path):
+    """An interrupted run leaves {"ae", "optimizer", "config", "norm_factor", "step"} with unscaled biases; the
+    library's scale_biases(norm_factor) (encoder.bias and b_dec times the factor) is applied on load."""
+    folder = tmp_path / "dl"
+    state = write_dictionary_learning(folder)
+    torch.save({"step": 10, "ae": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3}]},
+                "config": {"dict_class": "AutoEncoderTopK"}, "norm_factor": 2.5}, folder / "ae.pt")
+    sae = TopKSae.from_pretrained(folder)
+    x = _inputs()
+    acts, out = dictionary_learning_topk(x, state["encoder.weight"], state["encoder.bias"] * 2.5,
+                                         state["decoder.weight"], state["b_dec"] * 2.5, K)
+    _check(sae, x, acts, out)
+    assert "norm_factor 2.5" in sae.metadata["import_notes"][0]
