@@ -274,11 +274,88 @@ def check_circuit_tracer(rows: list[dict[str, Any]], tmp: Path) -> None:
     assert isinstance(SingleLayerTranscoder, type)
 
 
+def check_hook_names(rows: list[dict[str, Any]], tmp: Path) -> None:
+    """mi_crow's hook-name map against TransformerLens' own hook points: the same tiny random model run by
+    HuggingFace (our module outputs/inputs) and by TransformerLens (weights converted, no folding)."""
+    import transformers as tf
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
+    from mi_crow.language_model.hook_names import tl_to_hook
+
+    torch.manual_seed(0)
+    models = {
+        "gpt2": (tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)),
+                 HookedTransformerConfig(n_layers=2, d_model=16, d_head=8, n_heads=2, d_mlp=64, d_vocab=64, n_ctx=32,
+                                         act_fn="gelu_new", normalization_type="LN", eps=1e-5,
+                                         original_architecture="GPT2LMHeadModel", default_prepend_bos=False),
+                 convert_gpt2_weights),
+        "llama": (tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                     num_hidden_layers=2, num_attention_heads=2,
+                                                     num_key_value_heads=1, max_position_embeddings=32)),
+                  HookedTransformerConfig(n_layers=2, d_model=16, d_head=8, n_heads=2, n_key_value_heads=1, d_mlp=32,
+                                          d_vocab=64, n_ctx=32, act_fn="silu", normalization_type="RMS",
+                                          positional_embedding_type="rotary", rotary_dim=8, rotary_base=10000,
+                                          gated_mlp=True, final_rms=True, eps=1e-6,
+                                          original_architecture="LlamaForCausalLM", default_prepend_bos=False),
+                  convert_llama_weights),
+    }
+    ids = torch.arange(12).reshape(2, 6) % 60 + 1
+    for family, (hf, cfg, convert) in models.items():
+        hf.eval()
+        with torch.no_grad():  # non-trivial norm weights, so a norm's weight cannot hide
+            for name, p in hf.named_parameters():
+                if "norm" in name or "ln" in name:
+                    p.add_(0.3 * torch.randn_like(p))
+        tl = HookedTransformer(cfg)
+        tl.load_and_process_state_dict(convert(hf, cfg), fold_ln=False, center_writing_weights=False,
+                                       center_unembed=False, fold_value_biases=False,
+                                       refactor_factored_attn_matrices=False)
+        tl.eval()
+        inputs: dict[str, torch.Tensor] = {}
+        outputs: dict[str, torch.Tensor] = {}
+        handles = []
+        for mname, module in hf.named_modules():
+            def pre(m: Any, args: Any, kwargs: Any, mname: str = mname) -> None:
+                first = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(first, torch.Tensor):
+                    inputs.setdefault(mname, first.detach())
+
+            def post(m: Any, args: Any, out: Any, mname: str = mname) -> None:
+                out = out[0] if isinstance(out, tuple) else out
+                if isinstance(out, torch.Tensor):
+                    outputs.setdefault(mname, out.detach())
+
+            handles += [module.register_forward_pre_hook(pre, with_kwargs=True), module.register_forward_hook(post)]
+        with torch.no_grad():
+            hf(input_ids=ids, use_cache=False)
+            _, cache = tl.run_with_cache(ids)
+        for h in handles:
+            h.remove()
+        for layer in range(2):
+            for suffix in ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out",
+                           "ln1.hook_normalized", "ln2.hook_normalized"):
+                name = f"blocks.{layer}.{suffix}"
+                point = tl_to_hook(name, family)
+                ours = (outputs if point.side == "output" else inputs)[point.module]
+                theirs = cache[name]
+                d = _diff(ours, theirs)
+                status = "ok" if d["max_rel"] < 1e-4 else "differs"
+                if status == "differs" and suffix.startswith("ln"):
+                    ln = getattr(tl.blocks[layer], suffix.split(".")[0])
+                    weighted = theirs * ln.w + (ln.b if hasattr(ln, "b") else 0)
+                    if _diff(ours, weighted)["max_rel"] < 1e-4:
+                        status = "= TL hook_normalized * w (+ b): TL excludes the norm weight"
+                rows.append({"library": "transformer_lens", "direction": "hook map", "case": f"{family} {name} -> "
+                             f"{point.module} ({point.side})", "status": status, "code": d, "reconstruction": d})
+
+
 CHECKS: dict[str, Callable[[list[dict[str, Any]], Path], None]] = {
     "sae_lens": check_sae_lens,
     "sparsify": check_sparsify,
     "dictionary_learning": check_dictionary_learning,
     "circuit_tracer": check_circuit_tracer,
+    "transformer_lens": check_hook_names,
 }
 
 
@@ -321,6 +398,7 @@ def main() -> int:
     print(f"\nwrote {RESULTS}")
     failed = [r for r in rows if r["status"].startswith("FAILED")]
     worst = max((r["reconstruction"]["max_rel"] for r in rows if r["status"] == "ok"), default=0.0)
+    failed += [r for r in rows if r["status"] == "differs"]
     return 1 if failed or worst > 1e-4 else 0
 
 

@@ -17,10 +17,11 @@ TransformerLens hook names covered (``L`` a block index): ``hook_embed``, ``bloc
 ``blocks.L.hook_mlp_out``, ``blocks.L.ln1.hook_normalized``, ``blocks.L.ln2.hook_normalized``,
 ``blocks.L.mlp.hook_in`` / ``blocks.L.mlp.hook_out`` (circuit-tracer's MLP input and output), ``ln_final.hook_normalized``.
 
-Known difference: TransformerLens loads models with the norms' weights folded into the next layer by default, so
-its ``lnX.hook_normalized`` is the normalized input *without* the norm's weight, while the HuggingFace norm module's
-output includes it. An SAE trained on a folded TransformerLens model at ``ln2.hook_normalized`` therefore sees
-inputs divided elementwise by the norm weight; the width check passes but the activations differ by that scale.
+``lnX.hook_normalized`` is a norm's output *before* its weight and bias in TransformerLens (checked against
+TransformerLens 3.9 in ``benchmarks/interop_check.py``), while the HuggingFace norm module returns it after them:
+`tl_to_hook` points at the norm module, and `norm_affine` gives the ``(weight, bias)`` that relate the two
+(``y = x * weight + bias``; Gemma's norms scale by ``1 + weight``), which the SAE loader folds into the encoder.
+`module_to_tl` never names a norm's output ``hook_normalized`` for that reason.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ __all__ = [
     "family_from_model",
     "family_from_name",
     "hook_width",
+    "is_normalized_hook",
     "module_to_tl",
+    "norm_affine",
     "resolve_hook",
     "tl_to_hook",
 ]
@@ -237,8 +240,6 @@ def module_to_tl(module: str, family: str, side: str = "output") -> str | None:
             return "hook_embed"
         if module == layout.resid_pre0:
             return "blocks.0.hook_resid_pre"
-        if module == layout.final_norm:
-            return "ln_final.hook_normalized"
     prefix = layout.blocks + "."
     if not module.startswith(prefix):
         return None
@@ -247,8 +248,9 @@ def module_to_tl(module: str, family: str, side: str = "output") -> str | None:
     if not index.isdigit():
         return None
     # Preference order where two names share a module: resid_post over resid_pre, mlp_out over mlp.hook_out.
-    for suffix in ("hook_resid_post", "hook_mlp_out", "hook_attn_out", "ln1.hook_normalized", "ln2.hook_normalized",
-                   "hook_resid_mid", "mlp.hook_in", "mlp.hook_out"):
+    # lnX.hook_normalized is left out: it is the norm's output before its weight (see the module docstring).
+    for suffix in ("hook_resid_post", "hook_mlp_out", "hook_attn_out", "hook_resid_mid", "mlp.hook_in",
+                   "mlp.hook_out"):
         name = f"blocks.{index}.{suffix}"
         try:
             point = tl_to_hook(name, family)
@@ -344,3 +346,30 @@ def hook_width(model: Any, point: HookPoint) -> int | None:
         if isinstance(value, int):
             return value
     return None
+
+
+_NORMALIZED = re.compile(r"(^|\.)(ln1|ln2|ln_final)\.hook_normalized$")
+
+
+def is_normalized_hook(hook_name: str | None) -> bool:
+    """Whether a TransformerLens name is a norm's ``hook_normalized`` (the output before the norm's weight)."""
+    return bool(hook_name) and bool(_NORMALIZED.search(hook_name))  # type: ignore[arg-type]
+
+
+def norm_affine(model: Any, module: str, family: str | None) -> tuple[Any, Any]:
+    """``(weight, bias)`` with ``module's output = normalized * weight + bias`` (bias None for RMS norms).
+
+    Gemma's RMS norms multiply by ``1 + weight``; the others by ``weight``.
+
+    Raises:
+        UserInputError: the module is not a norm of the model (no ``weight``).
+    """
+    mod = _modules(model).get(module) if _modules(model) is not None else None  # type: ignore[union-attr]
+    weight = getattr(mod, "weight", None)
+    if weight is None:
+        raise UserInputError(f"module {module!r} is not a norm with a weight in the model")
+    weight = weight.detach()
+    if family in ("gemma", "gemma2", "gemma3", "gemma3_text"):
+        weight = 1.0 + weight.float()
+    bias = getattr(mod, "bias", None)
+    return weight, None if bias is None else bias.detach()

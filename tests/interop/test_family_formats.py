@@ -74,18 +74,73 @@ def test_sae_lens_standard_is_jumprelu_at_zero(tmp_path):
     assert torch.equal(sae.threshold, torch.zeros(N))
 
 
-def test_sae_lens_skip_transcoder_attaches_to_the_mlp(tmp_path):
+def test_sae_lens_skip_transcoder(tmp_path):
     t = _ae_tensors(seed=2, d_out=D_OUT)
     t["W_skip"] = _rand(D_OUT, D, seed=11) * 0.1
     _sae_lens(tmp_path / "tc", "skip_transcoder", t, d_out=D_OUT, apply_b_dec_to_input=False, metadata={
         "sae_lens_version": "6.54.0", "model_name": "meta-llama/Llama-3.2-1B",
-        "hook_name": "blocks.3.ln2.hook_normalized", "hook_name_out": "blocks.3.hook_mlp_out"})
+        "hook_name": "blocks.3.mlp.hook_in", "hook_name_out": "blocks.3.hook_mlp_out"})
     sae = SaeBase.from_pretrained(tmp_path / "tc")
     assert type(sae) is Transcoder and sae.skip and (sae.n_inputs, sae.n_outputs) == (D, D_OUT)
-    assert sae.layer_signature == "model.layers.3.mlp"  # reads the MLP's input (= ln2's output), predicts its output
+    assert sae.layer_signature == "model.layers.3.mlp"  # reads the MLP's input, predicts its output
     x = _x()
     acts = (x @ t["W_enc"] + t["b_enc"]).relu()  # SAELens Transcoder: no b_dec on the input
     _check(sae, x, acts, acts @ t["W_dec"] + t["b_dec"] + x @ t["W_skip"].T)
+
+
+def _capture(model: torch.nn.Module, module: str) -> torch.Tensor:
+    """The output of ``module`` on a fixed batch."""
+    seen = []
+    handle = dict(model.named_modules())[module].register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        model(input_ids=torch.arange(12).reshape(2, 6) % 60 + 1, use_cache=False)
+    handle.remove()
+    return seen[0]
+
+
+def test_hook_normalized_is_read_through_the_norm_weight(tmp_path):
+    """TransformerLens' ln2.hook_normalized is the norm's output before its weight (and bias); with the model the
+    loader folds them in, so the SAE reads the HuggingFace module's output and reproduces the formula on the
+    normalized input. Without the model the layer is left unset rather than attached to the wrong activation."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    llama = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=D, intermediate_size=16,
+                                               num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1))
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=64, n_embd=D, n_layer=2, n_head=1, n_positions=32))
+    for model in (llama, gpt2):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name or "ln" in name:
+                    p.add_(0.5 * torch.rand_like(p) + 0.1)
+        model.eval()
+    # A skip transcoder on Llama: ln2.hook_normalized -> hook_mlp_out.
+    t = _ae_tensors(seed=3)
+    t["W_skip"] = _rand(D, D, seed=12) * 0.1
+    _sae_lens(tmp_path / "tc", "skip_transcoder", t, d_out=D, apply_b_dec_to_input=False, metadata={
+        "sae_lens_version": "6.54.0", "model_name": "meta-llama/Llama-3.2-1B",
+        "hook_name": "blocks.1.ln2.hook_normalized", "hook_name_out": "blocks.1.hook_mlp_out"})
+    unset = SaeBase.from_pretrained(tmp_path / "tc")
+    assert unset.layer_signature is None and "pass model=" in " ".join(unset.metadata["import_notes"])
+    tc = SaeBase.from_pretrained(tmp_path / "tc", model=llama)
+    assert tc.layer_signature == "model.layers.1.mlp"
+    y = _capture(llama, "model.layers.1.post_attention_layernorm")
+    x_tl = y / llama.model.layers[1].post_attention_layernorm.weight.detach()
+    acts = (x_tl @ t["W_enc"] + t["b_enc"]).relu()
+    _check(tc, y, acts, acts @ t["W_dec"] + t["b_dec"] + x_tl @ t["W_skip"].T)
+    # A TopK SAE on GPT-2's ln2.hook_normalized (a LayerNorm: weight and bias), its output at the same place.
+    s = _ae_tensors(seed=4)
+    _sae_lens(tmp_path / "sae", "topk", s, k=K, metadata={"sae_lens_version": "6.54.0", "model_name": "gpt2",
+                                                          "hook_name": "blocks.1.ln2.hook_normalized"})
+    sae = TopKSae.from_pretrained(tmp_path / "sae", model=gpt2)
+    assert sae.layer_signature == "transformer.h.1.ln_2"
+    ln = gpt2.transformer.h[1].ln_2
+    y = _capture(gpt2, "transformer.h.1.ln_2")
+    x_tl = (y - ln.bias.detach()) / ln.weight.detach()
+    pre = (x_tl - s["b_dec"]) @ s["W_enc"] + s["b_enc"]
+    top = pre.topk(K, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+    _check(sae, y, acts, (acts @ s["W_dec"] + s["b_dec"]) * ln.weight.detach() + ln.bias.detach())
 
 
 # -- dictionary_learning --------------------------------------------------------------------------------------------

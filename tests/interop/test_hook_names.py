@@ -107,7 +107,9 @@ def test_resid_pre_off_by_one_and_reverse_map():
     assert module_to_tl("model.layers.2", "llama") == "blocks.2.hook_resid_post"
     assert module_to_tl("model.layers.2.mlp", "llama") == "blocks.2.hook_mlp_out"
     assert module_to_tl("model.layers.2.mlp", "gemma2") == "blocks.2.mlp.hook_out"
-    assert module_to_tl("transformer.h.1.ln_2", "gpt2") == "blocks.1.ln2.hook_normalized"
+    # A norm's output is after its weight; TransformerLens' hook_normalized is before it: never named so.
+    assert module_to_tl("transformer.h.1.ln_2", "gpt2") is None
+    assert module_to_tl("transformer.h.1.mlp", "gpt2", side="input") == "blocks.1.mlp.hook_in"
     assert module_to_tl("model.embed_tokens", "llama") == "blocks.0.hook_resid_pre"
     assert module_to_tl("model.layers.2.self_attn.q_proj", "llama") is None
 

@@ -16,7 +16,9 @@ from mi_crow.language_model.hook_names import (
     family_from_model,
     family_from_name,
     hook_width,
+    is_normalized_hook,
     module_to_tl,
+    norm_affine,
     resolve_hook,
 )
 from mi_crow.mechanistic.sae.interop import circuit_tracer as ct
@@ -188,14 +190,29 @@ def load_pretrained(
     }
     parts = readers[fmt]()
     point_in, point_out = _resolve_points(parts, fmt, model)
+    family = (family_from_model(model) if model is not None else None) or family_from_name(parts.model_name)
+    norm_note = None
+    if point_in is not None and is_normalized_hook(parts.hook_name):
+        if model is None:
+            norm_note = (f"hook {parts.hook_name!r} is the norm's output before its weight (TransformerLens), while "
+                         f"{point_in.module!r} returns it after; pass model= to fold the weight in. The layer is "
+                         f"left unset")
+            point_in = None
+        else:
+            weight, bias = norm_affine(model, point_in.module, family)
+            parts = parts.read_through_affine(weight, bias, output_too=not parts.transcoder)
+    if point_out is not None and is_normalized_hook(parts.hook_name_out):
+        norm_note = f"output hook {parts.hook_name_out!r} is a norm's output before its weight; the layer is left unset"
+        point_out = None
     if model is not None:
         if point_in is not None:
             _check_width(model, point_in, parts.d_in, parts.hook_name)
         if point_out is not None:
             _check_width(model, point_out, parts.d_out, parts.hook_name_out)
     sae = sae_from_parts(parts, dtype=dtype, device=device, expected=expected)
+    if norm_note is not None:
+        sae.metadata.setdefault("import_notes", []).append(norm_note)
     if parts.transcoder:
-        family = (family_from_model(model) if model is not None else None) or family_from_name(parts.model_name)
         attach = _transcoder_module(point_in, point_out, family)
         if attach is None and point_in is not None and point_out is not None:
             sae.metadata.setdefault("import_notes", []).append(
@@ -226,14 +243,14 @@ def _transcoder_module(point_in: HookPoint | None, point_out: HookPoint | None, 
     if point_in == HookPoint(point_out.module, "input"):
         return point_out.module
     if family is not None:
-        # The second norm's output is the MLP's input: TransformerLens' ln2.hook_normalized == mlp.hook_in.
-        name_in = module_to_tl(point_in.module, family, point_in.side)
-        match = re.match(r"^blocks\.(\d+)\.ln2\.hook_normalized$", name_in or "")
-        if match:
-            from mi_crow.language_model.hook_names import tl_to_hook
+        # The second norm's output (after its weight, folded on load) is the MLP's input.
+        from mi_crow.language_model.hook_names import tl_to_hook
 
-            mlp_in = tl_to_hook(f"blocks.{match.group(1)}.mlp.hook_in", family)
-            if mlp_in == HookPoint(point_out.module, "input"):
+        match = re.match(r"^(.*)\.(\d+)\.[^.]+$", point_in.module)
+        if match and point_in.side == "output":
+            block = match.group(2)
+            if (tl_to_hook(f"blocks.{block}.ln2.hook_normalized", family) == point_in
+                    and tl_to_hook(f"blocks.{block}.mlp.hook_in", family) == HookPoint(point_out.module, "input")):
                 return point_out.module
     return None
 

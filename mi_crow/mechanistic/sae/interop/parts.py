@@ -160,6 +160,47 @@ class SaeParts:
         b_enc = self.b_enc.to(torch.float64) + (shift if centered else -shift)
         return replace(self, b_enc=b_enc.to(self.b_enc.dtype), centered=centered, notes=list(self.notes))
 
+    def read_through_affine(self, weight: Tensor, bias: Tensor | None, *, output_too: bool) -> SaeParts:
+        """The same function for inputs ``y = x * weight + bias`` instead of ``x`` (computed in float64).
+
+        TransformerLens' ``lnX.hook_normalized`` is a norm's output *before* its weight and bias, while the
+        HuggingFace norm module returns ``x * weight + bias``; an SAE trained on the former reads the latter
+        through ``x = (y - bias) / weight``. With ``output_too`` (an SAE whose output is that same activation) the
+        decoder is mapped forward too: ``y_hat = x_hat * weight + bias``.
+
+        Raises:
+            NotSupportedError: a weight with zeros (the map is not invertible).
+        """
+        w = weight.detach().to("cpu", torch.float64).reshape(-1)
+        b = torch.zeros_like(w) if bias is None else bias.detach().to("cpu", torch.float64).reshape(-1)
+        if w.numel() != self.d_in or b.numel() != self.d_in:
+            raise UserInputError(f"{self.source}: the norm has width {w.numel()}, the SAE reads {self.d_in}")
+        if bool((w == 0).any()):
+            raise NotSupportedError(f"{self.source}: the norm's weight has zeros; its input cannot be recovered")
+        p = self.float64()
+        if output_too and p.d_out != p.d_in:
+            raise NotSupportedError(f"{self.source}: the output width differs from the input width")
+        if p.centered:
+            # (x - c) with x = (y - b) / w  ==  (y - (b + w * c)) / w; the same vector centres the decoder.
+            p.W_enc = p.W_enc / w
+            p.b_dec = b + w * p.b_dec
+            if output_too:
+                p.W_dec = p.W_dec * w
+            else:
+                raise NotSupportedError(f"{self.source}: a centred encoder whose output is elsewhere")
+        else:
+            p.W_enc = p.W_enc / w
+            p.b_enc = p.b_enc - p.W_enc @ b
+            if p.W_skip is not None:
+                p.W_skip = p.W_skip / w
+                p.b_dec = p.b_dec - p.W_skip @ b
+            if output_too:
+                p.W_dec = p.W_dec * w
+                p.b_dec = p.b_dec * w + b
+        p.notes.append("folded the norm's weight and bias into the encoder (TransformerLens' hook_normalized "
+                       "is the norm's output before them)")
+        return p.to(self.dtype)
+
     # -- reference semantics (used by tests and the interop benchmark) --------------------------------------------
     def encode_dense(self, x: Tensor) -> Tensor:
         """``[..., d_in] -> [..., n]`` dense code by the formula of the module docstring (plain PyTorch)."""
