@@ -128,7 +128,7 @@ def check_sae_lens(rows: list[dict[str, Any]], tmp: Path) -> None:
         _record(rows, "sae_lens", "ours -> theirs", f"{type(ours).__name__} -> {back.cfg.architecture()}",
                 _ours_out(ours, x), their_out)
     cfg = SkipTranscoderConfig(d_in=D, d_sae=N, d_out=D + 8, apply_b_dec_to_input=False)
-    cfg.metadata.hook_name, cfg.metadata.hook_name_out = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"
+    cfg.metadata.hook_name, cfg.metadata.hook_name_out = "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out"
     cfg.metadata.model_name = "meta-llama/Llama-3.2-1B"
     theirs = SkipTranscoder(cfg)
     _randomize([theirs.W_enc, theirs.b_enc, theirs.W_dec, theirs.b_dec, theirs.W_skip], 8)
