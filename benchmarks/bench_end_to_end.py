@@ -69,7 +69,7 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(HERE))
     from bench_quality import train_sparsify
 
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     result = train_sparsify(data["train"], data["train"][:256], N, K, BATCH, args.budget)
     print(json.dumps({"wall_s": result["wall_s"], "version": result["version"]}))
 

@@ -131,7 +131,7 @@ def main() -> None:
         args.data = get_cache_dir() / "bench_quality" / "smollm2_l15_1200_135.pt"
     if not args.data.exists():
         raise SystemExit(f"{args.data} is missing: run benchmarks/bench_quality.py first (it builds the tensors)")
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     train, heldout = data["train"], data["heldout"]
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(), "k": args.k,
             "batch": args.batch, "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]),

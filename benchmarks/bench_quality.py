@@ -216,7 +216,7 @@ def score(heldout: Tensor, result: dict[str, Any], n: int, budget: int) -> dict[
 # -- worker and driver -------------------------------------------------------------------------------------------------
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     budget = (args.budget // args.batch) * args.batch
     result = TRAINERS[args.worker](data["train"], data["heldout"], args.n, args.k, args.batch, budget)
     torch.save({key: value for key, value in result.items()}, args.out)
@@ -225,7 +225,7 @@ def worker(args: argparse.Namespace) -> None:
 def run_library(lib: str, args: argparse.Namespace, budget: int, heldout: Tensor) -> dict[str, Any] | None:
     if importlib.util.find_spec(MODULES[lib]) is not None:
         torch.set_num_threads(args.threads)
-        data = torch.load(args.data)
+        data = torch.load(args.data, weights_only=True)
         result = TRAINERS[lib](data["train"], data["heldout"], args.n, args.k, args.batch, budget)
         return {**score(heldout, result, args.n, budget), "where": "this interpreter"}
     if args.peer_python is None:
@@ -239,7 +239,7 @@ def run_library(lib: str, args: argparse.Namespace, budget: int, heldout: Tensor
                "--budget", str(budget), "--n", str(args.n), "--k", str(args.k), "--batch", str(args.batch),
                "--threads", str(args.threads)]
         subprocess.run(cmd, check=True, stdout=sys.stderr)
-        result = torch.load(out)
+        result = torch.load(out, weights_only=True)
     return {**score(heldout, result, args.n, budget), "where": args.peer_python}
 
 
@@ -277,7 +277,7 @@ def main() -> None:
     if not args.data.exists():
         print(f"building the activation tensors into {args.data} ...", file=sys.stderr)
         build_data(args.data, train_texts, eval_texts, max_length=128, layer_index=15)
-    data = torch.load(args.data)
+    data = torch.load(args.data, weights_only=True)
     heldout = data["heldout"]
     print(f"data: {data['meta']}; train {tuple(data['train'].shape)}, held-out {tuple(heldout.shape)}", file=sys.stderr)
 

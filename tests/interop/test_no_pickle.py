@@ -1,5 +1,7 @@
-"""No pickle anywhere in the package: every ``torch.load`` passes ``weights_only=True``, nothing imports pickle-based
-serializers, ``numpy.load`` never allows pickles; and the weights-only loads really refuse a pickled object."""
+"""No pickle anywhere in the package (and, in a checkout, its benchmarks and scripts): every ``torch.load`` passes
+``weights_only=True`` (torch < 2.6, which the dependency floor allows, defaults to False), nothing imports
+pickle-based serializers, ``numpy.load`` never allows pickles; and the weights-only loads really refuse a pickled
+object."""
 
 from __future__ import annotations
 
@@ -25,9 +27,19 @@ def _dotted(node: ast.AST) -> str:
     return ""
 
 
+def _sources() -> list[Path]:
+    """The package, and in a checkout its benchmarks and scripts too (they read files the package wrote)."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    for extra in ("benchmarks", "scripts"):
+        folder = PACKAGE.parent / extra
+        if folder.is_dir():
+            paths += sorted(folder.rglob("*.py"))
+    return paths
+
+
 def _findings() -> list[str]:
     found = []
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in _sources():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         where = path.relative_to(PACKAGE.parent)
         for node in ast.walk(tree):
