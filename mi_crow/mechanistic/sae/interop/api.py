@@ -173,9 +173,9 @@ def load_pretrained(
     detected, folder, file = detect_format(path)
     fmt = format or detected
     if fmt == "mi_crow":
-        from mi_crow.mechanistic.sae.sae import TopKSae
+        from mi_crow.mechanistic.sae.base import SaeBase
 
-        cls = expected or TopKSae
+        cls = expected or SaeBase  # SaeBase.load returns the class its config.json names
         sae = cls.load(path=file or folder, device=device)
         if dtype is not None:
             sae.to(dtype=dtype)
