@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the stored activations")
     p.set_defaults(func=save.run)
 
-    p = add("train", "train a TopK SAE on a saved activation run")
+    p = add("train", "train an SAE (TopK, BatchTopK, Matryoshka) or a transcoder on a saved activation run")
     _store_arg(p)
     p.add_argument("--run-id", help="activation run (default: the only run in the store)")
     p.add_argument("--layer", help="layer stored in the run (default: its only layer)")
@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training of the same --sae-id from its last checkpoint")
+    p.add_argument("--arch", choices=("topk", "batchtopk", "matryoshka"), default="topk",
+                   help="topk (k per token), batchtopk (k x batch over the batch, threshold at inference) or "
+                        "matryoshka (nested prefixes; BatchTopK selection)")
+    p.add_argument("--matryoshka-sizes", help="group sizes of --arch matryoshka, e.g. 1024,3072,12288 (summing to "
+                                              "--n-latents; default: 5 groups doubling in size)")
+    p.add_argument("--transcoder-target", metavar="LAYER",
+                   help="train a transcoder from --layer to this layer of the same run (e.g. an MLP's output)")
+    p.add_argument("--skip", action="store_true", help="with --transcoder-target: add a linear skip term")
     p.set_defaults(func=train.run)
 
     p = add("concepts", "collect each feature's top texts (and name features)")
