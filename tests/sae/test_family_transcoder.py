@@ -106,3 +106,29 @@ def test_paired_store_readers_stay_aligned(tmp_path):
                           store.activation_reader("r", "mlp_out", 128, **kw))
     for batch in reader:
         assert torch.equal(batch[:, 3:], batch[:, :2] * 2)
+
+
+def test_mlp_transcoder_end_to_end_on_a_tiny_llama(tiny_llama, store, sample_texts):
+    """Both hook points saved from one forward (the multi-layer save), trained from that run, then spliced in."""
+    lm = tiny_llama
+    inp, out = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp"
+    run = lm.activations.save(sample_texts, [inp, out], run_id="mlp", batch_size=8, max_length=24, progress=False)
+    dims = store.read_run_meta(run)["layer_dims"]
+    torch.manual_seed(0)
+    tc = Transcoder(64, int(dims[inp]), int(dims[out]), 4, skip=True)
+    tc.train(store, run, inp, _config(epochs=1, batch_size=64, b_dec_init_tokens=256), target_layer=out)
+    texts = sample_texts[:4]
+    clean = lm.forwards(texts).logits
+    lm.attach_sae(tc, out)
+    assert torch.equal(lm.forwards(texts).logits, clean)  # observe: bit-exact
+    tc.mode = "replace"
+    spliced = lm.forwards(texts).logits
+    lm.detach_sae(tc)
+    module = lm.layers.get_module(out)
+    handle = module.register_forward_hook(lambda m, a, o: tc(a[0]).reconstruction.detach())
+    try:
+        expected = lm.forwards(texts, with_controllers=False).logits
+    finally:
+        handle.remove()
+    assert not torch.allclose(spliced, clean)
+    torch.testing.assert_close(spliced, expected, rtol=1e-5, atol=1e-5)
