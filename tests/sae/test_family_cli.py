@@ -17,7 +17,7 @@ def store_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("family_cli") / "st"
     store = LocalStore(path)
     g = torch.Generator().manual_seed(0)
-    for i in range(4):
+    for i in range(2):
         x = torch.randn(8, 32, 16, generator=g)
         store.write_activation_batch("r", i, {"blk.mlp_in": x, "blk.mlp": torch.tanh(x[..., :12])},
                                      torch.ones(8, 32, dtype=torch.int64))

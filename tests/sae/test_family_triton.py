@@ -27,8 +27,10 @@ torch.save((code.values.detach(), code.indices, code.refinements), sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("candidates", [2, None])
-def test_batch_topk_on_the_interpreted_triton_encode_matches_reference(tmp_path, candidates):
+@pytest.mark.slow
+def test_batch_topk_on_the_interpreted_triton_encode_matches_reference(tmp_path):
+    # Two candidates per token: the hogging token forces refinements, so the saturated-token path runs on Triton.
+    candidates = 2
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 8, generator=g)
     x[0] *= 5  # one token holds many of the batch's winners: forces refinements at width 2
@@ -45,5 +47,4 @@ def test_batch_topk_on_the_interpreted_triton_encode_matches_reference(tmp_path,
     values, indices, refinements = torch.load(dst, weights_only=True)
     dense = torch.zeros(16, 40).scatter_add(1, indices, values)
     torch.testing.assert_close(dense, batch_topk_ref(x, W, b_enc, b_dec, k), atol=1e-5, rtol=1e-5)
-    if candidates == 2:
-        assert refinements > 0
+    assert refinements > 0
