@@ -233,3 +233,11 @@ def test_topk_exported_as_jumprelu_with_estimated_thresholds():
     torch.testing.assert_close(jr_dense[kept], topk_dense[kept], atol=1e-5, rtol=1e-5)
     g = estimate_thresholds(sae, x, per_latent=False)
     assert g.dim() == 0 and float(g) == pytest.approx(float(topk_dense[kept].min()))
+
+
+def test_training_a_jumprelu_sae_is_refused_with_a_clear_error():
+    from mi_crow.errors import NotSupportedError
+    from mi_crow.mechanistic.sae import SaeTrainer
+
+    with pytest.raises(NotSupportedError, match="JumpReLUSae is for inference only"):
+        SaeTrainer(JumpReLUSae(8, 4)).compute_losses(torch.randn(3, 4))

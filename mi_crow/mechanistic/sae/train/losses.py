@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mi_crow import ops
+from mi_crow.errors import NotSupportedError
 from mi_crow.ops.batch_topk import batch_topk_encode
 from mi_crow.mechanistic.sae.train.results import LossOutput
 
@@ -106,6 +107,11 @@ def family_losses(
     Arguments as `SaeStepper.compute_losses`; for a transcoder ``x`` is ``[B, n_inputs + n_outputs]``.
     """
     sae: Any = stepper.sae
+    if sae.selection == "jumprelu":
+        raise NotSupportedError(
+            "SaeTrainer: a JumpReLUSae is for inference only; train a TopKSae or BatchTopKSae and export it with "
+            "JumpReLUSae.from_sae"
+        )
     k = sae.k if k is None else k
     if sae.is_transcoder:
         inp, target = x[:, : sae.n_inputs], x[:, sae.n_inputs :]
