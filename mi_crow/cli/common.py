@@ -209,13 +209,14 @@ def sae_ids(store: Any) -> list[str]:
 
 
 def load_sae(store: Any, sae_id: str) -> TopKSae:
-    from mi_crow.mechanistic.sae import TopKSae
-
     ids = sae_ids(store)
     if sae_id not in ids:
         hint = f"SAEs in the store: {ids}" if ids else f"the store {store.base_path} has no SAE yet (`{PROG} train`)"
         raise UserInputError(f"--sae-id {sae_id!r}: no such SAE; {hint}")
-    return TopKSae.load(store, sae_id)
+    # Any architecture of the family (TopK, BatchTopK, Matryoshka, JumpReLU, transcoders): config.json says which.
+    from mi_crow.mechanistic.sae import load_sae as load_any
+
+    return load_any(store, sae_id)  # type: ignore[return-value]
 
 
 def cli_info(store: Any, sae_id: str) -> dict[str, Any]:

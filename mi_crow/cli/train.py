@@ -1,6 +1,7 @@
-"""``mi-crow train``: TopK SAEs on a saved activation run, or straight from a model's forwards (``--model``), one SAE
-or a grid (several values of ``--layer``, ``--k``, ``--n-latents`` or ``--seed``) from one pass; ``--resume``
-continues an interrupted run."""
+"""``mi-crow train``: an SAE of the family (``--arch topk|batchtopk|matryoshka``) or a transcoder
+(``--transcoder-target LAYER [--skip]``) on a saved activation run, or straight from a model's forwards (``--model``);
+one SAE or a grid of TopK SAEs (several values of ``--layer``, ``--k``, ``--n-latents`` or ``--seed``) from one pass;
+``--resume`` continues an interrupted run."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from mi_crow.errors import UserInputError
 if TYPE_CHECKING:  # pragma: no cover
     from mi_crow.mechanistic.sae import TopKSae
 
-__all__ = ["add_arguments", "run", "train_step"]
+__all__ = ["add_arguments", "build_sae", "default_matryoshka_sizes", "parse_sizes", "run", "train_step"]
 
 
 def _int_list(value: str) -> list[int]:
@@ -79,6 +80,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training of the same --sae-id from its last checkpoint")
     p.add_argument("--checkpoint-every", type=_positive(int), default=50, help="steps between checkpoints")
+    p.add_argument("--arch", choices=("topk", "batchtopk", "matryoshka"), default="topk",
+                   help="topk (k per token), batchtopk (k x batch over the batch, threshold at inference) or "
+                        "matryoshka (nested prefixes; BatchTopK selection)")
+    p.add_argument("--matryoshka-sizes", help="group sizes of --arch matryoshka, e.g. 1024,3072,12288 (summing to "
+                                              "--n-latents; default: 5 groups doubling in size)")
+    p.add_argument("--transcoder-target", metavar="LAYER",
+                   help="train a transcoder from --layer to this layer of the same run (e.g. an MLP's output)")
+    p.add_argument("--skip", action="store_true", help="with --transcoder-target: add a linear skip term")
     # Training on the fly.
     p.add_argument("--model", help="train straight from this model's forwards ('default' or a local HuggingFace "
                                    "folder) instead of a stored run")
@@ -94,23 +103,85 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def train_step(store: Any, run_id: str, layer: str, n_latents: int, k: int, sae_id: str, *, tokens: int | None,
                epochs: float | None, batch_size: int, lr: float | None, seed: int,
                model_id: str | None, resume: bool = False, checkpoint_every: int | None = 50,
+               arch: str = "topk", matryoshka_sizes: list[int] | None = None,
+               transcoder_target: str | None = None, skip: bool = False,
                ) -> tuple[TopKSae, Any]:
-    """Train a TopK SAE on a stored run; saves it as ``sae_models/<sae_id>`` and the history under ``runs/``.
+    """Train an SAE (``arch``) or a transcoder on a stored run; saves it as ``sae_models/<sae_id>`` and the history
+    under ``runs/``.
 
     The training run is named like the SAE; with ``resume`` an interrupted run continues from its last checkpoint
     (a run without checkpoint starts from scratch).
     """
-    from mi_crow.mechanistic.sae import SaeTrainer, TopKSae
+    from mi_crow.mechanistic.sae import SaeTrainer
 
-    d = int(store.read_run_meta(run_id)["layer_dims"][layer])
+    dims = store.read_run_meta(run_id)["layer_dims"]
     if k > n_latents:
         raise UserInputError(f"--k {k} must not exceed --n-latents {n_latents}")
-    sae = TopKSae(n_latents=n_latents, n_inputs=d, k=k)
+    if transcoder_target is not None and transcoder_target not in dims:
+        raise UserInputError(
+            f"--transcoder-target {transcoder_target!r} is not stored in run {run_id!r}; stored layers: "
+            f"{sorted(dims)} (save the input and the target layer in one run)"
+        )
+    target_width = int(dims[transcoder_target]) if transcoder_target is not None else None
+    sae = build_sae(arch, n_latents, int(dims[layer]), k, matryoshka_sizes, target_width, skip)
     config = _config(tokens, epochs, batch_size, lr, seed, sae_id, checkpoint_every, resume, progress=True)
-    result = SaeTrainer(sae, store).train(run_id, layer, config)
+    if transcoder_target is not None:
+        result = sae.train(store, run_id, layer, config, target_layer=transcoder_target)
+    else:
+        result = SaeTrainer(sae, store).train(run_id, layer, config)
     put_cli_info(store, sae_id, model=model_id, layer=layer, activation_run=run_id,
                  training_run=result.training_run_id, n_latents=n_latents, k=k)
     return sae, result
+
+
+def build_sae(arch: str, n_latents: int, d: int, k: int, matryoshka_sizes: list[int] | None = None,
+              target_width: int | None = None, skip: bool = False) -> Any:
+    """The untrained SAE of ``--arch`` (a `Transcoder` when ``target_width`` is given), with the CLI's errors."""
+    from mi_crow.mechanistic.sae import BatchTopKSae, MatryoshkaSae, TopKSae, Transcoder
+
+    if skip and target_width is None:
+        raise UserInputError("--skip needs --transcoder-target LAYER (a skip term belongs to a transcoder)")
+    if matryoshka_sizes is not None and arch != "matryoshka":
+        raise UserInputError(f"--matryoshka-sizes needs --arch matryoshka, got --arch {arch}")
+    if target_width is not None:
+        if arch == "matryoshka":
+            raise UserInputError("--transcoder-target works with --arch topk or batchtopk, got --arch matryoshka")
+        return Transcoder(n_latents, d, target_width, k, skip=skip, batch_topk=arch == "batchtopk")
+    if arch == "batchtopk":
+        return BatchTopKSae(n_latents=n_latents, n_inputs=d, k=k)
+    if arch == "matryoshka":
+        sizes = matryoshka_sizes or default_matryoshka_sizes(n_latents)
+        try:
+            return MatryoshkaSae(n_latents, d, k, sizes)
+        except (ValueError, TypeError) as exc:
+            raise UserInputError(f"--matryoshka-sizes {','.join(map(str, sizes))}: {exc}") from None
+    return TopKSae(n_latents=n_latents, n_inputs=d, k=k)
+
+
+def default_matryoshka_sizes(n_latents: int, groups: int = 5) -> list[int]:
+    """``groups`` group sizes doubling in size and summing to ``n_latents`` (fewer when ``n_latents`` is small)."""
+    groups = max(1, min(groups, n_latents.bit_length()))
+    unit = n_latents // (2**groups - 1)
+    while unit == 0 and groups > 1:
+        groups -= 1
+        unit = n_latents // (2**groups - 1)
+    sizes = [unit * 2**g for g in range(groups)] if unit else [n_latents]
+    sizes[-1] += n_latents - sum(sizes)
+    return sizes
+
+
+def parse_sizes(text: str | None) -> list[int] | None:
+    """``"a,b,c"`` (or spaces) as ints; a clear error naming --matryoshka-sizes otherwise."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise UserInputError(f"--matryoshka-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes:
+        raise UserInputError(f"--matryoshka-sizes must list at least one group size, got {text!r}")
+    return sizes
 
 
 def _config(tokens: int | None, epochs: float | None, batch_size: int, lr: float | None, seed: int,
@@ -124,11 +195,12 @@ def _config(tokens: int | None, epochs: float | None, batch_size: int, lr: float
     )
 
 
-def _report(result: Any, sae_id: str, n_latents: int, k: int, store: Any) -> None:
+def _report(result: Any, sae_id: str, n_latents: int, k: int, store: Any, kind: str = "TopKSae") -> None:
     if result.resumed_from_step is not None:
         say(f"resumed from the checkpoint at step {result.resumed_from_step}")
     last = result.history[-1] if result.history else {}
-    say(f"trained SAE {sae_id!r} (n_latents={n_latents}, k={k}) on {result.tokens} tokens in {result.steps} "
+    what = "SAE" if kind == "TopKSae" else kind
+    say(f"trained {what} {sae_id!r} (n_latents={n_latents}, k={k}) on {result.tokens} tokens in {result.steps} "
         f"steps: " + ", ".join(f"{m}={last[m]:.4g}" for m in ("fvu", "l0", "dead_fraction") if last.get(m) is not None))
     say(f"saved to {store.location(f'sae_models/{sae_id}')}")
 
@@ -148,18 +220,30 @@ def run(args: argparse.Namespace) -> int:
     widths = {layer: int(meta["layer_dims"][layer]) for layer in layers}
     model_id = meta.get("model_id")
     if _is_grid(args, layers):
+        _check_grid_arch(args)
         grid = _grid(args, widths, store, args.sae_id or f"{run_id}-grid")
         result = grid.train(run_id)
         return _grid_report(result, store, model_id, run_id)
     layer, d = layers[0], widths[layers[0]]
     n_latents = args.n_latents[0] if args.n_latents else 8 * d
     k = args.k[0]
-    sae_id = args.sae_id or f"{run_id}-topk{k}-n{n_latents}"
+    kind = f"tc-{args.arch}" if args.transcoder_target is not None else args.arch
+    sae_id = args.sae_id or f"{run_id}-{kind}{k}-n{n_latents}"
     sae, result = train_step(store, run_id, layer, n_latents, k, sae_id, tokens=args.tokens, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed[0], model_id=model_id,
-                             resume=args.resume, checkpoint_every=args.checkpoint_every)
-    _report(result, sae_id, n_latents, k, store)
+                             resume=args.resume, checkpoint_every=args.checkpoint_every, arch=args.arch,
+                             matryoshka_sizes=parse_sizes(args.matryoshka_sizes),
+                             transcoder_target=args.transcoder_target, skip=args.skip)
+    _report(result, sae_id, n_latents, k, store, type(sae).__name__)
     return 0
+
+
+def _check_grid_arch(args: argparse.Namespace) -> None:
+    if args.arch != "topk" or args.transcoder_target is not None or args.matryoshka_sizes is not None:
+        raise UserInputError(f"a grid (several --layer, --k, --n-latents or --seed values) trains TopK SAEs; "
+                             f"--arch {args.arch}"
+                             + (" with --transcoder-target" if args.transcoder_target is not None else "")
+                             + " trains one SAE at a time")
 
 
 def _split_layers(spec: str | None) -> list[str]:
@@ -193,7 +277,7 @@ def _grid_report(result: Any, store: Any, model_id: str | None, run_id: str | No
 
 
 def _run_on_the_fly(args: argparse.Namespace, store: Any) -> int:
-    from mi_crow.mechanistic.sae import SaeTrainer, TopKSae
+    from mi_crow.mechanistic.sae import SaeTrainer
 
     lm = load_model(args.model, store=store)
     specs = _split_layers(args.layer) or [None]
@@ -202,7 +286,11 @@ def _run_on_the_fly(args: argparse.Namespace, store: Any) -> int:
     options = dict(forward_batch_size=args.forward_batch_size, max_length=args.max_length,
                    buffer_bytes=int(args.buffer_mb * (1 << 20)))
     widths = {layer: int(lm.layers.width(layer)) for layer in layers}
+    if args.transcoder_target is not None:
+        raise UserInputError("--transcoder-target trains from a stored run holding both layers (mi-crow save "
+                             "--layer IN --layer OUT, then mi-crow train --run-id ...), not with --model")
     if _is_grid(args, layers):
+        _check_grid_arch(args)
         grid = _grid(args, widths, store, args.sae_id or "grid")
         result = grid.train_from_model(lm, dataset, **options)
         return _grid_report(result, store, lm.model_id, None)
@@ -212,13 +300,13 @@ def _run_on_the_fly(args: argparse.Namespace, store: Any) -> int:
     if k > n_latents:
         raise UserInputError(f"--k {k} must not exceed --n-latents {n_latents}")
     source = Path(args.dataset).stem if args.dataset and args.dataset != "default" else "default"
-    sae_id = args.sae_id or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{source}-{layer}-topk{k}-n{n_latents}")
+    sae_id = args.sae_id or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{source}-{layer}-{args.arch}{k}-n{n_latents}")
     config = _config(args.tokens, args.epochs, args.batch_size, args.lr, args.seed[0], sae_id, args.checkpoint_every,
                      args.resume, progress=True)
-    sae = TopKSae(n_latents=n_latents, n_inputs=widths[layer], k=k)
+    sae = build_sae(args.arch, n_latents, widths[layer], k, parse_sizes(args.matryoshka_sizes))
     say(f"training on the fly from {lm.model_id} layer {layer} over {len(dataset)} texts")
     result = SaeTrainer(sae, store).train_from_model(lm, dataset, layer, config, **options)
     put_cli_info(store, sae_id, model=lm.model_id, layer=layer, activation_run=None,
                  training_run=result.training_run_id, n_latents=n_latents, k=k)
-    _report(result, sae_id, n_latents, k, store)
+    _report(result, sae_id, n_latents, k, store, type(sae).__name__)
     return 0

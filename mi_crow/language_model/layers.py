@@ -314,9 +314,12 @@ class LanguageModelLayers:
         n_inputs = getattr(hook, "n_inputs", None)
         if isinstance(n_inputs, int) and not isinstance(n_inputs, bool):
             width = self.width(name)
-            if n_inputs != width:
+            # A transcoder hooks the module whose output it predicts: its output width is the one to match.
+            attr = "n_outputs" if getattr(hook, "is_transcoder", False) else "n_inputs"
+            expected = getattr(hook, attr)
+            if expected != width:
                 raise UserInputError(
-                    f"sae.n_inputs={n_inputs} does not match the width of layer {name!r}, which is {width}"
+                    f"sae.{attr}={expected} does not match the width of layer {name!r}, which is {width}"
                 )
         if isinstance(hook, nn.Module):
             hook.to(self.layer_device(name))

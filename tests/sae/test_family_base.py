@@ -213,3 +213,31 @@ def test_bad_construction_arguments_are_named():
         BatchTopKSae(8, 4, 9)
     with pytest.raises(TypeError, match="skip"):
         Transcoder(8, 4, 4, 2, skip="yes")
+
+
+def test_topk_exported_as_jumprelu_with_estimated_thresholds():
+    from mi_crow.mechanistic.sae.jumprelu import estimate_thresholds
+
+    sae = _fill(TopKSae(40, 8, 3), seed=11)
+    x = torch.randn(300, 8, generator=torch.Generator().manual_seed(12))
+    thr = estimate_thresholds(sae, x)
+    assert thr.shape == (40,)
+    j = JumpReLUSae.from_sae(sae, thr)
+    with torch.no_grad():
+        topk_dense = sae.encode_dense(x)
+        jr_dense = j.encode_dense(x)
+    # Per-latent thresholds sit just below each latent's smallest kept value: every kept latent still fires,
+    # with the same value.
+    kept = topk_dense > 0
+    assert bool((jr_dense[kept] > 0).all())
+    torch.testing.assert_close(jr_dense[kept], topk_dense[kept], atol=1e-5, rtol=1e-5)
+    g = estimate_thresholds(sae, x, per_latent=False)
+    assert g.dim() == 0 and float(g) == pytest.approx(float(topk_dense[kept].min()))
+
+
+def test_training_a_jumprelu_sae_is_refused_with_a_clear_error():
+    from mi_crow.errors import NotSupportedError
+    from mi_crow.mechanistic.sae import SaeTrainer
+
+    with pytest.raises(NotSupportedError, match="JumpReLUSae is for inference only"):
+        SaeTrainer(JumpReLUSae(8, 4)).compute_losses(torch.randn(3, 4))

@@ -76,19 +76,24 @@ def test_batch_topk_aux_code_and_bad_k():
         batch_topk_encode(x, W, b_enc, b_dec, W.shape[0] + 1)
 
 
-def test_matryoshka_prefix_reconstructions_are_masked_dense_decodes():
+@pytest.mark.parametrize("chunk", [1, 2, None])
+def test_matryoshka_prefix_reconstructions_are_masked_dense_decodes(chunk):
     g = torch.Generator().manual_seed(3)
-    n, d, B = 40, 6, 7
-    W = torch.randn(n, d, generator=g)
-    b = torch.randn(d, generator=g)
-    values = torch.rand(B, 5, generator=g)
-    indices = torch.stack([torch.randperm(n, generator=g)[:5] for _ in range(B)])
+    n, d, B, w = 40, 6, 7, 9
+    W = torch.randn(n, d, generator=g, requires_grad=True)
+    b = torch.randn(d, generator=g, requires_grad=True)
+    values = torch.rand(B, w, generator=g).requires_grad_(True)
+    indices = torch.stack([torch.randperm(n, generator=g)[:w] for _ in range(B)])
     prefixes = [4, 10, 25, 40]
-    out = matryoshka_reconstructions(values, indices, W, b, prefixes)
-    dense = _dense(values, indices, n)
-    for m, p in enumerate(prefixes):
-        expected = dense[:, :p] @ W[:p] + b
-        torch.testing.assert_close(out[:, m], expected, atol=1e-5, rtol=1e-5)
+    out = matryoshka_reconstructions(values, indices, W, b, prefixes, chunk=chunk)
+    weights = torch.randn(out.shape, generator=g)
+    grads = torch.autograd.grad((out * weights).sum(), (values, W, b))
+    dense = torch.zeros(B, n).scatter(1, indices, values)
+    ref = torch.stack([dense[:, :p] @ W[:p] + b for p in prefixes], dim=1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (values, W, b))
+    for name, a, r in zip(("values", "W_dec", "b_dec"), grads, ref_grads):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_matryoshka_loss_and_gradients_match_a_dense_reference():

@@ -26,7 +26,7 @@ def _config(**kw):
     return SaeTrainingConfig(**{**base, **kw})
 
 
-def test_transcoder_loss_matches_reference_and_skip_enters():
+def test_transcoder_loss_and_gradients_match_reference():
     torch.manual_seed(0)
     tc = Transcoder(20, 6, 4, 3, skip=True)
     with torch.no_grad():
@@ -40,9 +40,13 @@ def test_transcoder_loss_matches_reference_and_skip_enters():
     y_hat = dense @ tc.W_dec + tc.b_dec + x @ tc.W_skip.t()
     fvu = ((y - y_hat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()
     assert float(out.fvu.detach()) == pytest.approx(float(fvu.detach()), rel=1e-5)
-    out.loss.backward()
-    fvu.backward()  # the same graph's leaves: gradients doubled if equal
-    assert tc.W_skip.grad is not None and float(tc.W_skip.grad.abs().sum()) > 0
+    # Gradients of the fused path equal autograd through the dense reference, every parameter (W_skip included).
+    names = [name for name, _ in tc.named_parameters()]
+    fused = torch.autograd.grad(out.loss, list(tc.parameters()))
+    ref = torch.autograd.grad(fvu, list(tc.parameters()))
+    for name, a, r in zip(names, fused, ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4, msg=name)
+    assert float(fused[names.index("W_skip")].abs().sum()) > 0
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -106,3 +110,29 @@ def test_paired_store_readers_stay_aligned(tmp_path):
                           store.activation_reader("r", "mlp_out", 128, **kw))
     for batch in reader:
         assert torch.equal(batch[:, 3:], batch[:, :2] * 2)
+
+
+def test_mlp_transcoder_end_to_end_on_a_tiny_llama(tiny_llama, store, sample_texts):
+    """Both hook points saved from one forward (the multi-layer save), trained from that run, then spliced in."""
+    lm = tiny_llama
+    inp, out = "model.layers.1.post_attention_layernorm", "model.layers.1.mlp"
+    run = lm.activations.save(sample_texts, [inp, out], run_id="mlp", batch_size=8, max_length=24, progress=False)
+    dims = store.read_run_meta(run)["layer_dims"]
+    torch.manual_seed(0)
+    tc = Transcoder(64, int(dims[inp]), int(dims[out]), 4, skip=True)
+    tc.train(store, run, inp, _config(epochs=1, batch_size=64, b_dec_init_tokens=256), target_layer=out)
+    texts = sample_texts[:4]
+    clean = lm.forwards(texts).logits
+    lm.attach_sae(tc, out)
+    assert torch.equal(lm.forwards(texts).logits, clean)  # observe: bit-exact
+    tc.mode = "replace"
+    spliced = lm.forwards(texts).logits
+    lm.detach_sae(tc)
+    module = lm.layers.get_module(out)
+    handle = module.register_forward_hook(lambda m, a, o: tc(a[0]).reconstruction.detach())
+    try:
+        expected = lm.forwards(texts, with_controllers=False).logits
+    finally:
+        handle.remove()
+    assert not torch.allclose(spliced, clean)
+    torch.testing.assert_close(spliced, expected, rtol=1e-5, atol=1e-5)

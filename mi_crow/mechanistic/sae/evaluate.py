@@ -23,6 +23,7 @@ from torch import Tensor
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae import metrics as M
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
+from mi_crow.mechanistic.sae.base import SaeBase
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.validation import check_bool, check_positive_int, check_real, fail, fail_type
 
@@ -189,8 +190,9 @@ def evaluate(
         UserInputError / ArgumentTypeError: bad arguments, no layer known, an SAE width different from the layer's
             (both numbers named), an evaluation set without a real token or without a next-token prediction.
     """
-    if not isinstance(sae, TopKSae):
-        raise fail_type("sae", "a TopKSae", sae)
+    # Any autoencoder of the family (TopK, BatchTopK, Matryoshka, JumpReLU); a transcoder predicts another layer.
+    if not isinstance(sae, SaeBase) or sae.is_transcoder:
+        raise fail_type("sae", "a TopKSae (or another autoencoder of the family, not a transcoder)", sae)
     check_positive_int(batch_size, "batch_size")
     check_positive_int(max_length, "max_length", allow_none=True)
     check_bool(progress, "progress")

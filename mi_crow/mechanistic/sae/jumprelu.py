@@ -18,7 +18,61 @@ from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.base import SaeBase
 from mi_crow.validation import fail, fail_type
 
-__all__ = ["JumpReLUSae"]
+__all__ = ["JumpReLUSae", "estimate_thresholds"]
+
+#: Relative margin of the per-latent thresholds of `estimate_thresholds` below the smallest kept activation.
+THRESHOLD_MARGIN = 1e-3
+
+
+@torch.no_grad()
+def estimate_thresholds(sae: SaeBase, activations: Tensor, *, per_latent: bool = True,
+                        batch_size: int = 4096) -> Tensor:
+    """Thresholds that make a JumpReLU SAE fire like ``sae`` (TopK or BatchTopK) did on ``activations``.
+
+    The training selection is run on the sample (per-token top-k, or the batch top-``k * B`` for BatchTopK, in
+    batches of ``batch_size``). Global: the smallest positive kept activation of the sample (one number, what
+    BatchTopK's running threshold estimates). Per latent: just below the smallest activation at which each latent
+    was kept, so on this sample the JumpReLU code contains every kept latent; a latent never kept gets the global
+    value.
+
+    Args:
+        sae: a TopK / BatchTopK / Matryoshka SAE (an autoencoder).
+        activations: ``[tokens, n_inputs]`` sample.
+        per_latent: per-latent thresholds (``[n_latents]``) or one global threshold (0-d).
+        batch_size: tokens per selection.
+
+    Returns:
+        ``[n_latents]`` or 0-d thresholds in the SAE's dtype.
+    """
+    from mi_crow import ops
+    from mi_crow.ops.batch_topk import batch_topk_encode
+
+    if not isinstance(sae, SaeBase) or sae.is_transcoder:
+        raise fail_type("estimate_thresholds: sae", "an SAE autoencoder (TopKSae, BatchTopKSae, ...)", sae)
+    x_all = sae._check_input(activations, "activations").reshape(-1, sae.n_inputs)
+    lowest = torch.full((sae.n_latents,), float("inf"), dtype=torch.float32, device=sae.device)
+    W_enc, b_enc, b_dec = sae.W_enc.detach(), sae.b_enc.detach(), sae.b_dec.detach()
+    for start in range(0, x_all.shape[0], batch_size):
+        x = x_all[start : start + batch_size]
+        if sae.selection == "batchtopk":
+            code = batch_topk_encode(x, W_enc, b_enc, b_dec, sae.k)
+            values, indices = code.values, code.indices
+        else:
+            code = ops.topk_encode(x, W_enc, b_enc, b_dec, sae.k)
+            values, indices = code.values, code.indices
+        kept = values > 0
+        vals = torch.where(kept, values.float(), torch.full_like(values, float("inf"), dtype=torch.float32))
+        lowest.scatter_reduce_(0, indices.reshape(-1), vals.reshape(-1), reduce="amin")
+    finite = lowest[torch.isfinite(lowest)]
+    if finite.numel() == 0:
+        raise UserInputError("estimate_thresholds: no latent was active on the sample; give more activations")
+    global_thr = finite.min()
+    if not per_latent:
+        return global_thr.to(sae.dtype)
+    lowest = torch.where(torch.isfinite(lowest), lowest, global_thr)
+    # 0.1% below the smallest kept value, so that value still passes the strict ``pre > threshold`` although the
+    # JumpReLU encode folds the threshold into the bias (a different rounding of the same pre-activation).
+    return (lowest * (1.0 - THRESHOLD_MARGIN)).to(sae.dtype)
 
 
 class JumpReLUSae(SaeBase):
@@ -94,8 +148,8 @@ class JumpReLUSae(SaeBase):
 
         Args:
             sae: the source SAE (an autoencoder: ``n_outputs == n_inputs``).
-            threshold: a number or ``[n_latents]`` tensor; None: the source's own estimate (a BatchTopK SAE's
-                ``threshold``, or any ``threshold`` buffer it has).
+            threshold: a number or ``[n_latents]`` tensor (e.g. from `estimate_thresholds` on a data sample); None:
+                the source's own estimate (a BatchTopK SAE's ``threshold``, or any ``threshold`` buffer it has).
 
         Returns:
             A new `JumpReLUSae` on the source's device and dtype, with its metadata, outlier factor and mode.

@@ -86,7 +86,8 @@ def build_checkpoint(
         "activation_run_id": plan.run_id,
         "layer": plan.layer,
         "sae_shape": _sae_shape(sae),
-        "sae": {name: getattr(sae, name).detach().cpu().clone() for name in _SAE_TENSORS},
+        # The whole state dict: the four parameters and an architecture's extras (threshold, W_skip).
+        "sae": {name: t.detach().cpu().clone() for name, t in sae.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "tokens_since_fired": tokens_since_fired.cpu().clone(),
         **state.to_checkpoint(),

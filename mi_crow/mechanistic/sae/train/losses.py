@@ -5,10 +5,10 @@
 - selection: per-token top-k (`mi_crow.ops.topk_encode`) or BatchTopK over the batch
   (`mi_crow.ops.batch_topk.batch_topk_encode`, never ``[B, n]``); BatchTopK also updates the SAE's running
   ``threshold`` (an exponential moving average of the smallest positive value the batch selection keeps);
-- Matryoshka: the prefix reconstructions as *masked sparse decodes*: the code is expanded to ``[B, G, w]`` with
-  the slots of group ``g`` only in row ``g``, decoded in one `sparse_decode` call (one decoder gradient), and the
-  groups' contributions summed cumulatively, so ``x_hat_m = b_dec + sum_{g <= m} contribution_g``; the loss is the
-  sum of the prefix FVUs;
+- Matryoshka: the prefix reconstructions as masked sparse decodes: each group's slots are decoded on their own
+  (rows of one group only, all in one `sparse_decode` call, so one decoder gradient), and the groups'
+  contributions summed cumulatively, ``x_hat_m = b_dec + sum_{g <= m} contribution_g``; the loss is the sum of the
+  prefix FVUs (see `matryoshka_reconstructions`);
 - transcoders: the batch rows are ``[x | y]`` (input, then target): the encoder reads ``x`` without the ``b_dec``
   shift, the decoder (plus the skip term) predicts ``y``, and the FVU is against ``y``'s variance.
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mi_crow import ops
+from mi_crow.errors import NotSupportedError
 from mi_crow.ops.batch_topk import batch_topk_encode
 from mi_crow.mechanistic.sae.train.results import LossOutput
 
@@ -43,28 +44,50 @@ def _sum_sq(t: Tensor) -> Tensor:
 
 
 def matryoshka_reconstructions(
-    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, prefix_sizes: list[int]
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor, prefix_sizes: list[int], chunk: int | None = None
 ) -> Tensor:
-    """The reconstructions of every nested prefix from one sparse code, as masked sparse decodes.
+    """The reconstructions of every nested prefix from one sparse code, as masked sparse decodes in one call.
+
+    Each token's slots are sorted by group and cut into rows of ``chunk`` slots that hold one group only (the
+    last row of a group is padded with value 0); one `sparse_decode` of those rows gives partial sums that are
+    added per (token, group), and a cumulative sum over the groups gives the prefixes. So the decode touches about
+    ``w + G * chunk / 2`` slots per token instead of ``G * w`` for a mask per prefix, and the decoder gets a
+    single gradient.
 
     Args:
         values: ``[B, w]`` code values; indices: ``[B, w]`` int64.
         W_dec: ``[n, d]``; b_dec: ``[d]``.
         prefix_sizes: increasing prefix widths, the last ``n``.
+        chunk: slots per decode row (default ``max(4, w // 8)``).
 
     Returns:
         ``[B, G, d]``: row ``m`` decodes only the latents ``< prefix_sizes[m]`` (plus ``b_dec``).
     """
     B, w = values.shape
     G = len(prefix_sizes)
-    bounds = torch.tensor(prefix_sizes, device=indices.device, dtype=torch.int64)
-    group = torch.bucketize(indices, bounds, right=True)  # [B, w] in 0..G-1
-    member = group.unsqueeze(1) == torch.arange(G, device=indices.device).view(1, G, 1)  # [B, G, w]
-    v = (values.unsqueeze(1) * member.to(values.dtype)).reshape(B * G, w)
-    i = indices.unsqueeze(1).expand(B, G, w).reshape(B * G, w)
-    zero = torch.zeros_like(b_dec)
-    parts = ops.sparse_decode(v, i, W_dec, zero).view(B, G, -1)
-    return parts.cumsum(dim=1) + b_dec
+    dev = indices.device
+    chunk = chunk or max(4, w // 8)
+    with torch.no_grad():
+        bounds = torch.tensor(prefix_sizes, device=dev, dtype=torch.int64)
+        group = torch.bucketize(indices, bounds, right=True)  # [B, w] in 0..G-1
+        g_sorted, order = group.sort(dim=1, stable=True)
+        counts = torch.zeros(B, G, dtype=torch.int64, device=dev).scatter_add_(1, group, torch.ones_like(group))
+        starts = counts.cumsum(1) - counts
+        rank = torch.arange(w, device=dev).unsqueeze(0) - starts.gather(1, g_sorted)  # place within its group
+        n_chunks = (counts + chunk - 1) // chunk  # [B, G]
+        flat_chunks = n_chunks.reshape(-1)
+        offsets = flat_chunks.cumsum(0) - flat_chunks
+        R = int(flat_chunks.sum())
+        seg = torch.arange(B, device=dev).unsqueeze(1) * G + g_sorted  # (token, group) of each sorted slot
+        row = offsets[seg] + torch.div(rank, chunk, rounding_mode="floor")
+        col = rank % chunk
+        row_segment = torch.repeat_interleave(torch.arange(B * G, device=dev), flat_chunks)
+        I = torch.zeros(R, chunk, dtype=torch.int64, device=dev)
+        I[row, col] = indices.gather(1, order)
+    V = values.new_zeros(R, chunk).index_put((row, col), values.gather(1, order))
+    parts = ops.sparse_decode(V, I, W_dec, torch.zeros_like(b_dec))  # [R, d]
+    per_group = parts.new_zeros(B * G, parts.shape[1]).index_add(0, row_segment, parts).view(B, G, -1)
+    return per_group.cumsum(dim=1) + b_dec
 
 
 def family_losses(
@@ -84,6 +107,11 @@ def family_losses(
     Arguments as `SaeStepper.compute_losses`; for a transcoder ``x`` is ``[B, n_inputs + n_outputs]``.
     """
     sae: Any = stepper.sae
+    if sae.selection == "jumprelu":
+        raise NotSupportedError(
+            "SaeTrainer: a JumpReLUSae is for inference only; train a TopKSae or BatchTopKSae and export it with "
+            "JumpReLUSae.from_sae"
+        )
     k = sae.k if k is None else k
     if sae.is_transcoder:
         inp, target = x[:, : sae.n_inputs], x[:, sae.n_inputs :]
