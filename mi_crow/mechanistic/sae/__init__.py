@@ -12,6 +12,7 @@ from mi_crow.mechanistic.sae.sae import SaeOutput, SparseCode, TopKSae
 from mi_crow.mechanistic.sae.train import (
     LossOutput,
     NonFiniteTrainingError,
+    SaeGrid,
     SaeTrainer,
     StepInfo,
     TrainingResult,
@@ -23,6 +24,7 @@ __all__ = [
     "EvaluationResult",
     "LossOutput",
     "NonFiniteTrainingError",
+    "SaeGrid",
     "SaeOutput",
     "SaeTrainer",
     "SaeTrainingConfig",
