@@ -49,7 +49,7 @@ def test_stream_yields_exactly_the_real_tokens_shuffled(lm):
     # Blocks of ~3 forward batches: several blocks, carries between them.
     stream = ModelActivationStream(lm, texts, [LAYER], batch_size=8, forward_batch_size=3, max_length=MAX_LENGTH,
                                    buffer_bytes=2 * 60 * 32 * 4, seed=5)
-    assert stream.n_tokens == ref.shape[0]
+    assert stream.real_tokens == stream.n_tokens == ref.shape[0]  # no outlier rule: no sink to plan for
     assert len(stream.blocks) > 1
     batches = _epoch(stream)
     got = torch.cat(batches)
@@ -101,7 +101,8 @@ def test_sinks_are_left_out_by_the_outlier_rule_over_each_forward_batch(lm):
         expected += int(attention_sink_mask(hidden, enc["attention_mask"], factor=10.0).sum())
     assert expected == len(texts)
     assert outliers == expected
-    assert got.shape[0] == ((stream.n_tokens - expected) // 4) * 4
+    assert got.shape[0] == ((stream.real_tokens - expected) // 4) * 4
+    assert stream.n_tokens == stream.real_tokens - len(texts)  # planned: one sink per text
     assert float(got.norm(dim=1).max()) < 10.0 * float(got.norm(dim=1).median())
 
 

@@ -164,9 +164,13 @@ class ModelActivationStream:
             )
         self.block_rows = block_rows
         lengths = [len(ids) for ids in lm.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
-        self.n_tokens = int(sum(lengths))
-        if self.n_tokens == 0:
+        self.real_tokens = int(sum(lengths))
+        if self.real_tokens == 0:
             raise UserInputError("dataset: the texts hold no token")
+        # What an epoch plans with (steps = n_tokens // batch_size): the real tokens less one sink per text when the
+        # outlier rule is on (models park about one sink per text, at its start). Planning with more tokens than an
+        # epoch yields would start the next epoch -- a whole buffer half of forwards -- for a batch or two.
+        self.n_tokens = max(1, self.real_tokens - (len(texts) if outlier_norm_factor is not None else 0))
         # Blocks: whole forward batches until a block reaches block_rows planned tokens.
         self.blocks: list[tuple[int, int]] = []
         start, rows = 0, 0
