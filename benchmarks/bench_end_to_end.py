@@ -254,6 +254,9 @@ def main() -> None:
         part_grid(args, out)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"bench_end_to_end{'_quick' if args.quick else ''}.json"
+    if path.exists():  # parts run separately accumulate in one file (each part keeps its latest run)
+        previous = json.loads(path.read_text())
+        out = {**previous, **out, "meta": {**previous.get("meta", {}), **out["meta"]}}
     path.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {path}")
 

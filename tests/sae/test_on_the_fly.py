@@ -3,6 +3,9 @@ the outlier rule over each forward batch, bit-for-bit resume, and the errors for
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -46,7 +49,7 @@ def test_stream_yields_exactly_the_real_tokens_shuffled(lm):
     # Blocks of ~3 forward batches: several blocks, carries between them.
     stream = ModelActivationStream(lm, texts, [LAYER], batch_size=8, forward_batch_size=3, max_length=MAX_LENGTH,
                                    buffer_bytes=2 * 60 * 32 * 4, seed=5)
-    assert stream.n_tokens == ref.shape[0]
+    assert stream.real_tokens == stream.n_tokens == ref.shape[0]  # no outlier rule: no sink to plan for
     assert len(stream.blocks) > 1
     batches = _epoch(stream)
     got = torch.cat(batches)
@@ -98,7 +101,8 @@ def test_sinks_are_left_out_by_the_outlier_rule_over_each_forward_batch(lm):
         expected += int(attention_sink_mask(hidden, enc["attention_mask"], factor=10.0).sum())
     assert expected == len(texts)
     assert outliers == expected
-    assert got.shape[0] == ((stream.n_tokens - expected) // 4) * 4
+    assert got.shape[0] == ((stream.real_tokens - expected) // 4) * 4
+    assert stream.n_tokens == stream.real_tokens - len(texts)  # planned: one sink per text
     assert float(got.norm(dim=1).max()) < 10.0 * float(got.norm(dim=1).median())
 
 
@@ -183,3 +187,43 @@ def test_bad_input(lm):
         SaeTrainer(sae).train_from_model(lm, [], LAYER, quiet)
     with pytest.raises(UserInputError, match="need a store"):
         SaeTrainer(sae).train_from_model(lm, SAMPLE_TEXTS, LAYER, _config())
+
+
+# ------------------------------------------------------------------------------------------------ trainer overhead
+def test_outlier_rule_on_row_norms_decides_as_on_the_rows():
+    """The trainer applies the rule to ``[B, 1]`` row norms (one pass over x): same decision as on x itself."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e-3, 1e3):
+        x = torch.randn(512, 64, generator=g) * scale
+        x[torch.randint(0, 512, (9,), generator=g)] *= torch.linspace(5, 50, 9).unsqueeze(1)
+        ref = attention_sink_mask(x, factor=10.0)
+        got = attention_sink_mask(x.norm(dim=1).unsqueeze(1), factor=10.0)
+        assert torch.equal(got, ref) and int(ref.sum()) > 0
+
+
+def test_history_file_written_at_checkpoints_and_the_end_when_writes_are_spaced(tmp_path, monkeypatch):
+    store = LocalStore(tmp_path)
+    writes = []
+    original = LocalStore.put_json
+
+    def counting(self, key, value):
+        if key.endswith("training_history.json"):
+            writes.append(len(value))
+        return original(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "put_json", counting)
+    x = torch.randn(16 * 40, 32, generator=torch.Generator().manual_seed(1))
+    config = SaeTrainingConfig(n_tokens=16 * 40, batch_size=16, log_every=2, checkpoint_every=10, progress=False,
+                               b_dec_init_tokens=64, training_run_id="h", save_sae=False)
+    trainer = SaeTrainer(TopKSae(n_latents=64, n_inputs=32, k=4), store)
+    trainer.HISTORY_WRITE_SPACING = 1e12  # never due by time: only the forced writes remain
+    result = trainer.train_on_tensor(x, config)
+    # Records every 2 steps (20); the file at the first record (no write timed yet), at the checkpoints (steps 10,
+    # 20, 30) and at the end (step 40).
+    assert writes == [1, 5, 10, 15, 20]
+    assert store.get_json("runs/h/training_history.json") == json.loads(json.dumps(result.history))
+    writes.clear()
+    trainer = SaeTrainer(TopKSae(n_latents=64, n_inputs=32, k=4), store)
+    trainer.HISTORY_WRITE_SPACING = 0.0  # always due: every record is written
+    trainer.train_on_tensor(x, dataclasses.replace(config, training_run_id="h2"))
+    assert writes == list(range(1, 21))

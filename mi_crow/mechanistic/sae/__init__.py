@@ -24,6 +24,7 @@ from mi_crow.mechanistic.sae.transcoder import Transcoder
 from mi_crow.mechanistic.sae.train import (
     LossOutput,
     NonFiniteTrainingError,
+    SaeGrid,
     SaeTrainer,
     StepInfo,
     TrainingResult,
@@ -41,6 +42,7 @@ __all__ = [
     "EvaluationResult",
     "LossOutput",
     "NonFiniteTrainingError",
+    "SaeGrid",
     "SaeOutput",
     "SaeTrainer",
     "SaeTrainingConfig",

@@ -55,6 +55,16 @@ class _StopForward(Exception):
     """Raised from a hook once every requested layer has run, so later layers and the LM head never run."""
 
 
+class _Cancelled(Exception):
+    """The reader that asked for a block stopped while it was being made."""
+
+
+# One stream forward at a time in the process: the capture hooks sit on the model's modules for the duration of a
+# forward, and another stream's forward (a reader abandoned but still finishing, a grid beside a single run) must not
+# run through them.
+_FORWARD_LOCK = threading.Lock()
+
+
 def texts_of(dataset: Any, argument: str = "dataset") -> list[str]:
     """The texts of a list of str or a mi_crow dataset (anything iterable over str, e.g. `TextDataset`)."""
     if isinstance(dataset, (str, bytes)):
@@ -154,9 +164,13 @@ class ModelActivationStream:
             )
         self.block_rows = block_rows
         lengths = [len(ids) for ids in lm.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]]
-        self.n_tokens = int(sum(lengths))
-        if self.n_tokens == 0:
+        self.real_tokens = int(sum(lengths))
+        if self.real_tokens == 0:
             raise UserInputError("dataset: the texts hold no token")
+        # What an epoch plans with (steps = n_tokens // batch_size): the real tokens less one sink per text when the
+        # outlier rule is on (models park about one sink per text, at its start). Planning with more tokens than an
+        # epoch yields would start the next epoch -- a whole buffer half of forwards -- for a batch or two.
+        self.n_tokens = max(1, self.real_tokens - (len(texts) if outlier_norm_factor is not None else 0))
         # Blocks: whole forward batches until a block reaches block_rows planned tokens.
         self.blocks: list[tuple[int, int]] = []
         start, rows = 0, 0
@@ -180,7 +194,6 @@ class ModelActivationStream:
             "dtype": str(dtype).removeprefix("torch."),
         }
         self._first_block: _Block | None = None  # block 0 of epoch 0 when a sample made it before training
-        self._lock = threading.Lock()  # one forward at a time (the sample and a producer never overlap anyway)
 
     # -- readers -------------------------------------------------------------------------------------------------
     def reader(self, epoch: int, layer: str | None = None) -> StreamReader:
@@ -203,8 +216,12 @@ class ModelActivationStream:
         lm = self.lm
         captured: dict[str, Tensor] = {}
 
+        me = threading.get_ident()
+
         def hook_for(name: str):
             def hook(module: Any, args: Any, output: Any) -> None:
+                if threading.get_ident() != me:  # another thread's forward of the same model
+                    return
                 tensor = output[0] if isinstance(output, (tuple, list)) else output
                 captured[name] = tensor.detach()
                 if len(captured) == len(self.layers):
@@ -235,16 +252,21 @@ class ModelActivationStream:
         out = {name: captured[name].to(self.device)[keep].to(self.dtype) for name in self.layers}
         return out, real - int(keep.sum())
 
-    def _make_block(self, epoch: int, index: int, carry_in: dict[str, Tensor] | None) -> _Block:
+    def _make_block(self, epoch: int, index: int, carry_in: dict[str, Tensor] | None,
+                    stop: threading.Event | None = None) -> _Block:
         if epoch == 0 and index == 0 and carry_in is None and self._first_block is not None:
             block, self._first_block = self._first_block, None
             return block
         first, last = self.blocks[index]
         parts: dict[str, list[Tensor]] = {name: [] if carry_in is None else [carry_in[name]] for name in self.layers}
         outliers = 0
-        with self._lock, torch.no_grad():
+        with torch.no_grad():
             for start in range(first, last, self.forward_batch_size):
-                vectors, sinks = self._forward_vectors(self.texts[start:min(start + self.forward_batch_size, last)])
+                if stop is not None and stop.is_set():
+                    raise _Cancelled
+                with _FORWARD_LOCK:
+                    vectors, sinks = self._forward_vectors(self.texts[start:min(start + self.forward_batch_size,
+                                                                                last)])
                 outliers += sinks
                 for name in self.layers:
                     parts[name].append(vectors[name])
@@ -347,10 +369,12 @@ class StreamReader:
                             return
                     if stop.is_set():
                         return
-                    block = stream._make_block(self.epoch, index, carry)
+                    block = stream._make_block(self.epoch, index, carry, stop)
                     carry = block.carry_out
                     blocks.put(block)
                 blocks.put(done)
+            except _Cancelled:
+                return
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
                 blocks.put(exc)
 
