@@ -99,6 +99,11 @@ class SaeStepper:
         """Whether this process writes the run's files (history, config, saved SAE): rank 0 only."""
         return self._layout is None or self._layout.rank == 0
 
+    @property
+    def _n_latents_total(self) -> int:
+        """Latents of the whole dictionary (latent-sharded: of every rank's slice together)."""
+        return self.sae.n_latents * (self._layout.world_size if self._latent_sharded else 1)
+
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """Sum over data-parallel ranks (identity in a single process and in the layouts where every rank sees the
         whole batch). A tensor that requires grad keeps a gradient path to this rank's own term."""

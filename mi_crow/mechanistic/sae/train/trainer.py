@@ -365,7 +365,7 @@ class SaeTrainer(SaeStepper):
             "fvu": means["fvu"],
             "r2": 1.0 - means["fvu"],
             "l0": means["l0"],
-            "dead_fraction": None if dead_count is None else dead_count / self.sae.n_latents,
+            "dead_fraction": None if dead_count is None else dead_count / self._n_latents_total,  # dist
             "dead_features": dead_count,
             "auxk_loss": means["auxk_loss"],
             "l1": means["l1"],
