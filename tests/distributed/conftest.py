@@ -20,6 +20,15 @@ from typing import Any
 import pytest
 import torch
 
+# Imported here, once, so that the forked ranks inherit them instead of each importing them again (seconds each).
+import torch.distributed.checkpoint  # noqa: F401
+import torch.distributed.tensor  # noqa: F401
+from torch.distributed.device_mesh import init_device_mesh  # noqa: F401
+
+from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae  # noqa: F401
+from mi_crow.mechanistic.sae.train import dcp_checkpoint, distributed  # noqa: F401
+from mi_crow.store import LocalStore  # noqa: F401
+
 #: The gloo timeout of every test group: a rank waiting on a dead peer fails after at most this long.
 GLOO_TIMEOUT_S = 10
 
@@ -138,3 +147,10 @@ def assert_same_run(got: dict[str, Any], want: dict[str, Any], *, atol: float = 
                 assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (key, a, b)
             else:
                 assert a[key] == b[key], (key, a, b)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_parent():
+    """One tiny training in the test process before any fork: the first training of a process pays seconds of
+    one-time set-up, which forked ranks then inherit instead of each paying it again."""
+    train(training_config(n_tokens=64 * 2, dead_window_tokens=64))
