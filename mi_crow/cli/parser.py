@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training of the same --sae-id from its last checkpoint")
+    p.add_argument("--parallel", choices=["data", "latents", "layers"],
+                   help="distributed layout under `torchrun --nproc_per_node=N -m mi_crow train`: data (split every "
+                        "batch over the ranks), latents (split the dictionary), layers (one SAE per layer; every "
+                        "layer of the run, or the comma-separated --layer list)")
     p.set_defaults(func=train.run)
 
     p = add("concepts", "collect each feature's top texts (and name features)")

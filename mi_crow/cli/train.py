@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING, Any
 
 from mi_crow.cli.common import check_run, open_store, put_cli_info, run_layer, say
@@ -15,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 def train_step(store: Any, run_id: str, layer: str, n_latents: int, k: int, sae_id: str, *, tokens: int | None,
                epochs: float | None, batch_size: int, lr: float | None, seed: int,
                model_id: str | None, resume: bool = False, checkpoint_every: int | None = 50,
-               ) -> tuple[TopKSae, Any]:
+               parallel: str | None = None) -> tuple[TopKSae, Any]:
     """Train a TopK SAE on a stored run; saves it as ``sae_models/<sae_id>`` and the history under ``runs/``.
 
     The training run is named like the SAE; with ``resume`` an interrupted run continues from its last checkpoint
@@ -30,7 +31,7 @@ def train_step(store: Any, run_id: str, layer: str, n_latents: int, k: int, sae_
     config = SaeTrainingConfig(
         n_tokens=tokens, epochs=epochs if tokens is None else None, batch_size=batch_size, lr=lr, seed=seed,
         training_run_id=sae_id, sae_id=sae_id, log_every=5, checkpoint_every=checkpoint_every, resume=resume,
-        b_dec_init_tokens=min(8192, batch_size * 8), progress=True,
+        b_dec_init_tokens=min(8192, batch_size * 8), progress=True, parallel=parallel,
     )
     result = SaeTrainer(sae, store).train(run_id, layer, config)
     put_cli_info(store, sae_id, model=model_id, layer=layer, activation_run=run_id,
@@ -41,6 +42,18 @@ def train_step(store: Any, run_id: str, layer: str, n_latents: int, k: int, sae_
 def run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     run_id = check_run(store, args.run_id)
+    # -- dist: torchrun --------------------------------------------------------------------------------------
+    parallel = getattr(args, "parallel", None)
+    from mi_crow.mechanistic.sae.train.distributed import cli_layers, init_from_env
+
+    launched = init_from_env() if parallel is not None else None
+    if parallel is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserInputError("mi-crow train runs under torchrun with several processes: pass --parallel data, "
+                             "--parallel latents or --parallel layers")
+    if parallel == "layers":
+        return cli_layers(store, run_id, args)
+    talk = say if launched is None or launched.rank == 0 else (lambda *_a, **_k: None)  # rank 0 reports
+    # -- end dist --------------------------------------------------------------------------------------------
     layer = run_layer(store, run_id, args.layer)
     d = int(store.read_run_meta(run_id)["layer_dims"][layer])
     n_latents = args.n_latents or 8 * d
@@ -48,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
     model_id = store.read_run_meta(run_id).get("model_id")
     sae, result = train_step(store, run_id, layer, n_latents, args.k, sae_id, tokens=args.tokens,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             model_id=model_id, resume=args.resume)
+                             model_id=model_id, resume=args.resume, parallel=parallel)
     if result.resumed_from_step is not None:
-        say(f"resumed from the checkpoint at step {result.resumed_from_step}")
+        talk(f"resumed from the checkpoint at step {result.resumed_from_step}")
     last = result.history[-1] if result.history else {}
-    say(f"trained SAE {sae_id!r} (n_latents={n_latents}, k={args.k}) on {result.tokens} tokens in {result.steps} "
+    talk(f"trained SAE {sae_id!r} (n_latents={n_latents}, k={args.k}) on {result.tokens} tokens in {result.steps} "
         f"steps: " + ", ".join(f"{k}={last[k]:.4g}" for k in ("fvu", "l0", "dead_fraction") if last.get(k) is not None))
-    say(f"saved to {store.location(f'sae_models/{sae_id}')}")
+    talk(f"saved to {store.location(f'sae_models/{sae_id}')}")
     return 0

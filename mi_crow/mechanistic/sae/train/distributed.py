@@ -576,3 +576,31 @@ def init_from_env(timeout_s: float = 300.0) -> Layout | None:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return Layout("", dist.get_rank(), dist.get_world_size())
 
+
+
+def cli_layers(store: Store, run_id: str, args: Any) -> int:
+    """``mi-crow train --parallel layers``: an SAE for every layer of the run (or the comma-separated ``--layer``
+    list), ``--n-latents`` each (default 8 x the layer's width), spread over the ranks by `train_layers`."""
+    from mi_crow.mechanistic.sae import TopKSae
+
+    meta = store.read_run_meta(run_id)
+    stored = sorted(meta.get("layer_dims", {}))
+    layers = stored if not args.layer else [name.strip() for name in str(args.layer).split(",")]
+    unknown = [name for name in layers if name not in stored]
+    if unknown:
+        raise UserInputError(f"--layer {unknown} not stored in run {run_id!r}; stored layers: {stored}")
+    saes = {}
+    for name in layers:
+        d = int(meta["layer_dims"][name])
+        saes[name] = TopKSae(n_latents=args.n_latents or 8 * d, n_inputs=d, k=args.k)
+    base = args.sae_id or f"{run_id}-topk{args.k}"
+    config = SaeTrainingConfig(
+        n_tokens=args.tokens, epochs=args.epochs if args.tokens is None else None, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, training_run_id=base, log_every=5, checkpoint_every=50, resume=args.resume,
+        b_dec_init_tokens=min(8192, args.batch_size * 8), progress=True, parallel="layers",
+    )
+    results = train_layers(store, run_id, saes, config)
+    for layer, result in results.items():
+        print(f"rank {dist.get_rank() if dist.is_initialized() else 0}: trained SAE {result.sae_id!r} on layer "
+            f"{layer!r} ({result.steps} steps)", flush=True)
+    return 0
