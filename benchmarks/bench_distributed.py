@@ -8,10 +8,10 @@ Measured per rank (``--sizes`` that fit in this machine's memory):
 
 - ``param_bytes`` / ``optimizer_bytes``: the parameters and the Adam moments this rank holds while it trains (read
   from the tensors themselves in a step callback);
-- ``peak_rss_gb``: the peak resident memory of the rank's process over the whole run (initialisation included:
-  every rank builds the full SAE before it is sharded) and ``steady_rss_gb``: the peak over the steps after the
-  first (parameters, moments, the one transient gradient, activations), both sampled every 5 ms from
-  ``/proc/self/status``;
+- ``peak_rss_gb``: the peak resident memory of the rank's process over the whole run (initialisation and the final
+  gather included: every rank builds the full SAE before it is sharded, and gets the whole trained SAE back at the
+  end) and ``steady_rss_gb``: the peak over steps 2..N (parameters, moments, the one transient gradient,
+  activations), both sampled every 5 ms from ``/proc/self/status``;
 - ``comm_bytes_per_step``: the payload this rank passes to all-reduce / all-gather per optimizer step
   (`distributed.comm_bytes`; the wire traffic depends on gloo's / NCCL's algorithm);
 - ``step_s``: seconds per step (noisy: a shared, loaded 2-core machine).
@@ -79,6 +79,9 @@ class RssSampler:
         self.since_mark = self.rss()
         self.marked = True
 
+    def unmark(self) -> None:
+        self.marked = False
+
     def stop(self) -> None:
         self._stop = True
         self._thread.join()
@@ -108,6 +111,7 @@ def run_case(rank: int, world: int, n: int, d: int, k: int, batch: int, steps: i
             sampler.mark()
         if info.step == steps:
             seen["comm1"] = distributed.comm_bytes()
+            sampler.unmark()  # the steps' window ends here (before the final gather of the slices)
 
     distributed.reset_comm_bytes()
     SaeTrainer(sae).train_on_tensor(x, config, callbacks=[callback])

@@ -245,6 +245,13 @@ def broadcast_(t: Tensor, src: int = 0) -> None:
     _collective("broadcast", lambda: dist.broadcast(t, src))
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (a small picklable value, e.g. a generated run name) on every rank."""
+    box = [obj]
+    _collective("broadcast_object_list", lambda: dist.broadcast_object_list(box, src))
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank (through a tiny all-reduce, so a dead rank fails it instead of hanging)."""
     all_reduce(torch.zeros(1))
@@ -444,6 +451,9 @@ def shard_sae(full: TopKSae, layout: Layout) -> TopKSae:
     return shard
 
 
+_LATENT_WEIGHTS = ("W_enc", "b_enc", "W_dec")
+
+
 def release_latents(full: TopKSae) -> None:
     """Free the storage of ``full``'s latent-indexed weights (the parameters stay, empty) while its shards train."""
     full.W_enc.data = full.W_enc.data.new_empty(0, full.n_inputs)
@@ -453,10 +463,15 @@ def release_latents(full: TopKSae) -> None:
 
 def unshard_into(shard: TopKSae, full: TopKSae) -> None:
     """All-gather every rank's slice back into ``full``'s parameters (same Parameter objects, full size)."""
+    world = dist.get_world_size()
     with torch.no_grad():
-        full.W_enc.data = torch.cat(all_gather_same(shard.W_enc.detach()))
-        full.b_enc.data = torch.cat(all_gather_same(shard.b_enc.detach()))
-        full.W_dec.data = torch.cat(all_gather_same(shard.W_dec.detach()))
+        for name in _LATENT_WEIGHTS:
+            local = getattr(shard, name).detach().contiguous()
+            whole = local.new_empty((local.shape[0] * world, *local.shape[1:]))
+            # Gathered straight into the row blocks of the whole tensor: no second full-size copy.
+            _count(local)
+            _collective("all_gather", lambda w=whole, t=local: dist.all_gather(list(w.chunk(world)), t))
+            getattr(full, name).data = whole
         full.b_dec.data = shard.b_dec.detach().clone()
 
 

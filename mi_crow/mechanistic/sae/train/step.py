@@ -25,6 +25,7 @@ themselves are in ``distributed.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.train import distributed
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.results import LossOutput
+from mi_crow.mechanistic.sae.train.state import _utc_run_id
 from mi_crow.validation import fail, fail_type
 
 if TYPE_CHECKING:
@@ -97,7 +99,7 @@ class SaeStepper:
     @property
     def _writes_run(self) -> bool:
         """Whether this process writes the run's files (history, config, saved SAE): rank 0 only."""
-        return self._layout is None or self._layout.rank == 0
+        return self.rank == 0
 
     @property
     def _n_latents_total(self) -> int:
@@ -182,6 +184,8 @@ class SaeStepper:
             raise fail("SaeTrainingConfig.parallel", "'data' or 'latents' for one SAE (parallel='layers' trains "
                        "several SAEs: use train.distributed.train_layers)", config.parallel)
         distributed.check_same_config(config, self.sae.config_dict())
+        if config.training_run_id is None:  # one generated name for every rank: rank 0's
+            config = dataclasses.replace(config, training_run_id=distributed.broadcast_object(_utc_run_id()))
         if layout.parallel == "latents":
             distributed.check_latent_layout(layout, self.sae.n_latents, self.sae.k)
             return config, reader_factory, sample_reader
@@ -208,6 +212,7 @@ class SaeStepper:
             return
         distributed.unshard_into(self.sae, self._full_sae)
         self.sae, self._full_sae = self._full_sae, None
+        self._layout = None  # the whole SAE again: later direct calls (compute_losses, train_step) are local
 
     def _initialise_weights(self, config: SaeTrainingConfig, sample_reader: Any) -> float:
         """`initialise_weights` in the run's layout; returns the input scale."""
