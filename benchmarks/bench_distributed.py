@@ -194,7 +194,8 @@ def comm_formula(n: int, d: int, k: int, batch: int, layout: str, world: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="18", help="log2 of the latent counts to run (comma-separated)")
-    parser.add_argument("--account", default="20", help="log2 of the latent counts to account for only")
+    parser.add_argument("--account", default="18,20", help="log2 of the latent counts to account for (every layout "
+                        "not measured)")
     parser.add_argument("--d", type=int, default=768)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=256)
@@ -218,8 +219,11 @@ def main() -> None:
                       f"GB (steps {row['steady_rss_gb']:.2f} GB), comm {row['comm_bytes_per_step'] / 1e6:.2f} MB/step"
                       f" (formula {comm_formula(n, args.d, args.k, args.batch, layout, world) / 1e6:.2f}), "
                       f"{row['step_s']:.2f} s/step", flush=True)
+    measured = {(r["n_latents"], r["layout"]) for r in rows}
     for p in [int(s) for s in args.account.split(",") if s]:
-        for layout in layouts:
+        for layout in ("single", "latents", "data"):
+            if (1 << p, layout) in measured:
+                continue
             rows += account(1 << p, args.d, args.k, args.batch, layout, 1 if layout == "single" else 2)
     ratios = {}
     for p in sorted({r["n_latents"] for r in rows}):
