@@ -151,6 +151,16 @@ def assert_same_run(got: dict[str, Any], want: dict[str, Any], *, atol: float = 
 
 @pytest.fixture(scope="session", autouse=True)
 def _warm_parent():
-    """One tiny training in the test process before any fork: the first training of a process pays seconds of
-    one-time set-up, which forked ranks then inherit instead of each paying it again."""
-    train(training_config(n_tokens=64 * 2, dead_window_tokens=64))
+    """The reference training in the test process before any fork: the first training of a process pays seconds
+    of one-time set-up, which forked ranks then inherit instead of each paying it again."""
+    reference()
+
+
+_REFERENCE: dict[str, Any] = {}
+
+
+def reference() -> dict[str, Any]:
+    """The single-process run of the default `training_config` (computed once per session; read-only)."""
+    if "run" not in _REFERENCE:
+        _REFERENCE["run"] = train(training_config())
+    return _REFERENCE["run"]

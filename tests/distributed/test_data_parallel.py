@@ -4,10 +4,12 @@ stopped after a checkpoint resumes to the same result."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from tests.distributed.conftest import assert_same_run, launch, ok, train, training_config
+from tests.distributed.conftest import assert_same_run, launch, ok, reference, train, training_config
 
 
 
@@ -16,7 +18,7 @@ def _dp_run(rank: int, world: int, overrides: dict) -> dict:
 
 
 def test_data_parallel_equals_single_process(tmp_path):
-    want = train(training_config())
+    want = reference()
     # The run exercises what must be reduced over ranks: outliers, dead latents (AuxK on), several log records.
     assert want["outliers"] > 0
     assert any((r["dead_features"] or 0) > 0 for r in want["history"])
@@ -50,7 +52,7 @@ def _dp_resume(rank: int, world: int, store: str) -> dict:
 
 
 def test_data_parallel_checkpoint_resume(tmp_path):
-    want = train(training_config())
+    want = reference()
     got = ok(launch(_dp_resume, tmp_path, str(tmp_path / "store")))
     for res in got:
         assert res["resumed_from"] == 5
@@ -69,3 +71,26 @@ def test_data_parallel_checkpoint_resume(tmp_path):
 
     loaded = TopKSae.load(LocalStore(tmp_path / "store"), "dp")
     torch.testing.assert_close(loaded.W_dec, want["weights"]["W_dec"], atol=1e-5, rtol=0)
+
+
+def _store_run(rank: int, world: int, store: str, parallel: str | None) -> dict:
+    from mi_crow.mechanistic.sae import SaeTrainer
+    from mi_crow.store import LocalStore
+
+    from tests.distributed.conftest import make_sae
+
+    sae = make_sae(48, 12)
+    config = training_config(parallel=parallel, n_tokens=64 * 6, dead_window_tokens=64, b_dec_init_tokens=100)
+    result = SaeTrainer(sae, LocalStore(Path(store), fsync=False)).train("acts", "h.1", config)
+    return {"weights": {k: v.detach().clone() for k, v in sae.state_dict().items()}, "history": result.history}
+
+
+def test_data_parallel_from_a_store_run(tmp_path):
+    """The store reader path: each rank keeps its rows of every global batch; the b_dec sample (read in batches
+    that do not split evenly) is gathered back in stream order."""
+    from tests.distributed.test_layers import _write_run
+
+    _write_run(tmp_path / "store")
+    want = _store_run(0, 1, str(tmp_path / "store"), None)
+    for res in ok(launch(_store_run, tmp_path, str(tmp_path / "store"), "data")):
+        assert_same_run(res, want)

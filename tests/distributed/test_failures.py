@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from mi_crow.errors import UserInputError
-from tests.distributed.conftest import GLOO_TIMEOUT_S, assert_same_run, launch, ok, train, training_config
+from tests.distributed.conftest import (
+    GLOO_TIMEOUT_S,
+    assert_same_run,
+    launch,
+    ok,
+    reference,
+    train,
+    training_config,
+)
 
 
 def _killed_run(rank: int, world: int, store: str) -> dict:
@@ -46,7 +54,7 @@ def test_killed_rank_fails_the_others_and_the_run_resumes(tmp_path):
     assert "rank 0" in survivor["error"] and "resume=True" in survivor["error"]
     print("survivor failed after", survivor["seconds"])
     assert survivor["seconds"] < GLOO_TIMEOUT_S + 5
-    want = train(training_config())
+    want = reference()
     for res in ok(launch(_resumed_run, tmp_path, store)):
         assert res["resumed_from"] == 5
         assert_same_run(res, want)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tests.distributed.conftest import assert_same_run, launch, ok, train, training_config
+from tests.distributed.conftest import assert_same_run, launch, ok, reference, train, training_config
 
 
 def _latent_run(rank: int, world: int, overrides: dict) -> dict:
@@ -56,7 +56,7 @@ def _latent_resume(rank: int, world: int, store: str) -> dict:
 
 
 def test_latent_checkpoint_reshards_on_load(tmp_path):
-    want = train(training_config())
+    want = reference()
     store = str(tmp_path / "store")
     ok(launch(_latent_stop, tmp_path, store, world=2))
     # Written by 2 ranks, resumed by 1: the single rank reads both halves of every sharded tensor.
@@ -67,7 +67,7 @@ def test_latent_checkpoint_reshards_on_load(tmp_path):
 
 
 def test_latent_checkpoint_resumes_on_same_world(tmp_path):
-    want = train(training_config())
+    want = reference()
     store = str(tmp_path / "store")
     ok(launch(_latent_stop, tmp_path, store, world=2))
     got = ok(launch(_latent_resume, tmp_path, store, world=2))

@@ -321,8 +321,8 @@ def slice_factory(factory: ReaderFactory, layout: Layout) -> ReaderFactory:
     return lambda epoch: RankSliceReader(factory(epoch), layout)
 
 
-def gathered_sample(sample_reader: Callable[[], Iterable[Tensor]], n_tokens: int, layout: Layout
-                    ) -> Callable[[], Iterable[Tensor]]:
+def gathered_sample(sample_reader: Callable[[], Iterable[Tensor]], n_tokens: int, layout: Layout,
+                    gather: Callable[[Tensor], list[Tensor]] | None = None) -> Callable[[], Iterable[Tensor]]:
     """The first ``n_tokens`` vectors of the sample stream, each rank keeping the positions ``p`` with
     ``p % world_size == rank`` and all-gathering them back into stream order: the very sample a single process
     initialises ``b_dec`` (and the input scale) from."""
@@ -339,7 +339,7 @@ def gathered_sample(sample_reader: Callable[[], Iterable[Tensor]], n_tokens: int
     if d is None:
         raise UserInputError("SaeTrainer: the activation run yields no batch to initialise b_dec from")
     local = torch.cat(parts) if parts else torch.empty(0, d)
-    gathered = all_gather_rows(local)
+    gathered = (gather or all_gather_rows)(local)  # the stepper's seam
     full = torch.empty(seen, d)
     for q, part in enumerate(gathered):
         full[q::world] = part

@@ -115,10 +115,9 @@ class SaeStepper:
         """Max (logical or, for bool) over data-parallel ranks (identity otherwise)."""
         return distributed.all_reduce(tensor, "max") if self._data_parallel else tensor
 
-    def _all_gather_rows(self, tensor: Tensor) -> Tensor:
-        """The concatenation, in rank order, of every data-parallel rank's ``[m_r, ...]`` tensor (identity
-        otherwise)."""
-        return torch.cat(distributed.all_gather_rows(tensor)) if self._data_parallel else tensor
+    def _all_gather_rows(self, tensor: Tensor) -> list[Tensor]:
+        """Every data-parallel rank's ``[m_r, ...]`` tensor, in rank order (``[tensor]`` otherwise)."""
+        return distributed.all_gather_rows(tensor) if self._data_parallel else [tensor]
 
     def _any_over_latents(self, flag: Tensor) -> Tensor:
         """Logical or of a bool scalar over the ranks holding different latents (identity otherwise)."""
@@ -139,7 +138,7 @@ class SaeStepper:
             sinks = attention_sink_mask(x, factor=factor)
             return sinks, int(sinks.sum())
         local = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).norm(dim=-1)
-        gathered = distributed.all_gather_rows(local)
+        gathered = self._all_gather_rows(local)
         every = attention_sink_mask(torch.cat(gathered).unsqueeze(1), factor=factor)
         start = sum(part.shape[0] for part in gathered[: self._layout.rank])
         return every[start : start + x.shape[0]], int(every.sum())
@@ -193,7 +192,7 @@ class SaeStepper:
         sample = sample_reader or (lambda: original(0))
         n_sample = config.b_dec_init_tokens
         return (config, distributed.slice_factory(reader_factory, layout),
-                lambda: distributed.gathered_sample(sample, n_sample, layout)())
+                lambda: distributed.gathered_sample(sample, n_sample, layout, self._all_gather_rows)())
 
     def _enter_layout(self, k_max: int) -> None:
         """Latent-sharded: train this rank's slice (``self.sae``) and free the caller's full weights meanwhile
