@@ -3,7 +3,6 @@ timeout (no hang) and the run resumes from its last checkpoint; bad input is ref
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path

@@ -3,7 +3,6 @@ single-process run up to the order of the sums; its checkpoint re-shards onto an
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -55,22 +54,19 @@ def _latent_resume(rank: int, world: int, store: str) -> dict:
     return train(config, store_path=Path(store))
 
 
-def test_latent_checkpoint_reshards_on_load(tmp_path):
+def test_latent_checkpoint_resumes_on_the_same_and_another_world_size(tmp_path):
+    import shutil
+
     want = reference()
-    store = str(tmp_path / "store")
-    ok(launch(_latent_stop, tmp_path, store, world=2))
+    store = tmp_path / "store"
+    ok(launch(_latent_stop, tmp_path, str(store), world=2))
+    shutil.copytree(store, tmp_path / "store-copy")
+    # Written by 2 ranks, resumed by 2 ranks.
+    for res in ok(launch(_latent_resume, tmp_path, str(store), world=2)):
+        assert res["resumed_from"] == 5
+        assert_same_run(res, want)
     # Written by 2 ranks, resumed by 1: the single rank reads both halves of every sharded tensor.
-    (one,) = ok(launch(_latent_resume, tmp_path, store, world=1))
+    (one,) = ok(launch(_latent_resume, tmp_path, str(tmp_path / "store-copy"), world=1))
     assert one["resumed_from"] == 5
     assert_same_run(one, want)
     assert torch.equal(one["tokens_since_fired"], want["tokens_since_fired"])
-
-
-def test_latent_checkpoint_resumes_on_same_world(tmp_path):
-    want = reference()
-    store = str(tmp_path / "store")
-    ok(launch(_latent_stop, tmp_path, store, world=2))
-    got = ok(launch(_latent_resume, tmp_path, store, world=2))
-    for res in got:
-        assert res["resumed_from"] == 5
-        assert_same_run(res, want)
