@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -39,13 +40,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+def _rank_main(rank: int, world: int, port: int, out: str, fn: Callable[..., Any], args: tuple[Any, ...],
+               gloo_timeout: float) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=gloo_timeout))
         result: Any = {"ok": fn(rank, world, *args)}
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         result = {"error": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__,
@@ -54,19 +56,25 @@ def _rank_main(rank: int, world: int, port: int, out: str, fn: Callable[..., Any
     os._exit(0)  # no atexit / process-group teardown that could wait on a dead peer
 
 
-def launch(fn: Callable[..., Any], tmp: Path, *args: Any, world: int = 2, timeout: float = 60.0) -> list[dict]:
+def launch(fn: Callable[..., Any], tmp: Path, *args: Any, world: int = 2, timeout: float = 60.0,
+           gloo_timeout: float = GLOO_TIMEOUT_S, hang_ok: tuple[int, ...] = ()) -> list[dict]:
     """Run ``fn(rank, world, *args)`` on ``world`` forked ranks of a fresh gloo group; one result dict per rank:
-    ``{"ok": value}``, ``{"error": text, "type": name}`` or ``{"missing": True}`` (the rank died without one)."""
+    ``{"ok": value}``, ``{"error": text, "type": name}`` or ``{"missing": True}`` (the rank died without one, or
+    is one of ``hang_ok`` and was still running after ``timeout``: then it is killed)."""
     out = tmp / f"ranks-{free_port()}"
     out.mkdir()
     port = free_port()
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(out), fn, args)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, str(out), fn, args, gloo_timeout)) for r in range(world)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [i for i, p in enumerate(procs) if p.is_alive()]
+    deadline = time.monotonic() + timeout
+    for i, p in enumerate(procs):
+        if i not in hang_ok:
+            p.join(max(0.0, deadline - time.monotonic()))
+    for i in hang_ok:  # once the others are done, a stuck rank gets only a moment more
+        procs[i].join(min(1.0, max(0.0, deadline - time.monotonic())))
+    hung = [i for i, p in enumerate(procs) if p.is_alive() and i not in hang_ok]
     for p in procs:
         if p.is_alive():
             p.kill()

@@ -51,12 +51,34 @@ def test_killed_rank_fails_the_others_and_the_run_resumes(tmp_path):
     survivor = results[0]["ok"]
     assert survivor["error"] is not None, "rank 0 finished although rank 1 was killed"
     assert "rank 0" in survivor["error"] and "resume=True" in survivor["error"]
-    print("survivor failed after", survivor["seconds"])
     assert survivor["seconds"] < GLOO_TIMEOUT_S + 5
     want = reference()
     for res in ok(launch(_resumed_run, tmp_path, store)):
         assert res["resumed_from"] == 5
         assert_same_run(res, want)
+
+
+def _hung_run(rank: int, world: int) -> dict:
+    from mi_crow.mechanistic.sae.train.distributed import DistributedTrainingError
+
+    def hang(info):
+        if info.step == 3 and rank == 1:
+            time.sleep(120)  # alive but stuck: only the timeout can tell
+        hang.t0 = time.monotonic()
+
+    try:
+        train(training_config(parallel="data"), callbacks=[hang])
+    except DistributedTrainingError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - hang.t0}
+    return {"error": None}
+
+
+def test_stuck_rank_fails_the_others_after_the_gloo_timeout(tmp_path):
+    results = launch(_hung_run, tmp_path, world=2, timeout=15, gloo_timeout=2, hang_ok=(1,))
+    assert results[1] == {"missing": True}  # killed by the launcher, still sleeping
+    survivor = results[0]["ok"]
+    assert survivor["error"] is not None and "Timed out waiting 2000ms" in survivor["error"]  # gloo's own words
+    assert survivor["seconds"] < 2 + 5
 
 
 def _bad_inputs(rank: int, world: int, store: str) -> dict[str, str]:
