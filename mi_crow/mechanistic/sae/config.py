@@ -31,6 +31,7 @@ _LR_DECAYS = ("none", "linear", "cosine")
 _B_DEC_INITS = ("geometric_median", "mean", "zeros", "keep")
 _ENCODE_DTYPES = ("float32", "bfloat16")
 _OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "for_loop")
+_PARALLEL = ("data", "latents", "layers")
 
 
 #: The automatic dead window (``dead_window_tokens=None``) as a fraction of the run's token budget.
@@ -233,10 +234,19 @@ class SaeTrainingConfig:
     """W&B run name (None: the training run id)."""
 
     rank: int = 0
-    """Data-parallel rank (reserved for distributed training; must be 0 for now)."""
+    """This process's rank in the ``torch.distributed`` group (``parallel`` set). Left at 0 together with
+    ``world_size=1`` under an initialised process group, both are taken from the group; given explicitly, they must
+    match it."""
 
     world_size: int = 1
-    """Data-parallel world size (reserved for distributed training; must be 1 for now)."""
+    """Number of processes of the ``torch.distributed`` group (``parallel`` set); see ``rank``."""
+
+    parallel: str | None = None
+    """Distributed layout (needs an initialised ``torch.distributed`` process group, e.g. under ``torchrun``):
+    ``"data"`` (each rank trains the same SAE on a disjoint slice of every global batch of ``batch_size`` tokens;
+    gradients and statistics are summed over ranks), ``"latents"`` (each rank owns a contiguous slice of the latents
+    and their Adam state and sees the whole batch), ``"layers"`` (one SAE per layer, layers spread over the ranks; see
+    ``mi_crow.mechanistic.sae.train.distributed.train_layers``). None: single-process training."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form metadata saved with the configuration (e.g. notes about the experiment)."""
@@ -289,10 +299,18 @@ class SaeTrainingConfig:
             raise UserInputError(
                 "SaeTrainingConfig.resume=True needs training_run_id (the run to continue), got training_run_id=None"
             )
-        if self.world_size != 1:
-            raise fail(_arg("world_size"), "1 (data-parallel training is not implemented yet)", self.world_size)
-        if self.rank != 0:
-            raise fail(_arg("rank"), "0 while world_size is 1", self.rank)
+        check_positive_int(self.world_size, _arg("world_size"))
+        check_non_negative_int(self.rank, _arg("rank"))
+        if self.rank >= self.world_size:
+            raise fail(_arg("rank"), f"less than world_size={self.world_size}", self.rank)
+        if self.parallel is not None:
+            check_choice(self.parallel, _arg("parallel"), _PARALLEL)
+        elif self.world_size != 1:
+            raise fail(_arg("world_size"), "1 without a distributed layout (set parallel='data', 'latents' or "
+                       "'layers' to train on several processes)", self.world_size)
+        if self.parallel == "data" and self.batch_size % self.world_size:
+            raise fail(_arg("batch_size"), f"a multiple of world_size={self.world_size} (data-parallel training "
+                       "splits every global batch evenly over the ranks)", self.batch_size)
         if not isinstance(self.extra, dict):
             raise fail_type(_arg("extra"), "a dict", self.extra)
         check_real(self.l1_lambda, _arg("l1_lambda"), minimum=0.0)

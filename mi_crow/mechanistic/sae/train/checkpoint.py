@@ -1,8 +1,13 @@
-"""Checkpoint I/O: ``runs/<training_run_id>/checkpoint.pt``, everything a run needs to continue bit for bit.
+"""Checkpoint I/O: everything a run needs to continue bit for bit.
 
-The file is a ``torch.save`` dict (format 1): ``format, config, total_steps, activation_run_id, layer, sae_shape,
-sae {W_enc, b_enc, W_dec, b_dec}, optimizer, tokens_since_fired, step, epoch, tokens_seen, batches_seen,
-nonfinite_batches, outlier_tokens, history, input_scale, reader, window, rng {torch[, cuda]}``.
+Single-process runs: ``runs/<training_run_id>/checkpoint.pt``, a ``torch.save`` dict (format 1): ``format, config,
+total_steps, activation_run_id, layer, sae_shape, sae {W_enc, b_enc, W_dec, b_dec}, optimizer, tokens_since_fired,
+step, epoch, tokens_seen, batches_seen, nonfinite_batches, outlier_tokens, history, input_scale, reader, window,
+rng {torch[, cuda]}``.
+
+Distributed runs (``parallel`` set; ``dcp_checkpoint.py``): the tensors as a ``torch.distributed.checkpoint`` folder
+``runs/<id>/checkpoint/step-<N>/`` (each rank writes its shards; JSON metadata, no pickle) and everything else in
+``runs/<id>/checkpoint.json``, written by rank 0 once every shard is on disk.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.train.metrics import MetricsWindow
 from mi_crow.mechanistic.sae.train.results import ActivationReader
 from mi_crow.mechanistic.sae.train.state import TrainingPlan, TrainingState
+from mi_crow.mechanistic.sae.train import dcp_checkpoint
 from mi_crow.store.errors import CorruptStoreFileError
 
 if TYPE_CHECKING:
@@ -40,7 +46,7 @@ CHECKPOINT_FORMAT = 1
 _SAE_TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec")
 # Config fields that may differ between an interrupted run and its resumption.
 _RESUME_FREE_FIELDS = {"resume", "progress", "checkpoint_every", "log_every", "extra", "save_sae", "sae_id",
-                       "use_wandb", "wandb_project", "wandb_run_name"}
+                       "use_wandb", "wandb_project", "wandb_run_name", "rank", "world_size", "parallel"}
 
 
 def _sae_shape(sae: TopKSae) -> list[int]:
@@ -58,7 +64,11 @@ def write_checkpoint(
     reader: ActivationReader,
     window: MetricsWindow,
 ) -> None:
-    """Write the run's checkpoint (replacing the previous one) through the store."""
+    """Write the run's checkpoint (replacing the previous one) through the store (every rank calls it in a
+    distributed run)."""
+    if config.parallel is not None:
+        dcp_checkpoint.write(store, plan, config, sae, optimizer, tokens_since_fired, state, reader, window)
+        return
     checkpoint = build_checkpoint(plan, config, sae, optimizer, tokens_since_fired, state, reader.state_dict(), window)
     key = f"{plan.prefix}/{CHECKPOINT_FILE}"
     store.put_torch(key, checkpoint)
@@ -99,6 +109,9 @@ def build_checkpoint(
 
 def read_checkpoint(store: Store, plan: TrainingPlan) -> dict[str, Any] | None:
     """The run's checkpoint, or None (logged) when there is none yet."""
+    distributed = dcp_checkpoint.read(store, plan)
+    if distributed is not None:
+        return distributed
     key = f"{plan.prefix}/{CHECKPOINT_FILE}"
     if store.exists(key):
         return store.get_torch(key)
@@ -113,11 +126,16 @@ def check_checkpoint(checkpoint: Any, sae: TopKSae, config: SaeTrainingConfig, p
         CorruptStoreFileError: not a checkpoint of this format.
         UserInputError: naming what differs (SAE shape, activations, configuration).
     """
+    dcp_checkpoint.check_layout(checkpoint, config, plan)
+    if isinstance(checkpoint, dict) and checkpoint.get("format") == dcp_checkpoint.FORMAT:
+        checkpoint = {**checkpoint, "format": CHECKPOINT_FORMAT}  # the same checks below
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CorruptStoreFileError(
             f"SaeTrainer: the checkpoint {plan.prefix}/{CHECKPOINT_FILE} to resume from has an unknown format"
         )
     shape = _sae_shape(sae)
+    if config.parallel == "latents":  # sae is this rank's slice
+        shape[0] *= config.world_size
     if list(checkpoint["sae_shape"]) != shape:
         raise UserInputError(
             f"SaeTrainer: cannot resume: the checkpoint is for an SAE with [n_latents, n_inputs, k]="
@@ -151,6 +169,8 @@ def restore_checkpoint(
     Returns:
         ``(tokens_since_fired on the SAE's device, the saved TrainingState)``.
     """
+    if checkpoint.get("format") == dcp_checkpoint.FORMAT:
+        return dcp_checkpoint.restore(checkpoint, sae, optimizer)
     with torch.no_grad():
         for name, tensor in checkpoint["sae"].items():
             getattr(sae, name).copy_(tensor)

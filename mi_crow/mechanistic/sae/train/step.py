@@ -15,14 +15,17 @@ One optimizer step on a batch ``x [B, d]``:
    renormalised -- so at most one dense weight gradient is alive at a time;
 5. dead-latent counters: tokens since each latent was last active; dead = at least ``dead_window_tokens``.
 
-Every data-dependent reduction goes through `SaeStepper._all_reduce_sum` / `_all_reduce_max`, the two places where
-a ``torch.distributed.all_reduce`` goes for data-parallel training (identity for ``world_size == 1``).
-Because parameters are stepped inside backward, a data-parallel version must also all-reduce each gradient in
-the ``before_step`` hook of `step_in_backward`, before that parameter's step.
+Every data-dependent reduction goes through the seams `SaeStepper._all_reduce_sum` / `_all_reduce_max` (over the
+ranks that hold different tokens: data-parallel), `_all_gather_rows` (the outlier median's norms, the ``b_dec``
+sample) and `_any_over_latents` (over the ranks that hold different latents: latent-sharded); all are identities in a
+single process. Because parameters are stepped inside backward, the data-parallel layout all-reduces each gradient
+in the ``before_step`` hook of `step_in_backward`, before that parameter's step (`_gradient_hooks`). The layouts
+themselves are in ``distributed.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -34,8 +37,11 @@ from mi_crow.errors import NotSupportedError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.optim import step_in_backward
 from mi_crow.mechanistic.sae.base import SaeBase
+from mi_crow.mechanistic.sae.outliers import attention_sink_mask
+from mi_crow.mechanistic.sae.train import distributed
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.results import LossOutput
+from mi_crow.mechanistic.sae.train.state import _utc_run_id
 from mi_crow.validation import fail, fail_type
 
 if TYPE_CHECKING:
@@ -79,15 +85,157 @@ class SaeStepper:
         self.dead_window_tokens = 10_000_000
         self.world_size = 1
         self.rank = 0
+        self._layout: distributed.Layout | None = None  # set by a distributed run (train_from_reader)
+        self._full_sae: TopKSae | None = None  # latent-sharded: the caller's SAE while self.sae is this rank's slice
 
     # -- distributed seams --------------------------------------------------------------------------------------
+    @property
+    def _data_parallel(self) -> bool:
+        return self._layout is not None and self._layout.parallel == "data" and self._layout.world_size > 1
+
+    @property
+    def _latent_sharded(self) -> bool:
+        return self._layout is not None and self._layout.parallel == "latents"
+
+    @property
+    def _writes_run(self) -> bool:
+        """Whether this process writes the run's files (history, config, saved SAE): rank 0 only."""
+        return self.rank == 0
+
+    @property
+    def _n_latents_total(self) -> int:
+        """Latents of the whole dictionary (latent-sharded: of every rank's slice together)."""
+        return self.sae.n_latents * (self._layout.world_size if self._latent_sharded else 1)
+
     def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        """Sum over data-parallel ranks (identity while ``world_size == 1``)."""
-        return tensor
+        """Sum over data-parallel ranks (identity in a single process and in the layouts where every rank sees the
+        whole batch). A tensor that requires grad keeps a gradient path to this rank's own term."""
+        return distributed.sum_with_local_grad(tensor) if self._data_parallel else tensor
 
     def _all_reduce_max(self, tensor: Tensor) -> Tensor:
-        """Max (logical or, for bool) over data-parallel ranks (identity while ``world_size == 1``)."""
-        return tensor
+        """Max (logical or, for bool) over data-parallel ranks (identity otherwise)."""
+        return distributed.all_reduce(tensor, "max") if self._data_parallel else tensor
+
+    def _all_gather_rows(self, tensor: Tensor) -> list[Tensor]:
+        """Every data-parallel rank's ``[m_r, ...]`` tensor, in rank order (``[tensor]`` otherwise)."""
+        return distributed.all_gather_rows(tensor) if self._data_parallel else [tensor]
+
+    def _any_over_latents(self, flag: Tensor) -> Tensor:
+        """Logical or of a bool scalar over the ranks holding different latents (identity otherwise)."""
+        return distributed.all_reduce(flag, "max") if self._latent_sharded else flag
+
+    def _all_finite(self, value: Tensor) -> bool:
+        """Whether ``value`` is finite on every data-parallel rank (one decision for all: skip the batch or not)."""
+        return not bool(self._all_reduce_max(~torch.isfinite(value)))
+
+    def _sink_mask(self, x: Tensor, norms: Tensor, factor: float | None) -> tuple[Tensor, int]:
+        """The attention-sink mask of this rank's tokens and the number of sinks over every rank.
+
+        Data-parallel: the median is that of every rank's token norms (all-gathered), so a token is a sink exactly
+        when it would be one in the single-process batch; the rule is `attention_sink_mask`'s, applied to the
+        norms (the norm of a one-element vector is its absolute value).
+        """
+        if not self._data_parallel:
+            sinks = attention_sink_mask(x, factor=factor)
+            return sinks, int(sinks.sum())
+        local = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32).norm(dim=-1)
+        gathered = self._all_gather_rows(local)
+        every = attention_sink_mask(torch.cat(gathered).unsqueeze(1), factor=factor)
+        start = sum(part.shape[0] for part in gathered[: self._layout.rank])
+        return every[start : start + x.shape[0]], int(every.sum())
+
+    def _dead_count(self, window_tokens: int) -> int:
+        """Latents (of the whole dictionary) silent for at least ``window_tokens`` tokens."""
+        dead = (self.tokens_since_fired >= window_tokens).sum()
+        if self._latent_sharded:
+            dead = distributed.all_reduce(dead, "sum")
+        return int(dead)
+
+    def _gradient_hooks(self) -> dict[Tensor, Any]:
+        """``before_step`` hooks that sum gradients over ranks: every parameter's (data-parallel), or the
+        replicated ``b_dec``'s (latent-sharded; the other parameters are this rank's own slice)."""
+        if self._data_parallel:
+            params = [self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec]
+        elif self._latent_sharded and self._layout.world_size > 1:
+            params = [self.sae.b_dec]
+        else:
+            return {}
+        return {p: distributed.reduce_gradient_ for p in params}
+
+    # -- distributed run set-up (called by SaeTrainer) ----------------------------------------------------------
+    def _distribute(
+        self,
+        config: SaeTrainingConfig,
+        reader_factory: Any,
+        sample_reader: Any,
+    ) -> tuple[SaeTrainingConfig, Any, Any]:
+        """Resolve the distributed layout of ``config`` (None: single process) and check the ranks agree.
+
+        Returns:
+            ``(config with rank/world_size, reader factory, sample reader)``: data-parallel wraps both readers
+            (each rank reads its slice of each batch; the ``b_dec`` sample is gathered from every rank's rows).
+        """
+        config, layout = distributed.resolve(config)
+        self._layout = layout
+        self.rank, self.world_size = (layout.rank, layout.world_size) if layout is not None else (0, 1)
+        if layout is None:
+            return config, reader_factory, sample_reader
+        if layout.parallel == "layers":
+            raise fail("SaeTrainingConfig.parallel", "'data' or 'latents' for one SAE (parallel='layers' trains "
+                       "several SAEs: use train.distributed.train_layers)", config.parallel)
+        distributed.check_same_config(config, self.sae.config_dict())
+        if config.training_run_id is None:  # one generated name for every rank: rank 0's
+            config = dataclasses.replace(config, training_run_id=distributed.broadcast_object(_utc_run_id()))
+        if layout.parallel == "latents":
+            distributed.check_latent_layout(layout, self.sae.n_latents, self.sae.k)
+            return config, reader_factory, sample_reader
+        original = reader_factory
+        sample = sample_reader or (lambda: original(0))
+        n_sample = config.b_dec_init_tokens
+        return (config, distributed.slice_factory(reader_factory, layout),
+                lambda: distributed.gathered_sample(sample, n_sample, layout, self._all_gather_rows)())
+
+    def _enter_layout(self, k_max: int) -> None:
+        """Latent-sharded: train this rank's slice (``self.sae``) and free the caller's full weights meanwhile
+        (``k_max``: the largest ``k`` of the run, k-annealing included)."""
+        if not self._latent_sharded or self._full_sae is not None:
+            return
+        if type(self.sae) is not TopKSae:
+            raise NotSupportedError(
+                f"parallel='latents' shards TopK SAEs; {type(self.sae).__name__} trains with parallel='data' or "
+                "'layers' (its selection is not split over latent slices yet)"
+            )
+        distributed.check_latent_layout(self._layout, self.sae.n_latents, max(k_max, self.sae.k))
+        full = self.sae
+        self.sae = distributed.shard_sae(full, self._layout)
+        distributed.release_latents(full)
+        self._full_sae = full
+
+    def _leave_layout(self) -> None:
+        """Latent-sharded: gather the trained slices back into the caller's SAE (every rank gets the whole SAE)."""
+        if self._full_sae is None:
+            return
+        distributed.unshard_into(self.sae, self._full_sae)
+        self.sae, self._full_sae = self._full_sae, None
+        self._layout = None  # the whole SAE again: later direct calls (compute_losses, train_step) are local
+
+    def _initialise_weights(self, config: SaeTrainingConfig, sample_reader: Any) -> float:
+        """`initialise_weights` in the run's layout; returns the input scale."""
+        from mi_crow.mechanistic.sae.train.init import initialise_weights
+
+        if self._latent_sharded:
+            full = self._full_sae
+            assert full is not None
+            return distributed.initialise_latent_shard(self.sae, (full.n_latents, full.n_inputs, full.k), config,
+                                                       sample_reader, self._layout)
+        scale = initialise_weights(self.sae, config, sample_reader)
+        if self._data_parallel:
+            # Every rank computed the same weights from the same seed and the gathered sample; rank 0's are copied
+            # anyway, so weights kept from before (reinit_weights=False) cannot differ between ranks.
+            with torch.no_grad():
+                for p in (self.sae.W_enc, self.sae.b_enc, self.sae.W_dec, self.sae.b_dec):
+                    distributed.broadcast_(p.data)
+        return scale
 
     # -- losses --------------------------------------------------------------------------------------------------
     def compute_losses(
@@ -119,6 +267,11 @@ class SaeStepper:
         Returns:
             `LossOutput`.
         """
+        if self._latent_sharded:
+            return distributed.latent_losses(
+                self, self._layout, x, dead_mask=dead_mask, k_aux=k_aux, auxk_coef=auxk_coef,
+                encode_dtype=encode_dtype, l1_lambda=l1_lambda, k=k, topk_by_decoder_norm=topk_by_decoder_norm,
+            )
         sae = self.sae
         if type(sae) is not TopKSae:
             # BatchTopK, Matryoshka, transcoders: their losses live in losses.py (the TopK path below is unchanged).
@@ -158,9 +311,9 @@ class SaeStepper:
         else:
             x_hat = ops.sparse_decode(values, code.indices, W_dec, sae.b_dec)
         err = x - x_hat
-        sse = _sum_sq(err)
+        sse = self._all_reduce_sum(_sum_sq(err))
         total_var = self._centered_sum_sq(x)
-        fvu = self._all_reduce_sum(sse) / total_var
+        fvu = sse / total_var
         loss = fvu
         auxk = x.new_zeros(())
         if e_hat is not None:
@@ -247,9 +400,11 @@ class SaeStepper:
         for group in optimizer.param_groups:
             group["lr"] = lr
         dead = self.tokens_since_fired >= self.dead_window_tokens
+        # One decision for every rank (the graph, hence the collectives of backward, must be the same on all).
+        any_dead = bool(self._all_reduce_max(self._any_over_latents(dead.any())))
         out = self.compute_losses(
             x,
-            dead_mask=dead if bool(dead.any()) else None,
+            dead_mask=dead if any_dead else None,
             k_aux=k_aux,
             auxk_coef=config.auxk_coef,
             encode_dtype=encode_dtype,
@@ -263,11 +418,18 @@ class SaeStepper:
         # Each parameter is stepped as soon as its gradient is complete, and the gradient freed: the decoder
         # (projected, stepped, renormalised) before the encoder's gradient exists, so at most one dense
         # [n_latents, d_in] gradient is alive at a time. The update equals a plain backward-then-step.
-        before, after = {}, {}
+        before, after = self._gradient_hooks(), {}
         # A transcoder's decoder starts at zero and keeps free row norms (normalising a row as soon as it leaves 0
         # would undo the zero initialisation).
         if config.normalize_decoder and not sae.is_transcoder:
-            before[sae.W_dec] = lambda _p: self._remove_parallel_grad()
+            reduce_dec = before.get(sae.W_dec)
+
+            def project(p: Tensor) -> None:
+                if reduce_dec is not None:
+                    reduce_dec(p)
+                self._remove_parallel_grad()
+
+            before[sae.W_dec] = project
             after[sae.W_dec] = lambda _p: sae.normalize_decoder_()
         with step_in_backward(optimizer, before_step=before, after_step=after):
             out.loss.backward()

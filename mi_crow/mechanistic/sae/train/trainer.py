@@ -289,6 +289,8 @@ class SaeTrainer(SaeStepper):
                 initialise ``b_dec`` (default: ``reader_factory(0)``).
         """
         config = self._check_config(config)
+        # dist: layout, rank checks and per-rank readers (identity for a single process)
+        config, reader_factory, sample_reader = self._distribute(config, reader_factory, sample_reader)
         self.config = config
         if self.store is None and (config.checkpoint_every is not None or config.resume or config.save_sae):
             raise UserInputError(
@@ -300,7 +302,7 @@ class SaeTrainer(SaeStepper):
         plan = TrainingPlan.make(config, self.sae, reader, run_id, layer, model_id)
         # One writer per training run: a second process training into the same run id is refused (naming the
         # holder's pid) instead of interleaving checkpoints and history; a crashed holder's lock is taken over.
-        lock = (contextlib.nullcontext() if self.store is None
+        lock = (contextlib.nullcontext() if self.store is None or not self._writes_run  # dist: rank 0 locks
                 else self.store.lock_run(plan.training_run_id, kind="training", purpose="training"))
         with lock:
             return self._run(plan, reader_factory, reader, sample_reader, callbacks, wandb)
@@ -345,6 +347,7 @@ class SaeTrainer(SaeStepper):
         or ``...``: the run's own checkpoint when ``config.resume`` asks for it.
         """
         config = self.config
+        self._enter_layout(plan.k_start)  # dist: latent-sharded runs train this rank's slice
         self.prepare(config, plan.peak_lr, plan.dead_window_tokens)
         state, batches, window_state = self._start(plan, reader_factory, reader, sample_reader, checkpoint)
         run_config = self._write_run_config(plan, status="running")
@@ -353,7 +356,7 @@ class SaeTrainer(SaeStepper):
         if window_state is not None:
             window.load_checkpoint(window_state)
         self._wandb = None
-        if wandb is not None:
+        if wandb is not None and self._writes_run:  # dist: rank 0 logs
             self._wandb = WandbRun(wandb, config.wandb_project, config.wandb_run_name or plan.training_run_id,
                                    run_config)
         return _Session(plan, state, batches, window, run_config, bar, tuple(callbacks))
@@ -407,7 +410,7 @@ class SaeTrainer(SaeStepper):
         if checkpoint is ...:
             checkpoint = read_checkpoint(self.store, plan) if config.resume else None
         if checkpoint is None:
-            scale = initialise_weights(self.sae, config, sample_reader or (lambda: reader_factory(0)))
+            scale = self._initialise_weights(config, sample_reader or (lambda: reader_factory(0)))  # dist
             state = TrainingState(input_scale=scale)
             return state, EpochBatches(reader_factory, state, reader), None
         check_checkpoint(checkpoint, self.sae, config, plan)
@@ -434,17 +437,23 @@ class SaeTrainer(SaeStepper):
         # squares too. With outlier filtering the row norms serve both checks in one pass over x, and the sum and
         # the sink count come to the host together (one synchronisation).
         if config.outlier_norm_factor is None or filtered:
-            if not bool(torch.isfinite(x.sum())):
+            if not self._all_finite(x.sum()):  # dist: over every rank
                 return self._skip_nonfinite(state)
         else:
             norms = (x.norm(dim=1) if x.dtype in (torch.float32, torch.float64)
                      else torch.linalg.vector_norm(x, dim=1, dtype=torch.float32))
-            # The one outlier rule on the row norms already at hand: the norm of a one-element row is its absolute
-            # value, so [B, 1] norms give the same decision as x without a second pass over x.
-            sinks = attention_sink_mask(norms.unsqueeze(1), factor=config.outlier_norm_factor)
-            total, n_out = torch.stack([norms.sum(), sinks.sum(dtype=norms.dtype)]).tolist()
-            if not math.isfinite(total):
-                return self._skip_nonfinite(state)
+            if self._data_parallel:
+                # dist: finite over every rank; the median and the count over every rank's token norms
+                if not self._all_finite(norms.sum()):
+                    return self._skip_nonfinite(state)
+                sinks, n_out = self._sink_mask(x, norms, config.outlier_norm_factor)
+            else:
+                # The one outlier rule on the row norms already at hand: the norm of a one-element row is its
+                # absolute value, so [B, 1] norms give the same decision as x without a second pass over x.
+                sinks = attention_sink_mask(norms.unsqueeze(1), factor=config.outlier_norm_factor)
+                total, n_out = torch.stack([norms.sum(), sinks.sum(dtype=norms.dtype)]).tolist()
+                if not math.isfinite(total):
+                    return self._skip_nonfinite(state)
             if n_out:
                 state.outliers += int(n_out)
                 x = x[~sinks]
@@ -480,7 +489,7 @@ class SaeTrainer(SaeStepper):
         # Before a full window of tokens no latent can have been silent for a window: "not yet measurable" (None).
         dead_count = None
         if state.tokens_seen >= plan.dead_window_tokens:
-            dead_count = int((self.tokens_since_fired >= plan.dead_window_tokens).sum())
+            dead_count = self._dead_count(plan.dead_window_tokens)  # dist: over every rank's latents
         record = {
             "step": state.step,
             "tokens": state.tokens_seen,
@@ -489,7 +498,7 @@ class SaeTrainer(SaeStepper):
             "fvu": means["fvu"],
             "r2": 1.0 - means["fvu"],
             "l0": means["l0"],
-            "dead_fraction": None if dead_count is None else dead_count / self.sae.n_latents,
+            "dead_fraction": None if dead_count is None else dead_count / self._n_latents_total,  # dist
             "dead_features": dead_count,
             "auxk_loss": means["auxk_loss"],
             "l1": means["l1"],
@@ -500,7 +509,7 @@ class SaeTrainer(SaeStepper):
         }
         state.history.append(record)
         window.clear()
-        if self.store is not None:
+        if self.store is not None and self._writes_run:  # dist: rank 0 writes
             now = time.perf_counter()
             if write or now - self._history_written_at >= self.HISTORY_WRITE_SPACING * self._history_write_cost:
                 self.store.put_json(f"{plan.prefix}/{HISTORY_FILE}", state.history)
@@ -522,7 +531,7 @@ class SaeTrainer(SaeStepper):
         window.restart_clock()
 
     def _progress_bar(self, plan: TrainingPlan, state: TrainingState) -> Any:
-        if not self.config.progress:
+        if not self.config.progress or not self._writes_run:
             return None
         from tqdm.auto import tqdm  # only runs that show progress need tqdm
 
@@ -545,12 +554,13 @@ class SaeTrainer(SaeStepper):
             "optimizer": type(self.optimizer).__name__ + self._optimizer_flavour(),
             **status,
         }
-        if self.store is not None:
+        if self.store is not None and self._writes_run:
             self.store.put_json(f"{plan.prefix}/{RUN_CONFIG_FILE}", run_config)
         return run_config
 
     def _finish(self, plan: TrainingPlan, state: TrainingState, run_config: dict[str, Any]) -> TrainingResult:
         """Final non-finite check, SAE metadata, the completed run config and the saved SAE."""
+        self._leave_layout()  # dist: the latent slices gathered back into the caller's SAE
         config, sae, store = self.config, self.sae, self.store
         state.check_nonfinite(config, final=True)
         fold_into_weights(sae, state.input_scale, config.topk_by_decoder_norm)
@@ -560,13 +570,14 @@ class SaeTrainer(SaeStepper):
         )
         sae.outlier_norm_factor = config.outlier_norm_factor
         sae_id = None
-        if store is not None:
+        if store is not None and config.save_sae:
+            sae_id = config.sae_id or plan.training_run_id
+        if store is not None and self._writes_run:
             # The history is already on disk: the last step always logs.
             run_config.update(status="completed", steps=state.step, tokens=state.tokens_seen,
                               nonfinite_batches=state.nonfinite, outlier_tokens=state.outliers)
             store.put_json(f"{plan.prefix}/{RUN_CONFIG_FILE}", run_config)
             if config.save_sae:
-                sae_id = config.sae_id or plan.training_run_id
                 sae.save(store, sae_id)
         return TrainingResult(
             training_run_id=plan.training_run_id,
