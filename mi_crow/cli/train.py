@@ -201,8 +201,137 @@ def _config(tokens: int | None, epochs: float | None, batch_size: int, lr: float
     )
 
 
-def _report(result: Any, sae_id: str, n_latents: int, k: int, store: Any, kind: str = "TopKSae") -> None:
+def _report(result: Any, sae_id: str, n_latents: int, k: int, store: Any, kind: str = "TopKSae",
+            say: Any = say) -> None:
     if result.resumed_from_step is not None:
-        talk(f"resumed from the checkpoint at step {result.resumed_from_step}")
+        say(f"resumed from the checkpoint at step {result.resumed_from_step}")
     last = result.history[-1] if result.history else {}
+    what = "SAE" if kind == "TopKSae" else kind
+    say(f"trained {what} {sae_id!r} (n_latents={n_latents}, k={k}) on {result.tokens} tokens in {result.steps} "
+        f"steps: " + ", ".join(f"{m}={last[m]:.4g}" for m in ("fvu", "l0", "dead_fraction") if last.get(m) is not None))
+    say(f"saved to {store.location(f'sae_models/{sae_id}')}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.model is None and (args.dataset is not None or args.limit is not None):
+        raise UserInputError("--dataset and --limit need --model (training on the fly); without --model, train reads "
+                             "a stored run (--run-id)")
+    if args.model is not None and args.run_id is not None:
+        raise UserInputError("give either --model (train on the fly) or --run-id (train on a stored run), not both")
+    store = open_store(args.store)
+    if args.model is not None:
+        if args.parallel is not None:
+            raise UserInputError(f"--parallel {args.parallel} trains from a stored run (--run-id); training on the "
+                                 "fly (--model) runs in one process")
+        return _run_on_the_fly(args, store)
+    run_id = check_run(store, args.run_id)
+    # -- dist: torchrun --------------------------------------------------------------------------------------
+    parallel = args.parallel
+    from mi_crow.mechanistic.sae.train.distributed import cli_layers, init_from_env
+
+    launched = init_from_env() if parallel is not None else None
+    if parallel is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserInputError("mi-crow train runs under torchrun with several processes: pass --parallel data, "
+                             "--parallel latents or --parallel layers")
+    if parallel == "layers":
+        return cli_layers(store, run_id, args)
+    talk = say if launched is None or launched.rank == 0 else (lambda *_a, **_k: None)  # rank 0 reports
+    # -- end dist --------------------------------------------------------------------------------------------
+    layers = [run_layer(store, run_id, name) for name in _split_layers(args.layer)] or [run_layer(store, run_id, None)]
+    meta = store.read_run_meta(run_id)
+    widths = {layer: int(meta["layer_dims"][layer]) for layer in layers}
+    model_id = meta.get("model_id")
+    if _is_grid(args, layers):
+        _check_grid_arch(args)
+        if parallel is not None:
+            raise UserInputError(f"--parallel {parallel} trains one SAE (or, with layers, one per layer); a grid of "
+                                 "several --k, --n-latents or --seed values runs in one process")
+        grid = _grid(args, widths, store, args.sae_id or f"{run_id}-grid")
+        result = grid.train(run_id)
+        return _grid_report(result, store, model_id, run_id)
+    layer, d = layers[0], widths[layers[0]]
+    n_latents = args.n_latents[0] if args.n_latents else 8 * d
+    k = args.k[0]
+    kind = f"tc-{args.arch}" if args.transcoder_target is not None else args.arch
+    sae_id = args.sae_id or f"{run_id}-{kind}{k}-n{n_latents}"
+    sae, result = train_step(store, run_id, layer, n_latents, k, sae_id, tokens=args.tokens, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, seed=args.seed[0], model_id=model_id,
+                             resume=args.resume, checkpoint_every=args.checkpoint_every, arch=args.arch,
+                             matryoshka_sizes=parse_sizes(args.matryoshka_sizes),
+                             transcoder_target=args.transcoder_target, skip=args.skip, parallel=parallel)
+    _report(result, sae_id, n_latents, k, store, type(sae).__name__, say=talk)
+    return 0
+
+
+def _check_grid_arch(args: argparse.Namespace) -> None:
+    if args.arch != "topk" or args.transcoder_target is not None or args.matryoshka_sizes is not None:
+        raise UserInputError(f"a grid (several --layer, --k, --n-latents or --seed values) trains TopK SAEs; "
+                             f"--arch {args.arch}"
+                             + (" with --transcoder-target" if args.transcoder_target is not None else "")
+                             + " trains one SAE at a time")
+
+
+def _split_layers(spec: str | None) -> list[str]:
+    return [] if spec is None else [part.strip() for part in spec.split(",") if part.strip()]
+
+
+def _is_grid(args: argparse.Namespace, layers: list[str]) -> bool:
+    return len(layers) > 1 or len(args.k) > 1 or len(args.n_latents or []) > 1 or len(args.seed) > 1
+
+
+def _grid(args: argparse.Namespace, widths: dict[str, int], store: Any, grid_id: str) -> Any:
+    from mi_crow.mechanistic.sae.train.grid import SaeGrid
+
+    config = _config(args.tokens, args.epochs, args.batch_size, args.lr, 0, None, args.checkpoint_every, False,
+                     progress=False)
+    n_latents = args.n_latents or sorted({8 * d for d in widths.values()})
+    return SaeGrid.product(widths, k=args.k, n_latents=n_latents, seed=args.seed, config=config, store=store,
+                           grid_id=grid_id, resume=args.resume)
+
+
+def _grid_report(result: Any, store: Any, model_id: str | None, run_id: str | None) -> int:
+    from mi_crow.mechanistic.sae.train.grid import FRONTIER_SUFFIX
+
+    for point, res in zip(result.points, result.results):
+        put_cli_info(store, point["sae_id"], model=model_id, layer=point["layer"], activation_run=run_id,
+                     training_run=res.training_run_id, n_latents=point["n_latents"], k=point["k"])
+        say(f"{point['sae_id']}: l0={point['l0']:.4g} fvu={point['fvu']:.4g}")
+    say(f"trained {len(result.results)} SAEs from one pass; L0/FVU points in "
+        f"{store.location(f'sae_models/{result.grid_id}{FRONTIER_SUFFIX}')}")
+    return 0
+
+
+def _run_on_the_fly(args: argparse.Namespace, store: Any) -> int:
+    from mi_crow.mechanistic.sae import SaeTrainer
+
+    lm = load_model(args.model, store=store)
+    specs = _split_layers(args.layer) or [None]
+    layers = list(dict.fromkeys(resolve_layer(lm, parse_layer(spec)) for spec in specs))
+    dataset = load_dataset(args.dataset or "default", args.limit, args.text_field)
+    options = dict(forward_batch_size=args.forward_batch_size, max_length=args.max_length,
+                   buffer_bytes=int(args.buffer_mb * (1 << 20)))
+    widths = {layer: int(lm.layers.width(layer)) for layer in layers}
+    if args.transcoder_target is not None:
+        raise UserInputError("--transcoder-target trains from a stored run holding both layers (mi-crow save "
+                             "--layer IN --layer OUT, then mi-crow train --run-id ...), not with --model")
+    if _is_grid(args, layers):
+        _check_grid_arch(args)
+        grid = _grid(args, widths, store, args.sae_id or "grid")
+        result = grid.train_from_model(lm, dataset, **options)
+        return _grid_report(result, store, lm.model_id, None)
+    layer = layers[0]
+    n_latents = args.n_latents[0] if args.n_latents else 8 * widths[layer]
+    k = args.k[0]
+    if k > n_latents:
+        raise UserInputError(f"--k {k} must not exceed --n-latents {n_latents}")
+    source = Path(args.dataset).stem if args.dataset and args.dataset != "default" else "default"
+    sae_id = args.sae_id or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{source}-{layer}-{args.arch}{k}-n{n_latents}")
+    config = _config(args.tokens, args.epochs, args.batch_size, args.lr, args.seed[0], sae_id, args.checkpoint_every,
+                     args.resume, progress=True)
+    sae = build_sae(args.arch, n_latents, widths[layer], k, parse_sizes(args.matryoshka_sizes))
+    say(f"training on the fly from {lm.model_id} layer {layer} over {len(dataset)} texts")
+    result = SaeTrainer(sae, store).train_from_model(lm, dataset, layer, config, **options)
+    put_cli_info(store, sae_id, model=lm.model_id, layer=layer, activation_run=None,
+                 training_run=result.training_run_id, n_latents=n_latents, k=k)
+    _report(result, sae_id, n_latents, k, store, type(sae).__name__)
     return 0
