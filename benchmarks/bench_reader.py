@@ -1,6 +1,7 @@
 """Question: what does streaming activations from the store add to an SAE training loop?
 
-For each case a run of stored batches (padded ``[b, seq, d]`` files, 50-100% real tokens per row) is written to a
+For each case a run of stored batches (50-100% real tokens per row; ``--format 2``, the default: packed
+real tokens as ``activations.save`` writes them; ``--format 1``: padded ``[b, seq, d]`` files) is written to a
 temporary ``LocalStore``. One epoch of a training loop -- a bare TopK SAE step (``mi_crow.ops.topk_encode`` +
 ``sparse_decode``, MSE, backward, Adam) per batch -- is then timed with each data path:
 
@@ -58,15 +59,27 @@ FULL = [Case(d=576, n_latents=4608, k=32, batch=4096, n_files=24, rows=16, seq=2
 QUICK = [Case(d=64, n_latents=512, k=16, batch=256, n_files=16, rows=8, seq=64, small_buffer=2**11)]
 
 
+FORMAT = 2  # store format of the benchmark run (--format)
+
+
 def write_run(store: LocalStore, case: Case) -> int:
     g = torch.Generator().manual_seed(0)
     n_tokens = 0
+    if FORMAT == 2:
+        store.create_packed_run("bench", {}, {LAYER: case.d}, torch.float32)
     for i in range(case.n_files):
         lengths = torch.randint(case.seq // 2, case.seq + 1, (case.rows,), generator=g)
         mask = (torch.arange(case.seq)[None, :] < lengths[:, None]).long()
         acts = torch.randn(case.rows, case.seq, case.d, generator=g)
-        store.write_activation_batch("bench", i, {LAYER: acts}, mask)
+        if FORMAT == 1:
+            store.write_activation_batch("bench", i, {LAYER: acts}, mask)
+        else:  # the same real tokens, packed
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+            store.write_packed_batch("bench", i, {LAYER: acts[mask.bool()]}, offsets,
+                                     torch.zeros(int(mask.sum()), dtype=torch.int32))
         n_tokens += int(mask.sum())
+    if FORMAT == 2:
+        store.finish_packed_run("bench")
     return n_tokens
 
 
@@ -126,10 +139,12 @@ def run_case(case: Case, min_run_time: float, rounds: int) -> list[dict]:
             return (resident.index_select(0, perm[i * case.batch:(i + 1) * case.batch]) for i in range(n_batches))
 
         paths: list[tuple[str, Callable[[], Iterable[torch.Tensor]]]] = [("in-memory", in_memory)]
-        variants = [("reader shuffled, buffer 2^18", dict(buffer_tokens=2**18)),
-                    ("reader shuffled, small buffer", dict(buffer_tokens=case.small_buffer)),
+        variants = [("reader shuffled, default (1 GiB, read-ahead)", dict()),
+                    ("reader shuffled, buffer 2^18", dict(buffer_tokens=2**18, prefetch=False)),
+                    ("reader shuffled, small buffer", dict(buffer_tokens=case.small_buffer, prefetch=False)),
                     ("reader shuffled, small buffer, prefetch", dict(buffer_tokens=case.small_buffer, prefetch=True)),
-                    ("reader unshuffled, small buffer", dict(shuffle=False, buffer_tokens=case.small_buffer))]
+                    ("reader unshuffled, small buffer", dict(shuffle=False, buffer_tokens=case.small_buffer,
+                                                             prefetch=False))]
         for label, kwargs in variants:
             paths.append((label, lambda kwargs=kwargs: store.activation_reader("bench", LAYER, case.batch, **kwargs)))
 
@@ -169,8 +184,11 @@ def main() -> None:
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or this process's CPU time (steadier on an oversubscribed shared machine)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--format", type=int, choices=[1, 2], default=2,
+                        help="store format of the run read (2: packed, what activations.save writes; 1: padded)")
     args = parser.parse_args()
-    global CLOCK
+    global CLOCK, FORMAT
+    FORMAT = args.format
     if args.clock == "cpu":
         CLOCK = time.process_time
     if args.threads:
@@ -189,7 +207,7 @@ def main() -> None:
               f"{r['loop_s_per_batch'] * 1e3:.1f} | {r['overhead'] * 100:+.1f}% | "
               f"{r['alone_s_per_batch'] * 1e3:.2f} | {r['alone_vs_step'] * 100:.1f}% | "
               f"{r['alone_tokens_per_s'] / 1e6:.2f} |")
-    name = f"bench_reader{'_quick' if args.quick else ''}_{args.clock}.json"
+    name = f"bench_reader{'_quick' if args.quick else ''}_{args.clock}{'_format1' if args.format == 1 else ''}.json"
     out = Path(__file__).resolve().parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": platform.platform(), "torch": torch.__version__, "clock": args.clock,

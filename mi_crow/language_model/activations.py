@@ -92,7 +92,9 @@ def _all_ok(ok: bool, world: int) -> bool:
         return ok
     import torch.distributed as dist
 
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    # NCCL reduces CUDA tensors only; gloo (and the rest) CPU tensors.
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

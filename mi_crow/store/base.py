@@ -15,6 +15,12 @@ Layout of an activation run (keys are ``/``-separated, relative to the store roo
 
 A batch counts only once ``meta.json`` lists it in ``complete_batches``; that mark is written after every file of
 the batch, so an interrupted write leaves a batch that readers do not see.
+
+That is format 1. Format 2 (:mod:`mi_crow.store.packed`; what ``lm.activations.save`` writes) keeps the folders but
+stores only real tokens (``[tokens, d]`` per layer, token ids and per-text offsets in ``extra.safetensors``) and
+marks each batch complete with its own ``batch_<i>/complete.json`` (O(1) per batch); ``meta.json`` is written when a
+save starts and when it ends. Every reading method here serves both formats the same way (format-2 batches come back
+right-padded from ``load_batch``/``get_run_batch``; ``read_tokens`` gives the packed vectors of either format).
 """
 
 from __future__ import annotations

@@ -7,6 +7,12 @@
                                                                        "attention_mask" [b, seq]
     activations/<run_id>/batch_<i>/extra.safetensors                  optional per-batch tensors (input_ids)
     activations/<run_id>/.lock                                        held while a process writes the run
+
+    format 2 (mi_crow.store.packed), the same folders:
+    activations/<run_id>/batch_<i>/<layer>/activations.safetensors    "activations" [tokens, d] (real tokens only)
+    activations/<run_id>/batch_<i>/extra.safetensors                  "token_ids", "offsets", "text_ids"
+    activations/<run_id>/batch_<i>/complete.json                      the batch's completion marker (written last)
+    activations/<run_id>/index.json                                   per-batch records, written when a save ends
     runs/<run_id>/...                                                 training runs (history, config, checkpoints)
     runs/<run_id>/.lock                                               held while a process trains into the run
     sae_models/<sae_id>/...                                           saved SAEs (model, config, concepts)

@@ -17,6 +17,7 @@ from mi_crow.store.base import Store, _prepare_tensors
 from mi_crow.store.errors import CorruptStoreFileError, StoreKeyNotFoundError, StoreNotWritableError, StoreWriteError
 from mi_crow.store.layout import ACTIVATIONS_PREFIX, LOCK_FILE, META_FILE
 from mi_crow.store.lock import RunLock
+from mi_crow.store.packed import MARKER_FILE
 from mi_crow.validation import fail, fail_type
 
 __all__ = ["LocalStore", "atomic_write"]
@@ -175,6 +176,21 @@ class LocalStore(Store):
             return _st_load_file(path)
         except Exception as exc:  # safetensors raises its own error types for every decoding failure
             raise CorruptStoreFileError(f"corrupt safetensors file {str(path)!r}: {exc}") from exc
+
+    def _marked_batches(self, run_id: str) -> list[int]:
+        # One scandir of the run folder and one stat per batch folder, instead of walking every layer folder.
+        root = self.path(self.run_key(run_id))
+        found = []
+        try:
+            entries = list(os.scandir(root))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            name = entry.name
+            if name.startswith("batch_") and name[6:].isdigit() and os.path.isfile(
+                    os.path.join(entry.path, MARKER_FILE)):
+                found.append(int(name[6:]))
+        return sorted(found)
 
     def list_runs(self) -> list[str]:
         root = self.path(ACTIVATIONS_PREFIX)

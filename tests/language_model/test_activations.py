@@ -300,3 +300,71 @@ def test_failed_write_surfaces_and_resume_completes(tiny_gpt2, sample_texts):
     store.write_packed_batch = original
     tiny_gpt2.activations.save(sample_texts, 0, run_id="w", batch_size=4, progress=False)
     assert store.list_batches("w") == list(range(6))
+
+
+# ------------------------------------------------------------------------------------------- store format 2
+def _by_text(store, run_id, layer):
+    """Text index -> (token ids, vectors) of a run, through the padded view and the store's text mapping."""
+    out = {}
+    for i in store.list_batches(run_id):
+        acts, mask = store.load_batch(run_id, i, layer)
+        ids = store.load_batch_extra(run_id, i)["input_ids"]
+        for row, text in enumerate(store.batch_text_indices(run_id, i)):
+            n = int(mask[row].sum())
+            out[text] = (ids[row, :n], acts[row, :n])
+    return out
+
+
+def test_shard_tokens_joins_whole_forward_batches(tiny_gpt2, sample_texts):
+    store = tiny_gpt2.store
+    per_batch = tiny_gpt2.activations.save(sample_texts, 1, run_id="per", batch_size=3, progress=False)
+    joined = tiny_gpt2.activations.save(sample_texts, 1, run_id="joined", batch_size=3, shard_tokens=100,
+                                        progress=False)
+    records = store.batch_records(joined)
+    assert [r["batch_index"] for r in records] == list(range(len(records))) and len(records) < 8
+    assert sum((r["forward_batches"] for r in records), []) == list(range(8))  # whole forward batches, in order
+    tokens = [r["n_tokens"] for r in records]
+    assert all(n >= 100 for n in tokens[:-1]) and sum(tokens) == store.read_run_meta(per_batch)["n_tokens"]
+    a, b = _by_text(store, joined, "transformer.h.1"), _by_text(store, per_batch, "transformer.h.1")
+    assert sorted(a) == sorted(b) == list(range(len(sample_texts)))
+    for text in b:
+        assert torch.equal(a[text][0], b[text][0]) and torch.equal(a[text][1], b[text][1])
+    ref = _reference_hidden(tiny_gpt2, sample_texts[:1], (1,), 1)[0][0][1][0]
+    torch.testing.assert_close(a[0][1], ref)
+    with pytest.raises(ValueError, match=r"give shard_size .* or shard_tokens .* not both"):
+        tiny_gpt2.activations.save(sample_texts, 1, shard_size=4, shard_tokens=40, progress=False)
+    with pytest.raises(ValueError, match=r"already exists .* different shard_tokens: stored 100, requested 200"):
+        tiny_gpt2.activations.save(sample_texts, 1, run_id="joined", batch_size=3, shard_tokens=200, progress=False)
+
+
+def test_default_storage_dtype_is_the_models_and_another_dtype_is_refused(tiny_gpt2, sample_texts):
+    tiny_gpt2.model.to(torch.bfloat16)  # what a bf16 forward policy does to the parameters
+    run_id = tiny_gpt2.activations.save(sample_texts[:6], 0, run_id="b", batch_size=3, progress=False)
+    meta = tiny_gpt2.store.read_run_meta(run_id)
+    assert meta["dtype"] == meta["storage_dtype"] == "bfloat16" and meta["layer_dtypes"] == {
+        "transformer.h.0": "bfloat16"}
+    assert tiny_gpt2.store.load_batch(run_id, 0, "transformer.h.0").activations.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"run_id='b' already exists .* different dtype: stored 'bfloat16', "
+                                         r"requested 'float16'"):
+        tiny_gpt2.activations.save(sample_texts[:6], 0, run_id="b", batch_size=3, dtype="float16", progress=False)
+
+
+def test_a_format_1_run_is_resumed_in_format_1(tiny_gpt2, sample_texts):
+    """A run a previous version saved (padded files, records in meta.json) continues in its own format."""
+    store = tiny_gpt2.store
+    tiny_gpt2.activations.save(sample_texts[:8], 0, run_id="new", batch_size=4, progress=False)
+    full = store.load_batch("new", 1, "transformer.h.0")
+    # the same run written in format 1, with its second batch missing
+    first = store.load_batch("new", 0, "transformer.h.0")
+    meta = {k: v for k, v in store.read_run_meta("new").items() if k not in ("store_format", "status",
+                                                                              "storage_dtype")}
+    meta["format_version"] = 1
+    store.write_activation_batch("old", 0, {"transformer.h.0": first.activations}, first.attention_mask,
+                                 extra=store.load_batch_extra("new", 0))
+    store.write_run_meta("old", meta)
+    tiny_gpt2.activations.save(sample_texts[:8], 0, run_id="old", batch_size=4, progress=False)
+    assert store.run_format("old") == 1 and store.list_batches("old") == [0, 1]
+    got = store.load_batch("old", 1, "transformer.h.0")
+    real = got.attention_mask.bool()
+    assert torch.equal(got.attention_mask, full.attention_mask)
+    assert torch.equal(got.activations[real], full.activations[real])
