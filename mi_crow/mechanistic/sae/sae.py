@@ -381,7 +381,7 @@ class TopKSae(nn.Module, Controller):
         keep = self.inlier_mask(x)
         if concepts.tracking_enabled:
             concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
-        modified = concepts.modify_code(code.values, code.indices)
+        modified = concepts.modify_code(code.values, code.indices, x=x)
         if modified is None and self.mode == "observe":
             return None
         if modified is None:
@@ -569,6 +569,7 @@ class TopKSae(nn.Module, Controller):
         *,
         path: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
+        manipulations: bool = False,
     ) -> TopKSae:
         """Load an SAE saved by `save`.
 
@@ -580,13 +581,16 @@ class TopKSae(nn.Module, Controller):
           ``sae.save(name=..., path=<dir>)`` writes) loads that folder.
 
         Weights are read from ``model.pt`` with ``torch.load(weights_only=True)``, or from ``model.safetensors`` in
-        folders written by earlier versions; the concept dictionary and manipulations (``concepts.json``) too.
+        folders written by earlier versions; the concept dictionary (``concepts.json``) too. Manipulations saved
+        with the SAE are applied only with ``manipulations=True``: a loaded SAE leaves a plain forward unchanged
+        (the saved ones wait in ``sae.concepts.saved_manipulations``; ``sae.concepts.apply_saved_manipulations()``).
 
         Args:
             store: the store it was saved to, or a path (then ``sae_id`` is omitted).
             sae_id: name it was saved under.
             path: the folder or its ``model.pt`` (keyword form of the path).
             device: where to put the parameters (CPU when None).
+            manipulations: apply the steering saved with the SAE.
 
         Returns:
             The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
@@ -611,7 +615,8 @@ class TopKSae(nn.Module, Controller):
                     f"sae_id={sae_id!r}"
                 )
             folder, model_file = locate_folder(Path(store))
-            return load_sae(cls, SaeFiles.in_folder(folder), device=device, model_file=model_file)
+            return load_sae(cls, SaeFiles.in_folder(folder), device=device, model_file=model_file,
+                            manipulations=manipulations)
         if not isinstance(store, Store):
             raise ArgumentTypeError(
                 f"TopKSae.load: the first argument must be a Store or a path, got {type(store).__name__}"
@@ -623,7 +628,7 @@ class TopKSae(nn.Module, Controller):
             raise StoreKeyNotFoundError(
                 f"TopKSae.load: no saved SAE {sae_id!r} in the store (missing {files.where(CONFIG_FILE)})"
             )
-        return load_sae(cls, files, device=device)
+        return load_sae(cls, files, device=device, manipulations=manipulations)
 
     @classmethod
     def load_from_dir(cls, path: str | os.PathLike[str], *, device: str | torch.device | None = None) -> TopKSae:
