@@ -30,10 +30,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def evaluate_step(lm: LanguageModel | None, sae: TopKSae, store: Any, run_id: str, layer: str,
-                  eval_texts: list[str], max_length: int, max_tokens: int | None = None) -> tuple[dict, FeatureStats]:
+                  eval_texts: list[str], max_length: int, max_tokens: int | None = None,
+                  held_out: bool = False) -> tuple[dict, FeatureStats]:
     """FVU, MSE, L0 and dead fraction over the stored run (:mod:`mi_crow.report.stats`), plus the LM loss clean /
     with the SAE spliced in / with the layer zeroed and the loss recovered on ``eval_texts`` (needs ``lm``; from
-    :func:`mi_crow.mechanistic.sae.evaluate.evaluate`)."""
+    :func:`mi_crow.mechanistic.sae.evaluate.evaluate`).
+
+    With ``held_out`` (``eval_texts`` are texts the SAE was not trained on) the headline FVU, MSE, L0 and dead
+    fraction are those of the held-out texts too; the training run's FVU stays as ``fvu_train``. The per-feature
+    statistics (for the report's pages) always come from the stored run.
+    """
     from mi_crow.report import feature_stats_from_store
 
     stats = feature_stats_from_store(sae, store, run_id, layer, max_tokens=max_tokens)
@@ -43,17 +49,26 @@ def evaluate_step(lm: LanguageModel | None, sae: TopKSae, store: Any, run_id: st
         from mi_crow.mechanistic.sae.evaluate import evaluate
 
         # The LM-loss part needs full forward passes: run it on a few texts only.
-        lm_metrics = evaluate(sae, lm, eval_texts, layer, batch_size=8, max_length=max_length, progress=True)
+        lm_metrics = evaluate(sae, lm, eval_texts, layer, batch_size=8, max_length=max_length, progress=True,
+                              weight_metrics=False)
         for key in ("loss_clean", "loss_sae", "loss_zero", "loss_recovered", "delta_loss"):
             if key in lm_metrics:
                 metrics[key] = lm_metrics[key]
         metrics["eval_texts"] = len(eval_texts)
+        if held_out:
+            metrics["fvu_train"] = stats.fvu
+            for key in ("fvu", "mse", "l0", "dead_fraction", "n_tokens"):
+                if key in lm_metrics:
+                    metrics[key] = lm_metrics[key]
+            metrics["held_out"] = True
     return metrics, stats
 
 
 def report_step(out: str, sae: TopKSae, store: Any, sae_id: str, stats: FeatureStats, metrics: dict,
-                tokenizer: Any, title: str, metadata: dict[str, Any]) -> Path:
-    """Write the HTML report from what the store holds about ``sae_id``."""
+                tokenizer: Any, title: str, metadata: dict[str, Any], lens: Any = None,
+                steering: dict[int, Any] | None = None) -> Path:
+    """Write the HTML report from what the store holds about ``sae_id`` (top texts, history, steering
+    measurements in ``steering.json``), with the logit lens of the features when given."""
     from mi_crow.report import write_feature_report
 
     info = cli_info(store, sae_id)
@@ -63,15 +78,24 @@ def report_step(out: str, sae: TopKSae, store: Any, sae_id: str, stats: FeatureS
         history = store.get_json(f"runs/{training_run}/training_history.json")
     key = f"sae_models/{sae_id}/{TOP_TEXTS_FILE}"
     top = store.get_json(key) if store.exists(key) else None
+    quantile_key = f"sae_models/{sae_id}/quantile_examples.json"
+    quantile = store.get_json(quantile_key) if store.exists(quantile_key) else None
+    measured = dict(steering or {})
+    steering_key = f"sae_models/{sae_id}/steering.json"
+    if store.exists(steering_key):
+        for neuron, result in store.get_json(steering_key).items():
+            measured.setdefault(int(neuron), result)
     concepts = list(sae.concepts.dictionary) if getattr(sae, "concepts", None) is not None else None
     return write_feature_report(out, sae, top_texts=top, history=history, eval_metrics=metrics,
                                 feature_stats=stats, concepts=concepts, tokenizer=tokenizer, title=title,
-                                metadata=metadata)
+                                metadata=metadata, logit_lens=lens, steering=measured or None, quantile_examples=quantile,
+                                initial_feature=next(iter(measured), None))
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
     """One line with the evaluation figures that are present."""
-    names = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
+    fvu_label = "held-out FVU" if metrics.get("held_out") else "FVU"
+    names = [("fvu", fvu_label), ("fvu_train", "train FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
              ("loss_clean", "LM loss clean"), ("loss_sae", "LM loss with SAE"), ("loss_zero", "LM loss layer zeroed"),
              ("n_tokens", "tokens")]
 
@@ -103,9 +127,14 @@ def run(args: argparse.Namespace) -> int:
                                    args.max_tokens)
     put_cli_info(store, args.sae_id, eval=metrics)
     tokenizer = lm.tokenizer if lm is not None else (load_tokenizer(model) if model else None)
+    lens = None
+    if lm is not None:
+        from mi_crow.mechanistic.sae.concepts import feature_logit_lens
+
+        lens = feature_logit_lens(lm, sae, [i for i, n in enumerate(stats.fire_count.tolist()) if n > 0], top=10)
     out = report_step(args.out, sae, store, args.sae_id, stats, metrics, tokenizer,
                       title=f"mi_crow feature report: {args.sae_id}",
-                      metadata={"model": model, "layer": layer, "sae": args.sae_id, "run": run_id})
+                      metadata={"model": model, "layer": layer, "sae": args.sae_id, "run": run_id}, lens=lens)
     print_metrics(metrics)
     say(f"report: {out.resolve()}")
     return 0

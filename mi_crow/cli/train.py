@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
-from mi_crow.cli.common import check_run, open_store, put_cli_info, run_layer, say
+from mi_crow.cli.common import check_run, open_store, put_cli_info, run_layer, sae_ids, say
 from mi_crow.errors import UserInputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     n_latents = args.n_latents or 8 * d
     sae_id = args.sae_id or f"{run_id}-topk{args.k}-n{n_latents}"
     model_id = store.read_run_meta(run_id).get("model_id")
+    if sae_id in sae_ids(store) and not (args.overwrite or args.resume):
+        raise UserInputError(
+            f"--sae-id {sae_id!r} already exists in the store; pass --overwrite to replace it, --resume to continue "
+            f"its interrupted training, or another --sae-id"
+        )
     sae, result = train_step(store, run_id, layer, n_latents, args.k, sae_id, tokens=args.tokens,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                              model_id=model_id, resume=args.resume)

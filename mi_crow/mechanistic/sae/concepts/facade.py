@@ -51,6 +51,8 @@ class AutoencoderConcepts:
         self._steering = Steering(sae)
         # The manipulations found by the last `load`, applied only on request (`apply_saved_manipulations`).
         self.saved_manipulations: dict[str, Any] | None = None
+        # Examples across each feature's activation range, filled by `track_from_run` (an ActivationSampler).
+        self.activation_sampler: Any = None
 
     # ------------------------------------------------------------------ basics
     @property
