@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
@@ -60,19 +61,28 @@ def train_or_reuse(store: Any, run_id: str, layer: str, n_latents: int, k: int, 
 
     The SAE's id names its configuration (budget, batch, seed and learning rate besides the run and sizes), so a
     re-run with other knobs trains a new SAE instead of failing to resume; the same knobs resume an interrupted
-    run. A user's ``--sae-id`` that exists with another configuration is retrained from scratch (the demo owns
-    its SAEs). Returns ``(sae, result, sae_id)``.
+    run, or reuse the finished one. A user's ``--sae-id`` that exists with another configuration is retrained from
+    scratch (the demo owns its SAEs). Returns ``(sae, result, sae_id)``.
     """
     knobs = {"tokens": budget, "batch": batch, "lr": lr, "seed": seed}
     if sae_id is None:
         lr_part = "" if lr is None else f"-lr{lr:g}"
         sae_id = f"{run_id}-topk{k}-n{n_latents}-t{budget}-b{batch}-s{seed}{lr_part}"
-    recorded = cli_info(store, sae_id).get("demo_training")
+    info = cli_info(store, sae_id)
+    recorded = info.get("demo_training")
+    exists = sae_id in sae_ids(store)
+    if exists and recorded == knobs and info.get("demo_result"):
+        # The same configuration trained to the end before: reuse it.
+        from mi_crow.mechanistic.sae import TopKSae
+
+        done = info["demo_result"]
+        return TopKSae.load(store, sae_id), SimpleNamespace(**done, resumed_from_step=None, reused=True), sae_id
     # Resuming is safe only for the same configuration; anything else starts afresh.
-    resume = sae_id not in sae_ids(store) or recorded == knobs
+    resume = not exists or recorded == knobs
     sae, result = train_step(store, run_id, layer, n_latents, k, sae_id, tokens=budget, epochs=None,
                              batch_size=batch, lr=lr, seed=seed, model_id=model_id, resume=resume)
-    put_cli_info(store, sae_id, demo_training=knobs)
+    put_cli_info(store, sae_id, demo_training=knobs, demo_result={
+        "steps": result.steps, "tokens": result.tokens, "training_run_id": result.training_run_id})
     return sae, result, sae_id
 
 
@@ -153,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     budget = args.train_tokens or n_run * 8
     sae, result, sae_id = train_or_reuse(store, run_id, layer, n_latents, args.k, args.sae_id, budget=budget,
                                          batch=batch, lr=args.lr, seed=args.seed, model_id=lm.model_id)
-    say(f"{result.steps} steps of {batch} tokens ({result.tokens} tokens) -> sae_models/{sae_id}")
+    reused = " (trained before with the same settings: reused)" if getattr(result, "reused", False) else ""
+    say(f"{result.steps} steps of {batch} tokens ({result.tokens} tokens) -> sae_models/{sae_id}{reused}")
     timer.end("train")
 
     step("4/6 top texts per feature")

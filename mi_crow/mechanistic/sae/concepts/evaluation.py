@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mi_crow.errors import UserInputError
-from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit_lens, normalize_token
+from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit_lens, normalize_token, vocab_texts
 from mi_crow.mechanistic.sae.concepts.steering import MODES, _check_finite_number
 from mi_crow.validation import check_choice, check_positive_int, check_texts
 
@@ -194,17 +194,7 @@ def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuation
 
 def _promoted_vocab(lm: Any, words: set[str]) -> set[int]:
     """Every vocabulary id whose token reads as one of ``words`` (so " Wedding" counts for "wedding")."""
-    tokenizer = lm.tokenizer
-    vocab = tokenizer.get_vocab()
-    out = set()
-    for token, idx in vocab.items():
-        try:
-            text = tokenizer.convert_tokens_to_string([token])
-        except Exception:  # noqa: BLE001 - byte pieces that do not decode alone
-            continue
-        if normalize_token(text) in words:
-            out.add(int(idx))
-    return out
+    return {i for i, text in enumerate(vocab_texts(lm.tokenizer)) if normalize_token(text) in words}
 
 
 def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from mi_crow.errors import UserInputError
 from mi_crow.validation import check_positive_int
 
-__all__ = ["LogitLens", "coherence", "feature_logit_lens", "final_norm_and_unembedding", "normalize_token"]
+__all__ = ["LogitLens", "coherence", "feature_logit_lens", "final_norm_and_unembedding", "normalize_token",
+           "vocab_texts"]
 
 _NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f")
 _STOPWORDS = frozenset(
@@ -87,15 +88,31 @@ def final_norm_and_unembedding(model: nn.Module) -> tuple[nn.Module | None, nn.M
     return None, unembed
 
 
-def _token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    tokens = tokenizer.convert_ids_to_tokens(ids)
+_VOCAB_TEXTS: dict[int, tuple[Any, list[str]]] = {}
+
+
+def vocab_texts(tokenizer: Any) -> list[str]:
+    """Every vocabulary id's text (``convert_tokens_to_string`` of its token), computed once per tokenizer."""
+    key = id(tokenizer)
+    cached = _VOCAB_TEXTS.get(key)
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    size = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
     out = []
     for t in tokens:
         try:
-            out.append(str(tokenizer.convert_tokens_to_string([t])))
+            out.append(str(tokenizer.convert_tokens_to_string([t])) if t is not None else "")
         except Exception:  # noqa: BLE001 - a lone byte piece may not decode; show the raw piece
             out.append(str(t))
+    _VOCAB_TEXTS.clear()  # one tokenizer at a time: the table is ~1 MB per 50k tokens
+    _VOCAB_TEXTS[key] = (tokenizer, out)
     return out
+
+
+def _token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    table = vocab_texts(tokenizer)
+    return [table[i] if 0 <= i < len(table) else "" for i in ids]
 
 
 @torch.no_grad()
