@@ -220,7 +220,7 @@ def _top_pairs(keys: Tensor, n: int, top: int) -> Tensor:
     i, j = pairs // n, pairs % n
     own = i == j
     # Order by feature, then the own count first, then partners by count (descending).
-    rank = torch.where(own, torch.full_like(counts, -1), -counts)
+    rank = torch.where(own, torch.full_like(counts, -int(counts.max()) - 1), -counts)
     order = torch.argsort(rank, stable=True)
     order = order[torch.argsort(i[order], stable=True)]
     i, j, counts = i[order], j[order], counts[order]
