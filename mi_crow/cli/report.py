@@ -19,6 +19,7 @@ from mi_crow.cli.common import (
     put_cli_info,
     run_layer,
     run_texts,
+    sae_ids,
     say,
 )
 from mi_crow.errors import UserInputError
@@ -89,7 +90,29 @@ def report_step(out: str, sae: TopKSae, store: Any, sae_id: str, stats: FeatureS
     return write_feature_report(out, sae, top_texts=top, history=history, eval_metrics=metrics,
                                 feature_stats=stats, concepts=concepts, tokenizer=tokenizer, title=title,
                                 metadata=metadata, logit_lens=lens, steering=measured or None, quantile_examples=quantile,
+                                frontier=frontier_points(store),
                                 initial_feature=next(iter(measured), None))
+
+
+def frontier_points(store: Any) -> list[dict[str, Any]]:
+    """L0 and FVU of every SAE in the store with an evaluation (``cli.json``) and of every grid frontier file
+    (``sae_models/<grid>.frontier.json``): the report draws the L0-FVU frontier when there are two or more."""
+    points: dict[str, dict[str, Any]] = {}
+    for sid in sae_ids(store):
+        info = cli_info(store, sid)
+        ev = info.get("eval") or {}
+        if isinstance(ev.get("l0"), (int, float)) and isinstance(ev.get("fvu"), (int, float)):
+            points[sid] = {"sae_id": sid, "l0": ev["l0"], "fvu": ev["fvu"], "k": info.get("k"),
+                           "n_latents": info.get("n_latents"), "layer": info.get("layer")}
+    for key in store.list("sae_models"):
+        if key.endswith(".frontier.json"):
+            try:
+                for p in store.get_json(key).get("points", []):
+                    if isinstance(p, dict) and p.get("sae_id") not in points:
+                        points[str(p.get("sae_id", len(points)))] = p
+            except (ValueError, AttributeError):
+                continue
+    return list(points.values())
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:

@@ -118,7 +118,7 @@ def compute_feature_stats(
     n_bins: int = DEFAULT_BINS,
     log10_range: tuple[float, float] = DEFAULT_LOG10_RANGE,
     max_tokens: int | None = None,
-    cofire_tokens: int = 16384,
+    cofire_tokens: int = 8192,
     cofire_top: int = 5,
 ) -> FeatureStats:
     """Encode activations with ``sae`` and accumulate per-feature firing statistics.
