@@ -37,8 +37,9 @@ def evaluate_step(lm: LanguageModel | None, sae: TopKSae, store: Any, run_id: st
     with the SAE spliced in / with the layer zeroed and the loss recovered on ``eval_texts`` (needs ``lm``; from
     :func:`mi_crow.mechanistic.sae.evaluate.evaluate`).
 
-    With ``held_out`` (``eval_texts`` are texts the SAE was not trained on) the headline FVU, MSE, L0 and dead
-    fraction are those of the held-out texts too; the training run's FVU stays as ``fvu_train``. The per-feature
+    With ``held_out`` (``eval_texts`` are texts the SAE was not trained on) the headline FVU, MSE and L0 are those
+    of the held-out texts too (``eval_tokens`` of them); the training run's FVU stays as ``fvu_train``, and the
+    dead fraction is the run's (a few held-out texts are too few tokens to call a latent dead). The per-feature
     statistics (for the report's pages) always come from the stored run.
     """
     from mi_crow.report import feature_stats_from_store
@@ -58,9 +59,11 @@ def evaluate_step(lm: LanguageModel | None, sae: TopKSae, store: Any, run_id: st
         metrics["eval_texts"] = len(eval_texts)
         if held_out:
             metrics["fvu_train"] = stats.fvu
-            for key in ("fvu", "mse", "l0", "dead_fraction", "n_tokens"):
+            for key in ("fvu", "mse", "l0"):
                 if key in lm_metrics:
                     metrics[key] = lm_metrics[key]
+            # Dead latents need many tokens to say anything: that one stays the stored run's.
+            metrics["eval_tokens"] = lm_metrics.get("n_tokens")
             metrics["held_out"] = True
     return metrics, stats
 
@@ -120,7 +123,7 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     fvu_label = "held-out FVU" if metrics.get("held_out") else "FVU"
     names = [("fvu", fvu_label), ("fvu_train", "train FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
              ("loss_clean", "LM loss clean"), ("loss_sae", "LM loss with SAE"), ("loss_zero", "LM loss layer zeroed"),
-             ("n_tokens", "tokens")]
+             ("n_tokens", "tokens"), ("eval_tokens", "held-out tokens")]
 
     def fmt(value: float) -> str:
         return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"

@@ -33,6 +33,8 @@ _METRIC_LABELS = {
     "delta_loss": ("delta loss", "LM loss with the SAE minus clean"),
     "eval_texts": ("LM-loss texts", "texts used for the LM-loss numbers"),
     "n_tokens": ("tokens", "tokens evaluated"),
+    "fvu_train": ("FVU (training texts)", "FVU on the stored run the SAE was trained on"),
+    "eval_tokens": ("held-out tokens", "tokens of the held-out texts the FVU, L0 and LM losses are measured on"),
 }
 
 _HISTORY_CHARTS = (
@@ -536,10 +538,12 @@ def write_feature_report(
     metrics = dict(eval_metrics or {})
     cards = []
     for key, value in metrics.items():
-        v = _as_float(value)
+        v = None if isinstance(value, bool) else _as_float(value)
         if v is None:
             continue
         label, help_text = _METRIC_LABELS.get(key, (key.replace("_", " "), ""))
+        if metrics.get("held_out") and key in ("fvu", "mse", "l0"):
+            label, help_text = f"{label} (held-out)", help_text + "; on texts the SAE was not trained on"
         cards.append({"label": label, "value": v, "help": help_text})
     if feature_stats is not None and "dead_fraction" not in metrics:
         cards.append({"label": "dead fraction", "value": feature_stats.dead_fraction,
