@@ -238,6 +238,7 @@ def evaluate_steering(
     exclude_special: bool = True,
     max_length: int | None = None,
     lens: LogitLens | None = None,
+    stop_early: bool = False,
 ) -> SteeringEvaluation:
     """Steer one feature at each strength of a sweep and measure whether it worked (see the module docstring).
 
@@ -258,6 +259,8 @@ def evaluate_steering(
         exclude_special: leave special tokens unsteered.
         max_length: truncate the scored texts to this many tokens.
         lens: a precomputed logit lens holding ``neuron`` (saves recomputing it).
+        stop_early: stop the sweep at the first strength that meets the targets or whose loss rise reaches the
+            limit (for a sweep in increasing order: the later strengths would only cost more fluency).
 
     Returns:
         A :class:`SteeringEvaluation` (``.table()``, ``.to_json()``, ``.best_strength``).
@@ -323,6 +326,8 @@ def evaluate_steering(
             point = SteeringPoint(strength, active, rate, loss, loss - plain.loss, kl, count, steered)
             point.passes = _passes(point, TARGETS)
             points.append(point)
+            if stop_early and (point.passes or point.loss_rise >= TARGETS["loss_rise"]):
+                break
     finally:
         concepts.reset_manipulations()
     for p in points:

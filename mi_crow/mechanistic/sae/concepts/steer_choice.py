@@ -208,6 +208,7 @@ def choose_by_sweep(
     strengths: Sequence[float] | None = None,
     max_new_tokens: int = 24,
     lens: Any = None,
+    stop_early: bool = True,
 ) -> tuple[tuple[int, str, str], Any] | None:
     """Measure each candidate's steering (the SAE must be attached to ``lm``) and keep the first that meets the
     targets, else the one closest to them.
@@ -219,6 +220,7 @@ def choose_by_sweep(
         strengths: the sweep (default ``evaluation.DEFAULT_STRENGTHS``).
         max_new_tokens: tokens generated per prompt.
         lens: the ``LogitLens`` the candidates came from (saves recomputing it).
+        stop_early: each sweep stops at its first strength that meets the targets or loses too much fluency.
 
     Returns:
         ``(candidate, SteeringEvaluation)`` of the chosen feature, or None without candidates.
@@ -229,7 +231,7 @@ def choose_by_sweep(
     best_key = None
     for candidate in candidates:
         result = evaluate_steering(lm, sae, candidate[0], prompts, strengths, max_new_tokens=max_new_tokens,
-                                   lens=lens)
+                                   lens=lens, stop_early=stop_early)
         point = result.best
         if point is None:
             continue
