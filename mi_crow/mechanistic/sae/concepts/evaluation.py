@@ -36,7 +36,7 @@ from mi_crow.validation import check_choice, check_positive_int, check_texts
 
 __all__ = ["DEFAULT_STRENGTHS", "TARGETS", "SteeringEvaluation", "SteeringPoint", "evaluate_steering"]
 
-DEFAULT_STRENGTHS = (0.5, 1.0, 1.5, 2.0)
+DEFAULT_STRENGTHS = (0.15, 0.3, 0.5, 0.8)
 """Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer."""
 
 TARGETS = {"feature_active": 0.8, "promoted_rate": 0.5, "loss_rise": 1.0}
