@@ -28,6 +28,8 @@ from mi_crow.cli.common import (
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.concepts import track_from_run
 
+QUANTILE_FILE = "quantile_examples.json"
+
 if TYPE_CHECKING:  # pragma: no cover
     from mi_crow.language_model import LanguageModel
     from mi_crow.mechanistic.sae import TopKSae
@@ -51,12 +53,21 @@ def track_by_inference(lm: LanguageModel, sae: TopKSae, layer: str, texts: list[
     return seen
 
 
-def save_top_texts(sae: TopKSae, store: Any, sae_id: str) -> dict[str, Any]:
-    """Store ``sae.concepts``' top texts as ``sae_models/<sae_id>/top_texts.json``; return the document."""
+def save_top_texts(sae: TopKSae, store: Any, sae_id: str, texts: list[str] | None = None,
+                   tokenizer: Any = None) -> dict[str, Any]:
+    """Store ``sae.concepts``' top texts as ``sae_models/<sae_id>/top_texts.json``; return the document.
+
+    With ``texts`` (the replayed run's texts) and an activation sampler filled by the replay, the examples across
+    each feature's activation quantiles go to ``sae_models/<sae_id>/quantile_examples.json`` too.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = sae.concepts.export_top_texts_json(Path(tmp) / TOP_TEXTS_FILE)
         data = json.loads(path.read_text(encoding="utf-8"))
     store.put_json(f"sae_models/{sae_id}/{TOP_TEXTS_FILE}", data)
+    sampler = getattr(sae.concepts, "activation_sampler", None)
+    if sampler is not None and texts is not None:
+        examples = sampler.examples(texts, tokenizer)
+        store.put_json(f"sae_models/{sae_id}/{QUANTILE_FILE}", {str(k): v for k, v in examples.items()})
     return data
 
 
@@ -96,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         source = f"{len(texts)} texts run through the model"
     for item in _parse_names(args.name):
         sae.concepts.name_concept(*item)
-    data = save_top_texts(sae, store, args.sae_id)
+    data = save_top_texts(sae, store, args.sae_id, texts if run_id is not None else None, lm.tokenizer)
     if args.name:
         sae.concepts.save(store, args.sae_id)
     say(f"top texts of {len(data['neurons'])} features from {seen} tokens ({source}) -> "

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from mi_crow.cli import concepts, demo, export, generate, layers, report, save, train
+from mi_crow.cli import concepts, demo, export, generate, layers, report, save, steer_eval, train
 from mi_crow.cli.common import PROG
 
 __all__ = ["build_parser"]
@@ -25,6 +25,30 @@ def _positive_int(value: str) -> int:
     return n
 
 
+def _non_negative_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def _finite_floats(value: str) -> list[float]:
+    """A comma-separated list of finite numbers (``--strengths 0.5,1,2``)."""
+    out = []
+    for part in value.split(","):
+        try:
+            x = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"expected finite numbers, got {part!r} in {value!r}")
+        out.append(x)
+    return out
+
+
 def _positive_float(value: str) -> float:
     try:
         x = float(value)
@@ -33,6 +57,14 @@ def _positive_float(value: str) -> float:
     if not (x > 0 and math.isfinite(x)):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return x
+
+
+def _int_list(value: str) -> list[int]:
+    """A comma-separated list of ints (``--positions 0,-1``)."""
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
 
 
 def _model_arg(p: argparse.ArgumentParser, required: bool = False, default: str | None = "default") -> None:
@@ -88,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="activation run id (default: derived from layer and texts); re-run to resume")
     p.add_argument("--tokens", type=_positive_int, help="stop adding texts once this many tokens are selected")
     p.add_argument("--shuffle", action="store_true", help="shuffle the texts before selecting (with --seed)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--batch-size", type=_positive_int, default=16, help="texts per forward pass")
     p.add_argument("--max-length", type=_positive_int, default=128, help="tokens per text (truncation)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
@@ -114,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--max-length", type=_positive_int, default=128)
     p.add_argument("--name", action="append", default=[], metavar="NEURON=NAME", help="name a feature (repeatable)")
-    p.add_argument("--show", type=int, default=5, help="print this many of the most frequent features")
+    p.add_argument("--show", type=_non_negative_int, default=5, help="print this many of the most frequent features")
     p.set_defaults(func=concepts.run)
 
     p = add("report", "evaluate an SAE and write the HTML feature report")
@@ -124,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="activation run for statistics (default: the SAE's training run)")
     p.add_argument("--layer")
     p.add_argument("--out", default="report.html", help="output HTML file (default: ./report.html)")
-    p.add_argument("--eval-texts", type=int, default=16, help="held-out texts for the evaluation (0: skip)")
+    p.add_argument("--eval-texts", type=_non_negative_int, default=16, help="held-out texts for the evaluation (0: skip)")
     p.add_argument("--eval-dataset", default="default",
                    help="where the evaluation texts come from: 'default' (the Wikipedia sample) or a .txt/.jsonl/.csv "
                         "file; texts the SAE's activation run was saved from are left out (default: default)")
@@ -142,13 +174,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steer", action="append", default=[], metavar="NEURON=SCALE",
                    help="scale a feature where it fires (1.5 amplifies, 0 ablates); NEURON may be a concept name")
     p.add_argument("--add", action="append", default=[], metavar="NEURON=ACTIVATION",
-                   help="add a feature's decoder direction with this activation at every token")
+                   help="add a feature's decoder direction with this activation (with --relative: this multiple "
+                        "of the residual norm)")
+    p.add_argument("--clamp", action="append", default=[], metavar="NEURON=VALUE",
+                   help="set a feature's activation to VALUE (with --relative: a multiple of the residual norm)")
+    p.add_argument("--cap", action="append", default=[], metavar="NEURON=VALUE",
+                   help="cap the residual's projection on a feature's direction at VALUE (projection cap)")
+    p.add_argument("--relative", action="store_true",
+                   help="--add/--clamp/--cap values are multiples of each token's residual norm")
+    p.add_argument("--positions", type=_int_list, help="steer only these token positions (e.g. 0,-1)")
+    p.add_argument("--exclude-special", action="store_true", help="leave special tokens unsteered")
+    p.add_argument("--saved-steering", action="store_true",
+                   help="also apply the manipulations saved with the SAE (never applied otherwise)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=30)
     p.set_defaults(func=generate.run)
 
     p = add("export", "write an SAE for SAELens, sparsify, dictionary_learning, circuit-tracer, Neuronpedia or SAEBench")
     export.add_arguments(p)
     p.set_defaults(func=export.run)
+    p = add("steer-eval", "measure steering one SAE feature over a strength sweep")
+    _model_arg(p, default=None)
+    _store_arg(p)
+    p.add_argument("--sae-id", required=True)
+    p.add_argument("--layer", help="layer the SAE is attached to (default: the one it was trained on)")
+    p.add_argument("--feature", required=True, help="feature index or concept name")
+    p.add_argument("--prompt", action="append", help="prompt (repeatable; default: three generic prompts)")
+    p.add_argument("--strengths", type=_finite_floats,
+                   help="comma-separated sweep (default 0.15,0.3,0.5,0.8: multiples of the residual norm for add)")
+    p.add_argument("--mode", choices=["add", "clamp", "scale", "cap", "ablate"], default="add")
+    p.add_argument("--absolute", action="store_true",
+                   help="strengths of add/clamp/cap are activations, not multiples of the residual norm")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=24)
+    p.add_argument("--json", help="also write the full result as JSON to this file")
+    p.set_defaults(func=steer_eval.run)
 
     p = add("demo", "the whole workflow on the default model and corpus")
     _source_args(p)
@@ -158,14 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-latents", type=_positive_int, help="SAE latents (default: 8 x layer width)")
     p.add_argument("--k", type=_positive_int, default=32, help="active latents per token (default: 32)")
     p.add_argument("--lr", type=_positive_float)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--run-id")
     p.add_argument("--sae-id")
     p.add_argument("--quick", action="store_true", help="small sizes: finishes in well under a minute on 2 cores")
     p.add_argument("--out", help="report file (default: <store>/report.html)")
-    p.add_argument("--prompt", default="My favourite place to visit is", help="prompt for the steering example")
-    p.add_argument("--steer-scale", type=_positive_float, default=2.0,
-                   help="steering strength as a multiple of the feature's max activation")
+    p.add_argument("--prompt", action="append",
+                   help="prompt for the steering finale (repeatable; default: three generic prompts)")
+    p.add_argument("--strength", type=_positive_float,
+                   help="steering strength as a multiple of the residual norm (default: chosen by the sweep)")
     p.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per prompt (default 30; quick 16)")
     p.set_defaults(func=demo.run)
     return parser

@@ -21,6 +21,7 @@ from mi_crow.cli.common import (
     put_cli_info,
     run_layer,
     run_texts,
+    sae_ids,
     say,
 )
 from mi_crow.errors import UserInputError
@@ -61,6 +62,7 @@ def evaluate_step(lm: LanguageModel | None, sae: TopKSae, store: Any, run_id: st
     metrics["n_tokens"] = int(held_out["n_tokens"])
     metrics["eval_texts"] = len(eval_texts)
     metrics.update({f"train_{key}": on_run[key] for key in ("fvu", "mse", "l0", "n_tokens")})
+    metrics["held_out"] = True
     return metrics, stats
 
 
@@ -88,8 +90,10 @@ def pick_eval_texts(store: Any, runs: list[str], spec: str, count: int, text_fie
 
 
 def report_step(out: str, sae: TopKSae, store: Any, sae_id: str, stats: FeatureStats, metrics: dict,
-                tokenizer: Any, title: str, metadata: dict[str, Any]) -> Path:
-    """Write the HTML report from what the store holds about ``sae_id``."""
+                tokenizer: Any, title: str, metadata: dict[str, Any], lens: Any = None,
+                steering: dict[int, Any] | None = None) -> Path:
+    """Write the HTML report from what the store holds about ``sae_id`` (top texts, history, steering
+    measurements in ``steering.json``), with the logit lens of the features when given."""
     from mi_crow.report import write_feature_report
 
     info = cli_info(store, sae_id)
@@ -99,17 +103,49 @@ def report_step(out: str, sae: TopKSae, store: Any, sae_id: str, stats: FeatureS
         history = store.get_json(f"runs/{training_run}/training_history.json")
     key = f"sae_models/{sae_id}/{TOP_TEXTS_FILE}"
     top = store.get_json(key) if store.exists(key) else None
+    quantile_key = f"sae_models/{sae_id}/quantile_examples.json"
+    quantile = store.get_json(quantile_key) if store.exists(quantile_key) else None
+    measured = dict(steering or {})
+    steering_key = f"sae_models/{sae_id}/steering.json"
+    if store.exists(steering_key):
+        for neuron, result in store.get_json(steering_key).items():
+            measured.setdefault(int(neuron), result)
     concepts = list(sae.concepts.dictionary) if getattr(sae, "concepts", None) is not None else None
     return write_feature_report(out, sae, top_texts=top, history=history, eval_metrics=metrics,
                                 feature_stats=stats, concepts=concepts, tokenizer=tokenizer, title=title,
-                                metadata=metadata)
+                                metadata=metadata, logit_lens=lens, steering=measured or None, quantile_examples=quantile,
+                                frontier=frontier_points(store),
+                                initial_feature=next(iter(measured), None))
+
+
+def frontier_points(store: Any) -> list[dict[str, Any]]:
+    """L0 and FVU of every SAE in the store with an evaluation (``cli.json``) and of every grid frontier file
+    (``sae_models/<grid>.frontier.json``): the report draws the L0-FVU frontier when there are two or more."""
+    points: dict[str, dict[str, Any]] = {}
+    for sid in sae_ids(store):
+        info = cli_info(store, sid)
+        ev = info.get("eval") or {}
+        if isinstance(ev.get("l0"), (int, float)) and isinstance(ev.get("fvu"), (int, float)):
+            points[sid] = {"sae_id": sid, "l0": ev["l0"], "fvu": ev["fvu"], "k": info.get("k"),
+                           "n_latents": info.get("n_latents"), "layer": info.get("layer")}
+    for key in store.list("sae_models"):
+        if key.endswith(".frontier.json"):
+            try:
+                for p in store.get_json(key).get("points", []):
+                    if isinstance(p, dict) and p.get("sae_id") not in points:
+                        points[str(p.get("sae_id", len(points)))] = p
+            except (ValueError, AttributeError):
+                continue
+    return list(points.values())
 
 
 def print_metrics(metrics: dict[str, Any]) -> None:
     """One line with the evaluation figures that are present."""
-    names = [("fvu", "FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
+    fvu_label = "held-out FVU" if metrics.get("held_out") else "FVU"
+    names = [("fvu", fvu_label), ("train_fvu", "train FVU"), ("l0", "L0"), ("dead_fraction", "dead fraction"), ("loss_recovered", "loss recovered"),
              ("loss_clean", "LM loss clean"), ("loss_sae", "LM loss with SAE"), ("loss_zero", "LM loss layer zeroed"),
-             ("n_tokens", "tokens")]
+             ("n_tokens", "held-out tokens" if metrics.get("held_out") else "tokens"),
+             ("train_n_tokens", "training tokens")]
 
     def fmt(value: float) -> str:
         return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
@@ -142,11 +178,16 @@ def run(args: argparse.Namespace) -> int:
     metrics, stats = evaluate_step(lm, sae, store, run_id, layer, eval_texts, args.max_length, args.max_tokens)
     put_cli_info(store, args.sae_id, eval=metrics)
     tokenizer = lm.tokenizer if lm is not None else (load_tokenizer(model) if model else None)
+    lens = None
+    if lm is not None:
+        from mi_crow.mechanistic.sae.concepts import feature_logit_lens
+
+        lens = feature_logit_lens(lm, sae, [i for i, n in enumerate(stats.fire_count.tolist()) if n > 0], top=10)
     out = report_step(args.out, sae, store, args.sae_id, stats, metrics, tokenizer,
                       title=f"mi_crow feature report: {args.sae_id}",
                       metadata={"model": model, "layer": layer, "sae": args.sae_id, "run": run_id,
                                 "evaluation texts": f"{len(eval_texts)} held-out texts of {args.eval_dataset!r}"
-                                if eval_texts else "none (statistics over the stored run only)"})
+                                if eval_texts else "none (statistics over the stored run only)"}, lens=lens)
     print_metrics(metrics)
     say(f"report: {out.resolve()}")
     return 0

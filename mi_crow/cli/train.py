@@ -20,6 +20,7 @@ from mi_crow.cli.common import (
     put_cli_info,
     resolve_layer,
     run_layer,
+    sae_ids,
     say,
 )
 from mi_crow.errors import UserInputError
@@ -81,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted training of the same --sae-id from its last checkpoint")
     p.add_argument("--checkpoint-every", type=_positive(int), default=50, help="steps between checkpoints")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SAE of the same --sae-id")
     p.add_argument("--parallel", choices=["data", "latents", "layers"],
                    help="distributed layout under `torchrun --nproc_per_node=N -m mi_crow train`: data (split every "
                         "batch over the ranks), latents (split the dictionary), layers (one SAE per layer; every "
@@ -254,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
     k = args.k[0]
     kind = f"tc-{args.arch}" if args.transcoder_target is not None else args.arch
     sae_id = args.sae_id or f"{run_id}-{kind}{k}-n{n_latents}"
+    _refuse_overwrite(store, sae_id, args)
     sae, result = train_step(store, run_id, layer, n_latents, k, sae_id, tokens=args.tokens, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, seed=args.seed[0], model_id=model_id,
                              resume=args.resume, checkpoint_every=args.checkpoint_every, arch=args.arch,
@@ -261,6 +264,15 @@ def run(args: argparse.Namespace) -> int:
                              transcoder_target=args.transcoder_target, skip=args.skip, parallel=parallel)
     _report(result, sae_id, n_latents, k, store, type(sae).__name__, say=talk)
     return 0
+
+
+def _refuse_overwrite(store: Any, sae_id: str, args: argparse.Namespace) -> None:
+    """``train`` never replaces a saved SAE silently: ``--overwrite`` replaces it, ``--resume`` continues it."""
+    if sae_id in sae_ids(store) and not (args.overwrite or args.resume):
+        raise UserInputError(
+            f"--sae-id {sae_id!r} already exists in the store; pass --overwrite to replace it, --resume to continue "
+            f"its interrupted training, or another --sae-id"
+        )
 
 
 def _check_grid_arch(args: argparse.Namespace) -> None:
@@ -326,6 +338,7 @@ def _run_on_the_fly(args: argparse.Namespace, store: Any) -> int:
         raise UserInputError(f"--k {k} must not exceed --n-latents {n_latents}")
     source = Path(args.dataset).stem if args.dataset and args.dataset != "default" else "default"
     sae_id = args.sae_id or re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{source}-{layer}-{args.arch}{k}-n{n_latents}")
+    _refuse_overwrite(store, sae_id, args)
     config = _config(args.tokens, args.epochs, args.batch_size, args.lr, args.seed[0], sae_id, args.checkpoint_every,
                      args.resume, progress=True)
     sae = build_sae(args.arch, n_latents, widths[layer], k, parse_sizes(args.matryoshka_sizes))

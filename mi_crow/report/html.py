@@ -33,6 +33,8 @@ _METRIC_LABELS = {
     "delta_loss": ("delta loss", "LM loss with the SAE minus clean"),
     "eval_texts": ("LM-loss texts", "texts used for the LM-loss numbers"),
     "n_tokens": ("tokens", "tokens evaluated"),
+    "train_fvu": ("FVU (training texts)", "FVU on the stored run the SAE was trained on"),
+    "train_n_tokens": ("training tokens", "tokens of the stored run the training-text figures are measured on"),
 }
 
 _HISTORY_CHARTS = (
@@ -258,6 +260,94 @@ def _overview_svgs(history: list[dict[str, Any]], stats: FeatureStats | None, n_
     return charts
 
 
+def _lens_json(lens: Any, n_latents: int) -> dict[str, list[list[Any]]]:
+    """``{feature: [promoted, promoted_logits, suppressed, suppressed_logits]}`` from a ``LogitLens`` or a dict."""
+    if lens is None:
+        return {}
+    out: dict[str, list[list[Any]]] = {}
+    if hasattr(lens, "neurons") and hasattr(lens, "promoted"):
+        for row, idx in enumerate(lens.neurons):
+            out[str(int(idx))] = [list(lens.promoted[row]), [round(float(v), 3) for v in lens.promoted_logits[row]],
+                                  list(lens.suppressed[row]),
+                                  [round(float(v), 3) for v in lens.suppressed_logits[row]]]
+    elif isinstance(lens, Mapping):
+        for key, value in lens.items():
+            if not isinstance(value, Mapping):
+                raise TypeError(f"logit_lens[{key!r}] must be a dict with 'promoted' and 'suppressed', got "
+                                f"{type(value).__name__}")
+            out[str(int(key))] = [list(value.get("promoted", [])),
+                                  [_as_float(v) for v in value.get("promoted_logits", [])],
+                                  list(value.get("suppressed", [])),
+                                  [_as_float(v) for v in value.get("suppressed_logits", [])]]
+    else:
+        raise TypeError(f"logit_lens must be a LogitLens or a mapping feature -> dict, got {type(lens).__name__}")
+    bad = [k for k in out if not 0 <= int(k) < n_latents]
+    if bad:
+        raise ValueError(f"neuron index {bad[0]} in logit_lens is out of range [0, {n_latents})")
+    return out
+
+
+def _steering_json(steering: Mapping[int, Any] | None, n_latents: int) -> dict[str, Any]:
+    """The steering measurements, reduced to what the page shows (the sweep and the chosen point's texts)."""
+    if steering is None:
+        return {}
+    if not isinstance(steering, Mapping):
+        raise TypeError(f"steering must be a mapping feature -> SteeringEvaluation, got {type(steering).__name__}")
+    out = {}
+    for key, result in steering.items():
+        idx = int(key)
+        if not 0 <= idx < n_latents:
+            raise ValueError(f"neuron index {idx} in steering is out of range [0, {n_latents})")
+        data = result.to_dict() if hasattr(result, "to_dict") else dict(result)
+
+        def point(p: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: p.get(k) for k in ("strength", "feature_active", "promoted_rate", "loss", "loss_rise", "kl",
+                                          "passes")}
+
+        best = data.get("best") or {}
+        out[str(idx)] = {
+            "mode": data.get("mode"), "best_strength": data.get("best_strength"), "prompts": data.get("prompts", []),
+            "plain": point(data.get("plain", {})), "points": [point(p) for p in data.get("points", [])],
+            "plain_texts": (data.get("plain") or {}).get("continuations", []),
+            "steered_texts": best.get("continuations", []),
+        }
+    return out
+
+
+def _nearest_decoder(sae: Any, n_latents: int, top: int, chunk: int = 1024) -> dict[str, list[list[float]]]:
+    """Each feature's ``top`` nearest decoder directions by cosine similarity (chunked ``W_dec @ W_dec.T``)."""
+    w = getattr(sae, "W_dec", None)
+    if top <= 0 or w is None or not hasattr(w, "shape") or w.shape[0] != n_latents or n_latents < 2:
+        return {}
+    import torch
+
+    with torch.no_grad():
+        unit = w.detach().float().cpu()
+        unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        k = min(top + 1, n_latents)
+        out = {}
+        for start in range(0, n_latents, chunk):
+            sims = unit[start:start + chunk] @ unit.T
+            rows = torch.arange(sims.shape[0])
+            sims[rows, rows + start] = -2.0  # not itself
+            val, idx = sims.topk(k - 1, dim=1)
+            for r, (vs, js) in enumerate(zip(val.tolist(), idx.tolist())):
+                out[str(start + r)] = [[j, round(v, 3)] for j, v in zip(js, vs)]
+    return out
+
+
+def _frontier_svg(points: Sequence[Mapping[str, Any]] | None) -> str:
+    """The L0-FVU frontier of several SAEs (``mi_crow.report.frontier``), or nothing with fewer than two points."""
+    if not points or len(points) < 2:
+        return ""
+    try:
+        from mi_crow.report.frontier import frontier_svg
+    except ImportError:  # the frontier module ships with the SAE grid; without it there is nothing to draw
+        logger.warning("mi_crow.report.frontier is not available: the L0-FVU frontier is left out of the report")
+        return ""
+    return frontier_svg([dict(p) for p in points], title="L0 vs FVU of the SAEs in the store")
+
+
 def write_feature_report(
     path: str | os.PathLike[str],
     sae: Any = None,
@@ -273,14 +363,22 @@ def write_feature_report(
     window_chars: int = 120,
     max_examples: int = 10,
     initial_feature: int | None = None,
+    logit_lens: Any = None,
+    steering: Mapping[int, Any] | None = None,
+    quantile_examples: Any = None,
+    frontier: Sequence[Mapping[str, Any]] | None = None,
+    nearest: int = 5,
 ) -> Path:
     """Write one self-contained HTML page to browse an SAE's features.
 
     The page has an overview (metric cards, training curves of loss/FVU/L0/dead fraction, a log-scale histogram of
-    firing frequencies), a sortable and searchable table of features (index, concept name, firing frequency, mean
-    and max activation, top token) and, per feature, its top texts with the firing token highlighted by strength,
-    its activation histogram and its concept name. Everything (CSS, JS, SVG, data as JSON) is inline: the file
-    opens from disk without network.
+    firing frequencies, the L0-FVU frontier when several SAEs are given), a sortable and searchable table of
+    features (index, concept name, firing frequency, mean and max activation, top token, top promoted token) and,
+    per feature, a dashboard: the tokens its decoder direction promotes and suppresses (logit lens through the
+    final norm and unembedding), its density and activation histogram, its top texts and examples across its
+    activation quantiles with the firing token highlighted by strength, the features that fire with it most
+    often, the features with the nearest decoder directions, and its steering measurement when there is one.
+    Everything (CSS, JS, SVG, data as JSON) is inline: the file opens from disk without network.
 
     Args:
         path: output file (written atomically).
@@ -302,6 +400,14 @@ def write_feature_report(
         window_chars: characters of context shown on each side of the firing token.
         max_examples: top texts kept per feature.
         initial_feature: feature opened when the page loads (default: the first feature with texts).
+        logit_lens: a ``LogitLens`` (``sae.concepts.feature_logit_lens``) or ``{feature: {"promoted": [...],
+            "promoted_logits": [...], "suppressed": [...], "suppressed_logits": [...]}}``.
+        steering: ``{feature: SteeringEvaluation or its to_dict()}`` measured by ``evaluate_steering``.
+        quantile_examples: ``{feature: [example, ...]}`` across the activation range (examples as in ``top_texts``,
+            with a ``quantile``), as ``ActivationSampler.examples`` returns them.
+        frontier: points ``{"l0", "fvu", "sae_id", ...}`` of several trained SAEs: drawn as the L0-FVU frontier
+            (with two or more points).
+        nearest: decoder-direction neighbours listed per feature (needs ``sae.W_dec``; 0: none).
 
     Returns:
         The path written.
@@ -367,6 +473,36 @@ def write_feature_report(
         if token_counts:
             top_tokens[idx] = token_counts.most_common(1)[0][0]
 
+    quantile_json: dict[str, list[list[Any]]] = {}
+    for idx, examples in _normalize_top_texts(quantile_examples).items():
+        if not 0 <= idx < n_latents:
+            raise ValueError(f"neuron index {idx} in quantile_examples is out of range [0, {n_latents})")
+        rows_q = []
+        for ex in examples:
+            text = _get(ex, ("text",))
+            if not isinstance(text, str):
+                raise TypeError(f"quantile_examples[{idx}] example has no 'text' string: {ex!r}")
+            score = _as_float(_get(ex, ("activation", "score", "value"), 0.0)) or 0.0
+            position = _get(ex, ("token_position", "position"))
+            token = _get(ex, ("token",))
+            token = str(token) if token is not None else None
+            shown = _token_display(token, tokenizer)
+            start, end = locator.locate(text, int(position) if position is not None else None, token, shown)
+            tid = text_ids.setdefault(text, len(texts))
+            if tid == len(texts):
+                texts.append(text)
+            rows_q.append([tid, start, end, score, shown, _as_float(_get(ex, ("quantile",), None))])
+        quantile_json[str(idx)] = rows_q
+    lens_json = _lens_json(logit_lens, n_latents)
+    steering_json = _steering_json(steering, n_latents)
+    neighbours = _nearest_decoder(sae, n_latents, nearest)
+    cofire: dict[str, list[list[float]]] = {}
+    if feature_stats is not None and feature_stats.cofire_pairs is not None:
+        for i, j, c in feature_stats.cofire_pairs.tolist():
+            cofire.setdefault(str(i), []).append([j, c])
+        cofire = {k: [[j, round(c / own, 4)] for j, c in v if j != int(k)]
+                  for k, v in cofire.items() for own in [next((c for j, c in v if j == int(k)), 0)] if own > 0}
+
     features = []
     hist_edges: list[float] = []
     if feature_stats is not None:
@@ -384,6 +520,9 @@ def write_feature_report(
     for i in range(n_latents):
         name, notes = names.get(i, ("", ""))
         f: dict[str, Any] = {"i": i, "n": name, "t": top_tokens.get(i, "")}
+        lens_row = lens_json.get(str(i))
+        if lens_row is not None:
+            f["p"] = lens_row[0][0] if lens_row[0] else ""
         if notes:
             f["notes"] = notes
         if feature_stats is not None:
@@ -399,10 +538,12 @@ def write_feature_report(
     metrics = dict(eval_metrics or {})
     cards = []
     for key, value in metrics.items():
-        v = _as_float(value)
+        v = None if isinstance(value, bool) else _as_float(value)
         if v is None:
             continue
         label, help_text = _METRIC_LABELS.get(key, (key.replace("_", " "), ""))
+        if metrics.get("held_out") and key in ("fvu", "mse", "l0"):
+            label, help_text = f"{label} (held-out)", help_text + "; on texts the SAE was not trained on"
         cards.append({"label": label, "value": v, "help": help_text})
     if feature_stats is not None and "dead_fraction" not in metrics:
         cards.append({"label": "dead fraction", "value": feature_stats.dead_fraction,
@@ -432,8 +573,14 @@ def write_feature_report(
         "window": window_chars,
         "initial_feature": initial_feature,
         "metrics": {k: _as_float(v) for k, v in metrics.items()},
+        "lens": lens_json,
+        "quantile": quantile_json,
+        "cofire": cofire,
+        "cofire_tokens": feature_stats.cofire_tokens if feature_stats is not None else 0,
+        "nearest": neighbours,
+        "steering": steering_json,
     }
-    overview = "".join(_overview_svgs(rows, feature_stats, n_latents))
+    overview = "".join(_overview_svgs(rows, feature_stats, n_latents)) + _frontier_svg(frontier)
     page = (PAGE.replace("@@TITLE@@", escape(title))
             .replace("@@OVERVIEW@@", overview)
             .replace("@@DATA@@", _json_for_script(data)))

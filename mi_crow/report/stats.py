@@ -46,6 +46,22 @@ class FeatureStats:
     """``[d_in]`` float64: sum of the inputs (for the variance in FVU)."""
     x_sq_sum: float | None = None
     """Sum over tokens of ``||x||^2``."""
+    cofire_pairs: Tensor | None = None
+    """``[n_pairs, 3]`` int64 rows ``(i, j, count)``: tokens (of the first ``cofire_tokens``) on which features
+    ``i`` and ``j`` both fired, for each feature's most frequent partners (None when not measured)."""
+    cofire_tokens: int = 0
+    """Tokens the co-firing counts were measured on."""
+
+    def cofiring(self, feature: int) -> list[tuple[int, float]]:
+        """The features that fire with ``feature`` most often: ``(j, share of feature's firings where j fired
+        too)``, most frequent first (empty when not measured)."""
+        if self.cofire_pairs is None or self.cofire_pairs.numel() == 0:
+            return []
+        rows = self.cofire_pairs[self.cofire_pairs[:, 0] == feature]
+        # The feature's own firings within the sampled tokens are stored as the pair (i, i).
+        own = rows[rows[:, 1] == feature]
+        fired = int(own[0, 2]) if own.numel() else 0
+        return [(int(j), int(c) / fired) for _, j, c in rows.tolist() if j != feature and fired > 0]
 
     @property
     def n_latents(self) -> int:
@@ -102,6 +118,8 @@ def compute_feature_stats(
     n_bins: int = DEFAULT_BINS,
     log10_range: tuple[float, float] = DEFAULT_LOG10_RANGE,
     max_tokens: int | None = None,
+    cofire_tokens: int = 8192,
+    cofire_top: int = 5,
 ) -> FeatureStats:
     """Encode activations with ``sae`` and accumulate per-feature firing statistics.
 
@@ -114,6 +132,8 @@ def compute_feature_stats(
         n_bins: number of histogram bins.
         log10_range: ``(lo, hi)`` of the histogram on the log10 activation axis.
         max_tokens: stop after this many tokens (``None``: all).
+        cofire_tokens: count which features fire together on the first this many tokens (0: not at all).
+        cofire_top: partners kept per feature.
 
     Returns:
         The statistics (on CPU).
@@ -135,6 +155,7 @@ def compute_feature_stats(
     x_sum = torch.zeros(d, dtype=torch.float64)
     x_sq = 0.0
     seen = 0
+    pair_keys: list[Tensor] = []
     with torch.no_grad():
         for x in batches:
             if not isinstance(x, Tensor):
@@ -157,6 +178,14 @@ def compute_feature_stats(
                 sq_err += float(((xd - recon.double()) ** 2).sum())
                 x_sum += xd.sum(0).cpu()
                 x_sq += float((xd**2).sum())
+            if seen < cofire_tokens:
+                # Every ordered pair of active latents of a token (the pair (i, i) counts i's own firings).
+                take = min(x.shape[0], cofire_tokens - seen)
+                v2 = values[:take].detach().cpu()
+                i2 = torch.where(v2 > 0, indices[:take].detach().cpu(), torch.full_like(indices[:take].cpu(), -1))
+                a, b = i2.unsqueeze(-1), i2.unsqueeze(-2)
+                ok = (a >= 0) & (b >= 0)
+                pair_keys.append((a * n + b)[ok])
             values = values.detach().float().cpu().reshape(-1)
             indices = indices.detach().cpu().reshape(-1)
             active = values > 0
@@ -169,8 +198,11 @@ def compute_feature_stats(
             seen += x.shape[0]
             if max_tokens is not None and seen >= max_tokens:
                 break
+    cofire = _top_pairs(torch.cat(pair_keys), n, cofire_top) if pair_keys else None
     return FeatureStats(
         n_tokens=seen,
+        cofire_pairs=cofire,
+        cofire_tokens=min(seen, cofire_tokens),
         fire_count=fire,
         act_sum=act_sum,
         act_max=act_max,
@@ -180,6 +212,22 @@ def compute_feature_stats(
         x_sum=x_sum if can_decode else None,
         x_sq_sum=x_sq if can_decode else None,
     )
+
+
+def _top_pairs(keys: Tensor, n: int, top: int) -> Tensor:
+    """``(i, j, count)`` rows: each feature's own count (j = i) and its ``top`` most frequent partners."""
+    pairs, counts = torch.unique(keys, return_counts=True)
+    i, j = pairs // n, pairs % n
+    own = i == j
+    # Order by feature, then the own count first, then partners by count (descending).
+    rank = torch.where(own, torch.full_like(counts, -int(counts.max()) - 1), -counts)
+    order = torch.argsort(rank, stable=True)
+    order = order[torch.argsort(i[order], stable=True)]
+    i, j, counts = i[order], j[order], counts[order]
+    start = torch.searchsorted(i, i, right=False)
+    within = torch.arange(i.numel()) - start
+    keep = within <= top  # the own row plus ``top`` partners
+    return torch.stack([i[keep], j[keep], counts[keep]], dim=1)
 
 
 def feature_stats_from_store(

@@ -58,6 +58,17 @@ ol.examples li { margin:0 0 8px; }
 .example .tok { border-radius:3px; padding:0 1px; outline:1px solid rgba(var(--hl),0.9); }
 .example .score { color:var(--muted); font-family:system-ui,sans-serif; font-size:11px; margin-left:6px; }
 .muted-text { color:var(--muted); }
+.chips { display:flex; flex-wrap:wrap; gap:4px; margin:2px 0 8px; }
+.chip { font-family:ui-monospace,SFMono-Regular,Menlo,monospace; font-size:12px; border-radius:4px; padding:0 5px; white-space:pre; }
+.chip.up { background:#dcfce7; color:#14532d; }
+.chip.down { background:#fee2e2; color:#7f1d1d; }
+a.feat { color:var(--accent); cursor:pointer; text-decoration:none; margin-right:8px; font-size:12px; }
+table.sweep { width:auto; font-size:12px; margin:4px 0 8px; }
+table.sweep td, table.sweep th { position:static; cursor:default; padding:2px 8px; }
+table.sweep tr.chosen { background:#dbeafe; }
+.steer-text { font-size:12px; margin:2px 0 6px; }
+.steer-text b { display:inline-block; min-width:60px; }
+h4 { margin:12px 0 4px; font-size:13px; }
 footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px solid var(--line); }
 </style>
 </head>
@@ -85,7 +96,7 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
 <table id="feature-table">
 <thead><tr>
 <th data-key="i">#</th><th data-key="n">name</th><th data-key="f">freq</th><th data-key="m">mean act</th>
-<th data-key="x">max act</th><th data-key="t">top token</th>
+<th data-key="x">max act</th><th data-key="t">top token</th><th data-key="p">promotes</th>
 </tr></thead>
 <tbody></tbody>
 </table>
@@ -147,6 +158,7 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
     if (/^#?\d+$/.test(q)) return String(f.i) === q.replace("#", "");
     if (f.n && f.n.toLowerCase().indexOf(q) >= 0) return true;
     if (f.t && f.t.toLowerCase().indexOf(q) >= 0) return true;
+    if (f.p && f.p.toLowerCase().indexOf(q) >= 0) return true;
     var ex = DATA.examples[f.i] || [];
     for (var j = 0; j < ex.length; j++) {
       var e = ex[j], text = DATA.texts[e[0]];
@@ -158,7 +170,7 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
 
   function sortValue(f, key) {
     var v = f[key];
-    if (key === "n" || key === "t") return (v || "").toLowerCase();
+    if (key === "n" || key === "t" || key === "p") return (v || "").toLowerCase();
     return v === null || v === undefined ? -Infinity : v;
   }
 
@@ -182,7 +194,8 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
         el("td", { cls: "num", text: fmtFreq(f.f) }),
         el("td", { cls: "num", text: fmt(f.m) }),
         el("td", { cls: "num", text: fmt(f.x) }),
-        el("td", {}, [f.t ? el("code", { cls: "tokname", text: f.t }) : null])]);
+        el("td", {}, [f.t ? el("code", { cls: "tokname", text: f.t }) : null]),
+        el("td", {}, [f.p ? el("code", { cls: "tokname", text: f.p }) : null])]);
       if (f.d) tr.classList.add("dead");
       if (state.feature === f.i) tr.classList.add("selected");
       frag.appendChild(tr);
@@ -256,14 +269,95 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
     box.appendChild(el("div", { cls: "stats-line", text: "fires on " + fmtFreq(f.f) + " of tokens \u00b7 mean " +
       fmt(f.m) + " \u00b7 max " + fmt(f.x) + (f.t ? " \u00b7 top token " + JSON.stringify(f.t) : "") +
       (f.d ? " \u00b7 dead" : "") }));
+    var dens = FEATURES.filter(function (g) { return g.f !== null && g.f !== undefined && g.f < f.f; }).length;
+    if (f.f !== null && f.f !== undefined) box.appendChild(el("div", { cls: "stats-line density", text: "density " +
+      (f.f > 0 ? "10^" + (Math.log10(f.f)).toFixed(2) : "0") + " · denser than " +
+      Math.round(100 * dens / FEATURES.length) + "% of features" }));
+    var lens = (DATA.lens || {})[f.i];
+    if (lens) {
+      box.appendChild(el("h4", { text: "Promotes (logit lens of its decoder direction)" }));
+      box.appendChild(chips(lens[0], lens[1], "up", "promoted"));
+      box.appendChild(el("h4", { text: "Suppresses" }));
+      box.appendChild(chips(lens[2], lens[3], "down", "suppressed"));
+    }
     box.appendChild(histogramSvg(f));
+    var st = (DATA.steering || {})[f.i];
+    if (st) box.appendChild(steeringNode(st));
     var ex = DATA.examples[f.i] || [];
     box.appendChild(el("h4", { text: "Top texts (" + ex.length + ")" }));
-    if (!ex.length) { box.appendChild(el("p", { cls: "muted-text", text: "No tracked texts for this feature." })); return; }
     var fmax = ex.reduce(function (a, e) { return Math.max(a, e[3]); }, 0);
-    var ol = el("ol", { cls: "examples" });
-    ex.forEach(function (e) { ol.appendChild(exampleNode(e, fmax)); });
-    box.appendChild(ol);
+    if (!ex.length) box.appendChild(el("p", { cls: "muted-text", text: "No tracked texts for this feature." }));
+    else {
+      var ol = el("ol", { cls: "examples top-texts" });
+      ex.forEach(function (e) { ol.appendChild(exampleNode(e, fmax)); });
+      box.appendChild(ol);
+    }
+    var qx = (DATA.quantile || {})[f.i] || [];
+    if (qx.length) {
+      var qmax = Math.max(fmax, qx.reduce(function (a, e) { return Math.max(a, e[3]); }, 0));
+      box.appendChild(el("h4", { text: "Across its activation range (sampled at quantiles)" }));
+      var ql = el("ul", { cls: "examples quantiles" });
+      qx.forEach(function (e) {
+        var li = exampleNode(e, qmax);
+        li.insertBefore(el("span", { cls: "score", text: "q" + Math.round(100 * (e[5] || 0)) + " " }), li.firstChild);
+        ql.appendChild(li);
+      });
+      box.appendChild(ql);
+    }
+    linkList(box, "Fires together with", (DATA.cofire || {})[f.i], function (v) {
+      return (100 * v).toFixed(0) + "% of its firings"; }, "cofire");
+    linkList(box, "Nearest decoder directions", (DATA.nearest || {})[f.i], function (v) {
+      return "cos " + v.toFixed(2); }, "nearest");
+  }
+
+  function chips(tokens, logits, kind, cls) {
+    var div = el("div", { cls: "chips " + cls });
+    (tokens || []).forEach(function (t, j) {
+      div.appendChild(el("span", { cls: "chip " + kind, title: "logit " + fmt((logits || [])[j]), text: t }));
+    });
+    return div;
+  }
+
+  function linkList(box, title, items, describe, cls) {
+    if (!items || !items.length) return;
+    box.appendChild(el("h4", { text: title }));
+    var div = el("div", { cls: "links " + cls });
+    items.forEach(function (pair) {
+      var g = BY_INDEX[pair[0]];
+      var a = el("a", { cls: "feat", "data-feature": String(pair[0]),
+        text: "#" + pair[0] + (g && g.p ? " " + JSON.stringify(g.p) : "") + " (" + describe(pair[1]) + ")" });
+      div.appendChild(a);
+    });
+    box.appendChild(div);
+  }
+
+  function steeringNode(st) {
+    var div = el("div", { cls: "steering" });
+    div.appendChild(el("h4", { text: "Steering (" + (st.mode || "add") + ", measured)" }));
+    var head = el("tr", {}, ["strength", "feature active", "promoted tokens", "loss (nat/token)", "loss rise", "KL",
+      "targets"].map(function (h) { return el("th", { text: h }); }));
+    var rows = [head];
+    [st.plain].concat(st.points || []).forEach(function (p, j) {
+      var tr = el("tr", {}, [
+        el("td", { text: j === 0 ? "plain" : fmt(p.strength) }),
+        el("td", { cls: "num", text: (100 * p.feature_active).toFixed(0) + "%" }),
+        el("td", { cls: "num", text: (100 * p.promoted_rate).toFixed(0) + "%" }),
+        el("td", { cls: "num", text: fmt(p.loss) }),
+        el("td", { cls: "num", text: j === 0 ? "" : (p.loss_rise >= 0 ? "+" : "") + p.loss_rise.toFixed(2) }),
+        el("td", { cls: "num", text: j === 0 ? "" : fmt(p.kl) }),
+        el("td", { text: j === 0 ? "" : (p.passes ? "met" : "not met") })]);
+      if (j > 0 && p.strength === st.best_strength) tr.classList.add("chosen");
+      rows.push(tr);
+    });
+    div.appendChild(el("table", { cls: "sweep" }, rows));
+    (st.prompts || []).forEach(function (prompt, j) {
+      div.appendChild(el("div", { cls: "steer-text" }, [el("b", { text: "prompt" }), document.createTextNode(prompt)]));
+      div.appendChild(el("div", { cls: "steer-text" }, [el("b", { text: "plain" }),
+        document.createTextNode((st.plain_texts || [])[j] || "")]));
+      div.appendChild(el("div", { cls: "steer-text steered" }, [el("b", { text: "steered" }),
+        document.createTextNode((st.steered_texts || [])[j] || "")]));
+    });
+    return div;
   }
 
   function writeHash() {
@@ -297,8 +391,12 @@ footer { color:var(--muted); font-size:12px; padding:16px 24px; border-top:1px s
     if (!th) return;
     var key = th.getAttribute("data-key");
     if (state.sortKey === key) state.sortDir = -state.sortDir;
-    else { state.sortKey = key; state.sortDir = (key === "i" || key === "n" || key === "t") ? 1 : -1; }
+    else { state.sortKey = key; state.sortDir = (key === "i" || key === "n" || key === "t" || key === "p") ? 1 : -1; }
     renderTable();
+  });
+  document.getElementById("feature-detail").addEventListener("click", function (ev) {
+    var a = ev.target.closest("a.feat");
+    if (a) selectFeature(+a.getAttribute("data-feature"));
   });
   document.querySelector("#feature-table tbody").addEventListener("click", function (ev) {
     var tr = ev.target.closest("tr");

@@ -197,7 +197,7 @@ def test_generate_with_and_without_steering(capsys, trained, workdir) -> None:
                        "--max-new-tokens", "6")
     assert code == 0
     plain = re.search(r"^plain: {4}(.*)$", out, re.M).group(1)
-    steered = re.search(r"^steered \(threex2, 5\+400\): (.*)$", out, re.M).group(1)
+    steered = re.search(r"^steered \(threex2, add 5=400\): (.*)$", out, re.M).group(1)
     assert plain != steered  # a large addition along one decoder row changes greedy decoding
 
 
@@ -312,3 +312,86 @@ def test_an_sae_id_that_is_not_one_folder_name_is_a_user_error(capsys, trained) 
                        "--sae-id", "a/b")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "SaeTrainingConfig.training_run_id must be" in err and "'a/b'" in err
+
+
+def test_steer_eval_prints_the_sweep_and_writes_json(capsys, trained, workdir, tmp_path) -> None:
+    from mi_crow.store import LocalStore
+
+    out_json = tmp_path / "steer.json"
+    code, out, _ = run(capsys, "steer-eval", "--store", trained["store"], "--sae-id", "s1", "--model",
+                       workdir / "llama", "--feature", "3", "--prompt", "The cat", "--prompt", "A dog",
+                       "--strengths", "0.5,2", "--max-new-tokens", "4", "--json", out_json)
+    assert code == 0, out
+    assert "promotes:" in out and re.search(r"^\s+plain ", out, re.M) and re.search(r"^\s+0\.5 ", out, re.M)
+    data = json.loads(out_json.read_text(encoding="utf-8"))
+    assert data["neuron"] == 3 and [p["strength"] for p in data["points"]] == [0.5, 2.0]
+    assert data["best_strength"] in (0.5, 2.0)
+    # Recorded beside the SAE, where the report finds it.
+    assert LocalStore(trained["store"]).get_json("sae_models/s1/steering.json")["3"]["neuron"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--feature", "640"], "--feature 640 is out of range; the SAE has n_latents=64"),
+        (["--feature", "nobody"], "unknown concept name 'nobody'"),
+        (["--feature", "1", "--model", "{gpt2}"], "was trained on model .* cannot be attached"),
+    ],
+)
+def test_steer_eval_user_errors(capsys, trained, workdir, extra, message) -> None:
+    from mi_crow.store import LocalStore
+
+    LocalStore(trained["store"]).put_json("sae_models/s1/cli.json", {
+        **LocalStore(trained["store"]).get_json("sae_models/s1/cli.json"), "model": str(workdir / "llama")})
+    argv = [a.format(gpt2=workdir / "gpt2") for a in extra]
+    code, _, err = run(capsys, "steer-eval", "--store", trained["store"], "--sae-id", "s1", *argv,
+                       "--max-new-tokens", "2")
+    assert code == 2 and re.search(message, err), err
+
+
+def test_train_refuses_to_overwrite_without_the_flag(capsys, trained) -> None:
+    argv = ["train", "--store", trained["store"], "--n-latents", "16", "--k", "2", "--tokens", "640",
+            "--batch-size", "64", "--sae-id", "twice"]
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "'twice' already exists" in err and "--overwrite" in err
+    code, out, _ = run(capsys, *argv, "--overwrite", "--seed", "1")
+    assert code == 0 and "trained SAE 'twice'" in out
+
+
+def test_demo_rerun_with_new_knobs_retrains(trained) -> None:
+    """The demo's training step: other --lr/--seed/--train-tokens train (a new id, or the user's id afresh)
+    instead of failing to resume."""
+    from mi_crow.cli.demo import train_or_reuse
+    from mi_crow.store import LocalStore
+
+    store = LocalStore(trained["store"])
+    common = dict(batch=64, model_id=None)
+    _, first, id1 = train_or_reuse(store, "r1", trained["layer"], 16, 2, None, budget=640, lr=None, seed=0, **common)
+    _, second, id2 = train_or_reuse(store, "r1", trained["layer"], 16, 2, None, budget=640, lr=1e-3, seed=0,
+                                    **common)
+    assert id1 != id2 and second.steps == 10
+    _, third, id3 = train_or_reuse(store, "r1", trained["layer"], 16, 2, None, budget=1280, lr=None, seed=3,
+                                   **common)
+    assert id3 not in (id1, id2) and third.steps == 20
+    # The same knobs again: the finished SAE is reused.
+    _, again, same = train_or_reuse(store, "r1", trained["layer"], 16, 2, None, budget=640, lr=1e-3, seed=0, **common)
+    assert same == id2 and again.reused and again.steps == 10
+    # The user's own --sae-id with other knobs: retrained from scratch, not "cannot resume".
+    for seed in (0, 1):
+        _, result, sid = train_or_reuse(store, "r1", trained["layer"], 16, 2, "mine", budget=640, lr=None, seed=seed,
+                                        **common)
+        assert sid == "mine" and result.resumed_from_step is None and result.steps == 10
+
+
+@pytest.mark.parametrize("argv", [["concepts", "--sae-id", "s1", "--show", "-5"],
+                                  ["report", "--sae-id", "s1", "--eval-texts", "-1"],
+                                  ["train", "--seed", "-3"], ["steer-eval", "--sae-id", "s", "--feature", "1",
+                                                              "--strengths", "1,inf"],
+                                  ["generate", "--positions", "a,b"]])
+def test_negative_or_malformed_numbers_are_rejected(capsys, argv) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "expected" in err

@@ -163,7 +163,8 @@ def test_save_name_path_round_trip(tmp_path, monkeypatch):
     for loaded in (TopKSae.load(folder), TopKSae.load(folder / "model.pt"), TopKSae.load(tmp_path / "my_sae.pt")):
         _same_outputs(sae, loaded)
         assert loaded.concepts.find_concept("four") == 4
-        assert loaded.concepts.get_manipulation_config() == {4: 0.5}
+        assert loaded.concepts.get_manipulation_config() == {}  # saved steering loads only on request
+        assert loaded.concepts.saved_manipulations["scales"] == [{"neuron": 4, "name": "four", "scale": 0.5}]
     # Positional name and path, and the current directory when no path is given.
     assert sae.save("again", tmp_path) == tmp_path / "again"
     monkeypatch.chdir(tmp_path)

@@ -90,8 +90,14 @@ def test_store_round_trip_next_to_the_sae(tmp_path):
     assert (tmp_path / "store" / "sae_models" / "my_sae" / "concepts.json").is_file()
     other = make_concepts()
     other.load(store, "my_sae")
-    assert other.dictionary == concepts.dictionary
-    assert other.get_manipulation_config() == concepts.get_manipulation_config()
+    # Loading names the neurons but steers nothing until asked (issue 17).
+    assert other.dictionary == concepts.dictionary and not other.has_manipulations
+    assert other.saved_manipulations == concepts.manipulation_state()
+    other.apply_saved_manipulations()
+    assert other.manipulation_state() == concepts.manipulation_state()
+    again = make_concepts()
+    again.load(store, "my_sae", manipulations=True)
+    assert again.manipulation_state() == concepts.manipulation_state()
     # load_dictionary restores names only.
     third = make_concepts()
     third.load_dictionary(store, "my_sae")

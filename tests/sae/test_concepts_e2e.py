@@ -208,15 +208,27 @@ def test_steered_generation_differs_and_reset_restores_it(tiny_lm, sample_texts)
     assert lm.generate(prompts, max_new_tokens=6) == plain
 
 
-def test_concepts_are_saved_and_loaded_with_the_sae(tiny_gpt2, store):
+def test_concepts_are_saved_and_loaded_with_the_sae(tiny_gpt2, store, sample_texts):
     sae = make_sae(tiny_gpt2)
     sae.concepts.name_concept(3, "three", "notes")
     sae.concepts.manipulate_concept("three", 0.0)
     sae.concepts.add_concept(4, 1.5, positions=[-1])
     sae.save(store, "with_concepts")
+    base = tiny_gpt2.forwards(sample_texts[:4]).logits
     loaded = TopKSae.load(store, "with_concepts")
     assert loaded.concepts.dictionary == sae.concepts.dictionary
-    assert loaded.concepts.get_manipulation_config() == sae.concepts.get_manipulation_config()
+    # A loaded SAE steers nothing until asked: attached, it leaves a plain forward unchanged, bit for bit.
+    assert not loaded.concepts.has_manipulations
+    tiny_gpt2.attach_sae(loaded, LAYER)
+    assert torch.equal(tiny_gpt2.forwards(sample_texts[:4]).logits, base)
+    # The saved steering is there on request, and then it changes the forward.
+    assert loaded.concepts.saved_manipulations == sae.concepts.manipulation_state()
+    loaded.concepts.apply_saved_manipulations()
+    assert loaded.concepts.manipulation_state() == sae.concepts.manipulation_state()
+    assert not torch.equal(tiny_gpt2.forwards(sample_texts[:4]).logits, base)
+    tiny_gpt2.detach_sae(loaded)
+    steered = TopKSae.load(store, "with_concepts", manipulations=True)
+    assert steered.concepts.manipulation_state() == sae.concepts.manipulation_state()
 
 
 def test_tracking_without_a_language_model_is_a_clear_error(tiny_gpt2):

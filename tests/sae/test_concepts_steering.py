@@ -150,7 +150,8 @@ def test_manipulation_config_round_trip():
     cfg = concepts.manipulation_state()
     cfg = json.loads(json.dumps(cfg))  # JSON-able
     assert cfg["scales"] == [{"neuron": 2, "name": None, "scale": 1.5}, {"neuron": 6, "name": "six", "scale": 0.0}]
-    assert cfg["additions"][1] == {"neuron": 9, "name": None, "activation": 4.0, "positions": [-1, 0]}
+    assert cfg["additions"][1] == {"neuron": 9, "name": None, "activation": 4.0, "positions": [-1, 0],
+                                   "relative": False, "exclude_special": False}
     other = make_concepts()
     other.load_manipulation_state(cfg)
     assert other.manipulation_state() == {**cfg, "scales": [dict(e, name=None) for e in cfg["scales"]]}
@@ -197,7 +198,8 @@ def test_bad_manipulations(call, exc, match):
     [
         ([], TypeError, "config must be a dict"),
         ({"scale": []}, ValueError, "unknown keys"),
-        ({"version": 2}, ValueError, "config version must be 1"),
+        ({"version": 3}, ValueError, "config version must be 1 or 2"),
+        ({"caps": [{"neuron": 1, "value": float("inf")}]}, ValueError, r"config\[.caps.\]\[0\]: cap must be finite"),
         ({"scales": {}}, TypeError, r"config\['scales'\] must be a list"),
         ({"scales": [{"neuron": 1}]}, ValueError, r"config\['scales'\]\[0\]: missing 'scale'"),
         ({"scales": [{"scale": 1.0}]}, ValueError, r"config\['scales'\]\[0\] needs a 'neuron'"),

@@ -204,4 +204,7 @@ def test_concepts_are_saved_and_loaded_with_the_sae(store):
     assert store.exists("sae_models/named/concepts.json")
     loaded = TopKSae.load(store, "named")
     assert loaded.concepts.find_concept("rivers") == 5
+    # Saved steering is applied only on request (issue 17).
+    assert loaded.concepts.get_manipulation_config() == {}
+    loaded = TopKSae.load(store, "named", manipulations=True)
     assert loaded.concepts.get_manipulation_config() == sae.concepts.get_manipulation_config()

@@ -436,7 +436,7 @@ class SaeBase(nn.Module, Controller):
         keep = self.inlier_mask(x)
         if concepts.tracking_enabled:
             concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
-        modified = concepts.modify_code(code.values, code.indices)
+        modified = concepts.modify_code(code.values, code.indices, x=x)
         if modified is None and self.mode == "observe":
             return None
         if modified is None:
@@ -655,6 +655,7 @@ class SaeBase(nn.Module, Controller):
         *,
         path: str | os.PathLike[str] | None = None,
         device: str | torch.device | None = None,
+        manipulations: bool = False,
     ) -> Any:
         """Load an SAE saved by `save`, as the class its ``config.json`` records (``"architecture"``; folders of
         earlier versions, without it, are TopK SAEs).
@@ -675,6 +676,9 @@ class SaeBase(nn.Module, Controller):
             sae_id: name it was saved under.
             path: the folder or its ``model.pt`` (keyword form of the path).
             device: where to put the parameters (CPU when None).
+            manipulations: apply the steering saved with the SAE. Without it a loaded SAE leaves a plain forward
+                unchanged; the saved manipulations wait in ``sae.concepts.saved_manipulations``
+                (``sae.concepts.apply_saved_manipulations()`` applies them later).
 
         Returns:
             The SAE, identical (bit-exact weights, same configuration and metadata) to the saved one.
@@ -701,7 +705,8 @@ class SaeBase(nn.Module, Controller):
                 )
             folder, model_file = locate_folder(Path(store))
             files = SaeFiles.in_folder(folder)
-            return _load_files(cls._resolve_class(files), files, device=device, model_file=model_file)
+            return _load_files(cls._resolve_class(files), files, device=device, model_file=model_file,
+                               manipulations=manipulations)
         if not isinstance(store, Store):
             raise ArgumentTypeError(
                 f"{cls_name}.load: the first argument must be a Store or a path, got {type(store).__name__}"
@@ -713,7 +718,7 @@ class SaeBase(nn.Module, Controller):
             raise StoreKeyNotFoundError(
                 f"{cls_name}.load: no saved SAE {sae_id!r} in the store (missing {files.where(CONFIG_FILE)})"
             )
-        return _load_files(cls._resolve_class(files), files, device=device)
+        return _load_files(cls._resolve_class(files), files, device=device, manipulations=manipulations)
 
     @classmethod
     def _resolve_class(cls, files: SaeFiles) -> type[SaeBase]:
@@ -787,6 +792,7 @@ def load_sae(
     sae_id: str | None = None,
     *,
     device: str | torch.device | None = None,
+    manipulations: bool = False,
 ) -> SaeBase:
     """Load any saved SAE as the class its ``config.json`` records (`TopKSae`, `BatchTopKSae`, `MatryoshkaSae`,
     `JumpReLUSae`, `Transcoder`).
@@ -795,6 +801,7 @@ def load_sae(
         store_or_path: a store (then ``sae_id`` names the SAE) or a saved SAE's folder / its ``model.pt``.
         sae_id: the SAE's name in the store.
         device: where to put the parameters (CPU when None).
+        manipulations: apply the steering saved with the SAE (see `SaeBase.load`).
 
     Returns:
         The SAE (see `SaeBase.load`).
@@ -802,7 +809,7 @@ def load_sae(
     # Every architecture registers itself on import; the package's __init__ imports them all.
     import mi_crow.mechanistic.sae  # noqa: F401
 
-    return SaeBase.load(store_or_path, sae_id, device=device)
+    return SaeBase.load(store_or_path, sae_id, device=device, manipulations=manipulations)
 
 
 def _zero_outliers(values: Tensor, keep: Tensor | None) -> Tensor:

@@ -160,9 +160,11 @@ def load_sae(
     *,
     device: str | torch.device | None = None,
     model_file: str | None = None,
+    manipulations: bool = False,
 ) -> TopKSae:
     """Load what `save_sae` wrote (see `TopKSae.load`): the config, the weights (``model.pt``, else the legacy
-    ``model.safetensors``, or ``model_file`` when given) and the concepts.
+    ``model.safetensors``, or ``model_file`` when given) and the concepts (the saved manipulations are applied
+    only with ``manipulations=True``; otherwise they wait in ``sae.concepts.saved_manipulations``).
 
     Raises:
         StoreKeyNotFoundError: a missing file (named).
@@ -180,7 +182,7 @@ def load_sae(
     tensors = state_from_bytes(files.read(model_file), model_where, safetensors=model_file.endswith(".safetensors"))
     sae = sae_from_parts(cls, config, tensors, files.where(), device, model_where)
     if files.exists(CONCEPTS_FILE):
-        sae.concepts.load(*files.concepts_target())
+        sae.concepts.load(*files.concepts_target(), manipulations=manipulations)
     return sae
 
 

@@ -168,7 +168,7 @@ class Transcoder(SaeBase):
         keep = self.inlier_mask(x)
         if concepts.tracking_enabled:
             concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
-        modified = concepts.modify_code(code.values, code.indices)
+        modified = concepts.modify_code(code.values, code.indices, x=x)
         if modified is None and self.mode == "observe":
             return None
         y = output.to(device=self.device, dtype=self.dtype)

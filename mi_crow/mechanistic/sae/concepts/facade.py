@@ -21,10 +21,10 @@ from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.concepts.dictionary import Concept, ConceptDictionary
 from mi_crow.mechanistic.sae.concepts.export import write_top_texts_csv, write_top_texts_json
 from mi_crow.mechanistic.sae.concepts.persistence import read_document, write_document
-from mi_crow.mechanistic.sae.concepts.steering import Steering
+from mi_crow.mechanistic.sae.concepts.steering import MODES, Steering, _check_finite_number
 from mi_crow.mechanistic.sae.concepts.top_texts import TopText, TopTexts
 from mi_crow.mechanistic.sae.concepts.tracker import NeuronStats, TopTextTracker
-from mi_crow.validation import check_positive_int, fail_type, resolve_synonym
+from mi_crow.validation import check_choice, check_positive_int, fail_type, resolve_synonym
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class AutoencoderConcepts:
         self._tracking = False
         self._warned_shape = False
         self._steering = Steering(sae)
+        # The manipulations found by the last `load`, applied only on request (`apply_saved_manipulations`).
+        self.saved_manipulations: dict[str, Any] | None = None
+        # Examples across each feature's activation range, filled by `track_from_run` (an ActivationSampler).
+        self.activation_sampler: Any = None
 
     # ------------------------------------------------------------------ basics
     @property
@@ -305,9 +309,17 @@ class AutoencoderConcepts:
         """
         return self.save_dictionary(target, sae_id)
 
-    def load(self, source: Any, sae_id: str | None = None) -> ConceptDictionary:
-        """Load what :meth:`save` wrote (``sae_models/<sae_id>/concepts.json`` of a store, or a file path): the
-        dictionary and the saved manipulations.
+    def load(self, source: Any, sae_id: str | None = None, *, manipulations: bool = False) -> ConceptDictionary:
+        """Load what :meth:`save` wrote (``sae_models/<sae_id>/concepts.json`` of a store, or a file path).
+
+        The dictionary replaces the current one. Manipulations are state applied on request only: the saved ones
+        are kept in :attr:`saved_manipulations` and applied here only with ``manipulations=True`` (or later with
+        :meth:`apply_saved_manipulations`), so loading never steers the model behind the user's back.
+
+        Args:
+            source: a store or a file path.
+            sae_id: required with a store.
+            manipulations: also apply the saved manipulations (replacing the current ones).
 
         Returns:
             The loaded dictionary.
@@ -315,14 +327,29 @@ class AutoencoderConcepts:
         data, where = read_document(source, sae_id)
         previous = self._dictionary
         loaded = self.load_dictionary(source, sae_id)
-        manipulations = data.get("manipulations") if isinstance(data, dict) else None
-        if manipulations is not None:
+        saved = data.get("manipulations") if isinstance(data, dict) else None
+        if saved is not None:
             try:
-                self.load_manipulation_state(manipulations)
+                # Checked now (a broken file fails at load), applied only when asked.
+                Steering(self.sae).load_config(saved, self.dictionary.resolve)
             except (TypeError, ValueError) as exc:
                 self._dictionary = previous
                 raise type(exc)(f"{where}: {exc}") from None
+        self.saved_manipulations = saved
+        if manipulations and saved is not None:
+            self.load_manipulation_state(saved)
         return loaded
+
+    def apply_saved_manipulations(self) -> None:
+        """Apply the manipulations the last :meth:`load` found in the file (replacing the current ones).
+
+        Raises:
+            RuntimeError: nothing was loaded, or the file held no manipulations.
+        """
+        if self.saved_manipulations is None:
+            raise RuntimeError("no saved manipulations: load a concepts file that holds some first "
+                               "(TopKSae.load(...) or sae.concepts.load(...))")
+        self.load_manipulation_state(self.saved_manipulations)
 
     # ------------------------------------------------------------------ manipulation
     def manipulate_concept(
@@ -359,18 +386,25 @@ class AutoencoderConcepts:
     def add_concept(
         self,
         neuron_idx_or_name: int | str,
-        activation: float,
+        activation: float | None = None,
         positions: Sequence[int] | None = None,
+        *,
+        strength: float | None = None,
+        exclude_special: bool = False,
     ) -> None:
         """Add ``activation`` of a neuron to the SAE code (steering along its decoder direction).
 
         The layer output changes by ``activation * W_dec[neuron]`` at the chosen tokens, whether or not the neuron
-        fired there. Adding the same neuron again replaces its previous addition.
+        fired there. With ``strength`` instead of ``activation`` the added vector has norm ``strength`` times each
+        token's residual norm at that layer (``strength=0.5`` adds half the residual's norm along the unit
+        direction), which carries over between layers and models. Adding the same neuron again replaces its
+        previous edit.
 
         Positions: ``None`` means every token of every forward pass. Otherwise a list of token positions within
         each text, as in tracking's ``token_position`` (padding excluded, special tokens counted; negative values
-        count from the text's end, ``-1`` is its last token). Positions past a text's length are ignored. During
-        ``generate`` the text grows: each generated token is the text's newest token, so ``[-1]`` steers the
+        count from the text's end, ``-1`` is its last token). In a plain forward a position that names no token of
+        any text is an error; a text shorter than a position is left alone. During ``generate`` (with or without
+        a KV cache) the text grows: each generated token is the text's newest token, so ``[-1]`` steers the
         prompt's last token and then every generated token, and a position ``p >= len(prompt)`` steers the
         generated token that lands there. Without a batch context describing the forward (the SAE used outside a
         LanguageModel), positions index the forward's own sequence axis (``dim=-2`` of the code).
@@ -379,14 +413,105 @@ class AutoencoderConcepts:
             neuron_idx_or_name: neuron index or concept name.
             activation: finite real number (negative values push the other way).
             positions: ``None`` or a non-empty sequence of ints.
+            strength: instead of ``activation``: a finite multiple of the residual norm.
+            exclude_special: leave special tokens (BOS, chat markers) unchanged.
 
         Raises:
-            TypeError / ValueError: bad neuron, non-numeric or non-finite activation, bad positions.
+            TypeError / ValueError: bad neuron, non-numeric or non-finite activation, both or neither of
+                ``activation`` and ``strength``, bad positions.
         """
-        self._steering.set_addition(self._resolve(neuron_idx_or_name), activation, positions)
+        value, relative = _value_or_strength(activation, strength, "activation")
+        self._steering.set_edit(self._resolve(neuron_idx_or_name), "add", value, positions, relative=relative,
+                                exclude_special=exclude_special)
+
+    def clamp_concept(
+        self,
+        neuron_idx_or_name: int | str,
+        value: float | None = None,
+        positions: Sequence[int] | None = None,
+        *,
+        strength: float | None = None,
+        exclude_special: bool = False,
+    ) -> None:
+        """Set a neuron's activation to ``value`` at the chosen tokens (what it had there is replaced).
+
+        Arguments as in :meth:`add_concept`; ``strength`` gives the value as a multiple of the residual norm.
+        """
+        value, relative = _value_or_strength(value, strength, "value")
+        self._steering.set_edit(self._resolve(neuron_idx_or_name), "clamp", value, positions, relative=relative,
+                                exclude_special=exclude_special)
+
+    def cap_concept(
+        self,
+        neuron_idx_or_name: int | str,
+        cap: float | None = None,
+        positions: Sequence[int] | None = None,
+        *,
+        strength: float | None = None,
+        exclude_special: bool = False,
+    ) -> None:
+        """Projection cap: wherever the residual's projection onto the neuron's unit decoder direction exceeds
+        ``cap``, remove the excess (so the projection is at most ``cap``; below it nothing changes).
+
+        Arguments as in :meth:`add_concept`; ``strength`` gives the cap as a multiple of the residual norm.
+        """
+        value, relative = _value_or_strength(cap, strength, "cap")
+        self._steering.set_edit(self._resolve(neuron_idx_or_name), "cap", value, positions, relative=relative,
+                                exclude_special=exclude_special)
+
+    def ablate_concept(self, neuron_idx_or_name: int | str) -> None:
+        """Remove a neuron's contribution wherever it fires (``manipulate_concept(neuron, 0.0)``)."""
+        self.manipulate_concept(neuron_idx_or_name, 0.0)
+
+    def steer(
+        self,
+        neuron_idx_or_name: int | str,
+        mode: str = "add",
+        value: float | None = None,
+        positions: Sequence[int] | None = None,
+        *,
+        strength: float | None = None,
+        exclude_special: bool = False,
+    ) -> None:
+        """One entry to every steering mode: ``"scale"`` (``value`` is the scale), ``"ablate"`` (no value),
+        ``"add"``, ``"clamp"`` and ``"cap"`` (see :meth:`add_concept`, :meth:`clamp_concept`, :meth:`cap_concept`;
+        ``strength`` makes the value relative to the residual norm).
+
+        Raises:
+            ValueError: an unknown mode, a value missing or given where the mode takes none; the rest as in the
+                mode's own method.
+        """
+        mode = check_choice(mode, "mode", MODES)
+        if mode in ("scale", "ablate"):
+            if positions is not None or strength is not None or exclude_special:
+                raise UserInputError(f"mode {mode!r} applies wherever the neuron fires: positions, strength and "
+                                     f"exclude_special are for 'add', 'clamp' and 'cap'")
+            if mode == "ablate":
+                if value is not None:
+                    raise UserInputError(f"mode 'ablate' takes no value, got value={value!r}")
+                self.ablate_concept(neuron_idx_or_name)
+            else:
+                if value is None:
+                    raise UserInputError("mode 'scale' needs value= (the scale, e.g. 1.5)")
+                self.manipulate_concept(neuron_idx_or_name, value)
+            return
+        method = {"add": self.add_concept, "clamp": self.clamp_concept, "cap": self.cap_concept}[mode]
+        method(neuron_idx_or_name, value, positions, strength=strength, exclude_special=exclude_special)
+
+    def evaluate_steering(self, lm: Any, neuron_idx_or_name: int | str, prompts: Sequence[str],
+                          strengths: Sequence[float] | None = None, **kwargs: Any) -> Any:
+        """Measure steering one feature over a strength sweep (the SAE must be attached to ``lm``); see
+        :func:`mi_crow.mechanistic.sae.concepts.evaluation.evaluate_steering` for the measures and keywords.
+
+        Returns:
+            A ``SteeringEvaluation`` (``.table()``, ``.to_json()``, ``.best_strength``).
+        """
+        from mi_crow.mechanistic.sae.concepts.evaluation import evaluate_steering
+
+        return evaluate_steering(lm, self.sae, neuron_idx_or_name, prompts, strengths, **kwargs)
 
     def reset_manipulations(self) -> None:
-        """Remove every scale and addition: the attached SAE leaves the model unchanged again."""
+        """Remove every scale and edit: the attached SAE leaves the model unchanged again."""
         self._steering.reset()
 
     @property
@@ -395,11 +520,13 @@ class AutoencoderConcepts:
         return self._steering.active
 
     def manipulation_state(self) -> dict[str, Any]:
-        """Every manipulation (scales and additions) as a JSON-able dict, loadable with
-        :meth:`load_manipulation_state`; this is what :meth:`save` stores.
+        """Every manipulation as a JSON-able dict, loadable with :meth:`load_manipulation_state`; this is what
+        :meth:`save` stores (and what ``load(..., manipulations=True)`` applies).
 
-        Layout: ``{"version": 1, "scales": [{"neuron", "name", "scale"}], "additions": [{"neuron", "name",
-        "activation", "positions"}]}`` sorted by neuron; ``name`` is the concept name or ``None``.
+        Layout: ``{"version": 2, "scales": [{"neuron", "name", "scale"}], "additions": [{"neuron", "name",
+        "activation", "positions", "relative", "exclude_special"}], "clamps": [... "value" ...], "caps": [...
+        "value" ...]}`` sorted by neuron; ``name`` is the concept name or ``None``. Version 1 documents (scales and
+        additions only) still load.
         """
         return self._steering.to_config(self.dictionary)
 
@@ -486,28 +613,41 @@ class AutoencoderConcepts:
         self._dictionary = staged
         return staged
 
-    def modify_code(self, values: Tensor, indices: Tensor) -> tuple[Tensor, Tensor] | None:
+    def modify_code(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Apply the manipulations to a sparse code. Called by the SAE's hook.
 
         Args:
             values: ``[batch, seq, k]`` (or ``[tokens, k]``) code values.
             indices: same shape, int64 latent indices.
+            x: ``[..., n_inputs]`` the residual the code encodes (relative strengths and caps need it).
 
         Returns:
             ``None`` when no manipulation is set (the SAE then leaves the layer output alone); else
-            ``(values2, indices2)`` of shape ``[..., k + n_additions]``: the values multiplied by each manipulated
-            neuron's scale where its index appears, followed by one column per :meth:`add_concept` neuron holding
-            its added activation (0 at tokens it does not apply to). The SAE adds
+            ``(values2, indices2)`` of shape ``[..., k + n_edits]``: the values multiplied by each manipulated
+            neuron's scale where its index appears (0 where a clamp replaces them), followed by one column per
+            add / clamp / cap neuron holding its added activation (0 at tokens it does not apply to). The SAE adds
             ``decode(values2, indices2) - decode(values, indices)`` to the layer output.
         """
-        return self._steering.modify_code(values, indices)
+        return self._steering.modify_code(values, indices, x)
 
     def __repr__(self) -> str:
         return (
             f"AutoencoderConcepts(n_latents={self.n_latents}, tracking={self._tracking}, top_k={self.top_k}, "
             f"named={len(self.dictionary)}, scales={len(self._steering.scales)}, "
-            f"additions={len(self._steering.additions)})"
+            f"edits={len(self._steering.edits)})"
         )
+
+
+def _value_or_strength(value: Any, strength: Any, name: str) -> tuple[float, bool]:
+    """``(number, relative)`` from exactly one of an absolute ``value`` and a relative ``strength``."""
+    if (value is None) == (strength is None):
+        raise UserInputError(
+            f"give exactly one of {name} (absolute) and strength (a multiple of the residual norm), got "
+            f"{name}={value!r}, strength={strength!r}"
+        )
+    if value is None:
+        return _check_finite_number(strength, "strength"), True
+    return _check_finite_number(value, name), False
 
 
 def _is_neuron_key(key: Any) -> bool:

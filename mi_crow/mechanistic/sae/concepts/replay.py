@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from mi_crow.errors import UserInputError
+from mi_crow.mechanistic.sae.concepts.quantiles import ActivationSampler
 
 __all__ = ["track_from_run"]
 
@@ -26,6 +27,7 @@ def track_from_run(
     top_k: int,
     *,
     progress: bool = False,
+    sample_quantiles: bool = True,
 ) -> int:
     """Collect ``sae.concepts``' top texts by replaying a stored activation run through the SAE.
 
@@ -42,6 +44,9 @@ def track_from_run(
             texts batch ``i`` holds).
         top_k: texts kept per feature.
         progress: show a progress bar over the batches.
+        sample_quantiles: also sample examples across each feature's activation range into a fresh
+            ``sae.concepts.activation_sampler`` (an :class:`~mi_crow.mechanistic.sae.concepts.quantiles.
+            ActivationSampler` whose text indices point into ``texts``).
 
     Returns:
         The number of real (non-padding) tokens observed.
@@ -57,6 +62,8 @@ def track_from_run(
     max_length = int(meta["max_length"])
     texts = list(texts)
     sae.concepts.enable_text_tracking(top_k=top_k)
+    sampler = ActivationSampler(sae.n_latents) if sample_quantiles else None
+    sae.concepts.activation_sampler = sampler
     seen = 0
     batches = store.list_batches(run_id)
     with torch.no_grad():
@@ -76,6 +83,12 @@ def track_from_run(
                                          f"--dataset and --limit as when it was saved")
             code = sae.encode(acts.to(sae.dtype))
             context = lm.inference.make_context(batch_texts, ids, mask)
-            sae.concepts.observe(sae.inlier_values(acts, code.values, mask), code.indices, context)
+            inliers = sae.inlier_values(acts, code.values, mask)
+            sae.concepts.observe(inliers, code.indices, context)
+            if sampler is not None:
+                real = mask.bool()
+                valid = real & ~context.special_tokens_mask.to(real.device).bool()
+                rows = torch.arange(i * batch_size, i * batch_size + acts.shape[0])
+                sampler.update(inliers, code.indices, valid, rows, real.long().cumsum(dim=1) - 1, ids)
             seen += int(mask.sum())
     return seen

@@ -1,8 +1,14 @@
 """Choosing a feature to steer with: one whose effect a reader can see in generated text.
 
-:func:`steering_candidates` ranks features by how well their top texts agree on one readable word;
-:func:`choose_steering_feature` steers each candidate once and keeps the one whose word shows up most;
-:func:`generate_steered` generates with and without a feature's decoder direction added.
+What a feature does to the output is a different property from what makes it fire, so the choice starts from the
+output side: :func:`lens_candidates` ranks features by how coherent the tokens their decoder direction promotes are
+(the logit lens, :mod:`~mi_crow.mechanistic.sae.concepts.logit_lens`), and :func:`choose_by_sweep` measures each
+candidate with :func:`~mi_crow.mechanistic.sae.concepts.evaluation.evaluate_steering` and keeps the first that meets
+the targets (else the best measured).
+
+The earlier input-side heuristic stays available: :func:`steering_candidates` ranks features by how well their top
+texts agree on one readable word, :func:`choose_steering_feature` steers each candidate once and keeps the one whose
+word shows up most, :func:`generate_steered` generates with and without a feature's decoder direction added.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ import re
 from collections import Counter
 from typing import Any, Sequence
 
-__all__ = ["choose_steering_feature", "generate_steered", "steering_candidates"]
+__all__ = ["choose_by_sweep", "choose_steering_feature", "generate_steered", "lens_candidates",
+           "steering_candidates"]
 
 _STOPWORDS = frozenset(
     "the and for that with was were are this from which its his her their they them has have had not but also "
@@ -144,4 +151,94 @@ def choose_steering_feature(
         count = len(re.findall(rf"\b{re.escape(word)}", steered[0].lower())) if word else 0
         if count > best_count:
             best, best_count = (idx, word, f"{reason}; its word appears {count}x when steered"), count
+    return best
+
+
+def lens_candidates(
+    lens: Any,
+    frequency: Sequence[float] | Any,
+    limit: int = 3,
+    min_frequency: float = 5e-4,
+    max_frequency: float = 5e-2,
+    min_coherence: float = 0.3,
+) -> list[tuple[int, str, str]]:
+    """Rank features by the coherence of the tokens they promote (the logit lens of their decoder direction).
+
+    Among features that fire on ``min_frequency`` to ``max_frequency`` of tokens (neither rare noise nor dense),
+    the score is :func:`~mi_crow.mechanistic.sae.concepts.logit_lens.coherence` of the promoted tokens (the share
+    agreeing on one readable word) plus a tie-break by the top promoted logit; features below ``min_coherence``
+    are left out.
+
+    Args:
+        lens: a ``LogitLens`` over the features to consider.
+        frequency: ``[n_latents]`` fraction of tokens each feature fires on.
+        limit: most candidates returned.
+        min_frequency / max_frequency: the firing-frequency window.
+        min_coherence: the least coherence kept.
+
+    Returns:
+        Up to ``limit`` tuples ``(index, word, reason)``, best first.
+    """
+    from mi_crow.mechanistic.sae.concepts.logit_lens import coherence
+
+    freq = frequency.tolist() if hasattr(frequency, "tolist") else list(frequency)
+    top_logit = lens.promoted_logits[:, 0].tolist() if len(lens.neurons) else []
+    scale = max((abs(v) for v in top_logit), default=1.0) or 1.0
+    scored = []
+    for row, idx in enumerate(lens.neurons):
+        if not min_frequency <= freq[idx] <= max_frequency:
+            continue
+        score, word = coherence(lens.promoted[row])
+        if score < min_coherence or not word:
+            continue
+        shown = ", ".join(repr(t) for t in lens.promoted[row][:5])
+        reason = (f"its decoder direction promotes {shown} ({round(score * len(lens.promoted[row]))}/"
+                  f"{len(lens.promoted[row])} of its top tokens are '{word}'); it fires on {100 * freq[idx]:.2f}% "
+                  f"of tokens")
+        scored.append((score + 0.1 * top_logit[row] / scale, idx, word, reason))
+    scored.sort(key=lambda item: -item[0])
+    return [(idx, word, reason) for _, idx, word, reason in scored[:limit]]
+
+
+def choose_by_sweep(
+    lm: Any,
+    sae: Any,
+    candidates: Sequence[tuple[int, str, str]],
+    prompts: Sequence[str],
+    strengths: Sequence[float] | None = None,
+    max_new_tokens: int = 24,
+    lens: Any = None,
+    stop_early: bool = True,
+) -> tuple[tuple[int, str, str], Any] | None:
+    """Measure each candidate's steering (the SAE must be attached to ``lm``) and keep the first that meets the
+    targets, else the one closest to them.
+
+    Args:
+        lm, sae: the model and the attached SAE.
+        candidates: ``(index, word, reason)`` from :func:`lens_candidates`, best first.
+        prompts: the prompts steered.
+        strengths: the sweep (default ``evaluation.DEFAULT_STRENGTHS``).
+        max_new_tokens: tokens generated per prompt.
+        lens: the ``LogitLens`` the candidates came from (saves recomputing it).
+        stop_early: each sweep stops at its first strength that meets the targets or loses too much fluency.
+
+    Returns:
+        ``(candidate, SteeringEvaluation)`` of the chosen feature, or None without candidates.
+    """
+    from mi_crow.mechanistic.sae.concepts.evaluation import evaluate_steering
+
+    best = None
+    best_key = None
+    for candidate in candidates:
+        result = evaluate_steering(lm, sae, candidate[0], prompts, strengths, max_new_tokens=max_new_tokens,
+                                   lens=lens, stop_early=stop_early)
+        point = result.best
+        if point is None:
+            continue
+        if point.passes:
+            return candidate, result
+        fluent = point.loss_rise < result.targets["loss_rise"]
+        key = (fluent, point.promoted_rate + point.feature_active, -point.loss_rise)
+        if best_key is None or key > best_key:
+            best, best_key = (candidate, result), key
     return best

@@ -1,0 +1,340 @@
+"""Measuring steering: did steering a feature make the model talk about it, and what did that cost?
+
+:func:`evaluate_steering` steers one feature of an SAE attached to a model at each strength of a sweep, generates
+continuations of a few prompts, and measures, against the same prompts generated without steering:
+
+1. **feature active**: the share of steered continuations in which the feature fires (the continuation,
+   re-read by the clean model, re-encoded by the SAE: the text itself carries the feature);
+2. **promoted tokens**: the share of continuations holding one of the tokens the feature's decoder direction
+   promotes by the logit lens (:mod:`~mi_crow.mechanistic.sae.concepts.logit_lens`), next to the same share
+   without steering;
+3. **fluency**: the clean model's loss (nats per token) on the steered continuation, and its rise over the loss
+   on the plain continuation;
+4. **KL**: between the steered and the plain model's next-token distributions, on the prompts and plain
+   continuations (how much the intervention moves the model at all).
+
+The strength that meets the targets (feature active in at least 80% of continuations, promoted tokens in at least
+half, loss rise under 1 nat/token) with the most promoted tokens is :attr:`SteeringEvaluation.best_strength`; when
+none meets them, the one closest to them within the loss limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mi_crow.errors import UserInputError
+from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit_lens, normalize_token, vocab_texts
+from mi_crow.mechanistic.sae.concepts.steering import MODES, _check_finite_number
+from mi_crow.validation import check_choice, check_positive_int, check_texts
+
+__all__ = ["DEFAULT_STRENGTHS", "TARGETS", "SteeringEvaluation", "SteeringPoint", "evaluate_steering"]
+
+DEFAULT_STRENGTHS = (0.15, 0.3, 0.5, 0.8)
+"""Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer."""
+
+TARGETS = {"feature_active": 0.8, "promoted_rate": 0.5, "loss_rise": 1.0}
+"""What a successful steering reaches: feature active in >= 80% of continuations, promoted tokens in >= 50%,
+clean-model loss rise < 1 nat/token."""
+
+
+@dataclass
+class SteeringPoint:
+    """The measurements at one strength (or, with ``strength=None``, without steering).
+
+    Attributes:
+        strength: the steering strength (``None``: plain generation).
+        feature_active: share of continuations in which the SAE finds the feature active.
+        promoted_rate: share of continuations holding one of the feature's promoted tokens.
+        loss: clean model's mean loss per continuation token (nats).
+        loss_rise: ``loss`` minus the plain continuations' loss.
+        kl: mean KL(steered || plain) of the next-token distributions over the prompts and plain continuations
+            (0 for the plain point).
+        promoted_count: promoted tokens in all continuations together.
+        continuations: the generated continuations, one per prompt.
+        passes: whether the three targets are met.
+    """
+
+    strength: float | None
+    feature_active: float
+    promoted_rate: float
+    loss: float
+    loss_rise: float
+    kl: float
+    promoted_count: int
+    continuations: list[str]
+    passes: bool = False
+
+
+@dataclass
+class SteeringEvaluation:
+    """What :func:`evaluate_steering` measured for one feature.
+
+    Attributes:
+        neuron: the feature.
+        layer: the layer the SAE is attached to.
+        mode: the steering mode swept.
+        prompts: the prompts.
+        promoted_tokens: the feature's promoted tokens (logit lens), highest first.
+        suppressed_tokens: its suppressed tokens, lowest first.
+        plain: the unsteered measurements.
+        points: one :class:`SteeringPoint` per strength, in sweep order.
+        best_strength: the strength chosen by the sweep (see the module docstring).
+        max_new_tokens: tokens generated per prompt.
+    """
+
+    neuron: int
+    layer: str
+    mode: str
+    prompts: list[str]
+    promoted_tokens: list[str]
+    suppressed_tokens: list[str]
+    plain: SteeringPoint
+    points: list[SteeringPoint]
+    best_strength: float | None
+    max_new_tokens: int
+    targets: dict[str, float] = field(default_factory=lambda: dict(TARGETS))
+
+    @property
+    def best(self) -> SteeringPoint | None:
+        """The point at :attr:`best_strength`."""
+        return next((p for p in self.points if p.strength == self.best_strength), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict of everything measured."""
+        data = asdict(self)
+        data["best"] = None if self.best is None else asdict(self.best)
+        return data
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as JSON text."""
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    def table(self) -> str:
+        """A plain-text table: one row per strength, the plain row first, the chosen strength marked."""
+        head = f"{'strength':>9} {'active':>7} {'promoted':>9} {'loss':>7} {'rise':>7} {'KL':>7}  targets"
+        lines = [head]
+        for p in [self.plain, *self.points]:
+            label = "plain" if p.strength is None else f"{p.strength:g}"
+            mark = " <- chosen" if p.strength is not None and p.strength == self.best_strength else ""
+            ok = "" if p.strength is None else ("met" if p.passes else "not met")
+            lines.append(f"{label:>9} {p.feature_active:>7.0%} {p.promoted_rate:>9.0%} {p.loss:>7.3f} "
+                         f"{p.loss_rise:>+7.3f} {p.kl:>7.3f}  {ok}{mark}")
+        return "\n".join(lines)
+
+
+def _attached_layer(lm: Any, sae: Any) -> str:
+    layers = getattr(lm, "layers", None)
+    if layers is None or not layers.is_registered(sae):
+        raise UserInputError(
+            "the SAE is not attached to this model: attach it first with lm.attach_sae(sae, layer) (steering "
+            "evaluation steers through the attached SAE)"
+        )
+    return str(sae.layer_signature)
+
+
+class _Capture:
+    """A forward hook on the layer module that keeps the last hidden state (the residual the SAE reads)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.hidden: Tensor | None = None
+        self.handle = module.register_forward_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(out, Tensor):
+            self.hidden = out.detach()
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuations: list[str], neuron: int,
+                 promoted: set[int], max_length: int | None) -> tuple[float, float, float, int, Tensor, Tensor]:
+    """Clean forward over prompt + continuation: (feature active share, promoted share, mean loss per
+    continuation token, promoted token count, logits, continuation mask)."""
+    texts = [p + c for p, c in zip(prompts, continuations)]
+    prompt_lens = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    capture = _Capture(lm.layers.get_module(layer))
+    try:
+        outputs, enc = lm.inference.forward_batch(texts, max_length=max_length)
+    finally:
+        capture.remove()
+    ids = enc["input_ids"]
+    mask = enc["attention_mask"].bool()
+    cont = mask.clone()
+    for row, n in enumerate(prompt_lens):
+        cont[row, :n] = False
+    logits = outputs.logits.float().cpu()
+    # Loss of each continuation token given everything before it.
+    log_probs = F.log_softmax(logits[:, :-1], dim=-1)
+    token_loss = -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    target = cont[:, 1:]
+    n_tokens = int(target.sum())
+    loss = float(token_loss[target].sum()) / max(n_tokens, 1)
+    # Is the feature active on a continuation token, as the SAE reads the clean residual?
+    hidden = capture.hidden
+    if hidden is None:
+        raise UserInputError(f"layer {layer!r} produced no hidden state to re-encode")
+    with torch.no_grad():
+        code = sae.encode(hidden)
+    values = code.values.cpu()
+    fired = ((code.indices.cpu() == neuron) & (values > 0)).any(dim=-1) & cont
+    active = float(fired.any(dim=1).float().mean())
+    promoted_ids = torch.tensor(sorted(promoted), dtype=torch.int64)
+    has = torch.isin(ids, promoted_ids) & cont
+    return active, float(has.any(dim=1).float().mean()), loss, int(has.sum()), logits, mask
+
+
+def _promoted_vocab(lm: Any, words: set[str]) -> set[int]:
+    """Every vocabulary id whose token reads as one of ``words`` (so " Wedding" counts for "wedding")."""
+    return {i for i, text in enumerate(vocab_texts(lm.tokenizer)) if normalize_token(text) in words}
+
+
+def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:
+    lp = F.log_softmax(steered, dim=-1)
+    lq = F.log_softmax(plain, dim=-1)
+    kl = (lp.exp() * (lp - lq)).sum(dim=-1)
+    return float(kl[mask].mean()) if bool(mask.any()) else 0.0
+
+
+def _passes(p: SteeringPoint, targets: dict[str, float]) -> bool:
+    return (p.feature_active >= targets["feature_active"] and p.promoted_rate >= targets["promoted_rate"]
+            and p.loss_rise < targets["loss_rise"])
+
+
+def choose_strength(points: Sequence[SteeringPoint], targets: dict[str, float] = TARGETS) -> float | None:
+    """The sweep's choice: among strengths that meet the targets, the most promoted tokens (then the smallest loss
+    rise); else, within the loss limit, the highest ``promoted_rate + feature_active``; else the smallest loss
+    rise."""
+    if not points:
+        return None
+    passing = [p for p in points if p.passes]
+    if passing:
+        return max(passing, key=lambda p: (p.promoted_rate, p.promoted_count, -p.loss_rise)).strength
+    fluent = [p for p in points if p.loss_rise < targets["loss_rise"]]
+    if fluent:
+        return max(fluent, key=lambda p: (p.promoted_rate + p.feature_active, -p.loss_rise)).strength
+    return min(points, key=lambda p: p.loss_rise).strength
+
+
+def evaluate_steering(
+    lm: Any,
+    sae: Any,
+    neuron: int | str,
+    prompts: Sequence[str],
+    strengths: Sequence[float] | None = None,
+    *,
+    mode: str = "add",
+    relative: bool = True,
+    max_new_tokens: int = 24,
+    top_tokens: int = 10,
+    exclude_special: bool = True,
+    max_length: int | None = None,
+    lens: LogitLens | None = None,
+    stop_early: bool = False,
+) -> SteeringEvaluation:
+    """Steer one feature at each strength of a sweep and measure whether it worked (see the module docstring).
+
+    The SAE must be attached to ``lm`` (``lm.attach_sae(sae, layer)``); its manipulations must be empty (they are
+    reset after the sweep, so the model is left as it was). Generation is greedy, so the result is reproducible.
+
+    Args:
+        lm: the ``LanguageModel``.
+        sae: the attached SAE.
+        neuron: feature index or concept name.
+        prompts: the prompts (a few; each is continued once per strength).
+        strengths: the sweep (default :data:`DEFAULT_STRENGTHS`); each a finite number: for ``add`` / ``clamp`` /
+            ``cap`` a multiple of the residual norm (``relative=True``) or an activation, for ``scale`` the scale.
+        mode: ``"add"`` (default), ``"clamp"``, ``"scale"``, ``"cap"`` or ``"ablate"`` (one point, no strength).
+        relative: strengths of ``add`` / ``clamp`` / ``cap`` are multiples of each token's residual norm.
+        max_new_tokens: tokens generated per prompt.
+        top_tokens: promoted tokens looked for (the logit lens's top).
+        exclude_special: leave special tokens unsteered.
+        max_length: truncate the scored texts to this many tokens.
+        lens: a precomputed logit lens holding ``neuron`` (saves recomputing it).
+        stop_early: stop the sweep at the first strength that meets the targets or whose loss rise reaches the
+            limit (for a sweep in increasing order: the later strengths would only cost more fluency).
+
+    Returns:
+        A :class:`SteeringEvaluation` (``.table()``, ``.to_json()``, ``.best_strength``).
+
+    Raises:
+        UserInputError: the SAE is not attached to ``lm``; a bad neuron, name, strength, mode or prompt list; the
+            SAE already carries manipulations.
+    """
+    layer = _attached_layer(lm, sae)
+    concepts = sae.concepts
+    idx = concepts.dictionary.resolve(neuron)
+    prompts = check_texts(list(prompts) if not isinstance(prompts, str) else prompts, "prompts")
+    mode = check_choice(mode, "mode", MODES)
+    max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+    top_tokens = check_positive_int(top_tokens, "top_tokens")
+    if mode == "ablate":
+        sweep: list[float] = [0.0]
+    else:
+        raw = DEFAULT_STRENGTHS if strengths is None else strengths
+        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) == 0:
+            raise UserInputError(f"strengths must be a non-empty sequence of finite numbers, got {raw!r}")
+        sweep = [_check_finite_number(s, f"strengths[{i}]") for i, s in enumerate(raw)]
+    if concepts.has_manipulations:
+        raise UserInputError("the SAE already carries manipulations; call sae.concepts.reset_manipulations() "
+                             "before evaluating steering (the plain baseline must be unsteered)")
+    if lens is None or idx not in lens.neurons:
+        lens = feature_logit_lens(lm, sae, [idx], top=top_tokens)
+    row = lens.row(idx)
+    promoted_text = lens.promoted[row][:top_tokens]
+    # Words a reader would recognise (3+ letters): "a" or "," in a continuation says nothing about the feature.
+    words = {w for w in (normalize_token(t) for t in promoted_text) if len(w) >= 3}
+    promoted_ids = _promoted_vocab(lm, words) if words else {-1}
+
+    def apply(strength: float) -> None:
+        if mode == "ablate":
+            concepts.ablate_concept(idx)
+        elif mode == "scale":
+            concepts.manipulate_concept(idx, strength)
+        else:
+            key = {"strength": strength} if relative else {{"add": "activation", "clamp": "value",
+                                                             "cap": "cap"}[mode]: strength}
+            getattr(concepts, {"add": "add_concept", "clamp": "clamp_concept", "cap": "cap_concept"}[mode])(
+                idx, exclude_special=exclude_special, **key)
+
+    try:
+        plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
+        active, rate, loss, count, plain_logits, mask = _score_texts(lm, sae, layer, prompts, plain_text, idx,
+                                                                     promoted_ids, max_length)
+        plain = SteeringPoint(None, active, rate, loss, 0.0, 0.0, count, plain_text)
+        points = []
+        for strength in sweep:
+            apply(strength)
+            try:
+                steered = lm.generate(prompts, max_new_tokens=max_new_tokens)
+                # The steered model's distributions on the plain texts, against the plain model's.
+                out, _ = lm.inference.forward_batch([p + c for p, c in zip(prompts, plain_text)],
+                                                    max_length=max_length)
+                kl = _kl(out.logits.float().cpu(), plain_logits, mask)
+            finally:
+                concepts.reset_manipulations()
+            active, rate, loss, count, _, _ = _score_texts(lm, sae, layer, prompts, steered, idx, promoted_ids,
+                                                           max_length)
+            point = SteeringPoint(strength, active, rate, loss, loss - plain.loss, kl, count, steered)
+            point.passes = _passes(point, TARGETS)
+            points.append(point)
+            if stop_early and (point.passes or point.loss_rise >= TARGETS["loss_rise"]):
+                break
+    finally:
+        concepts.reset_manipulations()
+    for p in points:
+        if not all(math.isfinite(v) for v in (p.loss, p.kl)):
+            p.passes = False
+    return SteeringEvaluation(
+        neuron=idx, layer=layer, mode=mode, prompts=prompts, promoted_tokens=promoted_text,
+        suppressed_tokens=lens.suppressed[row][:top_tokens], plain=plain, points=points,
+        best_strength=choose_strength(points), max_new_tokens=max_new_tokens,
+    )

@@ -1,0 +1,121 @@
+"""evaluate_steering and the logit lens on a tiny Llama: every measure against an independent hand computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mi_crow.hooks import LayerActivationDetector
+from mi_crow.mechanistic.sae import TopKSae
+from mi_crow.mechanistic.sae.concepts import evaluate_steering, feature_logit_lens
+from mi_crow.mechanistic.sae.concepts.evaluation import SteeringPoint, choose_strength
+from mi_crow.mechanistic.sae.concepts.logit_lens import coherence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LAYER = "model.layers.1"
+PROMPTS = ["the cat sat on", "a dog ran to the"]
+
+
+def make_sae(lm, seed=0):
+    sae = TopKSae(24, lm.layers.width(LAYER), 3)
+    sae.reset_parameters(generator=torch.Generator().manual_seed(seed))
+    return sae
+
+
+def test_logit_lens_matches_norm_and_unembedding_by_hand(tiny_llama):
+    lm = tiny_llama
+    sae = make_sae(lm)
+    lens = feature_logit_lens(lm, sae, [3, 7], top=4)
+    model = lm.model
+    for row, j in enumerate([3, 7]):
+        d = sae.W_dec[j].detach()
+        h = d / d.pow(2).mean().sqrt()
+        # LlamaRMSNorm by hand: h / rms(h) * weight (its bias-free output at 0 is 0).
+        normed = h / torch.sqrt(h.pow(2).mean() + model.model.norm.variance_epsilon) * model.model.norm.weight
+        logits = model.lm_head.weight @ normed
+        assert lens.promoted_ids[row].tolist() == logits.topk(4).indices.tolist()
+        assert lens.suppressed_ids[row].tolist() == logits.topk(4, largest=False).indices.tolist()
+        torch.testing.assert_close(lens.promoted_logits[row], logits.topk(4).values, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"neurons \[24\] are out of range \[0, 24\)"):
+        feature_logit_lens(lm, sae, [24])
+
+
+def test_coherence_groups_forms_of_one_word():
+    assert coherence([" wedding", "Wedding", " weddings", " bride", "the", ","]) == (0.5, "wedding")
+    assert coherence([",", ".", " the"]) == (0.0, "")
+
+
+def test_evaluate_steering_measures_against_hand_computations(tiny_llama):
+    lm = tiny_llama
+    sae = make_sae(lm)
+    with pytest.raises(ValueError, match="not attached"):
+        evaluate_steering(lm, sae, 5, PROMPTS)
+    lm.attach_sae(sae, LAYER)
+    neuron = 5
+    result = evaluate_steering(lm, sae, neuron, PROMPTS, [0.5, 4.0], max_new_tokens=6, top_tokens=5)
+    assert not sae.concepts.has_manipulations  # left as it was
+    assert [p.strength for p in result.points] == [0.5, 4.0]
+    assert result.plain.kl == 0.0 and result.plain.loss_rise == 0.0
+    assert result.plain.continuations == lm.generate(PROMPTS, max_new_tokens=6)
+
+    # Loss and feature activity of the plain continuations, recomputed independently.
+    texts = [p + c for p, c in zip(PROMPTS, result.plain.continuations)]
+    detector = LayerActivationDetector(LAYER)
+    with lm.layers.hooks({LAYER: detector}):
+        logits = lm.forwards(texts).logits
+    hidden = detector.activations
+    enc = lm.tokenize(texts)
+    ids, mask = enc["input_ids"], enc["attention_mask"].bool()
+    total, count, active = 0.0, 0, []
+    for r, prompt in enumerate(PROMPTS):
+        start = len(lm.tokenizer(prompt)["input_ids"])
+        end = int(mask[r].sum())
+        for t in range(start, end):
+            total += float(-F.log_softmax(logits[r, t - 1].float(), -1)[ids[r, t]])
+            count += 1
+        dense = sae.encode_dense(hidden[r, start:end])
+        active.append(bool((dense[:, neuron] > 0).any()))
+    assert result.plain.loss == pytest.approx(total / count, rel=1e-4)
+    assert result.plain.feature_active == pytest.approx(sum(active) / len(active))
+
+    # The KL of a point: the steered model against the plain one on the plain texts.
+    sae.concepts.add_concept(neuron, strength=4.0, exclude_special=True)
+    steered_logits = lm.forwards(texts).logits
+    sae.concepts.reset_manipulations()
+    lp, lq = F.log_softmax(steered_logits.float(), -1), F.log_softmax(logits.float(), -1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)[mask].mean()
+    assert result.points[1].kl == pytest.approx(float(kl), rel=1e-4)
+    assert result.points[1].kl > result.points[0].kl > 0
+    assert result.best_strength in (0.5, 4.0)
+    for p in result.points:
+        assert p.passes == (p.feature_active >= 0.8 and p.promoted_rate >= 0.5 and p.loss_rise < 1.0)
+    data = result.to_dict()
+    assert data["neuron"] == neuron and len(data["points"]) == 2 and "strength" in result.table()
+
+
+def test_evaluate_steering_bad_input(tiny_llama):
+    lm = tiny_llama
+    sae = make_sae(lm)
+    lm.attach_sae(sae, LAYER)
+    with pytest.raises(ValueError, match=r"strengths\[1\] must be finite"):
+        evaluate_steering(lm, sae, 1, PROMPTS, [1.0, float("nan")])
+    with pytest.raises(ValueError, match="unknown concept name 'cats'"):
+        evaluate_steering(lm, sae, "cats", PROMPTS)
+    with pytest.raises(ValueError, match=r"in \[0, 24\).*got 99"):
+        evaluate_steering(lm, sae, 99, PROMPTS)
+    sae.concepts.add_concept(1, 1.0)
+    with pytest.raises(ValueError, match="already carries manipulations"):
+        evaluate_steering(lm, sae, 1, PROMPTS)
+
+
+def test_the_sweep_prefers_passing_then_fluent_points():
+    def point(strength, active, promoted, rise, passes):
+        return SteeringPoint(strength, active, promoted, 2.0 + rise, rise, 0.1, 3, [], passes)
+
+    passing = [point(0.5, 0.9, 0.6, 0.2, True), point(1.0, 1.0, 0.9, 0.8, True), point(2.0, 1.0, 1.0, 3.0, False)]
+    assert choose_strength(passing) == 1.0
+    none_pass = [point(0.5, 0.5, 0.2, 0.1, False), point(1.0, 0.7, 0.4, 0.9, False), point(2.0, 1.0, 1.0, 2.0, False)]
+    assert choose_strength(none_pass) == 1.0
+    assert choose_strength([point(1.0, 1, 1, 3.0, False), point(2.0, 1, 1, 2.0, False)]) == 2.0
