@@ -68,8 +68,8 @@ def track_from_run(
     batches = store.list_batches(run_id)
     with torch.no_grad():
         for i in tqdm(batches, desc="top texts", unit="batch", disable=None if progress else True):
-            rows = store.batch_text_indices(run_id, i)  # format 2 batches may hold any texts of the dataset
-            batch_texts = [texts[j] for j in rows if j < len(texts)]
+            text_rows = store.batch_text_indices(run_id, i)  # format 2 batches may hold any texts of the dataset
+            batch_texts = [texts[j] for j in text_rows if j < len(texts)]
             acts, mask = store.load_batch(run_id, i, layer)
             ids = store.load_batch_extra(run_id, i).get("input_ids")
             if ids is None or len(batch_texts) != acts.shape[0]:
@@ -88,7 +88,7 @@ def track_from_run(
             if sampler is not None:
                 real = mask.bool()
                 valid = real & ~context.special_tokens_mask.to(real.device).bool()
-                rows = torch.arange(i * batch_size, i * batch_size + acts.shape[0])
+                rows = torch.as_tensor(list(text_rows), dtype=torch.long)  # the dataset index of each text
                 sampler.update(inliers, code.indices, valid, rows, real.long().cumsum(dim=1) - 1, ids)
             seen += int(mask.sum())
     return seen
