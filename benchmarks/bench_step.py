@@ -9,7 +9,9 @@ its ratio to (c) is the median of those paired ratios (robust to the machine's s
 * ``(a) naive dense step``: dense pre-activations, ``torch.topk``, dense code, dense decode, autograd;
 * ``sparsify-style step``: dense pre-activations + ``torch.topk``, ``embedding_bag`` decode (autograd backward);
 * ``floor``: encoder product + ``torch.topk`` + the fused Adam step on ready gradients (no decode, no backward);
-* ``mi_crow step fp32`` / ``bf16 encoder`` / ``AuxK`` (k_aux = 256, half of the latents dead), stepped as
+* ``mi_crow step fp32`` / ``bf16 encoder`` (the product ``cpu_isa().bf16_gemm`` names, recorded in the JSON's meta;
+  ``benchmarks/bench_bf16.py`` compares every available bf16 product and ``torch.matmul`` in bf16) / ``AuxK``
+  (k_aux = 256, half of the latents dead), stepped as
   `SaeTrainer` steps: Adam updates each parameter inside backward as soon as its gradient is complete
   (`step_in_backward`), so at most one dense weight gradient is alive. The baselines step after backward.
 
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from mi_crow.mechanistic.sae.optim import step_in_backward
-from mi_crow.ops import backends, sparse_decode, sparse_decode_with_aux, topk_encode
+from mi_crow.ops import backends, cpu_isa, sparse_decode, sparse_decode_with_aux, topk_encode
 from mi_crow.ops.memory import empty_huge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -318,7 +320,8 @@ def main() -> None:
     print(markdown(memory))
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "bench_step_quick" if args.quick else "bench_step"
-    meta = {**machine_meta(), "backends": backends("cpu")}
+    isa = cpu_isa()
+    meta = {**machine_meta(), "backends": backends("cpu"), "cpu_isa": isa._asdict() if isa else None}
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "timing": timing, "memory": memory}, indent=2))
     write_csv(RESULTS / f"{stem}.csv", timing, list(timing[0]))
 

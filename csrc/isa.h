@@ -11,9 +11,9 @@
 //
 // Levels, ordered: baseline < avx512 (AVX-512 F/BW/DQ/VL/CD with AVX2, FMA, F16C, BMI1/2, POPCNT, and the OS
 // saving ZMM state) < avx512bf16 (+ AVX512_BF16) < amx (+ AMX-TILE/AMX-BF16 enabled by the OS). mi_crow's own
-// kernels have no code that changes above avx512: the bf16 encoder product is MKL's, which picks AVX512-BF16 or
-// AMX by itself. The two upper levels are detected and reported so that a run's record says what the machine
-// was, and MI_CROW_CPU_ISA accepts them; they run the avx512 build.
+// kernels have no code that changes above avx512: what the two upper levels change is the bf16 encoder product,
+// oneDNN's bf16 micro-kernel (lowp_gemm.h), used from avx512bf16 up. They are detected and reported so that a
+// run's record says what the machine was, and MI_CROW_CPU_ISA accepts them; they run the avx512 build.
 //
 // Every header whose inline functions a kernel file uses must be included before MI_CROW_ISA_BEGIN (so they are
 // compiled for the baseline target in every translation unit, and the linker may keep any copy); vec.h and
