@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mi_crow.defaults import preferred_model_dtype
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.hooks import BatchContext, Hook
 from mi_crow.language_model.activations import LanguageModelActivations
@@ -145,8 +146,6 @@ class LanguageModel:
             if value is not None and not isinstance(value, dict):
                 raise ArgumentTypeError(f"{arg} must be a dict or None, got {type(value).__name__}: {value!r}")
         if isinstance(dtype, str) and dtype.strip().lower() == "auto":
-            from mi_crow.defaults import preferred_model_dtype
-
             torch_dtype = preferred_model_dtype(device)
         else:
             torch_dtype = parse_dtype(dtype)
