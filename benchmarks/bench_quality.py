@@ -315,11 +315,15 @@ def main() -> None:
             if res is None:
                 continue
             found[lib] = f"{res['version']} ({res['where']})"
-            rows = [r for r in rows if not (r["library"] == lib and r["budget_tokens"] == budget)]
-            rows.append({"library": lib, "budget_tokens": budget, "measured_utc": time.strftime("%Y-%m-%d %H:%M"),
-                         **{k: v for k, v in res.items() if k != "where"}})
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            row = {"library": lib, "budget_tokens": budget, "measured_utc": time.strftime("%Y-%m-%d %H:%M"),
+                   **{k: v for k, v in res.items() if k != "where"}}
+            print(json.dumps(row), file=sys.stderr)
+            if args.merge and path.exists():  # another process may have added rows meanwhile
+                rows = json.loads(path.read_text())["rows"]
+            rows = [r for r in rows if not (r["library"] == lib and r["budget_tokens"] == budget)] + [row]
             path.write_text(json.dumps({"meta": {**meta, "found": found}, "rows": rows}, indent=2))
+    if args.merge and path.exists():
+        rows = json.loads(path.read_text())["rows"]
     rows.sort(key=lambda r: (r["budget_tokens"], LIBRARIES.index(r["library"])))
     missing = [lib for lib, where in found.items() if where is None]
     header = "| library | budget | held-out FVU | dead % | wall s | tokens/s |\n|---|---|---|---|---|---|"
