@@ -22,8 +22,11 @@ held-out set) are computed here from its reconstructions and codes, the same way
 this interpreter and, with ``--peer-python``, in another (e.g. a separate venv with ``pip install mi_crow[bench]``;
 that process needs only torch and the peer). The script says which peers it found.
 
-Usage: ``python benchmarks/bench_quality.py [--quick] [--peer-python PATH] [--budgets 250000,1000000,4000000]``;
-prints a Markdown table and writes ``benchmarks/results/bench_quality[_quick].json``.
+Usage: ``python benchmarks/bench_quality.py [--quick] [--peer-python PATH] [--budgets 250000,1000000,4000000]
+[--libraries mi_crow,sparsify,sae_lens] [--merge]``; prints a Markdown table and writes
+``benchmarks/results/bench_quality[_quick].json`` after every run (``--merge`` keeps the rows already there, so
+libraries and budgets can be run in pieces, or side by side in separate processes). Each row records when it was
+measured: wall time and tokens/s are only comparable between rows measured under the same machine load.
 """
 
 from __future__ import annotations
