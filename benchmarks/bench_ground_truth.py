@@ -28,6 +28,7 @@ import torch
 
 from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
 from mi_crow.mechanistic.sae.synthetic import SyntheticConfig, make_ground_truth, score_recovery
+from mi_crow.mechanistic.sae.train.schedule import default_lr
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,7 +40,8 @@ SIZES = {
     "default": dict(truth=SyntheticConfig(), latents=2048, k=12, tokens=400_000, epochs=5),
 }
 
-#: Recipe variants: overrides of SaeTrainingConfig (``lr_scale`` multiplies the default learning rate).
+#: Recipe variants: overrides of SaeTrainingConfig (``lr_scale`` multiplies the run's default learning rate,
+#: `schedule.default_lr` of the width and the budget).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "lr_x4": {"lr_scale": 4.0},
@@ -55,7 +57,8 @@ def run(size: dict[str, Any], variant: str, batch: int) -> dict[str, Any]:
     overrides = dict(VARIANTS[variant])
     lr_scale = overrides.pop("lr_scale", None)
     if lr_scale is not None:
-        overrides["lr"] = lr_scale * sae.default_lr()
+        budget = int(size["epochs"] * (size["tokens"] // batch)) * batch  # what the trainer plans
+        overrides["lr"] = lr_scale * default_lr(size["latents"], budget)
     cfg = SaeTrainingConfig(batch_size=batch, epochs=size["epochs"], progress=False, checkpoint_every=None,
                             save_sae=False, **overrides)
     start = time.perf_counter()

@@ -22,8 +22,11 @@ held-out set) are computed here from its reconstructions and codes, the same way
 this interpreter and, with ``--peer-python``, in another (e.g. a separate venv with ``pip install mi_crow[bench]``;
 that process needs only torch and the peer). The script says which peers it found.
 
-Usage: ``python benchmarks/bench_quality.py [--quick] [--peer-python PATH] [--budgets 250000,1000000,4000000]``;
-prints a Markdown table and writes ``benchmarks/results/bench_quality[_quick].json``.
+Usage: ``python benchmarks/bench_quality.py [--quick] [--peer-python PATH] [--budgets 250000,1000000,4000000]
+[--libraries mi_crow,sparsify,sae_lens] [--merge]``; prints a Markdown table and writes
+``benchmarks/results/bench_quality[_quick].json`` after every run (``--merge`` keeps the rows already there, so
+libraries and budgets can be run in pieces, or side by side in separate processes). Each row records when it was
+measured: wall time and tokens/s are only comparable between rows measured under the same machine load.
 """
 
 from __future__ import annotations
@@ -256,6 +259,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--train-texts", type=int, default=None)
     parser.add_argument("--eval-texts", type=int, default=None)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows already in the results file except those this run replaces (run the "
+                             "libraries or budgets in pieces)")
     parser.add_argument("--worker", choices=LIBRARIES, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
@@ -282,18 +288,46 @@ def main() -> None:
     print(f"data: {data['meta']}; train {tuple(data['train'].shape)}, held-out {tuple(heldout.shape)}", file=sys.stderr)
 
     libs = [lib for lib in args.libraries.split(",") if lib]
+    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(),
+            "cpu_count": os.cpu_count(), "n": args.n, "k": args.k, "batch": args.batch,
+            "train_tokens": int(data["train"].shape[0]), "heldout_tokens": int(heldout.shape[0]),
+            "data": data["meta"]}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench_quality{'_quick' if quick else ''}.json"
     rows: list[dict[str, Any]] = []
     found: dict[str, str | None] = {}
+    if args.merge and path.exists():
+        old = json.loads(path.read_text())
+        if {key: old["meta"].get(key) for key in ("n", "k", "batch", "train_tokens")} != \
+                {key: meta[key] for key in ("n", "k", "batch", "train_tokens")}:
+            raise SystemExit(f"--merge: {path} holds another configuration ({old['meta']})")
+        rows = old["rows"]
+        found = dict(old["meta"].get("found") or {})
+    for lib in libs:
+        where = _find(lib, args)
+        found[lib] = where
+    print("peers found: " + ", ".join(f"{lib} ({w})" for lib, w in found.items() if w and lib != "mi_crow")
+          + "; not found: " + (", ".join(lib for lib, w in found.items() if not w) or "none"), file=sys.stderr)
     for budget in budgets:
         budget = (budget // args.batch) * args.batch
         for lib in libs:
+            if found[lib] is None:
+                continue
             print(f"-- {lib}, {budget} tokens", file=sys.stderr)
             res = run_library(lib, args, budget, heldout)
-            found[lib] = None if res is None else f"{res['version']} ({res['where']})"
             if res is None:
                 continue
-            rows.append({"library": lib, "budget_tokens": budget, **{k: v for k, v in res.items() if k != "where"}})
-            print(json.dumps(rows[-1]), file=sys.stderr)
+            found[lib] = f"{res['version']} ({res['where']})"
+            row = {"library": lib, "budget_tokens": budget, "measured_utc": time.strftime("%Y-%m-%d %H:%M"),
+                   **{k: v for k, v in res.items() if k != "where"}}
+            print(json.dumps(row), file=sys.stderr)
+            if args.merge and path.exists():  # another process may have added rows meanwhile
+                rows = json.loads(path.read_text())["rows"]
+            rows = [r for r in rows if not (r["library"] == lib and r["budget_tokens"] == budget)] + [row]
+            path.write_text(json.dumps({"meta": {**meta, "found": found}, "rows": rows}, indent=2))
+    if args.merge and path.exists():
+        rows = json.loads(path.read_text())["rows"]
+    rows.sort(key=lambda r: (r["budget_tokens"], LIBRARIES.index(r["library"])))
     missing = [lib for lib, where in found.items() if where is None]
     header = "| library | budget | held-out FVU | dead % | wall s | tokens/s |\n|---|---|---|---|---|---|"
     lines = [f"| {r['library']} | {r['budget_tokens']:,} | {r['heldout_fvu']:.4f} | {r['dead_pct']:.1f} | "
@@ -303,14 +337,18 @@ def main() -> None:
     print("peers found: " + ", ".join(f"{lib} {v}" for lib, v in found.items() if v and lib != "mi_crow")
           + ("; not found: " + ", ".join(missing) if missing else ""))
     print(header + "\n" + "\n".join(lines))
-    meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(),
-            "cpu_count": os.cpu_count(), "n": args.n, "k": args.k, "batch": args.batch,
-            "train_tokens": int(data["train"].shape[0]), "heldout_tokens": int(heldout.shape[0]),
-            "data": data["meta"], "found": found}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench_quality{'_quick' if quick else ''}.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    path.write_text(json.dumps({"meta": {**meta, "found": found}, "rows": rows}, indent=2))
     print(f"wrote {path}")
+
+
+def _find(lib: str, args: argparse.Namespace) -> str | None:
+    """Where ``lib`` is importable: "this interpreter", the ``--peer-python`` path, or None."""
+    if importlib.util.find_spec(MODULES[lib]) is not None:
+        return "this interpreter"
+    if args.peer_python is None:
+        return None
+    probe = subprocess.run([args.peer_python, "-c", f"import {MODULES[lib]}"], capture_output=True)
+    return args.peer_python if probe.returncode == 0 else None
 
 
 if __name__ == "__main__":

@@ -190,3 +190,16 @@ def test_bad_input_is_a_user_input_error_naming_the_field(tiny_gpt2, sample_text
         evaluate(sae, tiny_gpt2, sample_texts, LAYER, outlier_norm_factor="median")
     with pytest.raises(TypeError, match="weight_metrics must be a bool"):
         evaluate(sae, tiny_gpt2, sample_texts, LAYER, weight_metrics=1)
+
+
+def test_held_out_texts_leaves_out_the_training_texts_in_order():
+    from mi_crow.mechanistic.sae import held_out_texts
+
+    candidates = ["a", "b", "a", "c", "d", "e"]
+    assert held_out_texts(candidates, ["b", "d"]) == ["a", "c", "e"]  # each once, in order
+    assert held_out_texts(iter(candidates), {"b"}, limit=2) == ["a", "c"]
+    assert held_out_texts(candidates, candidates) == []
+    with pytest.raises(UserInputError, match="limit must be a positive int"):
+        held_out_texts(candidates, [], limit=0)
+    with pytest.raises(TypeError, match="candidates item 1 must be a str"):
+        held_out_texts(["a", 3], [])

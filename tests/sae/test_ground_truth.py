@@ -108,6 +108,8 @@ def test_scores_of_a_perfect_and_a_permuted_recovery():
     assert mcc == pytest.approx((1.0 + 1.0 / 3**0.5) / 2)
     with pytest.raises(UserInputError, match="learned_acts must be at least n_features=2 latents"):
         matched_correlation(a, b[:, :1])
+    with pytest.raises(UserInputError, match="sae.n_inputs must be the ground truth's d_in=16, got 8"):
+        score_recovery(truth, TopKSae(32, 8, 2))
 
 
 def _train_on_gate(config: SaeTrainingConfig) -> dict[str, float]:

@@ -216,3 +216,28 @@ def test_topk_by_decoder_norm_ranks_by_contribution_and_folds_exactly():
     with torch.no_grad():
         folded = sae(x)
     torch.testing.assert_close(folded.reconstruction, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- the default learning rate ----------------------------------------------------------------------------------------
+def test_default_lr_is_the_rule_fitted_by_the_sweep_and_the_trainer_uses_it():
+    """The rule equals the power law written by benchmarks/bench_lr_sweep.py (as a multiple of OpenAI's width rule,
+    never below it), depends on the budget, and is the peak a default run trains at."""
+    import json
+    from pathlib import Path
+
+    from mi_crow.mechanistic.sae.train import schedule
+
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "bench_lr_sweep.json"
+    rule = json.loads(results.read_text())["rule"]
+    for n, budget in ((1152, 65536), (4608, 262144), (4608, 1 << 20), (32768, 10**8)):
+        openai = 2e-4 / math.sqrt(n / 2**14)
+        fitted = rule["c"] * (n / 2**14) ** rule["a"] * (budget / 2**20) ** rule["b"]
+        assert schedule.default_lr(n, budget) == pytest.approx(max(openai, fitted), rel=1e-3), (n, budget)
+    assert schedule.default_lr(4608, 65536) > schedule.default_lr(4608, 1 << 20) >= schedule.default_lr(4608, 10**10)
+    assert schedule.default_lr(4608, 10**10) == pytest.approx(2e-4 / math.sqrt(4608 / 2**14))
+
+    sae = TopKSae(16, 8, 2)
+    result = SaeTrainer(sae).train_on_tensor(
+        torch.randn(512, 8), SaeTrainingConfig(batch_size=32, n_tokens=32 * 40, log_every=1, **QUIET)
+    )
+    assert max(row["lr"] for row in result.history) == pytest.approx(schedule.default_lr(16, 32 * 40), rel=1e-12)

@@ -68,8 +68,8 @@ def _is_real(value: Any) -> bool:
 class SaeTrainingConfig:
     """Every knob of TopK SAE training (see `SaeTrainer`).
 
-    The defaults follow OpenAI's "Scaling and evaluating sparse autoencoders" (Gao et al., 2024): Adam with a learning
-    rate scaled by the dictionary size, MSE plus AuxK on dead latents with coefficient 1/32 and ``k_aux = d_in / 2``,
+    The defaults follow OpenAI's "Scaling and evaluating sparse autoencoders" (Gao et al., 2024): Adam (with a learning
+    rate from a sweep of our own, see ``lr``), MSE plus AuxK on dead latents with coefficient 1/32 and ``k_aux = d_in / 2``,
     unit-norm decoder rows, decoder bias initialised to the geometric median of the data and the encoder initialised as
     the decoder's transpose.
 
@@ -91,8 +91,9 @@ class SaeTrainingConfig:
     """Tokens (activation vectors) per optimizer step."""
 
     lr: float | None = None
-    """Peak learning rate. None scales it with the dictionary size as in OpenAI's paper:
-    ``2e-4 / sqrt(n_latents / 2**14)``."""
+    """Peak learning rate. None uses `mi_crow.mechanistic.sae.train.schedule.default_lr` of the dictionary size and
+    the run's token budget: ``1.51e-3 * (budget / 2**20) ** -0.5`` (fitted by ``benchmarks/bench_lr_sweep.py``),
+    never below OpenAI's ``2e-4 / sqrt(n_latents / 2**14)``."""
 
     warmup_steps: int | None = None
     """Steps of linear learning-rate warm-up from 0. None means ``min(1000, total_steps // 20)``."""
