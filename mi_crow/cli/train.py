@@ -46,10 +46,14 @@ def _int_list(value: str) -> list[int]:
 
 
 def _seed_list(value: str) -> list[int]:
+    """``0`` or ``0,1``: non-negative integers (seeds)."""
     try:
-        return [int(part) for part in value.split(",")]
+        seeds = [int(part) for part in value.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {value!r}") from None
+        seeds = []
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"expected non-negative integers separated by commas, got {value!r}")
+    return seeds
 
 
 def _positive(cast: Any) -> Any:
