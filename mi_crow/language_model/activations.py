@@ -560,17 +560,7 @@ class LanguageModelActivations:
                     previous, pending = pending, None
                     previous.result()
             finally:
-                # On an interruption the batch already computed is still written in full (then marked complete),
-                # so a resumed run loses at most the batch that was in the forward pass.
-                if pending is not None:
-                    try:
-                        pending.result()
-                    except Exception:  # noqa: BLE001 - the interrupting exception is the one to report
-                        logger.exception("writing the last batch of run %r failed during an interruption", run_id)
-                writer.shutdown(wait=True)
-                for handle in handles:
-                    handle.remove()
-                bar.close()
+                _finish_writes(pending, writer, handles, bar, run_id)
         logger.info("run %r (rank %d): saved %d new batches", run_id, rank, n_saved)
 
     def save_activations_dataset(
@@ -673,17 +663,7 @@ class LanguageModelActivations:
                     previous, pending = pending, None
                     previous.result()
             finally:
-                # On an interruption the batch already computed is still written in full (then marked complete),
-                # so a resumed run loses at most the batch that was in the forward pass.
-                if pending is not None:
-                    try:
-                        pending.result()
-                    except Exception:  # noqa: BLE001 - the interrupting exception is the one to report
-                        logger.exception("writing the last batch of run %r failed during an interruption", run_id)
-                writer.shutdown(wait=True)
-                for handle in handles:
-                    handle.remove()
-                bar.close()
+                _finish_writes(pending, writer, handles, bar, run_id)
         logger.info("run %r: saved %d new batches (%d already complete)", run_id, n_saved, len(done))
 
     def _forward(self, texts: list[str], max_length: int) -> Any:
@@ -700,3 +680,18 @@ class LanguageModelActivations:
 def _chain(first: list[str], rest: Iterator[list[str]]) -> Iterator[list[str]]:
     yield first
     yield from rest
+
+
+def _finish_writes(pending: Any, writer: Any, handles: Sequence[Any], bar: Any, run_id: str) -> None:
+    """End a save loop, normally or on an interruption: the batch already computed is still written in full (then
+    marked complete), so a resumed run loses at most the batch that was in the forward pass; then the writer thread,
+    the hooks and the progress bar are closed."""
+    if pending is not None:
+        try:
+            pending.result()
+        except Exception:  # noqa: BLE001 - the interrupting exception is the one to report
+            logger.exception("writing the last batch of run %r failed during an interruption", run_id)
+    writer.shutdown(wait=True)
+    for handle in handles:
+        handle.remove()
+    bar.close()
