@@ -428,17 +428,10 @@ class SaeBase(nn.Module, Controller):
                 f"{cls_name}: layer output width {output.shape[-1]} does not match the SAE's "
                 f"n_inputs={self.n_inputs}"
             )
-        concepts = self.concepts
-        if self.mode == "observe" and not concepts.tracking_enabled and not concepts.has_manipulations:
-            return None  # nothing would use the code: skip the encoder entirely
-        code = self.encode(output)
-        x = output.to(device=self.device, dtype=self.dtype)
-        keep = self.inlier_mask(x)
-        if concepts.tracking_enabled:
-            concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
-        modified = concepts.modify_code(code.values, code.indices, x=x)
-        if modified is None and self.mode == "observe":
+        hooked = self._hook_code(output)
+        if hooked is None:
             return None
+        code, x, keep, modified = hooked
         if modified is None:
             new = self.decode(code)
         else:
@@ -448,6 +441,29 @@ class SaeBase(nn.Module, Controller):
         if keep is not None:
             new = torch.where(keep.unsqueeze(-1), new, x)
         return new.to(device=output.device, dtype=output.dtype)
+
+    def _hook_code(self, source: Tensor) -> tuple[SparseCode, Tensor, Tensor | None, Any] | None:
+        """The part of the hook every architecture shares: encode ``source`` (the activation the SAE reads), feed
+        top-text tracking, apply the concept manipulations.
+
+        Returns:
+            None when the hook has nothing to do (observe mode with nothing manipulated: the encoder is skipped
+            when nothing would use the code), else ``(code, x, keep, modified)``: ``x`` is ``source`` in the SAE's
+            dtype and device, ``keep`` the inlier mask (or None), ``modified`` the manipulated ``(values,
+            indices)`` or None.
+        """
+        concepts = self.concepts
+        if self.mode == "observe" and not concepts.tracking_enabled and not concepts.has_manipulations:
+            return None
+        code = self.encode(source)
+        x = source.to(device=self.device, dtype=self.dtype)
+        keep = self.inlier_mask(x)
+        if concepts.tracking_enabled:
+            concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
+        modified = concepts.modify_code(code.values, code.indices, x=x)
+        if modified is None and self.mode == "observe":
+            return None
+        return code, x, keep, modified
 
     def inlier_values(self, x: Tensor, values: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Code values with the outlier tokens' entries set to 0, for statistics and top-text tracking.

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from mi_crow.errors import UserInputError
-from mi_crow.mechanistic.sae.base import SaeBase, SparseCode, _zero_outliers
+from mi_crow.mechanistic.sae.base import SaeBase, SparseCode
 from mi_crow.validation import check_bool, check_tensor, fail_type, resolve_synonym
 
 if TYPE_CHECKING:
@@ -160,24 +160,19 @@ class Transcoder(SaeBase):
                 f"Transcoder: the hooked layer's output width {output.shape[-1]} does not match n_outputs="
                 f"{self.n_outputs}"
             )
-        concepts = self.concepts
-        if self.mode == "observe" and not concepts.tracking_enabled and not concepts.has_manipulations:
+        hooked = self._hook_code(x_in)
+        if hooked is None:
             return None
-        code = self.encode(x_in)
-        x = x_in.to(device=self.device, dtype=self.dtype)
-        keep = self.inlier_mask(x)
-        if concepts.tracking_enabled:
-            concepts.observe(_zero_outliers(code.values, keep), code.indices, self.context)
-        modified = concepts.modify_code(code.values, code.indices, x=x)
-        if modified is None and self.mode == "observe":
-            return None
+        code, x, keep, modified = hooked
         y = output.to(device=self.device, dtype=self.dtype)
         if modified is None:
             new = self.predict(x, code)
+        elif self.mode == "replace":
+            new = self.predict(x, SparseCode(modified[0], modified[1]))
         else:
-            new_pred = self.predict(x, SparseCode(modified[0], modified[1]))
-            new = new_pred if self.mode == "replace" else y + (self.decode(SparseCode(modified[0], modified[1]))
-                                                               - self.decode(code))
+            # Observe: the output plus the change the manipulation makes to the prediction (the skip term and the
+            # decoder bias cancel in the difference).
+            new = y + (self.decode(SparseCode(modified[0], modified[1])) - self.decode(code))
         if keep is not None:
             new = torch.where(keep.unsqueeze(-1), new, y)
         return new.to(device=output.device, dtype=output.dtype)
