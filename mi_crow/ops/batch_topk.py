@@ -126,6 +126,8 @@ def batch_topk_encode(
     candidates: int | None = None,
     compute_dtype: torch.dtype | None = None,
     encode_fn: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    select_fn: Callable[[Tensor, int], Tensor] | None = None,
+    any_fn: Callable[[bool], bool] | None = None,
 ) -> BatchTopKCode:
     """BatchTopK encode: the ``k * B`` largest of ``relu((x - b_dec) @ W_enc.T + b_enc)`` over the whole batch.
 
@@ -138,6 +140,10 @@ def batch_topk_encode(
         candidates: first candidate width per token (default ``min(n, 4 k)``); only speed depends on it.
         compute_dtype: dtype of the encoder product (as for `topk_encode`).
         encode_fn: the ``topk_encode`` kernel to use (default the dispatched op; tests pass the Triton launcher).
+        select_fn, any_fn: the seam of a selection over several processes (data-parallel ranks each holding some
+            tokens): ``select_fn(values, k * B)`` gives the per-token counts (default `batch_topk_select`) and
+            ``any_fn(flag)`` whether ``flag`` holds on any process (default: ``flag``), so every process refines
+            as often as the others. Both are called the same number of times on every process, even with ``B = 0``.
 
     Returns:
         `BatchTopKCode`.
@@ -174,11 +180,14 @@ def batch_topk_encode(
         total = k * B
         refinements = 0
         while True:
-            counts = batch_topk_select(values, total) if B else values.new_zeros((0,), dtype=torch.int64)
+            if select_fn is not None:
+                counts = select_fn(values, total)
+            else:
+                counts = batch_topk_select(values, total) if B else values.new_zeros((0,), dtype=torch.int64)
             # A token whose last listed candidate is 0 cannot hide a positive winner (unlisted values are <= 0).
             full = (counts == c) & (values[:, c - 1] > 0) if c < n else counts.new_zeros((B,), dtype=torch.bool)
             saturated = full.nonzero().squeeze(1)
-            if saturated.numel() == 0:
+            if not (any_fn or bool)(saturated.numel() > 0):
                 break
             # Saturated tokens might hold more winners than they listed: list twice as many for them only.
             c2 = min(n, 2 * c)
@@ -187,9 +196,11 @@ def batch_topk_encode(
             wide_v[:, :c], wide_i[:, :c] = values, indices
             # The other tokens' extra slots must never be selected: rank them below everything.
             wide_v[:, c:] = -torch.inf
-            sub = x.detach()[saturated]
-            sv, si, _, _ = encode(sub, W_enc.detach(), b_enc.detach(), b_dec.detach(), c2, None, 0, compute_dtype)
-            wide_v[saturated], wide_i[saturated] = sv, si
+            if saturated.numel():  # (another process's tokens may be the saturated ones)
+                sub = x.detach()[saturated]
+                sv, si, _, _ = encode(sub, W_enc.detach(), b_enc.detach(), b_dec.detach(), c2, None, 0,
+                                      compute_dtype)
+                wide_v[saturated], wide_i[saturated] = sv, si
             values, indices, c = wide_v, wide_i, c2
             refinements += 1
         w = max(1, int(counts.max())) if B else 1

@@ -203,6 +203,8 @@ class ActivationReader:
         self.buffer_tokens: int = buffer_tokens
         self.buffer_bytes: int | None = buffer_bytes
         self.peak_buffered_tokens = 0
+        #: ``(rank, world_size)`` once `split` was called (data-parallel: this rank reads only its files).
+        self.part: tuple[int, int] | None = None
         self.reset()
 
     # ------------------------------------------------------------------ sizes
@@ -229,6 +231,7 @@ class ActivationReader:
         self._group = 0
         self._taken = 0
         self._carry = torch.empty(0, self.d_in, dtype=self.out_dtype)
+        self._carry_owner = torch.empty(0, dtype=torch.int16)  # split: the rank holding each carried token
         self._batches_yielded = 0
         self._finished = False
 
@@ -243,9 +246,12 @@ class ActivationReader:
         return self._epoch
 
     def _config(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, "layer": self.layer, "batch_size": self.batch_size,
-                "buffer_tokens": self.buffer_tokens, "shuffle": self.shuffle, "seed": self.seed,
-                "drop_last": self.drop_last, "files": list(self.files)}
+        config = {"run_id": self.run_id, "layer": self.layer, "batch_size": self.batch_size,
+                  "buffer_tokens": self.buffer_tokens, "shuffle": self.shuffle, "seed": self.seed,
+                  "drop_last": self.drop_last, "files": list(self.files)}
+        if self.part is not None:
+            config["part"] = list(self.part)
+        return config
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the stream plus the arguments it depends on.
@@ -263,6 +269,7 @@ class ActivationReader:
             "carry": self._carry.clone(),
             "batches_yielded": self._batches_yielded,
             "finished": self._finished,
+            **({"carry_owner": self._carry_owner.clone()} if self.part is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -276,6 +283,10 @@ class ActivationReader:
             raise TypeError(f"state must be a dict from ActivationReader.state_dict(), got {type(state).__name__}")
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"state version must be {_STATE_VERSION}, got {state.get('version')!r}")
+        part = list(self.part) if self.part is not None else None
+        if state.get("part") != part:  # [rank, world_size] of a split reader (see `split`)
+            raise ValueError(f"state was taken from a reader with part={state.get('part')!r}, this reader has "
+                             f"part={part!r}")
         for name, value in self._config().items():
             if name == "files" and state.get(name) != value:
                 then = state.get(name)
@@ -295,6 +306,13 @@ class ActivationReader:
         self._cursor = int(state["cursor"])
         self._group = int(state["group"])
         self._taken = int(state["taken"])
+        if self.part is not None:
+            owner = state.get("carry_owner")
+            if (not isinstance(owner, torch.Tensor) or owner.dim() != 1
+                    or int((owner == self.part[0]).sum()) != carry.shape[0]):
+                raise ValueError(f"state['carry_owner'] must be a 1-d Tensor with {carry.shape[0]} entries equal to "
+                                 f"rank {self.part[0]} (this rank's carried tokens), got {owner!r}")
+            self._carry_owner = owner.to(torch.int16).clone()
         self._carry = carry.to(self.out_dtype).clone()
         self._batches_yielded = int(state["batches_yielded"])
         self._finished = bool(state["finished"])
@@ -349,6 +367,9 @@ class ActivationReader:
         return self._epoch + 1, 0, self._group_files(next_order, 0, 0), 0
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.part is not None:
+            yield from self._iter_part()
+            return
         bs = self.batch_size
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi_crow-reader") if self.prefetch else None
         pending: tuple[tuple[int, int, int], Future[torch.Tensor]] | None = None
@@ -400,6 +421,127 @@ class ActivationReader:
                 self._cursor = 0
                 self._group = 0
                 self._carry = self._carry[:0]
+                if self.epochs is not None and self._epoch >= self.epochs:
+                    self._finished = True
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+
+    # ------------------------------------------------------------------ per-rank reading (data-parallel)
+    def split(self, rank: int, world_size: int) -> None:
+        """Read only rank ``rank``'s part of the run from now on (data-parallel training over ``world_size`` ranks).
+
+        The groups, permutations and carries stay exactly those of the unsplit reader; each group's files are divided
+        between the ranks (largest file first onto the rank with the fewest tokens so far, ties to the lower rank;
+        every rank computes the same division from ``meta.json``) and this reader loads only its own files. Of each
+        global batch it yields the rows that come from its files or from the tokens it carried over, in the unsplit
+        reader's order: the ranks' batches together are the unsplit reader's batch. Their sizes vary around
+        ``batch_size / world_size`` with the rank's share of the group's tokens (a group of fewer files than ranks
+        leaves some ranks without tokens for that group: groups of one file take turns). After each batch ``last_batch_positions`` holds the rows' positions in
+        the global batch and ``last_batch_size`` that batch's size. Memory holds about ``1 / world_size`` of a group.
+
+        Call it on a fresh reader (before iterating or loading a state; states record the split).
+
+        Raises:
+            ValueError: ``rank``/``world_size`` out of range, or the reader has already been read from.
+        """
+        world_size = check_count(world_size, "world_size")
+        rank = check_int(rank, "rank")
+        if not 0 <= rank < world_size:
+            raise fail("rank", f"in [0, world_size={world_size})", rank)
+        if self._batches_yielded or self._epoch or self._cursor:
+            raise UserInputError("ActivationReader.split: call it before reading any batch")
+        self.part = (rank, world_size)
+        self.last_batch_positions = torch.empty(0, dtype=torch.long)
+        self.last_batch_size = 0
+
+    def _file_owners(self, files: list[int], cursor: int) -> list[int]:
+        """The rank of each of a group's files (``cursor``: the group's first place in the epoch's order; ties go
+        to the ranks from ``cursor % world`` on, so that groups of one file take turns)."""
+        assert self.part is not None
+        world = self.part[1]
+        loads = [0] * world
+        owners = [0] * len(files)
+        for i in sorted(range(len(files)), key=lambda i: (-self.file_tokens[files[i]], i)):
+            rank = min(range(world), key=lambda r: (loads[r], (r - cursor) % world))
+            owners[i] = rank
+            loads[rank] += self.file_tokens[files[i]]
+        return owners
+
+    def _own_files(self, files: list[int], cursor: int) -> list[int]:
+        assert self.part is not None
+        return [f for f, o in zip(files, self._file_owners(files, cursor)) if o == self.part[0]]
+
+    def _iter_part(self) -> Iterator[torch.Tensor]:
+        """`__iter__` of a split reader: the same groups and permutations over the global positions of each group
+        (carried tokens first, then the group's files), of which this rank holds and yields its own."""
+        assert self.part is not None
+        rank = self.part[0]
+        bs = self.batch_size
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi_crow-reader") if self.prefetch else None
+        pending: tuple[tuple[int, int, int, int], Future[torch.Tensor]] | None = None
+
+        def take(buffer: torch.Tensor, local: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            rows = local[positions]
+            keep = rows >= 0
+            self.last_batch_positions = keep.nonzero().squeeze(1)
+            self.last_batch_size = positions.numel()
+            self._batches_yielded += 1
+            return buffer.index_select(0, rows[keep])
+
+        try:
+            while not self._finished:
+                order = self._epoch_order(self._epoch)
+                while self._cursor < len(order):
+                    n_carry = self._carry_owner.numel()
+                    n_local = self._carry.shape[0]
+                    files = self._group_files(order, self._cursor, n_carry)
+                    last_group = self._cursor + len(files) >= len(order)
+                    if pending is not None and pending[0] == (self._epoch, self._cursor, n_carry, n_local):
+                        buffer = pending[1].result()
+                    else:
+                        buffer = self._fill_group(self._own_files(files, self._cursor), n_local)
+                    pending = None
+                    buffer[:n_local].copy_(self._carry)
+                    sizes = torch.tensor([self.file_tokens[f] for f in files], dtype=torch.long)
+                    owner = torch.cat([self._carry_owner, torch.repeat_interleave(
+                        torch.tensor(self._file_owners(files, self._cursor), dtype=torch.int16), sizes)])
+                    total = owner.numel()
+                    mine = owner == rank
+                    local = torch.full((total,), -1, dtype=torch.long)  # global position -> row of buffer
+                    local[mine] = torch.arange(buffer.shape[0])
+                    n_full = total // bs
+                    perm = (torch.randperm(total, generator=_generator(self.seed, self._epoch, self._group))
+                            if self.shuffle else torch.arange(total))
+                    rest = perm[n_full * bs:]
+                    if executor is not None:
+                        upcoming = self._next_group(order, files, total - n_full * bs, last_group)
+                        if upcoming is not None:
+                            epoch, cursor, next_files, next_carry = upcoming
+                            next_local = 0 if last_group else int((owner[rest] == rank).sum())
+                            pending = ((epoch, cursor, next_carry, next_local),
+                                       executor.submit(self._fill_group, self._own_files(next_files, cursor), next_local))
+                    while self._taken < n_full:
+                        start = self._taken * bs
+                        self._taken += 1
+                        yield take(buffer, local, perm[start: start + bs])
+                    if last_group:
+                        if rest.numel() and not self.drop_last and self._taken == n_full:
+                            self._taken += 1
+                            yield take(buffer, local, rest)
+                        carry, carry_owner = buffer[:0].clone(), owner[:0]
+                    else:
+                        rows = local[rest]
+                        carry, carry_owner = buffer.index_select(0, rows[rows >= 0]), owner[rest]
+                    del buffer
+                    self._carry, self._carry_owner = carry, carry_owner
+                    self._cursor += len(files)
+                    self._group += 1
+                    self._taken = 0
+                self._epoch += 1
+                self._cursor = 0
+                self._group = 0
+                self._carry, self._carry_owner = self._carry[:0], self._carry_owner[:0]
                 if self.epochs is not None and self._epoch >= self.epochs:
                     self._finished = True
         finally:

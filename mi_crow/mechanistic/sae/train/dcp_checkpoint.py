@@ -175,6 +175,18 @@ def _tensors(sae: TopKSae, optimizer: torch.optim.Optimizer, tokens_since_fired:
     return out, moments
 
 
+def _reader_key(key: str, rank_local: bool) -> str:
+    """The DCP name of a reader tensor: ``reader.<key>`` (the same on every rank, one copy saved) or
+    ``reader.rank<r>.<key>`` (this rank's own, e.g. a split reader's carried tokens)."""
+    return f"reader.rank{dist.get_rank()}.{key}" if rank_local else f"reader.{key}"
+
+
+def _all_gather_object(obj: Any) -> list[Any]:
+    out: list[Any] = [None] * dist.get_world_size()
+    distributed._collective("all_gather_object", lambda: dist.all_gather_object(out, obj))
+    return out
+
+
 def _local_path(store: Store, key: str) -> Path:
     path = getattr(store, "path", None)
     if not callable(path):
@@ -194,13 +206,17 @@ def write(store: Store, plan: TrainingPlan, config: SaeTrainingConfig, sae: TopK
                           fill_optimizer=False)
     tensors["rng.torch"] = torch.get_rng_state()
     reader_state = dict(reader.state_dict())
-    reader_tensors = {}
+    reader_tensors, rank_tensors = {}, {}
+    rank_local = set(getattr(reader, "rank_local_state", ()))  # a split reader's own carried tokens
     for key, value in list(reader_state.items()):
         if isinstance(value, torch.Tensor):
             reader_state.pop(key)
-            reader_tensors[key] = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+            spec = {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+            (rank_tensors if key in rank_local else reader_tensors)[key] = spec
             if value.numel():
-                tensors[f"reader.{key}"] = value
+                tensors[_reader_key(key, key in rank_local)] = value
+    # Every rank's own reader tensors are named by rank; rank 0 records their shapes for the load.
+    rank_specs = _all_gather_object(rank_tensors) if rank_local else None
     folder.mkdir(parents=True, exist_ok=True)
     try:
         dcp.save(tensors, storage_writer=JsonMetadataWriter(str(folder)))
@@ -225,6 +241,7 @@ def write(store: Store, plan: TrainingPlan, config: SaeTrainingConfig, sae: TopK
             **state.to_checkpoint(),
             "reader": reader_state,
             "reader_tensors": reader_tensors,
+            **({"reader_rank_tensors": rank_specs} if rank_specs is not None else {}),
             "window": window.to_checkpoint(),
         }
         store.put_json(f"{plan.prefix}/{META_FILE}", record)
@@ -286,10 +303,12 @@ def restore(checkpoint: dict[str, Any], sae: TopKSae, optimizer: torch.optim.Opt
     rng = torch.get_rng_state()
     tensors["rng.torch"] = rng
     reader_tensors = {}
-    for key, spec in checkpoint.get("reader_tensors", {}).items():
+    rank_specs = checkpoint.get("reader_rank_tensors")
+    own = rank_specs[dist.get_rank()] if rank_specs else {}
+    for key, spec in [*checkpoint.get("reader_tensors", {}).items(), *own.items()]:
         reader_tensors[key] = torch.empty(spec["shape"], dtype=getattr(torch, spec["dtype"]))
         if reader_tensors[key].numel():
-            tensors[f"reader.{key}"] = reader_tensors[key]
+            tensors[_reader_key(key, key in own)] = reader_tensors[key]
     folder = checkpoint["_folder"]
     try:
         with torch.no_grad():

@@ -273,18 +273,28 @@ def reduce_gradient_(p: Tensor) -> None:
 
 # -- data-parallel readers -------------------------------------------------------------------------------------
 class RankSliceReader:
-    """Rank ``r``'s rows ``[r B/W, (r+1) B/W)`` of every ``[B, d]`` batch of a reader (data-parallel).
+    """This rank's part of every global batch of a reader (data-parallel).
 
-    The position and its ``state_dict`` are the wrapped reader's, the same on every rank. An in-memory
-    `TensorActivationReader` gathers only this rank's rows; a store reader decodes each global batch and this
-    rank keeps its slice (the store reader has no per-rank reading yet).
+    A stored run's reader (`mi_crow.store.reader.ActivationReader`) is `split
+    <mi_crow.store.reader.ActivationReader.split>`: this rank reads only its share of each shuffle group's files and
+    yields, of each global batch, the rows that come from them (the ranks' rows together are the single-process
+    batch; their numbers vary around ``B/W``). Any other reader yields whole batches of which this rank keeps rows
+    ``[r B/W, (r+1) B/W)`` (an in-memory `TensorActivationReader` gathers only those rows). The position and its
+    ``state_dict`` are the wrapped reader's (a split reader's carried tokens are this rank's own:
+    ``rank_local_state`` names them, so that checkpoints keep one copy per rank).
     """
 
     def __init__(self, reader: ActivationReader, layout: Layout) -> None:
+        from mi_crow.store.reader import ActivationReader as StoreReader
+
         self.reader = reader
         self.layout = layout
         self.n_tokens = reader.n_tokens
         self.d_in = reader.d_in
+        self.split = isinstance(reader, StoreReader) and layout.world_size > 1
+        if self.split:
+            reader.split(layout.rank, layout.world_size)
+        self.rank_local_state: tuple[str, ...] = ("carry",) if self.split else ()
 
     def _rows(self, size: int) -> tuple[int, int]:
         if size % self.layout.world_size:
@@ -295,6 +305,9 @@ class RankSliceReader:
 
     def __iter__(self) -> Iterator[Tensor]:
         inner = self.reader
+        if self.split:
+            yield from inner
+            return
         if type(inner) is TensorActivationReader and inner.drop_last:
             order = inner._order()
             size = inner.batch_size
@@ -313,6 +326,11 @@ class RankSliceReader:
         return self.reader.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        part = state.get("part")
+        if self.split and isinstance(part, list) and len(part) == 2 and part[1] == self.layout.world_size:
+            # A checkpoint's record holds rank 0's position; the other ranks' differ only in their own part
+            # (their carried tokens come from their own ``reader.rank<r>.*`` tensors).
+            state = {**state, "part": [self.layout.rank, self.layout.world_size]}
         self.reader.load_state_dict(state)
 
 
@@ -323,27 +341,79 @@ def slice_factory(factory: ReaderFactory, layout: Layout) -> ReaderFactory:
 
 def gathered_sample(sample_reader: Callable[[], Iterable[Tensor]], n_tokens: int, layout: Layout,
                     gather: Callable[[Tensor], list[Tensor]] | None = None) -> Callable[[], Iterable[Tensor]]:
-    """The first ``n_tokens`` vectors of the sample stream, each rank keeping the positions ``p`` with
-    ``p % world_size == rank`` and all-gathering them back into stream order: the very sample a single process
-    initialises ``b_dec`` (and the input scale) from."""
+    """The first ``n_tokens`` vectors of the sample stream, gathered from every rank back into stream order: the
+    very sample a single process initialises ``b_dec`` (and the input scale) from.
+
+    A stored run's reader is split (each rank reads only its files and keeps its rows of the first ``n_tokens``);
+    any other stream is read whole by every rank, each keeping the positions ``p`` with ``p % world_size == rank``.
+    """
+    from mi_crow.store.reader import ActivationReader as StoreReader
+
     world, rank = layout.world_size, layout.rank
-    parts, seen, d = [], 0, None
-    for batch in sample_reader():
+    stream = sample_reader()
+    split = isinstance(stream, StoreReader) and world > 1
+    if split:
+        stream.split(rank, world)
+    parts, positions, seen, d = [], [], 0, None
+    for batch in stream:
         d = batch.shape[1]
-        take = min(batch.shape[0], n_tokens - seen)
-        first = (rank - seen) % world  # the first row of this batch whose stream position is rank mod world
-        parts.append(batch[first:take:world].to(device="cpu", dtype=torch.float32))
-        seen += take
+        if split:
+            at = seen + stream.last_batch_positions
+            keep = at < n_tokens
+            parts.append(batch[keep].to(device="cpu", dtype=torch.float32))
+            positions.append(at[keep])
+            seen += min(stream.last_batch_size, n_tokens - seen)
+        else:
+            take = min(batch.shape[0], n_tokens - seen)
+            first = (rank - seen) % world  # the first row of this batch whose stream position is rank mod world
+            parts.append(batch[first:take:world].to(device="cpu", dtype=torch.float32))
+            positions.append(torch.arange(seen + first, seen + take, world))
+            seen += take
         if seen >= n_tokens:
             break
     if d is None:
         raise UserInputError("SaeTrainer: the activation run yields no batch to initialise b_dec from")
+    gather = gather or all_gather_rows  # the stepper's seam
     local = torch.cat(parts) if parts else torch.empty(0, d)
-    gathered = (gather or all_gather_rows)(local)  # the stepper's seam
+    where = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
     full = torch.empty(seen, d)
-    for q, part in enumerate(gathered):
-        full[q::world] = part
+    for part, at in zip(gather(local), gather(where)):
+        full[at] = part
     return lambda: [full]
+
+
+# -- BatchTopK over ranks ---------------------------------------------------------------------------------------
+def batch_topk_select(values: Tensor, total: int, *, split_tokens: bool = True) -> Tensor:
+    """`mi_crow.ops.batch_topk.batch_topk_select` over every rank's candidates: per-token counts of this rank's
+    share of the ``K`` largest candidate values of all ranks (collective; called by every rank).
+
+    The ``K``-th largest value ``tau`` is found from an all-gather of each rank's ``min(K, B_r c)`` largest values
+    (``K`` floats per rank, never the dense code); every candidate above ``tau`` is kept, and the ties at ``tau``
+    that complete ``K`` go to the lower ranks first (in token order). Each row of ``values`` is sorted descending,
+    so the kept candidates of a token are a prefix, as the single-process selection's.
+
+    Args:
+        values: ``[B_r, c]`` this rank's candidate values.
+        total: ``split_tokens``: this rank's ``k * B_r`` (``K`` is their sum: data-parallel ranks hold different
+            tokens); else ``K`` itself (ranks holding different latents of the same tokens).
+    """
+    B, c = values.shape
+    flat = values.reshape(-1)
+    sums = all_reduce(torch.tensor([total if split_tokens else 0, flat.numel()], dtype=torch.int64))
+    K = int(sums[0]) if split_tokens else total
+    if K >= int(sums[1]):
+        return torch.full((B,), c, dtype=torch.int64, device=values.device)
+    local_top = flat.topk(min(K, flat.numel())).values if flat.numel() else flat
+    candidates = torch.cat(all_gather_rows(local_top.float()))
+    tau = candidates.topk(K).values[-1].to(values.dtype)
+    greater = (values > tau).sum(dim=1)
+    tied = values == tau
+    counts = all_gather_same(torch.stack([greater.sum(), tied.sum()]))
+    rank = dist.get_rank()
+    need = K - sum(int(part[0]) for part in counts) - sum(int(part[1]) for part in counts[:rank])
+    take = max(0, min(int(counts[rank][1]), need))
+    rows = tied.reshape(-1).nonzero().squeeze(1)[:take] // c
+    return greater + torch.bincount(rows, minlength=B)
 
 
 # -- latent-sharded step ---------------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def family_losses(
     if sae.selection == "batchtopk":
         code = batch_topk_encode(
             inp, W_enc, b_enc, shift, k, dead_mask if use_aux else None, k_aux if use_aux else 0,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, **stepper._batch_topk_seams(),  # dist: one selection over every rank
         )
         _update_threshold(stepper, sae, code.threshold)
     else:
@@ -197,10 +197,14 @@ def _update_threshold(stepper: SaeStepper, sae: Any, batch_min: Tensor) -> None:
     """Running threshold: EMA of the smallest positive selected value (the first batch sets it).
 
     Only while the module is in training mode (``sae.training``), so evaluation passes leave it alone."""
-    if not sae.training or not bool(torch.isfinite(batch_min)):
+    if not sae.training:
         return
-    # Data-parallel ranks would agree on the smallest value of all ranks (a min is a max of negatives).
-    batch_min = -stepper._all_reduce_max(-batch_min.to(sae.threshold.dtype))
+    # Data-parallel ranks agree on the smallest value of all ranks (a min is a max of negatives); a rank with no
+    # positive selected value (NaN) still takes part, with +inf.
+    batch_min = torch.nan_to_num(batch_min.to(sae.threshold.dtype), nan=float("inf"))
+    batch_min = -stepper._all_reduce_max(-batch_min)
+    if not bool(torch.isfinite(batch_min)):
+        return
     if bool(torch.isnan(sae.threshold)):
         sae.threshold.copy_(batch_min)
     else:

@@ -124,6 +124,14 @@ class SaeStepper:
         """Logical or of a bool scalar over the ranks holding different latents (identity otherwise)."""
         return distributed.all_reduce(flag, "max") if self._latent_sharded else flag
 
+    def _batch_topk_seams(self) -> dict[str, Any]:
+        """Keyword arguments of `batch_topk_encode` that make the BatchTopK selection one selection over the whole
+        global batch (data-parallel: ``k * B_global`` winners among every rank's candidates); none otherwise."""
+        if not self._data_parallel:
+            return {}
+        return {"select_fn": distributed.batch_topk_select,
+                "any_fn": lambda flag: bool(distributed.all_reduce(torch.tensor(flag), "max"))}
+
     def _all_finite(self, value: Tensor) -> bool:
         """Whether ``value`` is finite on every data-parallel rank (one decision for all: skip the batch or not)."""
         return not bool(self._all_reduce_max(~torch.isfinite(value)))
@@ -346,7 +354,11 @@ class SaeStepper:
             # sum ||x||^2 - ||sum x||^2 / N from float32 partial sums loses every digit when the activations sit
             # far from the origin (2% error at a per-dimension offset of 100 sigma).
             n = x.shape[0]
-            var, mean = torch.var_mean(x.double() if x.dtype == torch.float64 else x.float(), dim=0, correction=0)
+            wide = x.double() if x.dtype == torch.float64 else x.float()
+            if n:
+                var, mean = torch.var_mean(wide, dim=0, correction=0)
+            else:  # a data-parallel rank with no token of this batch (a split reader's share can be empty)
+                var = mean = wide.new_zeros(x.shape[1])
             count = self._all_reduce_sum(torch.tensor(float(n), dtype=torch.float64, device=x.device))
             mean = mean.double()
             global_mean = self._all_reduce_sum(mean * n) / count
