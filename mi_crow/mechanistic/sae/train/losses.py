@@ -150,8 +150,8 @@ def family_losses(
         x_hat = recons[:, -1]
         errs = target.unsqueeze(1) - recons
         flat = errs if errs.dtype in (torch.float32, torch.float64) else errs.float()
-        prefix_sse = flat.pow(2).sum(dim=(0, 2))
-        prefix_fvu = stepper._all_reduce_sum(prefix_sse) / total_var
+        prefix_sse = stepper._all_reduce_sum(flat.pow(2).sum(dim=(0, 2)))  # dist: over every rank's tokens
+        prefix_fvu = prefix_sse / total_var
         loss = prefix_fvu.sum()
         err = errs[:, -1]
         sse = prefix_sse[-1]
@@ -170,8 +170,8 @@ def family_losses(
         if skip is not None:
             x_hat = x_hat + skip
         err = target - x_hat
-        sse = _sum_sq(err)
-        fvu = stepper._all_reduce_sum(sse) / total_var
+        sse = stepper._all_reduce_sum(_sum_sq(err))  # dist: over every rank's tokens (the logged mse too)
+        fvu = sse / total_var
         loss = fvu
     auxk = x.new_zeros(())
     if e_hat is not None:

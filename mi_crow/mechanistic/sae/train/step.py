@@ -209,9 +209,14 @@ class SaeStepper:
         if not self._latent_sharded or self._full_sae is not None:
             return
         if type(self.sae) is not TopKSae:
+            name = type(self.sae).__name__
+            why = ("its BatchTopK selection keeps the k*B largest activations of the whole batch over ALL latents, "
+                   "which would need a global threshold over the latent slices, not implemented"
+                   if getattr(self.sae, "selection", "") == "batchtopk" else
+                   "its losses are not split over latent slices")
             raise NotSupportedError(
-                f"parallel='latents' shards TopK SAEs; {type(self.sae).__name__} trains with parallel='data' or "
-                "'layers' (its selection is not split over latent slices yet)"
+                f"parallel='latents' shards TopK SAEs only; {name} cannot be latent-sharded ({why}): train it with "
+                "parallel='data' (selection over the global batch) or 'layers'"
             )
         distributed.check_latent_layout(self._layout, self.sae.n_latents, max(k_max, self.sae.k))
         full = self.sae

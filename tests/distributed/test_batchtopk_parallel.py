@@ -1,0 +1,97 @@
+"""BatchTopK and Matryoshka-BatchTopK under data-parallel training: the selection keeps the ``k * B`` largest
+candidates of the GLOBAL batch (over both ranks' tokens), so 2 gloo ranks train exactly what one process trains on
+the same global batches (weights, running threshold, history, dead counters); the per-rank selection (``k * B / 2``
+per rank) would not. The latent-sharded layout refuses these architectures with a NotSupportedError."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed.conftest import activations, assert_same_run, launch, ok, training_config
+
+
+def _sae(arch: str):
+    from mi_crow.mechanistic.sae import BatchTopKSae, MatryoshkaSae
+
+    torch.manual_seed(0)
+    if arch == "batchtopk":
+        return BatchTopKSae(96, 16, 4)
+    return MatryoshkaSae(96, 16, 4, group_sizes=[16, 32, 48])
+
+
+def _family_run(rank: int, world: int, arch: str, parallel: str | None, local_selection: bool = False) -> dict:
+    from mi_crow.mechanistic.sae import SaeTrainer
+
+    sae = _sae(arch)
+    trainer = SaeTrainer(sae)
+    if local_selection:  # the selection of each rank's own tokens only (what a naive data-parallel run does)
+        trainer._batch_topk_seams = lambda: {}
+    # adam_eps 1e-6, not 6.25e-10: with the tied initialisation a token whose only winner is latent i has a residual
+    # orthogonal to row i, so that value's gradient is 0 up to rounding (~1e-11); Adam divides such a gradient by
+    # its own size plus eps, and at 6.25e-10 the sign of the rounding (which the order of the sums decides) moves
+    # the row by ~lr: a comparison of two reduction orders would measure that, not the selection.
+    result = trainer.train_on_tensor(activations(), training_config(parallel=parallel, adam_eps=1e-6))
+    return {"weights": {k: v.detach().clone() for k, v in sae.state_dict().items()}, "history": result.history,
+            "tokens_since_fired": trainer.tokens_since_fired.clone()}
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_batchtopk_data_parallel_selects_over_the_global_batch(tmp_path, arch):
+    want = _family_run(0, 1, arch, None)
+    assert torch.isfinite(want["weights"]["threshold"])
+    assert any((r["dead_features"] or 0) > 0 for r in want["history"])
+    for res in ok(launch(_family_run, tmp_path, arch, "data")):
+        assert_same_run(res, want)  # the threshold buffer included
+        assert torch.equal(res["tokens_since_fired"], want["tokens_since_fired"])
+    # The comparison can tell: selecting k * B/2 per rank trains something else.
+    local = ok(launch(_family_run, tmp_path, arch, "data", True))[0]
+    assert (local["weights"]["W_enc"] - want["weights"]["W_enc"]).abs().max() > 1e-3
+
+
+def _select(rank: int, world: int) -> list:
+    from mi_crow.mechanistic.sae.train.distributed import batch_topk_select
+
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(10, 6, generator=g).relu().sort(dim=1, descending=True).values  # zeros: ties
+    values[3, :3] = 0.5  # ties above 0 across tokens
+    values[3] = values[3].sort(descending=True).values
+    mine = values[rank * 5 : rank * 5 + 5] if rank == 0 else values[5 : 5 + 3]  # unequal shares: 5 and 3 tokens
+    return [batch_topk_select(mine, 2 * mine.shape[0]).tolist(),
+            batch_topk_select(mine, 2 * 8, split_tokens=False).tolist()]
+
+
+def test_distributed_batch_topk_select_equals_the_selection_on_the_concatenated_batch(tmp_path):
+    from mi_crow.ops.batch_topk import batch_topk_select
+
+    got = ok(launch(_select, tmp_path))
+    g = torch.Generator().manual_seed(7)
+    values = torch.randn(10, 6, generator=g).relu().sort(dim=1, descending=True).values
+    values[3, :3] = 0.5
+    values[3] = values[3].sort(descending=True).values
+    both = values[:8]
+    counts = got[0][0] + got[1][0]
+    assert counts == got[0][1] + got[1][1]
+    assert sum(counts) == 16
+    want = batch_topk_select(both, 16)
+    # Equal except in how ties at the K-th value are shared out; the selected values are the same multiset.
+    picked = lambda c: sorted(v for row, n in zip(both.tolist(), c) for v in row[:n])  # noqa: E731
+    assert picked(counts) == picked(want.tolist())
+    assert all(n <= 6 for n in counts)
+
+
+def _latents(rank: int, world: int, arch: str) -> str:
+    from mi_crow.errors import NotSupportedError
+    from mi_crow.mechanistic.sae import SaeTrainer
+
+    try:
+        SaeTrainer(_sae(arch)).train_on_tensor(activations(), training_config(parallel="latents"))
+    except NotSupportedError as exc:
+        return str(exc)
+    return "trained"
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_latent_sharded_batchtopk_is_refused_with_the_reason(tmp_path, arch):
+    for message in ok(launch(_latents, tmp_path, arch)):
+        assert "parallel='latents'" in message and ("BatchTopKSae" in message or "MatryoshkaSae" in message)
