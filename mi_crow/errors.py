@@ -22,6 +22,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArgumentTypeError",
+    "DistributedError",
     "MiCrowError",
     "NotSupportedError",
     "ResourceBusyError",
@@ -49,6 +50,11 @@ class NotSupportedError(UserInputError, NotImplementedError):
 
 class StoreError(MiCrowError):
     """A store file or folder is missing, corrupt, locked or not writable; the message names its path."""
+
+
+class DistributedError(MiCrowError, RuntimeError):
+    """A collective of a ``torch.distributed`` run failed: another rank stopped (crashed, was killed) or did not
+    answer within the process group's timeout. The message says what the run keeps and how to resume."""
 
 
 class ResourceBusyError(StoreError, BlockingIOError):

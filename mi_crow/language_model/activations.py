@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mi_crow.datasets import TextDataset
-from mi_crow.errors import ArgumentTypeError, UserInputError
+from mi_crow.errors import ArgumentTypeError, DistributedError, UserInputError
 from mi_crow.hooks import LayerActivationDetector
 from mi_crow.language_model.inference import check_texts
 from mi_crow.validation import check_dtype, check_identifier, check_positive_int, resolve_synonym
@@ -95,7 +95,15 @@ def _all_ok(ok: bool, world: int) -> bool:
     # NCCL reduces CUDA tensors only; gloo (and the rest) CPU tensors.
     device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
     flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    try:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    except (RuntimeError, ValueError) as exc:  # gloo/NCCL report a dead peer (at once) or a timeout so
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistributedError(
+            f"sharded save: rank {dist.get_rank()} of {world}: another rank stopped, or did not answer within the "
+            f"process group's timeout ({first}). The batches written so far are kept: run the same save again on "
+            "every rank to resume"
+        ) from exc
     return bool(flag.item())
 
 

@@ -46,7 +46,23 @@ def assert_same_texts(got: LocalStore, ref: LocalStore) -> None:
         assert got.get_run_metadata(RUN)[key] == ref.get_run_metadata(RUN)[key], key
 
 
-def _run_ranks(argv: list[object], world: int = 2) -> list[subprocess.CompletedProcess]:
+# Run by the rank that dies: ``python -m mi_crow`` whose store SIGKILLs this process right after its first batch
+# is written (a real death mid-save: no exception, no clean-up, its sockets closed by the kernel).
+_DIE_AFTER_FIRST_BATCH = """
+import os, runpy, signal, sys
+from mi_crow.store.base import Store
+write = Store.write_packed_batch
+def dying(self, *args, **kwargs):
+    out = write(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+    return out
+Store.write_packed_batch = dying
+sys.argv = ["mi_crow", *sys.argv[1:]]
+runpy.run_module("mi_crow", run_name="__main__", alter_sys=True)
+"""
+
+
+def _run_ranks(argv: list[object], world: int = 2, dying: int | None = None) -> list[subprocess.CompletedProcess]:
     port = _free_port()
     procs = []
     for rank in range(world):
@@ -55,7 +71,8 @@ def _run_ranks(argv: list[object], world: int = 2) -> list[subprocess.CompletedP
         # model's matrix products reduce in an order that depends on it, and the test compares bit for bit.
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, "-m", "mi_crow", *map(str, argv)], cwd=ROOT, env=env,
+        command = ["-c", _DIE_AFTER_FIRST_BATCH] if rank == dying else ["-m", "mi_crow"]
+        procs.append(subprocess.Popen([sys.executable, *command, *map(str, argv)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for proc in procs:
@@ -89,3 +106,27 @@ def test_two_ranks_save_one_run_equal_to_one_process(pipeline, reference, fast_t
             mine = [r for r in records if r["rank"] == rank]
             assert all(r["n_tokens"] >= 30 for r in mine[:-1]) and all(len(r["forward_batches"]) >= 1 for r in mine)
             assert all(b % 2 == rank for r in mine for b in r["forward_batches"])
+
+
+def test_a_rank_dying_mid_save_stops_the_others_with_a_clear_error_and_the_save_resumes(pipeline, reference,
+                                                                                        fast_tmp):
+    """Rank 1 is SIGKILLed after writing its first batch: rank 0 fails with the DistributedError message (the peer's
+    closed connection, not gloo's 30-minute timeout: a hang would fail through ``_run_ranks``' own timeout) and keeps
+    what was written; the same 2-rank save then resumes to a run equal to the 1-process save."""
+    store_path = fast_tmp / "sharded-dying"
+    argv = pipeline.save(store_path)
+    survivor, dead = _run_ranks(argv, dying=1)
+    assert dead.returncode == -9, dead.stderr[-3000:]
+    assert survivor.returncode != 0
+    assert "another rank stopped" in survivor.stderr and "run the same save again" in survivor.stderr, \
+        survivor.stderr[-3000:]
+    assert "Traceback" not in survivor.stderr, survivor.stderr[-3000:]
+    partial = LocalStore(store_path)
+    assert partial.get_run_metadata(RUN)["status"] != "complete"
+    written = {r["rank"] for r in partial.batch_records(RUN)}
+    assert 1 in written  # the dead rank's first batch is kept
+    for r in _run_ranks(argv):
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    got = LocalStore(store_path)
+    assert_same_texts(got, LocalStore(reference["store"]))
+    assert got.get_run_metadata(RUN)["status"] == "complete"

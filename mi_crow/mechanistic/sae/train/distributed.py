@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from mi_crow import ops
-from mi_crow.errors import MiCrowError, UserInputError
+from mi_crow.errors import DistributedError, UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader
 from mi_crow.mechanistic.sae.train.results import ActivationReader, LossOutput, ReaderFactory
@@ -84,7 +84,7 @@ def reset_comm_bytes() -> None:
     _COMM["bytes"] = 0
 
 
-class DistributedTrainingError(MiCrowError, RuntimeError):
+class DistributedTrainingError(DistributedError):
     """A collective failed: another rank stopped (crashed, was killed) or did not answer within the process group's
     timeout. The run's last checkpoint stays; ``resume=True`` on every rank continues from it."""
 
