@@ -70,3 +70,16 @@ def test_latent_checkpoint_resumes_on_the_same_and_another_world_size(tmp_path):
     assert one["resumed_from"] == 5
     assert_same_run(one, want)
     assert torch.equal(one["tokens_since_fired"], want["tokens_since_fired"])
+
+
+def test_latent_checkpoint_of_one_rank_reshards_onto_two(tmp_path):
+    """Written by a 1-rank latent-sharded run (the whole dictionary in one shard), resumed by 2 ranks: each reads
+    the rows of its new half of every latent-indexed tensor (weights, Adam moments, dead counters)."""
+    want = reference()
+    store = tmp_path / "store"
+    ok(launch(_latent_stop, tmp_path, str(store), world=1))
+    got = ok(launch(_latent_resume, tmp_path, str(store), world=2))
+    for rank, res in enumerate(got):
+        assert res["resumed_from"] == 5
+        assert_same_run(res, want)
+        assert torch.equal(res["tokens_since_fired"], want["tokens_since_fired"][rank * 48 : (rank + 1) * 48])
