@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.distributed.conftest import assert_same_run, launch, ok, reference, train, training_config
@@ -83,3 +84,26 @@ def test_latent_checkpoint_of_one_rank_reshards_onto_two(tmp_path):
         assert res["resumed_from"] == 5
         assert_same_run(res, want)
         assert torch.equal(res["tokens_since_fired"], want["tokens_since_fired"][rank * 48 : (rank + 1) * 48])
+
+
+@pytest.mark.parametrize("d", [16, 12])  # 12: not a multiple of 16, the whole draw is sliced instead
+@pytest.mark.parametrize("from_decoder", [True, False])
+def test_latent_shard_initialisation_equals_the_rows_of_the_single_process_one(d, from_decoder):
+    """Each rank draws only its rows of the seed's stream (no [n, d] tensor), bit for bit those of the whole draw."""
+    from mi_crow.mechanistic.sae import TopKSae
+    from mi_crow.mechanistic.sae.train.distributed import Layout, initialise_latent_shard, shard_sae
+    from mi_crow.mechanistic.sae.train.init import initialise_weights
+
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(1)) + 1.0
+    config = training_config(init_encoder_from_decoder=from_decoder, normalize_inputs=True)
+    full = TopKSae(64, d, 4)
+    want_scale = initialise_weights(full, config, lambda: [x])
+    for rank in range(2):
+        layout = Layout("latents", rank, 2)
+        shard = shard_sae(TopKSae(64, d, 4), layout)
+        scale = initialise_latent_shard(shard, (64, d, 4), config, lambda: [x], layout)
+        assert scale == want_scale
+        lo, hi = layout.latent_slice(64)
+        for name in ("W_enc", "b_enc", "W_dec"):
+            assert torch.equal(getattr(shard, name), getattr(full, name)[lo:hi]), name
+        assert torch.equal(shard.b_dec, full.b_dec)

@@ -232,9 +232,16 @@ class SaeBase(nn.Module, Controller):
         Args:
             generator: optional CPU generator for reproducible weights (the global RNG otherwise).
         """
-        w = torch.randn(self.n_latents, self.n_inputs, generator=generator, dtype=torch.float32)
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        self.W_enc.copy_(w)
+        if self.W_enc.is_meta:  # no values to draw (a shape-only SAE, e.g. a latent shard being assembled)
+            return
+        # Drawn into W_enc itself when it is float32 on CPU (``normal_`` is what ``torch.randn`` does, so the values
+        # are the same): no [n, d] temporary, which matters at 10^6 latents.
+        inplace = self.W_enc.dtype == torch.float32 and self.W_enc.device.type == "cpu"
+        w = self.W_enc if inplace else torch.empty(self.n_latents, self.n_inputs, dtype=torch.float32)
+        w.normal_(generator=generator)
+        w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        if not inplace:
+            self.W_enc.copy_(w)
         if self.n_outputs == self.n_inputs:
             self.W_dec.copy_(w)
         else:

@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -506,18 +507,24 @@ def latent_losses(
     return LossOutput(loss, fvu.detach(), sse.detach(), auxk.detach(), l0, hits > 0, count, l1.detach())
 
 
-def shard_sae(full: TopKSae, layout: Layout) -> TopKSae:
-    """A `TopKSae` holding this rank's latents of ``full`` (copies), ``b_dec`` included."""
+def shard_sae(full: TopKSae, layout: Layout, *, release: bool = False) -> TopKSae:
+    """A `TopKSae` holding this rank's latents of ``full`` (copies), ``b_dec`` included.
+
+    ``release``: free each of ``full``'s latent-indexed weights as soon as its rows are copied (see
+    `release_latents`), so at most one slice more than ``full`` is held, never a second dictionary."""
     from mi_crow.mechanistic.sae.sae import TopKSae
 
     lo, hi = layout.latent_slice(full.n_latents)
-    with torch.random.fork_rng(devices=[]):  # the constructor's random draw must not move the global RNG
-        shard = TopKSae(hi - lo, full.n_inputs, full.k, device=full.device, dtype=full.dtype)
+    with torch.random.fork_rng(devices=[]):  # (a meta SAE draws nothing; the global RNG must not move anyway)
+        shard = TopKSae(hi - lo, full.n_inputs, full.k, device="meta", dtype=full.dtype)
     with torch.no_grad():
-        shard.W_enc.copy_(full.W_enc[lo:hi])
-        shard.b_enc.copy_(full.b_enc[lo:hi])
-        shard.W_dec.copy_(full.W_dec[lo:hi])
-        shard.b_dec.copy_(full.b_dec)
+        for name in _LATENT_WEIGHTS:
+            source = getattr(full, name)
+            # New parameters in the meta ones' places (same names, same registration order).
+            setattr(shard, name, torch.nn.Parameter(source.data[lo:hi].clone()))
+            if release:
+                source.data = source.data.new_empty((0, *source.shape[1:]))
+        shard.b_dec = torch.nn.Parameter(full.b_dec.data.clone())
     return shard
 
 
@@ -545,30 +552,60 @@ def unshard_into(shard: TopKSae, full: TopKSae) -> None:
         full.b_dec.data = shard.b_dec.detach().clone()
 
 
+def _normal_rows(generator: torch.Generator, n: int, d: int, lo: int, hi: int) -> Tensor:
+    """Rows ``[lo, hi)`` of ``torch.randn(n, d, generator=generator)`` (float32), leaving ``generator`` where that
+    draw would: the rows before and after are drawn in pieces of at most 2^22 values and dropped.
+
+    CPU normal sampling fills a tensor with uniforms in order and transforms them in blocks of 16, so pieces whose
+    sizes are multiples of 16 continue the one stream exactly (``d % 16 == 0``; otherwise the whole ``[n, d]`` is
+    drawn and sliced)."""
+    if d % 16:
+        return torch.randn(n, d, generator=generator)[lo:hi].clone()
+
+    def skip(values: int) -> None:
+        piece = (1 << 22) - (1 << 22) % d
+        while values:
+            step = min(values, piece)
+            torch.randn(step, generator=generator)
+            values -= step
+
+    skip(lo * d)
+    rows = torch.randn(hi - lo, d, generator=generator)
+    skip((n - hi) * d)
+    return rows
+
+
 def initialise_latent_shard(shard: TopKSae, full_shape: tuple[int, int, int], config: SaeTrainingConfig,
                             sample_reader: Callable[[], Iterable[Tensor]], layout: Layout) -> float:
     """Initialise this rank's slice exactly as the single-process initialisation would initialise those latents.
 
-    With ``reinit_weights`` the full dictionary is drawn (transiently) from the seed and sliced; without, every step
-    of the initialisation is per latent or on the replicated ``b_dec``, so it runs on the slice itself.
+    With ``reinit_weights`` the rows of this slice are drawn from the seed's stream as the single-process draw of
+    the whole ``[n, d]`` would give them (`_normal_rows`: no full-size tensor); every other step of the
+    initialisation is per latent or on the replicated ``b_dec``, so it runs on the slice itself.
     """
-    from mi_crow.mechanistic.sae.sae import TopKSae
     from mi_crow.mechanistic.sae.train.init import initialise_weights
 
     if not config.reinit_weights:
         return initialise_weights(shard, config, sample_reader)
-    n, d, k = full_shape
-    with torch.random.fork_rng(devices=[]):
-        full = TopKSae(n, d, k, device=shard.device, dtype=shard.dtype)
-    with torch.no_grad():
-        full.b_dec.copy_(shard.b_dec)  # b_dec_init="keep" keeps the SAE's own
-    scale = initialise_weights(full, config, sample_reader)
+    n, d, _ = full_shape
     lo, hi = layout.latent_slice(n)
+    # What initialise_weights does with reinit_weights, in its order: the sample's scale and b_dec (the biases
+    # start from 0, as reset_parameters leaves them), then the decoder rows, then the encoder.
     with torch.no_grad():
-        shard.W_enc.copy_(full.W_enc[lo:hi])
-        shard.b_enc.copy_(full.b_enc[lo:hi])
-        shard.W_dec.copy_(full.W_dec[lo:hi])
-        shard.b_dec.copy_(full.b_dec)
+        shard.b_enc.zero_()
+        shard.b_dec.zero_()
+    scale = initialise_weights(shard, dataclasses.replace(config, reinit_weights=False,
+                                                          init_encoder_from_decoder=False), sample_reader)
+    generator = torch.Generator().manual_seed(config.seed)
+    with torch.no_grad():
+        w = _normal_rows(generator, n, d, lo, hi)
+        w.div_(w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        shard.W_dec.copy_(w)
+        if config.init_encoder_from_decoder or shard.is_transcoder:
+            shard.W_enc.copy_(w)
+        else:
+            del w
+            shard.W_enc.copy_(_normal_rows(generator, n, d, lo, hi).div_(math.sqrt(d)))
     return scale
 
 

@@ -220,8 +220,7 @@ class SaeStepper:
             )
         distributed.check_latent_layout(self._layout, self.sae.n_latents, max(k_max, self.sae.k))
         full = self.sae
-        self.sae = distributed.shard_sae(full, self._layout)
-        distributed.release_latents(full)
+        self.sae = distributed.shard_sae(full, self._layout, release=True)
         self._full_sae = full
 
     def _leave_layout(self) -> None:
