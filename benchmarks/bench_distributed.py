@@ -8,10 +8,13 @@ Measured per rank (``--sizes`` that fit in this machine's memory):
 
 - ``param_bytes`` / ``optimizer_bytes``: the parameters and the Adam moments this rank holds while it trains (read
   from the tensors themselves in a step callback);
-- ``peak_rss_gb``: the peak resident memory of the rank's process over the whole run (initialisation and the final
-  gather included: every rank builds the full SAE before it is sharded, and gets the whole trained SAE back at the
-  end) and ``steady_rss_gb``: the peak over steps 2..N (parameters, moments, the one transient gradient,
-  activations), both sampled every 5 ms from ``/proc/self/status``;
+- ``peak_rss_gb``: the peak resident memory of the rank's process over the whole run (initialisation included:
+  every rank builds the caller's full SAE, which the trainer frees weight by weight as it copies its slice; the
+  slice's initial rows are drawn without a full-size tensor) and ``steady_rss_gb``: the peak over steps 2..N
+  (parameters, moments, the one transient gradient, activations), both sampled every 5 ms from
+  ``/proc/self/status``. By default the run stops right after its last step, before the trainer gathers the whole
+  trained SAE back onto every rank (``--final-gather`` includes it: at n = 2^20 that is 3.2 GB per matrix on every
+  rank, more than two ranks of one 24 GiB machine can add to their training state);
 - ``comm_bytes_per_step``: the payload this rank passes to all-reduce / all-gather per optimizer step
   (`distributed.comm_bytes`; the wire traffic depends on gloo's / NCCL's algorithm);
 - ``step_s``: seconds per step (noisy: a shared, loaded 2-core machine).
@@ -21,7 +24,12 @@ the trainer uses (`Layout.latent_slice`) and the communication from the formula 
 rows say ``"measured": false``.
 
 Run: ``python benchmarks/bench_distributed.py`` (default: measure 2^18, account 2^20); results in
-``benchmarks/results/bench_distributed.json``.
+``benchmarks/results/bench_distributed.json``. n = 2^20 at d = 768, 1 rank and 2 latent-sharded ranks (about
+22.5 GB in either case: 19.3 GB of parameters and Adam moments plus one 3.2 GB gradient, in one process or split
+over two; the data-parallel layout would need 19.3 GB per rank and is accounted, not run)::
+
+    python benchmarks/bench_distributed.py --sizes 20 --layouts single,latents --account 20 \
+        --out benchmarks/results/bench_distributed_2e20.json
 """
 
 from __future__ import annotations
@@ -87,7 +95,12 @@ class RssSampler:
         self._thread.join()
 
 
-def run_case(rank: int, world: int, n: int, d: int, k: int, batch: int, steps: int, parallel: str | None) -> dict:
+class _Stop(Exception):
+    """Raised by the last step's callback: the run ends before the final gather of the slices."""
+
+
+def run_case(rank: int, world: int, n: int, d: int, k: int, batch: int, steps: int, parallel: str | None,
+             final_gather: bool = False) -> dict:
     sampler = RssSampler()
     torch.manual_seed(0)
     x = torch.randn(batch * steps, d)
@@ -112,14 +125,19 @@ def run_case(rank: int, world: int, n: int, d: int, k: int, batch: int, steps: i
         if info.step == steps:
             seen["comm1"] = distributed.comm_bytes()
             sampler.unmark()  # the steps' window ends here (before the final gather of the slices)
+            if not final_gather:
+                raise _Stop
 
     distributed.reset_comm_bytes()
-    SaeTrainer(sae).train_on_tensor(x, config, callbacks=[callback])
+    try:
+        SaeTrainer(sae).train_on_tensor(x, config, callbacks=[callback])
+    except _Stop:
+        pass
     sampler.stop()
     times = seen["t"]
     return {
         "n_latents": n, "d": d, "k": k, "batch_size": batch, "layout": parallel or "single", "world_size": world,
-        "rank": rank, "measured": True,
+        "rank": rank, "measured": True, "final_gather": final_gather,
         "param_bytes": seen["param_bytes"], "optimizer_bytes": seen["optimizer_bytes"],
         "state_gb": (seen["param_bytes"] + seen["optimizer_bytes"]) / GB,
         "peak_rss_gb": sampler.peak / GB, "steady_rss_gb": sampler.since_mark / GB,
@@ -132,7 +150,7 @@ def _rank_main(rank, world, port, out, args):
     import torch.distributed as dist
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-    if world > 1 or args[-1] is not None:
+    if world > 1 or args[5] is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=600))
     result = run_case(rank, world, *args)
@@ -201,6 +219,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--layouts", default="single,latents,data")
+    parser.add_argument("--final-gather", action="store_true", help="let each run end as a training run does: the "
+                        "latent slices gathered back into the whole SAE on every rank (counted in peak_rss_gb)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_distributed.json"))
     args = parser.parse_args()
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_distributed-{os.getpid()}"
@@ -211,7 +231,8 @@ def main() -> None:
         n = 1 << p
         for layout in layouts:
             world = 1 if layout == "single" else 2
-            case = (n, args.d, args.k, args.batch, args.steps, None if layout == "single" else layout)
+            case = (n, args.d, args.k, args.batch, args.steps, None if layout == "single" else layout,
+                    args.final_gather)
             print(f"n=2^{p} {layout} x{world} ...", flush=True)
             for row in launch(world, case, tmp):
                 rows.append(row)
@@ -236,7 +257,8 @@ def main() -> None:
                   f"({'within' if ratio <= 0.55 else 'ABOVE'} 0.55)")
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared, loaded: timings "
                        "are noisy)", "torch": torch.__version__, "backend": "gloo (CPU), ranks forked on one machine",
-            "d": args.d, "k": args.k, "batch_size": args.batch, "steps": args.steps}
+            "d": args.d, "k": args.k, "batch_size": args.batch, "steps": args.steps,
+            "final_gather": args.final_gather}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "state_ratio_latents_2_vs_1": ratios, "rows": rows},
                                          indent=2))

@@ -1,7 +1,8 @@
 """BatchTopK and Matryoshka-BatchTopK under data-parallel training: the selection keeps the ``k * B`` largest
 candidates of the GLOBAL batch (over both ranks' tokens), so 2 gloo ranks train exactly what one process trains on
 the same global batches (weights, running threshold, history, dead counters); the per-rank selection (``k * B / 2``
-per rank) would not. The latent-sharded layout refuses these architectures with a NotSupportedError."""
+per rank) would not. Latent-sharded BatchTopK chooses the k*B winners over every rank's slice; Matryoshka is refused
+there with a NotSupportedError."""
 
 from __future__ import annotations
 
@@ -91,7 +92,48 @@ def _latents(rank: int, world: int, arch: str) -> str:
     return "trained"
 
 
-@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
-def test_latent_sharded_batchtopk_is_refused_with_the_reason(tmp_path, arch):
-    for message in ok(launch(_latents, tmp_path, arch)):
-        assert "parallel='latents'" in message and ("BatchTopKSae" in message or "MatryoshkaSae" in message)
+def test_latent_sharded_matryoshka_is_refused_with_the_reason(tmp_path):
+    for message in ok(launch(_latents, tmp_path, "matryoshka")):
+        assert "parallel='latents'" in message and "MatryoshkaSae" in message and "prefix" in message
+
+
+def test_batchtopk_latent_sharded_equals_single_process(tmp_path):
+    """Each rank holds half of the latents; the k*B winners are chosen over both slices (one threshold over all
+    latents); every rank ends with the whole SAE and the running threshold of the single-process run."""
+    want = _family_run(0, 1, "batchtopk", None)
+    for rank, res in enumerate(ok(launch(_family_run, tmp_path, "batchtopk", "latents"))):
+        assert_same_run(res, want)
+        assert torch.equal(res["tokens_since_fired"], want["tokens_since_fired"][rank * 48 : (rank + 1) * 48])
+
+
+def _btk_resume(rank: int, world: int, store: str, parallel: str) -> dict:
+    import dataclasses
+    from pathlib import Path
+
+    from mi_crow.mechanistic.sae import SaeTrainer
+    from mi_crow.store import LocalStore
+
+    config = training_config(parallel=parallel, adam_eps=1e-6, checkpoint_every=5, training_run_id=f"b-{parallel}")
+
+    def stop(info):
+        if info.step == 7:
+            raise KeyboardInterrupt
+
+    try:
+        SaeTrainer(_sae("batchtopk"), LocalStore(Path(store), fsync=False)).train_on_tensor(
+            activations(), config, callbacks=[stop])
+    except KeyboardInterrupt:
+        pass
+    sae = _sae("batchtopk")
+    trainer = SaeTrainer(sae, LocalStore(Path(store), fsync=False))
+    result = trainer.train_on_tensor(activations(), dataclasses.replace(config, resume=True))
+    return {"weights": {k: v.detach().clone() for k, v in sae.state_dict().items()}, "history": result.history,
+            "resumed_from": result.resumed_from_step}
+
+
+@pytest.mark.parametrize("parallel", ["data", "latents"])
+def test_batchtopk_distributed_checkpoint_keeps_the_running_threshold(tmp_path, parallel):
+    want = _family_run(0, 1, "batchtopk", None)
+    for res in ok(launch(_btk_resume, tmp_path, str(tmp_path / "store"), parallel)):
+        assert res["resumed_from"] == 5
+        assert_same_run(res, want)

@@ -9,8 +9,9 @@ Layout under the run's folder:
   history, reader position and metrics window; rank 0 writes it (atomically) after every rank's shards are written,
   so it always names a complete step folder; older step folders are deleted after it.
 
-Tensors: ``sae.<name>``, ``optim.<name>.{step,exp_avg,exp_avg_sq}``, ``tokens_since_fired``, ``rng.torch`` and the
-reader's tensors (``reader.<key>``). Data-parallel tensors are replicated (DCP writes one copy). Latent-sharded
+Tensors: ``sae.<name>`` (BatchTopK's ``sae.threshold`` too), ``optim.<name>.{step,exp_avg,exp_avg_sq}``,
+``tokens_since_fired``, ``rng.torch`` and the reader's tensors (``reader.<key>``; a data-parallel rank's own carried
+tokens, when it reads only its files, as ``reader.rank<r>.<key>``). Data-parallel tensors are replicated (DCP writes one copy). Latent-sharded
 ones indexed by latent (``W_enc``, ``b_enc``, ``W_dec``, their Adam moments, ``tokens_since_fired``) are DTensors
 sharded by rows over a CPU device mesh, so a checkpoint written by ``W`` ranks loads on any other number of ranks
 (each reads the rows of its new slice); ``b_dec`` and its Adam state are replicated.
@@ -175,6 +176,12 @@ def _tensors(sae: TopKSae, optimizer: torch.optim.Optimizer, tokens_since_fired:
     return out, moments
 
 
+def _buffers(sae: Any) -> dict[str, torch.Tensor]:
+    """The SAE's replicated buffers a resume needs (BatchTopK's running ``threshold``)."""
+    threshold = getattr(sae, "threshold", None)
+    return {"threshold": threshold} if isinstance(threshold, torch.Tensor) else {}
+
+
 def _reader_key(key: str, rank_local: bool) -> str:
     """The DCP name of a reader tensor: ``reader.<key>`` (the same on every rank, one copy saved) or
     ``reader.rank<r>.<key>`` (this rank's own, e.g. a split reader's carried tokens)."""
@@ -205,6 +212,8 @@ def write(store: Store, plan: TrainingPlan, config: SaeTrainingConfig, sae: TopK
     tensors, _ = _tensors(sae, optimizer, tokens_since_fired, config.parallel, config.world_size,
                           fill_optimizer=False)
     tensors["rng.torch"] = torch.get_rng_state()
+    buffers = _buffers(sae)
+    tensors.update({f"sae.{name}": t for name, t in buffers.items()})
     reader_state = dict(reader.state_dict())
     reader_tensors, rank_tensors = {}, {}
     rank_local = set(getattr(reader, "rank_local_state", ()))  # a split reader's own carried tokens
@@ -238,6 +247,7 @@ def write(store: Store, plan: TrainingPlan, config: SaeTrainingConfig, sae: TopK
             "activation_run_id": plan.run_id,
             "layer": plan.layer,
             "sae_shape": [n_total, sae.n_inputs, sae.k],
+            "sae_buffers": sorted(buffers),
             **state.to_checkpoint(),
             "reader": reader_state,
             "reader_tensors": reader_tensors,
@@ -302,6 +312,12 @@ def restore(checkpoint: dict[str, Any], sae: TopKSae, optimizer: torch.optim.Opt
     tensors, moments = _tensors(sae, optimizer, tokens, parallel, world, fill_optimizer=True)
     rng = torch.get_rng_state()
     tensors["rng.torch"] = rng
+    buffers = _buffers(sae)
+    for name in checkpoint.get("sae_buffers", []):  # loaded in place into the SAE's buffer
+        if name not in buffers:
+            raise UserInputError(f"SaeTrainer: the checkpoint {checkpoint['_folder']} holds the buffer {name!r}, which "
+                                 f"a {type(sae).__name__} does not have: it was written for another architecture")
+        tensors[f"sae.{name}"] = buffers[name]
     reader_tensors = {}
     rank_specs = checkpoint.get("reader_rank_tensors")
     own = rank_specs[dist.get_rank()] if rank_specs else {}

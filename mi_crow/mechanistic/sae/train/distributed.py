@@ -44,6 +44,7 @@ from mi_crow.errors import DistributedError, UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 from mi_crow.mechanistic.sae.data import TensorActivationReader
 from mi_crow.mechanistic.sae.train.results import ActivationReader, LossOutput, ReaderFactory
+from mi_crow.ops.batch_topk import batch_topk_encode
 from mi_crow.validation import fail
 
 if TYPE_CHECKING:
@@ -463,13 +464,29 @@ def latent_losses(
     use_aux = dead_mask is not None and k_aux > 0 and auxk_coef > 0
     k_aux_local = min(k_aux, n_local)
     enc_dtype = encode_dtype or sae.dtype
-    code = ops.topk_encode(
-        x, W_enc, b_enc, sae.b_dec, k, dead_mask if use_aux else None, k_aux_local if use_aux else 0,
-        compute_dtype=enc_dtype if enc_dtype != sae.dtype else None,
-    )
-    values = code.values.to(sae.dtype)
-    mine, g_values, _ = _global_topk(values.detach(), code.indices + lo, k, layout)
-    local_values = values * mine.to(values.dtype)  # the winners keep their gradient, the losers give none
+    compute_dtype = enc_dtype if enc_dtype != sae.dtype else None
+    batch_topk = getattr(sae, "selection", "topk") == "batchtopk"
+    if batch_topk:
+        # BatchTopK: the k*B largest candidates of every rank's slice, one threshold over all latents
+        # (batch_topk_select over the latent ranks), so every candidate this rank keeps is a winner.
+        code = batch_topk_encode(
+            x, W_enc, b_enc, sae.b_dec, k, dead_mask if use_aux else None, k_aux_local if use_aux else 0,
+            compute_dtype=compute_dtype,
+            select_fn=lambda v, total: batch_topk_select(v, total, split_tokens=False),
+            any_fn=lambda flag: bool(all_reduce(torch.tensor(flag), "max")),
+        )
+        _latent_threshold(sae, code.threshold)
+        values = code.values.to(sae.dtype)
+        mine = torch.ones_like(values, dtype=torch.bool)
+        local_values = values
+    else:
+        code = ops.topk_encode(
+            x, W_enc, b_enc, sae.b_dec, k, dead_mask if use_aux else None, k_aux_local if use_aux else 0,
+            compute_dtype=compute_dtype,
+        )
+        values = code.values.to(sae.dtype)
+        mine, g_values, _ = _global_topk(values.detach(), code.indices + lo, k, layout)
+        local_values = values * mine.to(values.dtype)  # the winners keep their gradient, the losers give none
     # b_dec enters the reconstruction once: through rank 0's partial decode (the other ranks add a zero bias).
     bias = sae.b_dec if layout.rank == 0 else torch.zeros_like(sae.b_dec)
     aux_on = use_aux and code.aux_values is not None
@@ -500,11 +517,32 @@ def latent_losses(
     l1 = sum_with_local_grad(l1_source.abs().sum(dtype=torch.float32)) / (count * n_total)
     if l1_lambda > 0:
         loss = loss + l1_lambda * l1.to(loss.dtype)
-    l0 = (g_values > 0).sum(dtype=torch.float32) / count
+    if batch_topk:
+        l0 = all_reduce((values.detach() > 0).sum(dtype=torch.float32)) / count
+    else:
+        l0 = (g_values > 0).sum(dtype=torch.float32) / count
     active = (values.detach() > 0) & mine
     hits = torch.zeros(n_local, dtype=torch.int32, device=x.device)
     hits.index_add_(0, code.indices.reshape(-1), active.reshape(-1).to(torch.int32))
     return LossOutput(loss, fvu.detach(), sse.detach(), auxk.detach(), l0, hits > 0, count, l1.detach())
+
+
+@torch.no_grad()
+def _latent_threshold(sae: Any, batch_min: Tensor) -> None:
+    """The BatchTopK running threshold of a latent-sharded run: the smallest positive winner over every rank's slice
+    (a rank without one takes part with +inf), averaged as `losses._update_threshold` does, the same on every rank."""
+    from mi_crow.mechanistic.sae.train.losses import THRESHOLD_MOMENTUM
+
+    if not sae.training:
+        return
+    local = torch.nan_to_num(batch_min.to(sae.threshold.dtype), nan=float("inf"))
+    smallest = -all_reduce(-local.reshape(1), "max")[0]
+    if not bool(torch.isfinite(smallest)):
+        return
+    if bool(torch.isnan(sae.threshold)):
+        sae.threshold.copy_(smallest)
+    else:
+        sae.threshold.mul_(THRESHOLD_MOMENTUM).add_(smallest, alpha=1.0 - THRESHOLD_MOMENTUM)
 
 
 def shard_sae(full: TopKSae, layout: Layout, *, release: bool = False) -> TopKSae:
@@ -516,7 +554,7 @@ def shard_sae(full: TopKSae, layout: Layout, *, release: bool = False) -> TopKSa
 
     lo, hi = layout.latent_slice(full.n_latents)
     with torch.random.fork_rng(devices=[]):  # (a meta SAE draws nothing; the global RNG must not move anyway)
-        shard = TopKSae(hi - lo, full.n_inputs, full.k, device="meta", dtype=full.dtype)
+        shard = type(full)(hi - lo, full.n_inputs, full.k, device="meta", dtype=full.dtype)
     with torch.no_grad():
         for name in _LATENT_WEIGHTS:
             source = getattr(full, name)
@@ -525,6 +563,9 @@ def shard_sae(full: TopKSae, layout: Layout, *, release: bool = False) -> TopKSa
             if release:
                 source.data = source.data.new_empty((0, *source.shape[1:]))
         shard.b_dec = torch.nn.Parameter(full.b_dec.data.clone())
+        if isinstance(getattr(full, "threshold", None), Tensor):  # BatchTopK: the replicated running threshold
+            shard.threshold = full.threshold.clone()
+    shard.train(full.training)
     return shard
 
 
@@ -550,6 +591,8 @@ def unshard_into(shard: TopKSae, full: TopKSae) -> None:
             _collective("all_gather", lambda w=whole, t=local: dist.all_gather(list(w.chunk(world)), t))
             getattr(full, name).data = whole
         full.b_dec.data = shard.b_dec.detach().clone()
+        if isinstance(getattr(shard, "threshold", None), Tensor):
+            full.threshold.copy_(shard.threshold)
 
 
 def _normal_rows(generator: torch.Generator, n: int, d: int, lo: int, hi: int) -> Tensor:

@@ -208,12 +208,12 @@ class SaeStepper:
         (``k_max``: the largest ``k`` of the run, k-annealing included)."""
         if not self._latent_sharded or self._full_sae is not None:
             return
-        if type(self.sae) is not TopKSae:
+        from mi_crow.mechanistic.sae.batchtopk import BatchTopKSae
+
+        if type(self.sae) not in (TopKSae, BatchTopKSae):
             name = type(self.sae).__name__
-            why = ("its BatchTopK selection keeps the k*B largest activations of the whole batch over ALL latents, "
-                   "which would need a global threshold over the latent slices, not implemented"
-                   if getattr(self.sae, "selection", "") == "batchtopk" else
-                   "its losses are not split over latent slices")
+            why = ("its nested-prefix losses group latents across the slices; the prefix decodes are not split over "
+                   "ranks" if hasattr(self.sae, "prefix_sizes") else "its losses are not split over latent slices")
             raise NotSupportedError(
                 f"parallel='latents' shards TopK SAEs only; {name} cannot be latent-sharded ({why}): train it with "
                 "parallel='data' (selection over the global batch) or 'layers'"
