@@ -137,3 +137,27 @@ def test_batchtopk_distributed_checkpoint_keeps_the_running_threshold(tmp_path, 
     for res in ok(launch(_btk_resume, tmp_path, str(tmp_path / "store"), parallel)):
         assert res["resumed_from"] == 5
         assert_same_run(res, want)
+
+
+def _btk_store_run(rank: int, world: int, store: str, parallel: str | None) -> dict:
+    from pathlib import Path
+
+    from mi_crow.mechanistic.sae import BatchTopKSae, SaeTrainer
+    from mi_crow.store import LocalStore
+
+    torch.manual_seed(0)
+    sae = BatchTopKSae(48, 12, 3)
+    # Shuffle groups of one file: each rank holds every token of some batches and none of the others.
+    config = training_config(parallel=parallel, dead_window_tokens=64, b_dec_init_tokens=100, adam_eps=1e-6,
+                             batch_size=48, n_tokens=48 * 8, shuffle_buffer_tokens=200)
+    result = SaeTrainer(sae, LocalStore(Path(store), fsync=False)).train("acts", "h.1", config)
+    return {"weights": {k: v.detach().clone() for k, v in sae.state_dict().items()}, "history": result.history}
+
+
+def test_batchtopk_data_parallel_from_a_store_with_empty_rank_shares(tmp_path):
+    from tests.distributed.test_layers import _write_run
+
+    _write_run(tmp_path / "store")
+    want = _btk_store_run(0, 1, str(tmp_path / "store"), None)
+    for res in ok(launch(_btk_store_run, tmp_path, str(tmp_path / "store"), "data")):
+        assert_same_run(res, want)
