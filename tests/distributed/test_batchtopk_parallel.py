@@ -1,8 +1,8 @@
 """BatchTopK and Matryoshka-BatchTopK under data-parallel training: the selection keeps the ``k * B`` largest
 candidates of the GLOBAL batch (over both ranks' tokens), so 2 gloo ranks train exactly what one process trains on
 the same global batches (weights, running threshold, history, dead counters); the per-rank selection (``k * B / 2``
-per rank) would not. Latent-sharded BatchTopK chooses the k*B winners over every rank's slice; Matryoshka is refused
-there with a NotSupportedError."""
+per rank) would not. Latent-sharded, BatchTopK chooses the k*B winners over every rank's slice and Matryoshka sums
+the ranks' partial prefix reconstructions; transcoders are refused there with a NotSupportedError."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _sae(arch: str):
     torch.manual_seed(0)
     if arch == "batchtopk":
         return BatchTopKSae(96, 16, 4)
-    return MatryoshkaSae(96, 16, 4, group_sizes=[16, 32, 48])
+    return MatryoshkaSae(96, 16, 4, group_sizes=[16, 40, 40], batch_topk=arch == "matryoshka")
 
 
 def _family_run(rank: int, world: int, arch: str, parallel: str | None, local_selection: bool = False) -> dict:
@@ -81,27 +81,30 @@ def test_distributed_batch_topk_select_equals_the_selection_on_the_concatenated_
     assert all(n <= 6 for n in counts)
 
 
-def _latents(rank: int, world: int, arch: str) -> str:
+def _transcoder_latents(rank: int, world: int) -> str:
     from mi_crow.errors import NotSupportedError
-    from mi_crow.mechanistic.sae import SaeTrainer
+    from mi_crow.mechanistic.sae import SaeTrainer, Transcoder
 
     try:
-        SaeTrainer(_sae(arch)).train_on_tensor(activations(), training_config(parallel="latents"))
+        SaeTrainer(Transcoder(96, 16, 16, 4)).train_on_tensor(activations(), training_config(parallel="latents"))
     except NotSupportedError as exc:
         return str(exc)
     return "trained"
 
 
-def test_latent_sharded_matryoshka_is_refused_with_the_reason(tmp_path):
-    for message in ok(launch(_latents, tmp_path, "matryoshka")):
-        assert "parallel='latents'" in message and "MatryoshkaSae" in message and "prefix" in message
+def test_latent_sharded_transcoder_is_refused_with_the_reason(tmp_path):
+    for message in ok(launch(_transcoder_latents, tmp_path)):
+        assert "parallel='latents'" in message and "Transcoder" in message
 
 
-def test_batchtopk_latent_sharded_equals_single_process(tmp_path):
-    """Each rank holds half of the latents; the k*B winners are chosen over both slices (one threshold over all
-    latents); every rank ends with the whole SAE and the running threshold of the single-process run."""
-    want = _family_run(0, 1, "batchtopk", None)
-    for rank, res in enumerate(ok(launch(_family_run, tmp_path, "batchtopk", "latents"))):
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka", "matryoshka-topk"])
+def test_family_latent_sharded_equals_single_process(tmp_path, arch):
+    """Each rank holds half of the latents; BatchTopK's k*B winners are chosen over both slices (one threshold over
+    all latents); Matryoshka's second group (latents 16..55) straddles the slices, its prefix reconstructions are the
+    sums of the ranks' partial ones. Every rank ends with the whole SAE (and running threshold) of the
+    single-process run."""
+    want = _family_run(0, 1, arch, None)
+    for rank, res in enumerate(ok(launch(_family_run, tmp_path, arch, "latents"))):
         assert_same_run(res, want)
         assert torch.equal(res["tokens_since_fired"], want["tokens_since_fired"][rank * 48 : (rank + 1) * 48])
 

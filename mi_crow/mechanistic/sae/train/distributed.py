@@ -490,22 +490,42 @@ def latent_losses(
     # b_dec enters the reconstruction once: through rank 0's partial decode (the other ranks add a zero bias).
     bias = sae.b_dec if layout.rank == 0 else torch.zeros_like(sae.b_dec)
     aux_on = use_aux and code.aux_values is not None
+    local_aux = None
     if aux_on:
         aux_values = code.aux_values.to(sae.dtype)
         aux_mine, _, _ = _global_topk(aux_values.detach(), code.aux_indices + lo, k_aux, layout)
         local_aux = aux_values * aux_mine.to(aux_values.dtype)
-        part_x, part_e = ops.sparse_decode_with_aux(local_values, code.indices, local_aux, code.aux_indices, W_dec,
-                                                    bias)
-        both = sum_with_local_grad(torch.cat([part_x, part_e]))  # one all-reduce for both decodes
-        x_hat, e_hat = both[: x.shape[0]], both[x.shape[0] :]
-    else:
-        x_hat = sum_with_local_grad(ops.sparse_decode(local_values, code.indices, W_dec, bias))
-        e_hat = None
-    err = x - x_hat
-    sse = _sum_sq(err)
     total_var = stepper._centered_sum_sq(x)
-    fvu = sse / total_var
-    loss = fvu
+    prefixes = getattr(stepper._full_sae, "prefix_sizes", None)
+    e_hat = None
+    if prefixes is not None and len(prefixes) > 1:
+        # Matryoshka: each rank's partial prefix reconstructions [B, G, d] (a slot's group is that of its global
+        # index: the bounds shifted by this rank's first latent), summed over ranks in one all-reduce.
+        from mi_crow.mechanistic.sae.train.losses import matryoshka_reconstructions
+
+        recons = sum_with_local_grad(
+            matryoshka_reconstructions(local_values, code.indices, W_dec, bias, [p - lo for p in prefixes]))
+        errs = x.unsqueeze(1) - recons
+        flat = errs if errs.dtype in (torch.float32, torch.float64) else errs.float()
+        prefix_sse = flat.pow(2).sum(dim=(0, 2))
+        prefix_fvu = prefix_sse / total_var
+        loss = prefix_fvu.sum()
+        err, sse, fvu = errs[:, -1], prefix_sse[-1], prefix_fvu[-1]
+        if local_aux is not None:
+            e_hat = sum_with_local_grad(ops.sparse_decode(local_aux, code.aux_indices, W_dec,
+                                                          torch.zeros_like(sae.b_dec)))
+    else:
+        if local_aux is not None:
+            part_x, part_e = ops.sparse_decode_with_aux(local_values, code.indices, local_aux, code.aux_indices,
+                                                        W_dec, bias)
+            both = sum_with_local_grad(torch.cat([part_x, part_e]))  # one all-reduce for both decodes
+            x_hat, e_hat = both[: x.shape[0]], both[x.shape[0] :]
+        else:
+            x_hat = sum_with_local_grad(ops.sparse_decode(local_values, code.indices, W_dec, bias))
+        err = x - x_hat
+        sse = _sum_sq(err)
+        fvu = sse / total_var
+        loss = fvu
     auxk = x.new_zeros(())
     if e_hat is not None:
         target = err.detach()
@@ -554,7 +574,8 @@ def shard_sae(full: TopKSae, layout: Layout, *, release: bool = False) -> TopKSa
 
     lo, hi = layout.latent_slice(full.n_latents)
     with torch.random.fork_rng(devices=[]):  # (a meta SAE draws nothing; the global RNG must not move anyway)
-        shard = type(full)(hi - lo, full.n_inputs, full.k, device="meta", dtype=full.dtype)
+        extra = ({"group_sizes": [hi - lo], "batch_topk": full.batch_topk} if hasattr(full, "group_sizes") else {})
+        shard = type(full)(hi - lo, full.n_inputs, full.k, device="meta", dtype=full.dtype, **extra)
     with torch.no_grad():
         for name in _LATENT_WEIGHTS:
             source = getattr(full, name)

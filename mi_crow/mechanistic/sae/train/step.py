@@ -209,14 +209,13 @@ class SaeStepper:
         if not self._latent_sharded or self._full_sae is not None:
             return
         from mi_crow.mechanistic.sae.batchtopk import BatchTopKSae
+        from mi_crow.mechanistic.sae.matryoshka import MatryoshkaSae
 
-        if type(self.sae) not in (TopKSae, BatchTopKSae):
-            name = type(self.sae).__name__
-            why = ("its nested-prefix losses group latents across the slices; the prefix decodes are not split over "
-                   "ranks" if hasattr(self.sae, "prefix_sizes") else "its losses are not split over latent slices")
+        if type(self.sae) not in (TopKSae, BatchTopKSae, MatryoshkaSae):
             raise NotSupportedError(
-                f"parallel='latents' shards TopK SAEs only; {name} cannot be latent-sharded ({why}): train it with "
-                "parallel='data' (selection over the global batch) or 'layers'"
+                f"parallel='latents' shards TopKSae, BatchTopKSae and MatryoshkaSae; {type(self.sae).__name__} cannot "
+                "be latent-sharded (its losses are not split over latent slices): train it with parallel='data' or "
+                "'layers'"
             )
         distributed.check_latent_layout(self._layout, self.sae.n_latents, max(k_max, self.sae.k))
         full = self.sae
