@@ -79,18 +79,14 @@ def test_split_batches_make_up_the_unsplit_batches(tmp_path, kw, world):
     assert all(len(g) == len(want) for g in got)
     for j, batch in enumerate(want):
         torch.testing.assert_close(_assemble([g[j] for g in got]), batch, rtol=0, atol=0)
-    # Each rank reads only its own files: every file is read by exactly one rank per epoch.
-    total = Counter()
+    # Each rank reads only its own files: together the ranks read each file as often as one unsplit reader does
+    # (once per epoch), so no file is read by two ranks in an epoch.
+    total: Counter = Counter()
     for reads in counters:
         total.update(reads)
     unsplit = _Counting(store)
     list(_reader(unsplit, **kw))
     assert total == unsplit.reads
-    for a in range(world):
-        for b in range(a + 1, world):
-            # a file is read by one rank in an epoch (possibly another rank in the other epoch)
-            assert sum(min(counters[a][f], counters[b][f]) for f in counters[a]) <= len(store.read_run_meta("acts")["complete_batches"])
-    assert sum(sum(c.values()) for c in counters) == sum(unsplit.reads.values())
 
 
 def test_split_reads_a_disjoint_share_of_the_files(tmp_path):
