@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.ops import checks
+from mi_crow.ops.index_bounds import known_in_range, record_bound
 
 class TopKCode(NamedTuple):
     """A sparse TopK code.
@@ -45,12 +46,19 @@ def _check_code(fn: str, prefix: str, values: object, indices: object) -> None:
 
 
 def _check_index_range(fn: str, name: str, indices: Tensor, n: int) -> None:
-    # On CPU only: on an accelerator it would force a device sync on every call.
-    if indices.device.type == "cpu" and indices.numel() > 0 and not torch.compiler.is_compiling():
+    # On CPU only: on an accelerator it would force a device sync on every call (the launchers check there). Skipped
+    # for indices an op produced or checked and nobody wrote to since (mi_crow.ops.index_bounds).
+    if (
+        indices.device.type == "cpu"
+        and indices.numel() > 0
+        and not torch.compiler.is_compiling()
+        and not known_in_range(indices, n)
+    ):
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
             raise UserInputError(f"{fn}: {name} must lie in [0, {n}) (n_latents of W_dec), got {bad}")
+        record_bound(indices, n)
 
 
 def topk_encode(
@@ -137,6 +145,10 @@ def topk_encode(
     values, indices, aux_values, aux_indices = torch.ops.mi_crow.topk_encode(
         x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype
     )
+    if not torch.compiler.is_compiling():
+        # Every backend emits latents of [0, n) (an empty aux slot is latent 0): the decodes need not check them.
+        record_bound(indices, n)
+        record_bound(aux_indices, n)
     if dead_mask is None:
         return TopKCode(values, indices, None, None)
     return TopKCode(values, indices, aux_values, aux_indices)

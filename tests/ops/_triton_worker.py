@@ -25,6 +25,34 @@ os.dup2(2, 1)  # anything a library prints goes to stderr, never into the protoc
 import mi_crow.ops.triton as tk
 from mi_crow.ops.triton.encode import _topk_encode_kernel
 requests = sys.stdin.buffer
+
+
+def range_checks(x, W_enc, b_enc, b_dec, W_dec, k, bad_index):
+    # How many index-range reductions (torch.aminmax) encode -> decode -> gather_dot -> scatter_rows runs on the
+    # encode's own indices, and the error after writing bad_index into them.
+    calls = [0]
+    original = torch.aminmax
+
+    def counting(*a, **kw):
+        calls[0] += 1
+        return original(*a, **kw)
+
+    torch.aminmax = counting
+    try:
+        values, indices, _, _ = tk.topk_encode_triton(x, W_enc, b_enc, b_dec, k, None, 0, None)
+        x_hat = tk.sparse_decode_triton(values, indices, W_dec, b_dec)
+        tk.gather_dot_triton(x_hat, indices, W_dec)
+        tk.scatter_rows_triton(values, indices, x_hat, W_dec.shape[0])
+        clean = calls[0]
+        indices[0, 0] = bad_index
+        try:
+            tk.sparse_decode_triton(values, indices, W_dec, b_dec)
+            error = ""
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return clean, calls[0], error
+    finally:
+        torch.aminmax = original
 while True:
     header = requests.read(8)
     if len(header) < 8:
@@ -34,6 +62,8 @@ while True:
     try:
         if name == "kernel_kind":
             reply = (True, type(_topk_encode_kernel).__name__)
+        elif name == "range_checks":
+            reply = (True, range_checks(*args))
         else:
             reply = (True, getattr(tk, name)(*args))
     except Exception as exc:

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.ops import checks
+from mi_crow.ops.index_bounds import known_in_range, record_bound
 from mi_crow.validation import fail, fail_type
 
 
@@ -35,14 +36,17 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
 
 
 def check_index_range(op: str, name: str, indices: torch.Tensor, n: int) -> None:
-    """Indices in ``[0, n)``: one reduction and one host sync, where an out-of-range index would otherwise be an
-    illegal memory access."""
-    if indices.numel() == 0:
+    """Indices in ``[0, n)``, where an out-of-range index would otherwise be an illegal memory access.
+
+    One reduction and one host sync, skipped for indices an op produced or already checked and nobody has written
+    to since (:mod:`mi_crow.ops.index_bounds`): a training step's encode -> decode -> backward checks nothing."""
+    if indices.numel() == 0 or known_in_range(indices, n):
         return
     lo, hi = torch.aminmax(indices)
     lo_i, hi_i = int(lo), int(hi)
     if lo_i < 0 or hi_i >= n:
         raise UserInputError(f"{op}: {name} must lie in [0, {n}), got values in [{lo_i}, {hi_i}]")
+    record_bound(indices, n)
 
 
 def check_mask(op: str, dead_mask: object, n: int) -> None:

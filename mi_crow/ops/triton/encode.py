@@ -20,6 +20,7 @@ import triton.language as tl
 
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.ops import checks, reference
+from mi_crow.ops.index_bounds import record_bound
 from mi_crow.ops.triton.common import (
     check_mask,
     check_same_device,
@@ -321,7 +322,10 @@ def topk_encode_triton(
 
     if k > _MAX_FUSED_K or (has_aux and k_aux > _MAX_FUSED_K):
         xc = x_in - b_dec if cd == x.dtype else x_in
-        return _topk_encode_chunked(xc, W_in, b_enc, k, dead_mask if has_aux else None, k_aux, x.dtype)
+        values, indices, aux_values, aux_indices = _topk_encode_chunked(
+            xc, W_in, b_enc, k, dead_mask if has_aux else None, k_aux, x.dtype
+        )
+        return values, record_bound(indices, n), aux_values, record_bound(aux_indices, n)
 
     k_pad = next_pow2(k)
     ka_pad = next_pow2(k_aux) if has_aux else 1
@@ -377,4 +381,5 @@ def topk_encode_triton(
         _topk_finalize_kernel[(triton.cdiv(B, fin_block),)](
             aux_part, aux_values, aux_indices, B, splits, k_aux, K_PAD=ka_pad, BLOCK_B=fin_block
         )
-    return values, indices, aux_values, aux_indices
+    # The kernel only emits latents of [0, n) (an empty aux slot is latent 0): later ops need not check them.
+    return values, record_bound(indices, n), aux_values, record_bound(aux_indices, n)
