@@ -4,11 +4,17 @@ model forward alone and the SAE training alone, and for a grid of 8 SAEs from on
 
 Parts (one process each for the peers; everything in float32 on the CPU unless the machine has a GPU):
 
-1. ``sae alone``: ``SaeTrainer.train_on_tensor`` over a fixed ``[T, 576]`` tensor (wall of the whole call: setup,
+1. ``sae alone``: ``SaeTrainer.train_on_tensor`` over a fixed ``[T, 576]`` tensor (the whole call: setup,
    ``b_dec`` initialisation, every step, logging), and ``sparsify`` (``eai-sparsify``, its default ``Trainer``, fed
    the same tensor through the stand-in model of ``bench_quality.py``) on the same tensor, budget and batch, in the
-   peers' interpreter (``--peer-python``, default ``/tmp/peers/bin/python``). Both processes import ``torch._dynamo``
-   before timing (a one-off import of seconds that ``torch.optim`` triggers on first use).
+   peers' interpreter (``--peer-python``, default ``/tmp/peers/bin/python``), one after the other at each budget of
+   ``--budgets``; both report wall and CPU (process) seconds and the held-out FVU on 4,096 other tokens. A fit
+   ``fixed + per_step * steps`` over the budgets gives each library's set-up and step cost, and from them the ratio
+   at the demo's budget (8 epochs of 150k tokens, 1,171 steps: what "end to end" means for the demo; a run of a few dozen
+   steps weighs the set-up far more than the demo does). On a machine shared with other jobs the CPU times (with ``--threads 1``) are the robust
+   figure; wall times move with the load. ``--check-init`` also trains mi_crow with the reference geometric median
+   (``data.geometric_median``) in place of ``b_dec_median``, to show the held-out FVU does not change. Both processes
+   import ``torch._dynamo`` before timing (a one-off import of seconds that ``torch.optim`` triggers on first use).
 2. ``forward alone``: the embedded SmolLM2-135M over paragraphs of the default corpus, ``forward_batch_size`` texts
    per pass, stopped after block 15 (what the on-the-fly producer runs), padding and sinks removed.
    ``on the fly``: ``SaeTrainer.train_from_model`` over the same texts (one epoch), tokens trained / wall.
@@ -16,11 +22,15 @@ Parts (one process each for the peers; everything in float32 on the CPU unless t
    same 8 trained one after the other -- from the model on the fly (the pass is the forward) and from a stored run
    (the pass is the read).
 
+   ``grid_synthetic``: the stored-run half without the model (a format-2 run of the synthetic tensor), with the
+   CPU time inside the members' steps against the rest (what sharing the read can save at most).
+
 The tensor of part 1 is synthetic (a mixture of 2,000 random unit directions with 32 active per token, plus an
 offset and noise): the speed of the step does not depend on the values. Timings on a shared machine are noisy: the
 script prints the machine load (``os.getloadavg``) before and after each part.
 
-Usage: ``python benchmarks/bench_end_to_end.py [--quick] [--parts sae,otf,grid] [--peer-python PATH]``; prints
+Usage: ``python benchmarks/bench_end_to_end.py [--quick] [--parts sae,otf,grid,grid_synthetic] [--budgets 8192,65536]
+[--threads 1] [--check-init] [--peer-python PATH]``; prints
 Markdown tables and writes ``benchmarks/results/bench_end_to_end[_quick].json``.
 """
 
@@ -154,9 +164,10 @@ def part_sae(args: argparse.Namespace, out: dict[str, Any]) -> None:
     peer = args.peer_python if args.peer_python and Path(args.peer_python).exists() else None
     rows = []
     for budget in budgets:
-        x = synthetic(budget)
+        # The demo trains 8 epochs of its 150k tokens: a budget above --tensor-tokens trains epochs of that tensor.
+        x = synthetic(min(budget, args.tensor_tokens or budget))
         load0 = _load()
-        row: dict[str, Any] = {"budget_tokens": budget, "steps": budget // BATCH}
+        row: dict[str, Any] = {"budget_tokens": budget, "steps": budget // BATCH, "tensor_tokens": x.shape[0]}
         mine = mi_crow_alone(x, budget, heldout)
         row.update(mi_crow_wall_s=mine["wall_s"], mi_crow_cpu_s=mine["cpu_s"],
                    mi_crow_tokens_per_s=mine["tokens_per_s"], mi_crow_heldout_fvu=mine["heldout_fvu"])
@@ -318,6 +329,75 @@ def part_grid(args: argparse.Namespace, out: dict[str, Any]) -> None:
     print("\n(target: <= 0.60)")
 
 
+def part_grid_synthetic(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """The stored-run half of part 3 without the model: a format-2 run of the synthetic tensor (fp32, 16 batches of
+    ``budget / 16`` tokens), the grid of 8 against the 8 separate runs, and where the grid's time goes: the members'
+    steps (`SaeTrainer.train_step`) against everything else (reading, shuffling, the outlier rule, set-up)."""
+    import torch._dynamo  # noqa: F401
+    from unittest import mock
+
+    from mi_crow.mechanistic.sae import SaeTrainer, SaeTrainingConfig, TopKSae
+    from mi_crow.mechanistic.sae.train.grid import SaeGrid
+    from mi_crow.store import LocalStore
+
+    layer = "model.layers.15"
+    budget = args.grid_budget
+    x = synthetic(budget)
+    base = SaeTrainingConfig(batch_size=BATCH, epochs=1.0, progress=False, checkpoint_every=None, save_sae=False)
+    combos = _grid_members(base)
+    rows: dict[str, Any] = {"members": len(combos), "tokens": budget, "load_before": _load()}
+    step_time = [0.0]
+    real_step = SaeTrainer.train_step
+
+    def timed_step(self, *a, **kw):
+        start = time.process_time()
+        try:
+            return real_step(self, *a, **kw)
+        finally:
+            step_time[0] += time.process_time() - start
+
+    with tempfile.TemporaryDirectory(dir=args.grid_dir) as tmp, mock.patch.object(SaeTrainer, "train_step",
+                                                                                  timed_step):
+        store = LocalStore(tmp, fsync=False)
+        store.create_packed_run("r", {"bench": "grid"}, {layer: D}, torch.float32)
+        per = budget // 16
+        for i in range(16):
+            rows_i = x[i * per:(i + 1) * per]
+            store.write_packed_batch("r", i, {layer: rows_i}, torch.tensor([0, per]), torch.zeros(per, dtype=torch.int64))
+        store.finish_packed_run("r")
+        grid = SaeGrid.product({layer: D}, k=[16, 32], n_latents=[4608, 9216], seed=[0, 1], config=base,
+                               store=store, grid_id="g")
+        step_time[0] = 0.0
+        start, cpu = time.perf_counter(), time.process_time()
+        grid.train("r")
+        rows["grid_wall_s"], rows["grid_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+        rows["grid_step_cpu_s"] = step_time[0]
+        step_time[0] = 0.0
+        start, cpu = time.perf_counter(), time.process_time()
+        for k, n, s in combos:
+            cfg = dataclasses.replace(base, seed=s, training_run_id=f"sep-{k}-{n}-{s}")
+            SaeTrainer(TopKSae(n, D, k), store).train("r", layer, cfg)
+        rows["separate_wall_s"], rows["separate_cpu_s"] = time.perf_counter() - start, time.process_time() - cpu
+        rows["separate_step_cpu_s"] = step_time[0]
+    for clock in ("wall", "cpu"):
+        rows[f"ratio_{clock}"] = rows[f"grid_{clock}_s"] / rows[f"separate_{clock}_s"]
+    rows["grid_outside_steps_cpu_fraction"] = 1 - rows["grid_step_cpu_s"] / rows["grid_cpu_s"]
+    rows["separate_outside_steps_cpu_fraction"] = 1 - rows["separate_step_cpu_s"] / rows["separate_cpu_s"]
+    rows["ratio_bound_if_steps_free_cpu"] = rows["grid_step_cpu_s"] / rows["separate_cpu_s"]
+    rows["load_after"] = _load()
+    out["grid_stored_synthetic"] = rows
+    print(f"\n### Grid of {len(combos)} from a stored run of {budget:,} synthetic tokens vs 8 separate runs\n")
+    print("| | grid | 8 separate | ratio |\n|---|---|---|---|")
+    for clock in ("wall", "cpu"):
+        print(f"| {clock} s | {rows[f'grid_{clock}_s']:.1f} | {rows[f'separate_{clock}_s']:.1f} | "
+              f"{rows[f'ratio_{clock}']:.2f} |")
+    print(f"| CPU s in the members' steps | {rows['grid_step_cpu_s']:.1f} | {rows['separate_step_cpu_s']:.1f} | |")
+    print(f"\noutside the steps: {100 * rows['grid_outside_steps_cpu_fraction']:.1f}% of the grid's CPU time, "
+          f"{100 * rows['separate_outside_steps_cpu_fraction']:.1f}% of the separate runs'; the steps alone are "
+          f"{rows['ratio_bound_if_steps_free_cpu']:.2f} of the separate runs' CPU time (the grid's floor). "
+          f"(target <= 0.60)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small budgets (a loaded 2-core machine)")
@@ -326,10 +406,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--budget", type=int, default=None, help="tokens of part 1 (one budget)")
     parser.add_argument("--budgets", default=None, help="tokens of part 1, comma-separated (a fit over them)")
+    parser.add_argument("--tensor-tokens", type=int, default=None,
+                        help="part 1: tokens of the tensor (default: the budget; the demo's is 150000, 8 epochs)")
     parser.add_argument("--check-init", action="store_true",
                         help="part 1 also trains mi_crow with the reference geometric median (held-out FVU beside)")
     parser.add_argument("--texts", type=int, default=None, help="texts of part 2")
     parser.add_argument("--grid-texts", type=int, default=None, help="texts of part 3")
+    parser.add_argument("--grid-budget", type=int, default=None, help="tokens of part grid_synthetic")
+    parser.add_argument("--grid-dir", default=None, help="where part grid_synthetic writes its run (e.g. /dev/shm)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -340,6 +424,7 @@ def main() -> None:
     args.budget = args.budget or (BATCH * (16 if args.quick else 100))
     args.texts = args.texts or (64 if args.quick else 400)
     args.grid_texts = args.grid_texts or (48 if args.quick else 200)
+    args.grid_budget = args.grid_budget or (BATCH * (16 if args.quick else 64))
     out: dict[str, Any] = {"meta": {"torch": torch.__version__, "threads": args.threads,
                                     "machine": platform.processor() or platform.machine(),
                                     "cpu_count": os.cpu_count(), "d": D, "n": N, "k": K, "batch": BATCH,
@@ -351,6 +436,8 @@ def main() -> None:
         part_otf(args, out)
     if "grid" in parts:
         part_grid(args, out)
+    if "grid_synthetic" in parts:
+        part_grid_synthetic(args, out)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"bench_end_to_end{'_quick' if args.quick else ''}.json"
     if path.exists():  # parts run separately accumulate in one file (each part keeps its latest run)
