@@ -9,7 +9,10 @@ Three measurements, each through the public store API (no model: synthetic activ
    1,000 are compared with the last 1,000 (target: within 10%). Because the load of a shared machine drifts over
    the minutes between the two windows, a paired measurement follows: 1,000 more batches of the 100k-batch run
    alternate call by call with the first 1,000 batches of a fresh run, and the ratio of their medians is the cost
-   of a batch at 100k batches against at 0 under the same load. The same is done for format 1
+   of a batch at 100k batches against at 0 under the same load. The same paired probe (``--probe`` batches a side)
+   runs every ``--probe-every`` batches along the run, so a real growth of the cost shows as a rising ratio while
+   load drift does not (the probe's own batches of the big run are left out of the first/last windows). CPU time
+   (``thread_time``) is reported beside wall time everywhere. The same is done for format 1
    (``write_activation_batch``, which rewrote ``meta.json`` per batch) over ``--v1-batches`` batches, to show what
    was fixed. Then the one-off costs at the end: ``finish_packed_run`` (index + meta), reading the records from the
    index, and rebuilding them from the markers (what a reader does after a crash).
@@ -67,7 +70,31 @@ def _summary(times: list[float], window: int) -> dict:
     return out
 
 
-def scale_v2(root: Path, n_batches: int, tokens: int, d: int, window: int) -> dict:
+def _paired(store: LocalStore, big_run: str, first_index: int, fresh_run: str, n: int, d: int, acts, offsets,
+            ids) -> dict:
+    """``n`` batches appended to ``big_run`` (from ``first_index``) alternating call by call with the first ``n``
+    batches of a new run ``fresh_run``: both face the same machine load, so the ratio of their medians is the cost
+    of a batch at the big run's size against at 0, drift removed. Wall and CPU (thread) time both."""
+    store.create_packed_run(fresh_run, {"bench": "store_scale"}, {LAYER: d}, torch.bfloat16)
+    walls: dict[str, list[float]] = {"big": [], "fresh": []}
+    cpus: dict[str, list[float]] = {"big": [], "fresh": []}
+    for j in range(n):
+        # Alternate which goes first, so that neither always follows the other's page-cache / allocator state.
+        pair = (("big", big_run, first_index + j), ("fresh", fresh_run, j))
+        for name, run, index in (pair if j % 2 == 0 else pair[::-1]):
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            store.write_packed_batch(run, index, acts, offsets, ids, forward_batches=[index])
+            cpus[name].append(time.thread_time() - start_cpu)
+            walls[name].append(time.perf_counter() - start)
+    med = statistics.median
+    return {"at_n_median_us": med(walls["big"]) * 1e6, "at_0_median_us": med(walls["fresh"]) * 1e6,
+            "at_n_vs_at_0_median": med(walls["big"]) / med(walls["fresh"]),
+            "at_n_vs_at_0_mean": statistics.fmean(walls["big"]) / statistics.fmean(walls["fresh"]),
+            "cpu_at_n_median_us": med(cpus["big"]) * 1e6, "cpu_at_0_median_us": med(cpus["fresh"]) * 1e6,
+            "cpu_at_n_vs_at_0_median": med(cpus["big"]) / med(cpus["fresh"])}
+
+
+def scale_v2(root: Path, n_batches: int, tokens: int, d: int, window: int, probe_every: int, probe: int) -> dict:
     store = LocalStore(root, fsync=False)
     store.create_packed_run("scale", {"bench": "store_scale"}, {LAYER: d}, torch.bfloat16)
     acts = {LAYER: torch.randn(tokens, d).to(torch.bfloat16)}
@@ -75,31 +102,41 @@ def scale_v2(root: Path, n_batches: int, tokens: int, d: int, window: int) -> di
     ids = torch.arange(tokens)
     times, cpu = [], []
     clock = time.perf_counter
-    for i in range(n_batches):
+    probes: dict[str, dict] = {}
+    i = 0
+    while i < n_batches:
+        if probe_every and i and i % probe_every == 0 and f"{i}" not in probes:
+            # A paired probe at this size: `probe` batches of the run (they are batches i.. of it, timed apart from
+            # the series) against a fresh run's first ones; deleted afterwards.
+            probes[f"{i}"] = _paired(store, "scale", i, f"probe{i}", probe, d, acts, offsets, ids)
+            store.delete_run(f"probe{i}")
+            i += probe
+            print(f"  v2: probe at {i - probe} batches: at n / at 0 median {probes[f'{i - probe}']['at_n_vs_at_0_median']:.3f}"
+                  f" wall, {probes[f'{i - probe}']['cpu_at_n_vs_at_0_median']:.3f} cpu", flush=True)
+            continue
         start, start_cpu = clock(), time.thread_time()
         store.write_packed_batch("scale", i, acts, offsets, ids, forward_batches=[i])
         cpu.append(time.thread_time() - start_cpu)
         times.append(clock() - start)
-        if (i + 1) % 10000 == 0:
-            print(f"  v2: {i + 1} batches, last 1000 median {statistics.median(times[-1000:]) * 1e6:.0f} us wall, "
+        i += 1
+        if i % 10000 == 0:
+            print(f"  v2: {i} batches, last 1000 median {statistics.median(times[-1000:]) * 1e6:.0f} us wall, "
                   f"{statistics.median(cpu[-1000:]) * 1e6:.0f} us cpu", flush=True)
+    n_batches = i
     out = _summary(times, window)
+    out["probes"] = probes
+    if probes:
+        ratios = [p["cpu_at_n_vs_at_0_median"] for p in probes.values()]
+        walls = [p["at_n_vs_at_0_median"] for p in probes.values()]
+        out["probes_cpu_ratio_median"] = statistics.median(ratios)
+        out["probes_wall_ratio_median"] = statistics.median(walls)
     out["cpu"] = _summary(cpu, window)
     step = max(1, n_batches // 10)
     out["cpu_median_us_per_window"] = {f"{i}-{i + window}": statistics.median(cpu[i:i + window]) * 1e6
                                       for i in range(0, n_batches - window + 1, step)}
     # Paired: the next `window` batches of this run alternate with the first `window` batches of a fresh run, so
     # both face the same machine load; the ratio is the cost of a batch at n_batches vs at 0, drift removed.
-    store.create_packed_run("fresh", {"bench": "store_scale"}, {LAYER: d}, torch.bfloat16)
-    big, fresh = [], []
-    for j in range(window):
-        for run, index, sink in (("scale", n_batches + j, big), ("fresh", j, fresh)):
-            start = clock()
-            store.write_packed_batch(run, index, acts, offsets, ids, forward_batches=[index])
-            sink.append(clock() - start)
-    out["paired"] = {"at_n_median_us": statistics.median(big) * 1e6, "at_0_median_us": statistics.median(fresh) * 1e6,
-                     "at_n_vs_at_0_median": statistics.median(big) / statistics.median(fresh),
-                     "at_n_vs_at_0_mean": statistics.fmean(big) / statistics.fmean(fresh)}
+    out["paired"] = _paired(store, "scale", n_batches, "fresh", window, d, acts, offsets, ids)
     n_batches += window
     start = clock()
     rebuilt = store.read_run_meta("scale")  # status "writing": rebuilt from the markers (crash recovery)
@@ -202,15 +239,18 @@ def main() -> None:
     parser.add_argument("--v1-batches", type=int, default=3_000)
     parser.add_argument("--tokens", type=int, default=16, help="tokens per batch of the scale run")
     parser.add_argument("--d", type=int, default=64, help="width of the scale run")
+    parser.add_argument("--probe-every", type=int, default=10_000,
+                        help="a paired probe (at n vs a fresh run) every this many batches (0: none)")
+    parser.add_argument("--probe", type=int, default=200, help="batches of each side of a probe")
     args = parser.parse_args()
     if args.quick:
-        args.batches, args.v1_batches = 10_000, 2_000
+        args.batches, args.v1_batches, args.probe_every = 10_000, 2_000, 2_500
     window = min(1000, args.batches // 4)
     shards, shard_tokens = (4, 8192) if args.quick else (24, 32768)
     base = Path(tempfile.mkdtemp(prefix="bench_store_scale-", dir=args.dir))
     try:
         print(f"scale: {args.batches} format-2 batches of {args.tokens} tokens x d={args.d} bf16 in {base}")
-        v2 = scale_v2(base / "v2", args.batches, args.tokens, args.d, window)
+        v2 = scale_v2(base / "v2", args.batches, args.tokens, args.d, window, args.probe_every, args.probe)
         print(json.dumps(v2, indent=1))
         print(f"format 1 for comparison: {args.v1_batches} batches")
         v1 = scale_v1(base / "v1", args.v1_batches, args.tokens, args.d, min(500, args.v1_batches // 4))
@@ -227,6 +267,7 @@ def main() -> None:
                  "command": "python " + " ".join(sys.argv)},
         "scale_v2": v2, "scale_v1": v1, "bytes_and_reader": real,
         "targets": {"paired_at_100k_vs_at_0_within_10pct": v2["paired"]["at_n_vs_at_0_median"] <= 1.10,
+                    "paired_cpu_at_100k_vs_at_0_within_10pct": v2["paired"]["cpu_at_n_vs_at_0_median"] <= 1.10,
                     "last_vs_first_cpu_within_10pct": v2["cpu"]["last_vs_first_median"] <= 1.10,
                     "bytes_le_1.05x_plus_token_ids": real["run_vs_payload_plus_token_ids"] <= 1.05},
     }
@@ -235,8 +276,11 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
     print(f"per-batch store cost at {args.batches} batches vs at 0, paired (median): "
-          f"{v2['paired']['at_n_vs_at_0_median']:.3f}x ({v2['paired']['at_0_median_us']:.0f} -> "
-          f"{v2['paired']['at_n_median_us']:.0f} us)")
+          f"{v2['paired']['at_n_vs_at_0_median']:.3f}x wall ({v2['paired']['at_0_median_us']:.0f} -> "
+          f"{v2['paired']['at_n_median_us']:.0f} us), {v2['paired']['cpu_at_n_vs_at_0_median']:.3f}x cpu")
+    if v2["probes"]:
+        print("paired probes along the run (at n / at 0, median; cpu): " + ", ".join(
+            f"{n}: {p['cpu_at_n_vs_at_0_median']:.2f}" for n, p in v2["probes"].items()))
     print(f"per-batch store cost, last 1000 vs first 1000 (median): format 2 {v2['last_vs_first_median']:.3f}x wall "
           f"({v2['first_median_us']:.0f} -> {v2['last_median_us']:.0f} us), {v2['cpu']['last_vs_first_median']:.3f}x "
           f"cpu ({v2['cpu']['first_median_us']:.0f} -> {v2['cpu']['last_median_us']:.0f} us); format 1 over {args.v1_batches} batches "

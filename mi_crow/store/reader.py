@@ -41,14 +41,14 @@ DEFAULT_BUFFER_BYTES = 1 << 30
 
 
 def buffer_rows(buffer_bytes: int, d: int, dtype: torch.dtype, batch_size: int, *, parts: int = 1,
-                argument: str = "buffer_bytes") -> int:
+                argument: str = "buffer_bytes", share: str = "the read-ahead buffer takes the other half") -> int:
     """How many ``d``-wide vectors of ``dtype`` fit in ``buffer_bytes / parts``; fewer than ``batch_size`` is a
-    ``ValueError`` naming the buffer, the vector size and the batch size."""
+    ``ValueError`` naming the buffer, the vector size and the batch size (and, halved, ``share``: why)."""
     buffer_bytes = check_count(buffer_bytes, argument)
     row = d * torch.empty(0, dtype=dtype).element_size()
     rows = buffer_bytes // parts // row
     if rows < batch_size:
-        share = f" (halved: the read-ahead buffer takes the other half)" if parts == 2 else ""
+        share = f" (halved: {share})" if parts == 2 else ""
         raise UserInputError(
             f"{argument}={buffer_bytes} holds {rows} token vectors of d={d} in {str(dtype).removeprefix('torch.')} "
             f"({row} bytes each){share}, fewer than one batch of batch_size={batch_size}: give at least "

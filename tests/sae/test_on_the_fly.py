@@ -227,3 +227,29 @@ def test_history_file_written_at_checkpoints_and_the_end_when_writes_are_spaced(
     trainer.HISTORY_WRITE_SPACING = 0.0  # always due: every record is written
     trainer.train_on_tensor(x, dataclasses.replace(config, training_run_id="h2"))
     assert writes == list(range(1, 21))
+
+
+def test_the_stream_is_the_shuffle_buffer_sealed_at_its_block_boundaries(lm):
+    """One implementation: `mi_crow.store.ShuffleBuffer` pushed the stream's forward batches, sealed where the
+    stream's blocks end, pops the batches the stream yields, bit for bit (two layers: one permutation for both)."""
+    from mi_crow.store import ShuffleBuffer
+
+    texts = SAMPLE_TEXTS[:10]
+    layers = ["model.layers.0", LAYER]
+    stream = ModelActivationStream(lm, texts, layers, batch_size=8, forward_batch_size=3, max_length=MAX_LENGTH,
+                                   buffer_bytes=2 * 60 * 64 * 4, seed=5)
+    assert len(stream.blocks) > 2
+    got = [dict(batch) for batch in stream.reader(1)]
+    buf = ShuffleBuffer({name: 32 for name in layers}, 8, buffer_bytes=1 << 20, seed=5, epoch=1)
+    popped = []
+    with torch.no_grad():
+        for first, last in stream.blocks:
+            for start in range(first, last, 3):
+                vectors, _ = stream._forward_vectors(texts[start:min(start + 3, last)])
+                assert buf.push(vectors) == vectors[LAYER].shape[0]
+            buf.seal()
+            while (batch := buf.pop()) is not None:
+                popped.append(batch)
+    assert len(popped) == len(got) == stream.real_tokens // 8
+    for a, b in zip(popped, got):
+        assert all(torch.equal(a[name], b[name]) for name in layers)

@@ -210,6 +210,7 @@ def test_shuffle_buffer_pops_every_vector_once():
     popped, left = [], pushed
     while left.shape[0]:
         left = left[buf.push(left):]
+        assert buf.size <= buf.capacity
         while buf.full:
             popped.append(buf.pop())
             assert popped[-1].shape == (bs, d)
@@ -224,7 +225,49 @@ def test_shuffle_buffer_pops_every_vector_once():
     first = ShuffleBuffer(d, bs, buffer_bytes=10 * d * 4, seed=1)
     first.push(pushed[:10])
     assert torch.equal(again.pop(), first.pop())  # seeded
-    with pytest.raises(ValueError, match=r"buffer_bytes=24 holds 2 token vectors of d=3 in float32.*batch_size=4"):
+    with pytest.raises(ValueError, match=r"buffer_bytes=24 holds 1 token vectors of d=3 in float32.*one half is "
+                                         r"served while the other fills.*batch_size=4"):
         ShuffleBuffer(d, bs, buffer_bytes=24)
     with pytest.raises(ValueError, match=r"vectors must have shape \[n, 3\], got \[2, 4\]"):
         buf.push(torch.zeros(2, 4))
+
+
+def _feed(buf, pushed):
+    """Push ``pushed`` through ``buf`` as the module docstring's loop does; the popped batches, each with the
+    buffer's position after it."""
+    out, left = [], pushed
+    while left.shape[0]:
+        left = left[buf.push(left):]
+        while buf.full and (batch := buf.pop()) is not None:  # None: a replayed block's batches were all taken
+            out.append((batch, buf.position()))
+    while (batch := buf.pop(drain=True)) is not None:
+        out.append((batch, buf.position()))
+    return out
+
+
+def test_shuffle_buffer_blocks_and_exact_replay_from_a_position():
+    d, bs = 2, 4
+    pushed = torch.arange(61 * d, dtype=torch.float32).reshape(61, d)
+    full = _feed(ShuffleBuffer(d, bs, buffer_bytes=2 * 11 * d * 4, seed=7), pushed)
+    batches = [b for b, _ in full]
+    assert sum(b.shape[0] for b in batches) == 61 and sorted(torch.cat(batches)[:, 0].tolist()) == pushed[:, 0].tolist()
+    # Blocks: each half (11 rows, the carried ones included) is one permutation; a block's batches hold only rows
+    # pushed into it or carried into it (never rows pushed after it was sealed).
+    assert full[0][1]["block"] == 0 and full[-2][1]["block"] > 2
+    # Replay from the position after each batch: resume_at, then push the stream again from the position's row.
+    for cut in range(len(full)):
+        pos = full[cut][1]
+        again = ShuffleBuffer(d, bs, buffer_bytes=2 * 11 * d * 4, seed=7)
+        again.resume_at(pos)
+        rest = [b for b, _ in _feed(again, pushed[pos["row"]:])]
+        assert len(rest) == len(batches) - cut - 1
+        assert all(torch.equal(a, b) for a, b in zip(rest, batches[cut + 1:]))
+    # Several layers: one permutation for all (a row of "b" stays with its row of "a"); a seal before the half is full.
+    two = ShuffleBuffer({"a": d, "b": 1}, bs, buffer_bytes=1 << 12, seed=1)
+    rows = {"a": pushed, "b": pushed[:, :1] * 10}
+    assert two.push(rows) == 61
+    two.seal()
+    out = [two.pop(drain=True) for _ in range(17)]  # 15 batches, the last row, then nothing
+    assert out[-1] is None and all(torch.equal(o["b"], o["a"][:, :1] * 10) for o in out[:-1])
+    with pytest.raises(ValueError, match=r"vectors must be a dict with the layers \['a', 'b'\]"):
+        two.push({"a": pushed})

@@ -19,15 +19,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
+from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.batches import EpochBatches
 from mi_crow.mechanistic.sae.train.checkpoint import build_checkpoint
@@ -100,6 +103,22 @@ class _Filtered:
 
     def take_outliers(self) -> int:
         return self.count
+
+
+def _filter_outliers(batch: Tensor, factor: float, dtype: Any, device: Any) -> tuple[Tensor, _Filtered] | None:
+    """The trainer's outlier rule on one batch (`SaeTrainer._train_batch`: row norms, `attention_sink_mask` on them,
+    the sinks left out): the kept rows and a reader stand-in that reports the sinks; None when the batch is not
+    finite."""
+    x = batch.to(device=device, dtype=dtype, non_blocking=True)
+    norms = (x.norm(dim=1) if x.dtype in (torch.float32, torch.float64)
+             else torch.linalg.vector_norm(x, dim=1, dtype=torch.float32))
+    sinks = attention_sink_mask(norms.unsqueeze(1), factor=factor)
+    total, n_out = torch.stack([norms.sum(), sinks.sum(dtype=norms.dtype)]).tolist()
+    if not math.isfinite(total):
+        return None
+    source = _Filtered(True)
+    source.count = int(n_out)
+    return (x[~sinks] if n_out else x), source
 
 
 class _LayerReaders:
@@ -243,15 +262,34 @@ class SaeGrid:
             return _LayerReaders({name: store.activation_reader(run_id, name, config.batch_size, **kwargs)
                                   for name in layers})
 
+        # Members with the same layer, seed, sample size and dtype initialise b_dec from the same sample: it is read
+        # once (the tokens the initialisation takes) and handed to each of them; dropped once every member started.
+        cache: dict[tuple[Any, ...], list[Tensor]] = {}
+
         def sample(member: GridMember):
             size = member.config.b_dec_init_tokens
-            return lambda: store.activation_reader(
-                run_id, member.layer, min(config.batch_size, size), shuffle=True, seed=member.config.seed,
-                dtype=member.sae.dtype, buffer_tokens=size, drop_last=False,
-            )
+            key = (member.layer, member.config.seed, size, member.sae.dtype)
+
+            def read() -> Iterator[Tensor]:
+                if key not in cache:
+                    reader = store.activation_reader(
+                        run_id, member.layer, min(config.batch_size, size), shuffle=True, seed=member.config.seed,
+                        dtype=member.sae.dtype, buffer_tokens=size, drop_last=False,
+                    )
+                    batches, have = [], 0
+                    for batch in reader:
+                        batches.append(batch)
+                        have += batch.shape[0]
+                        if have >= size:
+                            break
+                    cache[key] = batches
+                return iter(cache[key])
+
+            return read
 
         model_id = meta.get("model_id", meta.get("model_name"))
-        return self._run(factory, {id(m): sample(m) for m in self.members}, run_id, model_id, filtered=False)
+        return self._run(factory, {id(m): sample(m) for m in self.members}, run_id, model_id, filtered=False,
+                         started=cache.clear)
 
     def train_from_model(
         self,
@@ -303,7 +341,7 @@ class SaeGrid:
         return self.store
 
     def _run(self, factory: Any, samples: dict[int, Any], run_id: str | None, model_id: str | None,
-             *, filtered: bool) -> GridResult:
+             *, filtered: bool, started: Any = None) -> GridResult:
         store = self.store
         config = self.members[0].config
         reader = factory(0)
@@ -336,6 +374,8 @@ class SaeGrid:
                 view = _View(reader.n_tokens, reader.d_in[member.layer])
                 sessions.append(trainer._open(plan, lambda epoch, v=view: v, view, samples[id(member)], (), None,
                                               checkpoint=entry))
+            if started is not None:
+                started()
             grid_state = TrainingState()
             reader_state = None
             if saved is not None:
@@ -343,15 +383,27 @@ class SaeGrid:
                 reader_state = saved["reader"]
             batches = EpochBatches(factory, grid_state, reader, reader_state)
             proxy = _Filtered(filtered)
+            shared = None if filtered else self._shared_filter()
             failed = True
             try:
                 while any(s.state.step < total for s in sessions):
                     batch = batches.next()
                     reader_now = batches.reader
                     proxy.count = reader_now.take_outliers() if filtered else 0
+                    # A stored run's batch: the outlier rule (and the dtype conversion) once per layer for every
+                    # member, as each member's step would apply it (a non-finite batch goes to the members as it is:
+                    # each skips it).
+                    inputs = {}
+                    for layer in dict.fromkeys(m.layer for m in self.members):
+                        inputs[layer] = (batch[layer], proxy)
+                        if shared is not None:
+                            done = _filter_outliers(batch[layer], *shared)
+                            if done is not None:
+                                inputs[layer] = done
                     for member, trainer, session in zip(self.members, trainers, sessions):
                         if session.state.step < total:
-                            trainer._advance(session, batch[member.layer], proxy, checkpoints=False)
+                            x, source = inputs[member.layer]
+                            trainer._advance(session, x, source, checkpoints=False)
                     grid_state.step += 1
                     every = config.checkpoint_every
                     if (store is not None and every is not None and grid_state.step % every == 0
@@ -369,6 +421,16 @@ class SaeGrid:
                            {"grid_id": self.grid_id, "activation_run_id": run_id, "model_id": model_id,
                             "points": points})
         return GridResult(self.grid_id, results, points)
+
+    def _shared_filter(self) -> tuple[float, Any, Any] | None:
+        """``(factor, dtype, device)`` when every member applies the same outlier rule to the same tensors (then
+        the grid applies it once per layer), else None."""
+        factor = self.members[0].config.outlier_norm_factor
+        kinds = {(m.sae.dtype, m.sae.device) for m in self.members}
+        if factor is None or len(kinds) != 1:
+            return None
+        dtype, device = next(iter(kinds))
+        return factor, dtype, device
 
     @staticmethod
     def _point(member: GridMember, result: TrainingResult) -> dict[str, Any]:

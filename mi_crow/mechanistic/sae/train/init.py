@@ -10,12 +10,20 @@ from torch import Tensor
 
 from mi_crow.errors import UserInputError
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
-from mi_crow.mechanistic.sae.data import geometric_median
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
 from mi_crow.mechanistic.sae.sae import TopKSae
 from mi_crow.mechanistic.sae.train.results import NonFiniteTrainingError
 
-__all__ = ["fold_into_weights", "initialise_weights"]
+__all__ = ["b_dec_median", "fold_into_weights", "initialise_weights"]
+
+#: The ``b_dec`` median is estimated on at most this many vectors of the sample, evenly spaced through it: the
+#: estimate's error is then ~1% of the data's spread in the direction of a 576-wide residual (far below what the first
+#: steps move ``b_dec``), and the Weiszfeld iterations cost a quarter of those on a 32k-token sample.
+MEDIAN_POINTS = 8192
+#: Weiszfeld iteration cap and tolerance (an update moving the estimate by less than ``MEDIAN_TOL`` times the mean
+#: distance to it stops the iteration; from the mean, typical activations converge in 10-40 iterations).
+MEDIAN_MAX_ITER = 100
+MEDIAN_TOL = 1e-6
 
 
 def _sample(config: SaeTrainingConfig, sample_reader: Callable[[], Iterable[Tensor]]) -> Tensor:
@@ -89,8 +97,55 @@ def initialise_weights(
         assert sample is not None
         if sae.is_transcoder:  # the batch rows are [input | target]; b_dec starts at the target's centre
             sample = sample[:, sae.n_inputs :]
-        sae.b_dec.copy_(geometric_median(sample) if config.b_dec_init == "geometric_median" else sample.mean(dim=0))
+        sae.b_dec.copy_(b_dec_median(sample) if config.b_dec_init == "geometric_median" else sample.mean(dim=0))
     return scale
+
+
+@torch.no_grad()
+def b_dec_median(
+    points: Tensor, *, max_points: int = MEDIAN_POINTS, max_iter: int = MEDIAN_MAX_ITER, tol: float = MEDIAN_TOL
+) -> Tensor:
+    """Geometric median of ``points [m, d]`` for the ``b_dec`` initialisation: Weiszfeld's algorithm, vectorised.
+
+    The same estimate as `mi_crow.mechanistic.sae.data.geometric_median` (the reference: float64, from the mean, a
+    floored inverse-distance weighting), computed at a fraction of its cost:
+
+    - at most ``max_points`` points, evenly spaced through ``points`` (the sample is already in shuffled order);
+    - the points are centred on their mean once, and each iteration needs two matrix-vector products:
+      ``||c_i - g||^2 = ||c_i||^2 - 2 c_i.g + ||g||^2`` and the weighted sum ``w @ c`` -- no ``[m, d]`` temporary
+      per iteration (the reference allocates two);
+    - a tolerance relative to the data's spread (``tol`` times the mean distance to the mean) and an iteration cap.
+
+    In float64, the expanded distance is exact to ~3e-8 of the spread, so the inverse-distance weights are floored at
+    1e-6 of it (the reference floors at 1e-12 of it with exact distances): a point sitting on the median still gets
+    the largest weight, which keeps the estimate on it.
+
+    Args:
+        points: ``[m, d]`` floating tensor (``m >= 1``).
+        max_points, max_iter, tol: as above.
+
+    Returns:
+        ``[d]`` in ``points.dtype``.
+    """
+    m = points.shape[0]
+    if m > max_points:
+        points = points[torch.arange(max_points, dtype=torch.int64) * m // max_points]
+    p = points.to(torch.float64)
+    mean = p.mean(dim=0)
+    c = p - mean
+    sq = torch.einsum("md,md->m", c, c)
+    scale = float(sq.sqrt().mean().clamp_min(1e-30))
+    floor = 1e-6 * scale
+    guess = torch.zeros_like(mean)  # relative to the mean: the reference's start
+    for _ in range(max_iter):
+        dist = (sq - 2.0 * (c @ guess) + guess.dot(guess)).clamp_min(0.0).sqrt()
+        weights = dist.clamp_min(floor).reciprocal()
+        new = (weights @ c) / weights.sum()
+        moved = float((new - guess).norm())
+        guess = new
+        if moved < tol * scale:
+            break
+    return (guess + mean).to(points.dtype)
 
 
 @torch.no_grad()

@@ -10,7 +10,10 @@ The vectors are grouped into *blocks*: consecutive forward batches until the blo
 ``buffer_bytes // 2`` bytes (over all layers, in the SAE's dtype). A block is shuffled as a whole (one permutation
 for all layers, from a generator seeded by ``(seed, epoch, block)``) and cut into training batches; the rows left
 over (fewer than one batch) are carried into the next block. The producer fills block ``i + 1`` while the trainer
-consumes block ``i``, so memory holds at most two blocks: ``buffer_bytes`` in all.
+consumes block ``i``, so memory holds at most two blocks: ``buffer_bytes`` in all (a block may pass its half by less
+than one forward batch: blocks end at whole forward batches). The shuffle of a block is `mi_crow.store.shuffle`'s
+(`shuffle_block`, `block_seed`): the same two-half buffer as `mi_crow.store.ShuffleBuffer`, which fed these forward
+batches and sealed at these block boundaries yields these batches.
 
 Block boundaries depend only on the texts' token counts (computed once by the tokenizer), so the stream is a pure
 function of ``(texts, model, layers, max_length, forward_batch_size, buffer_bytes, seed, epoch)``. A reader's
@@ -28,7 +31,6 @@ import queue
 import threading
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,6 +38,7 @@ from torch import Tensor
 
 from mi_crow.errors import ArgumentTypeError, UserInputError
 from mi_crow.mechanistic.sae.outliers import attention_sink_mask
+from mi_crow.store.shuffle import ShuffledBlock, block_seed, shuffle_block
 from mi_crow.validation import check_positive_int, check_texts
 
 if TYPE_CHECKING:
@@ -89,23 +92,6 @@ def _fingerprint(texts: list[str]) -> str:
         digest.update(text.encode("utf-8", "surrogatepass"))
         digest.update(b"\0")
     return digest.hexdigest()
-
-
-def _block_seed(seed: int, epoch: int, block: int) -> int:
-    raw = hashlib.sha256(f"mi_crow-stream/{seed}/{epoch}/{block}".encode()).digest()
-    return int.from_bytes(raw[:8], "little") & ((1 << 63) - 1)
-
-
-@dataclass
-class _Block:
-    """One shuffled block: ``body[layer]`` ``[n_batches * batch_size, d]`` and the rows carried into it."""
-
-    index: int
-    carry_in: dict[str, Tensor] | None
-    body: dict[str, Tensor]
-    n_batches: int
-    outliers: int
-    carry_out: dict[str, Tensor] | None
 
 
 class ModelActivationStream:
@@ -193,7 +179,7 @@ class ModelActivationStream:
             "batch_size": self.batch_size,
             "dtype": str(dtype).removeprefix("torch."),
         }
-        self._first_block: _Block | None = None  # block 0 of epoch 0 when a sample made it before training
+        self._first_block: ShuffledBlock | None = None  # block 0 of epoch 0 when a sample made it before training
 
     # -- readers -------------------------------------------------------------------------------------------------
     def reader(self, epoch: int, layer: str | None = None) -> StreamReader:
@@ -208,7 +194,9 @@ class ModelActivationStream:
         epoch-0 reader uses it instead of running those forwards again."""
         if self._first_block is None:
             self._first_block = self._make_block(0, 0, None)
-        yield self._first_block.body[layer] if self._first_block.n_batches else self._first_block.carry_out[layer]
+        block = self._first_block
+        # The block's batches in their shuffled order (or, when it holds less than a batch, its carried-out rows).
+        yield block.batch_rows(layer) if block.n_batches else block.carry_out[layer]
 
     # -- producing -----------------------------------------------------------------------------------------------
     def _forward_vectors(self, texts: list[str]) -> tuple[dict[str, Tensor], int]:
@@ -253,12 +241,12 @@ class ModelActivationStream:
         return out, real - int(keep.sum())
 
     def _make_block(self, epoch: int, index: int, carry_in: dict[str, Tensor] | None,
-                    stop: threading.Event | None = None) -> _Block:
+                    stop: threading.Event | None = None) -> ShuffledBlock:
         if epoch == 0 and index == 0 and carry_in is None and self._first_block is not None:
             block, self._first_block = self._first_block, None
             return block
         first, last = self.blocks[index]
-        parts: dict[str, list[Tensor]] = {name: [] if carry_in is None else [carry_in[name]] for name in self.layers}
+        parts: dict[str, list[Tensor]] = {name: [] for name in self.layers}
         outliers = 0
         with torch.no_grad():
             for start in range(first, last, self.forward_batch_size):
@@ -270,18 +258,8 @@ class ModelActivationStream:
                 outliers += sinks
                 for name in self.layers:
                     parts[name].append(vectors[name])
-        rows = {name: torch.cat(chunks) for name, chunks in parts.items()}
-        n = next(iter(rows.values())).shape[0]
-        generator = torch.Generator().manual_seed(_block_seed(self.seed, epoch, index))
-        order = torch.randperm(n, generator=generator).to(self.device)
-        n_batches = n // self.batch_size
-        cut = n_batches * self.batch_size
-        body, carry_out = {}, {}
-        for name, value in rows.items():
-            shuffled = value[order]
-            body[name] = shuffled[:cut]
-            carry_out[name] = shuffled[cut:].clone()
-        return _Block(index, carry_in, body, n_batches, outliers, carry_out)
+        return shuffle_block(index, parts, self.batch_size, block_seed(self.seed, epoch, index), carry_in,
+                             outliers=outliers)
 
 
 class StreamReader:
@@ -394,11 +372,7 @@ class StreamReader:
                 self._block, self._carry = item.index, item.carry_in
                 for j in range(skip, item.n_batches):
                     self._consumed = j + 1
-                    lo, hi = j * stream.batch_size, (j + 1) * stream.batch_size
-                    if self.layer is not None:
-                        yield item.body[self.layer][lo:hi]
-                    else:
-                        yield {name: value[lo:hi] for name, value in item.body.items()}
+                    yield item.batch(j, self.layer)
                 # The block is done: the next one starts with nothing consumed and this one's leftover rows.
                 self._block, self._consumed, self._carry = item.index + 1, 0, item.carry_out
                 del item

@@ -416,7 +416,15 @@ class SaeStepper:
             group["lr"] = lr
         dead = self.tokens_since_fired >= self.dead_window_tokens
         # One decision for every rank (the graph, hence the collectives of backward, must be the same on all).
-        any_dead = bool(self._all_reduce_max(self._any_over_latents(dead.any())))
+        if self._latent_sharded:
+            any_dead = bool(self._any_over_latents(dead.any()))
+        else:
+            # With fewer dead latents than k_aux, the slots past them would only be padding (value 0, no gradient):
+            # AuxK takes min(k_aux, dead) slots, the same code without the padding, at a fraction of the cost
+            # (data-parallel ranks hold the same counters, so the same number on every rank).
+            n_dead = int(self._all_reduce_max(dead.sum()))
+            any_dead = n_dead > 0
+            k_aux = min(k_aux, n_dead)
         out = self.compute_losses(
             x,
             dead_mask=dead if any_dead else None,
