@@ -94,15 +94,32 @@ def _held_out(dataset: list[str], chosen: list[str], seed: int, n: int) -> list[
     return [t for t in order if t not in used and t.strip()][:n]
 
 
+FINALE_CANDIDATES = 2
+"""Features measured by the finale's sweep (ranked without generating: logit-lens coherence and top texts)."""
+
+FINALE_STRENGTHS = (0.3, 0.5)
+"""The finale's sweep of ``add`` strengths (multiples of each token's residual norm), stopped at the first that
+meets the targets or costs 1 nat/token of fluency; measured on the demo's default SAE (README, steering)."""
+
+
 def _finale(lm: Any, sae: Any, layer: str, stats: Any, lens: Any, prompts: list[str], strength: float | None,
             max_new_tokens: int) -> tuple[Any, Any] | None:
-    """Choose the feature to steer by measured steering success; returns ``(candidate, evaluation)``."""
-    candidates = lens_candidates(lens, stats.frequency, limit=3)
+    """Choose the feature to steer by measured steering success; returns ``(candidate, evaluation)``.
+
+    The candidates are ranked without generating (how coherent the tokens their decoder direction promotes are,
+    and how many of their top texts hold those words: features that both read and write a word); only the best
+    :data:`FINALE_CANDIDATES` are steered, over :data:`FINALE_STRENGTHS`, the plain continuations generated once.
+    """
+    try:
+        top_texts = sae.concepts.get_top_texts()
+    except RuntimeError:  # tracking never ran: rank by the logit lens alone
+        top_texts = None
+    candidates = lens_candidates(lens, stats.frequency, limit=FINALE_CANDIDATES, top_texts=top_texts)
     if not candidates:
         return None
     lm.attach_sae(sae, layer)
     try:
-        return choose_by_sweep(lm, sae, candidates, prompts, None if strength is None else [strength],
+        return choose_by_sweep(lm, sae, candidates, prompts, FINALE_STRENGTHS if strength is None else [strength],
                                max_new_tokens=max_new_tokens, lens=lens)
     finally:
         lm.detach_sae(sae)
@@ -119,10 +136,11 @@ def _show_finale(result: Any, reason: str) -> None:
     say(f"feature {result.neuron}: {reason}")
     say(f"steering: add {best.strength:g} x the residual norm along its decoder direction at every token "
         f"(strength chosen by the sweep {', '.join(f'{p.strength:g}' for p in result.points)})")
+    words = ", ".join(repr(w) for w in result.promoted_words[:6])
     say(f"measured: feature active in {count(best.feature_active)} steered continuations "
-        f"({count(plain.feature_active)} plain); promoted tokens in {count(best.promoted_rate)} "
+        f"({count(plain.feature_active)} plain); its promoted words ({words}) in {count(best.promoted_rate)} "
         f"({count(plain.promoted_rate)} plain); clean-model loss {best.loss:.2f} vs {plain.loss:.2f} nat/token "
-        f"(+{best.loss_rise:.2f}); KL {best.kl:.2f}; targets " + ("met" if best.passes else "NOT met"))
+        f"({best.loss_rise:+.2f}); KL {best.kl:.2f}; targets " + ("met" if best.passes else "NOT met"))
     for prompt, a, b in zip(result.prompts, plain.continuations, best.continuations):
         say(f"prompt:  {prompt!r}\nplain:   {a!r}\nsteered: {b!r}")
 
@@ -187,7 +205,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or DEFAULT_PROMPTS
     # The logit lens of every feature that fired: candidates for steering, and the report's feature pages.
     lens = feature_logit_lens(lm, sae, [i for i, n in enumerate(stats.fire_count.tolist()) if n > 0], top=10)
+    timer.end("lens")
+    timer.begin()
     finale = _finale(lm, sae, layer, stats, lens, prompts, args.strength, max_new_tokens)
+    timer.end("steer")
+    timer.begin()
     steering = {}
     if finale is not None:
         (idx, word, reason), evaluation = finale
@@ -203,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         say("no feature promotes a coherent set of tokens (train longer, e.g. more --tokens); steering skipped")
     else:
         _show_finale(evaluation, reason)
-    timer.end("steer+report")
+    timer.end("report")
 
     step(timer.summary())
     say(f"activations: {store.location(f'activations/{run_id}')}")

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from mi_crow.hooks import LayerActivationDetector
 from mi_crow.mechanistic.sae import TopKSae
 from mi_crow.mechanistic.sae.concepts import evaluate_steering, feature_logit_lens
-from mi_crow.mechanistic.sae.concepts.evaluation import SteeringPoint, choose_strength
-from mi_crow.mechanistic.sae.concepts.logit_lens import coherence
+import re
+
+from mi_crow.mechanistic.sae.concepts.evaluation import SteeringPoint, choose_strength, count_words
+from mi_crow.mechanistic.sae.concepts.logit_lens import _STOPWORDS, coherence, normalize_token, readable_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +82,20 @@ def test_evaluate_steering_measures_against_hand_computations(tiny_llama):
     assert result.plain.loss == pytest.approx(total / count, rel=1e-4)
     assert result.plain.feature_active == pytest.approx(sum(active) / len(active))
 
+    # Promoted words: the lens's top tokens reduced to letters (3+ letters), counted as whole words by hand.
+    lens = feature_logit_lens(lm, sae, [neuron], top=5)
+    words = []
+    for t in lens.promoted[0]:
+        w = normalize_token(t)
+        if len(w) >= 3 and w not in words and w not in _STOPWORDS:
+            words.append(w)
+    assert result.promoted_words == words
+    for point in [result.plain, *result.points]:
+        hits = [sum(1 for w in words for _ in re.finditer(rf"(?<![a-zA-Z]){w}(?![a-zA-Z])", c, re.I))
+                for c in point.continuations]
+        assert point.promoted_count == sum(hits)
+        assert point.promoted_rate == pytest.approx(sum(1 for h in hits if h) / len(hits))
+
     # The KL of a point: the steered model against the plain one on the plain texts.
     sae.concepts.add_concept(neuron, strength=4.0, exclude_special=True)
     steered_logits = lm.forwards(texts).logits
@@ -90,9 +106,31 @@ def test_evaluate_steering_measures_against_hand_computations(tiny_llama):
     assert result.points[1].kl > result.points[0].kl > 0
     assert result.best_strength in (0.5, 4.0)
     for p in result.points:
-        assert p.passes == (p.feature_active >= 0.8 and p.promoted_rate >= 0.5 and p.loss_rise < 1.0)
+        assert p.passes == (p.feature_active >= 0.8 and p.promoted_rate >= 0.5 and p.loss_rise < 1.0
+                            and result.plain.promoted_rate < 0.1)
     data = result.to_dict()
     assert data["neuron"] == neuron and len(data["points"]) == 2 and "strength" in result.table()
+
+
+def test_promoted_words_count_as_whole_words_only():
+    assert count_words(["a line.", "online", "Lines of LINE", "x"], ["line"]) == (0.5, 2)
+    assert count_words(["Paris, paris2 and PARIS"], ["paris", "par"]) == (1.0, 3)
+    assert count_words(["anything"], []) == (0.0, 0)
+    assert readable_words([" Line", "line", " lines", "the", ",", "ab"]) == ["line", "lines"]
+
+
+def test_plain_continuations_given_are_used_and_checked(tiny_llama):
+    lm = tiny_llama
+    sae = make_sae(lm)
+    lm.attach_sae(sae, LAYER)
+    plain = lm.generate(PROMPTS, max_new_tokens=4)
+    a = evaluate_steering(lm, sae, 2, PROMPTS, [1.0], max_new_tokens=4)
+    b = evaluate_steering(lm, sae, 2, PROMPTS, [1.0], max_new_tokens=4, plain_continuations=plain)
+    assert a.plain == b.plain and a.points == b.points
+    data = b.to_dict()
+    assert "whole word" in data["definitions"]["promoted_rate"] and data["promoted_words"] == b.promoted_words
+    with pytest.raises(ValueError, match=r"plain_continuations must hold one continuation per prompt \(2\), got 1"):
+        evaluate_steering(lm, sae, 2, PROMPTS, [1.0], max_new_tokens=4, plain_continuations=plain[:1])
 
 
 def test_evaluate_steering_bad_input(tiny_llama):
