@@ -94,26 +94,28 @@ def _held_out(dataset: list[str], chosen: list[str], seed: int, n: int) -> list[
     return [t for t in order if t not in used and t.strip()][:n]
 
 
-FINALE_CANDIDATES = 2
+FINALE_CANDIDATES = 3
 """Features measured by the finale's sweep (ranked without generating: logit-lens coherence and top texts)."""
 
-FINALE_STRENGTHS = (0.3, 0.5)
-"""The finale's sweep of ``add`` strengths (multiples of each token's residual norm), stopped at the first that
-meets the targets or costs 1 nat/token of fluency; measured on the demo's default SAE (README, steering)."""
+FINALE_STRENGTHS = (0.25, 0.35, 0.5)
+"""The finale's sweep of ``add`` strengths (multiples of each token's residual norm), generated as one batch per
+candidate."""
 
 
 def _finale(lm: Any, sae: Any, layer: str, stats: Any, lens: Any, prompts: list[str], strength: float | None,
-            max_new_tokens: int) -> tuple[Any, Any] | None:
+            max_new_tokens: int, top_texts: Any = None) -> tuple[Any, Any] | None:
     """Choose the feature to steer by measured steering success; returns ``(candidate, evaluation)``.
 
     The candidates are ranked without generating (how coherent the tokens their decoder direction promotes are,
     and how many of their top texts hold those words: features that both read and write a word); only the best
-    :data:`FINALE_CANDIDATES` are steered, over :data:`FINALE_STRENGTHS`, the plain continuations generated once.
+    :data:`FINALE_CANDIDATES` are steered, each over all of :data:`FINALE_STRENGTHS` in one batched generation, the
+    plain continuations generated once.
     """
-    try:
-        top_texts = sae.concepts.get_top_texts()
-    except RuntimeError:  # tracking never ran: rank by the logit lens alone
-        top_texts = None
+    if top_texts is None:
+        try:
+            top_texts = sae.concepts.get_top_texts()
+        except RuntimeError:  # tracking never ran: rank by the logit lens alone
+            top_texts = None
     candidates = lens_candidates(lens, stats.frequency, limit=FINALE_CANDIDATES, top_texts=top_texts)
     if not candidates:
         return None

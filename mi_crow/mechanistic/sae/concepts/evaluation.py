@@ -196,9 +196,10 @@ def count_words(texts: Sequence[str], words: Sequence[str]) -> tuple[float, int]
 
 
 def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuations: list[str], neuron: int,
-                 max_length: int | None) -> tuple[float, float, Tensor, Tensor]:
-    """Clean forward over prompt + continuation: (feature active share, mean loss per continuation token, logits,
-    attention mask)."""
+                 max_length: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Clean forward over each prompt + continuation: per text, whether the feature is active on a continuation
+    token (bool ``[n]``), the summed loss of its continuation tokens and their count (``[n]`` each); and the logits
+    and attention mask."""
     texts = [p + c for p, c in zip(prompts, continuations)]
     prompt_lens = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     capture = _Capture(lm.layers.get_module(layer))
@@ -216,8 +217,8 @@ def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuation
     log_probs = F.log_softmax(logits[:, :-1], dim=-1)
     token_loss = -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     target = cont[:, 1:]
-    n_tokens = int(target.sum())
-    loss = float(token_loss[target].sum()) / max(n_tokens, 1)
+    loss_sum = (token_loss * target).sum(dim=1).double()
+    n_tokens = target.sum(dim=1)
     # Is the feature active on a continuation token, as the SAE reads the clean residual?
     hidden = capture.hidden
     if hidden is None:
@@ -226,8 +227,7 @@ def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuation
         code = sae.encode(hidden)
     values = code.values.cpu()
     fired = ((code.indices.cpu() == neuron) & (values > 0)).any(dim=-1) & cont
-    active = float(fired.any(dim=1).float().mean())
-    return active, loss, logits, mask
+    return fired.any(dim=1), loss_sum, n_tokens, logits, mask
 
 
 def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:
@@ -235,6 +235,10 @@ def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:
     lq = F.log_softmax(plain, dim=-1)
     kl = (lp.exp() * (lp - lq)).sum(dim=-1)
     return float(kl[mask].mean()) if bool(mask.any()) else 0.0
+
+
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _passes(p: SteeringPoint, plain: SteeringPoint, targets: dict[str, float]) -> bool:
@@ -274,6 +278,7 @@ def evaluate_steering(
     lens: LogitLens | None = None,
     stop_early: bool = False,
     plain_continuations: Sequence[str] | None = None,
+    batch_sweep: bool = True,
 ) -> SteeringEvaluation:
     """Steer one feature at each strength of a sweep and measure whether it worked (see the module docstring).
 
@@ -298,6 +303,9 @@ def evaluate_steering(
             limit (for a sweep in increasing order: the later strengths would only cost more fluency).
         plain_continuations: the unsteered continuations of ``prompts`` when already generated (with the same
             ``max_new_tokens``; saves one generation when several features are measured on the same prompts).
+        batch_sweep: for ``add`` / ``clamp`` / ``cap``, generate every strength in one batch (each prompt once per
+            strength; the same greedy texts as one generation per strength, up to float rounding, for about the
+            cost of one on a CPU); ``stop_early`` then has nothing to save. ``False``: one generation per strength.
 
     Returns:
         A :class:`SteeringEvaluation` (``.table()``, ``.to_json()``, ``.best_strength``).
@@ -342,13 +350,23 @@ def evaluate_steering(
             getattr(concepts, {"add": "add_concept", "clamp": "clamp_concept", "cap": "cap_concept"}[mode])(
                 idx, exclude_special=exclude_special, **key)
 
-    def measure(strength: float | None, texts: list[str], kl: float,
-                base: float | None) -> tuple[SteeringPoint, Tensor, Tensor]:
-        active, loss, logits, mask = _score_texts(lm, sae, layer, prompts, texts, idx, max_length)
-        rate, count = count_words(texts, words)
-        rise = 0.0 if base is None else loss - base
-        return SteeringPoint(strength, active, rate, loss, rise, kl, count, texts), logits, mask
+    def measure(strengths: list[float | None], texts: list[str], kls: list[float],
+                base: float | None) -> tuple[list[SteeringPoint], Tensor, Tensor]:
+        """One point per strength; ``texts`` holds len(prompts) continuations per strength, in order."""
+        active, loss_sum, n_tok, logits, mask = _score_texts(lm, sae, layer, prompts * len(strengths), texts, idx,
+                                                             max_length)
+        points = []
+        n = len(prompts)
+        for i, (strength, group, kl) in enumerate(zip(strengths, _chunks(texts, n), kls)):
+            rows = slice(i * n, (i + 1) * n)
+            loss = float(loss_sum[rows].sum()) / max(int(n_tok[rows].sum()), 1)
+            rate, count = count_words(group, words)
+            rise = 0.0 if base is None else loss - base
+            points.append(SteeringPoint(strength, float(active[rows].float().mean()), rate, loss, rise, kl, count,
+                                        group))
+        return points, logits, mask
 
+    steering = concepts._steering
     try:
         if plain_continuations is None:
             plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
@@ -357,22 +375,31 @@ def evaluate_steering(
             if len(plain_text) != len(prompts):
                 raise UserInputError(f"plain_continuations must hold one continuation per prompt ({len(prompts)}), "
                                      f"got {len(plain_text)}")
-        plain, plain_logits, mask = measure(None, plain_text, 0.0, None)
-        points = []
-        for strength in sweep:
-            apply(strength)
+        (plain,), plain_logits, mask = measure([None], plain_text, [0.0], None)
+        plain_texts = [p + c for p, c in zip(prompts, plain_text)]
+        # Edits whose value scales (add / clamp / cap) run the whole sweep as one batch: every prompt once per
+        # strength, the edit's value 1 times a per-text factor (Steering.row_scales).
+        batched = batch_sweep and mode in ("add", "clamp", "cap") and len(sweep) > 1
+        groups = [sweep] if batched else [[s] for s in sweep]
+        points: list[SteeringPoint] = []
+        for group in groups:
+            apply(1.0 if batched else group[0])
+            if batched:
+                steering.row_scales = torch.tensor([s for s in group for _ in prompts], dtype=torch.float64)
             try:
-                steered = lm.generate(prompts, max_new_tokens=max_new_tokens)
+                steered = lm.generate(prompts * len(group), max_new_tokens=max_new_tokens)
                 # The steered model's distributions on the plain texts, against the plain model's.
-                out, _ = lm.inference.forward_batch([p + c for p, c in zip(prompts, plain_text)],
-                                                    max_length=max_length)
-                kl = _kl(out.logits.float().cpu(), plain_logits, mask)
+                out, _ = lm.inference.forward_batch(plain_texts * len(group), max_length=max_length)
             finally:
                 concepts.reset_manipulations()
-            point, _, _ = measure(strength, steered, kl, plain.loss)
-            point.passes = _passes(point, plain, targets)
-            points.append(point)
-            if stop_early and (point.passes or point.loss_rise >= targets["loss_rise"]):
+            steered_logits = out.logits.float().cpu()
+            n = len(prompts)
+            kls = [_kl(steered_logits[i * n:(i + 1) * n], plain_logits, mask) for i in range(len(group))]
+            measured, _, _ = measure(list(group), steered, kls, plain.loss)
+            for point in measured:
+                point.passes = _passes(point, plain, targets)
+            points.extend(measured)
+            if stop_early and not batched and (points[-1].passes or points[-1].loss_rise >= targets["loss_rise"]):
                 break
     finally:
         concepts.reset_manipulations()

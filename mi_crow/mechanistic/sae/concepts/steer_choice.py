@@ -203,10 +203,10 @@ def lens_candidates(
                   f"top tokens are '{word}')")
         if top_texts is not None:
             records = top_texts[idx] if idx < len(top_texts) else []
-            texts = [r[0] for r in records]
+            texts = [r[0] for r in records]  # TopText unpacks as (text, activation)
             reads, _ = count_words(texts, readable_words(promoted))
             if texts:
-                reason += f"; {round(reads * len(texts))}/{len(texts)} of its top texts hold that word"
+                reason += f"; {round(reads * len(texts))}/{len(texts)} of its top texts hold one of its promoted words"
             score += reads
         reason += f"; it fires on {100 * freq[idx]:.2f}% of tokens"
         scored.append((score + 0.1 * top_logit[row] / scale, idx, word, reason))
