@@ -39,7 +39,7 @@ def main() -> int:
 
     import torch
 
-    from mi_crow.cli.common import cli_info, load_model, open_store, sae_ids
+    from mi_crow.cli.common import cli_info, load_model, model_of_sae, open_store, sae_ids
     from mi_crow.cli.demo import FINALE_STRENGTHS, _finale
     from mi_crow.cli.steer_eval import DEFAULT_PROMPTS
     from mi_crow.mechanistic.sae import TopKSae
@@ -50,7 +50,7 @@ def main() -> int:
     sae_id = args.sae_id or sorted(sae_ids(store))[0]
     info = cli_info(store, sae_id)
     layer, run_id = info["layer"], info["activation_run"]
-    lm = load_model(info.get("model") or "default", store=store)
+    lm = load_model(model_of_sae(None, info) or "default", store=store)
     sae = TopKSae.load(store, sae_id)
     # The top texts the demo stored (step 4), as (text, activation) pairs per feature.
     top_texts = [[] for _ in range(sae.n_latents)]

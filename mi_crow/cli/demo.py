@@ -34,6 +34,7 @@ from mi_crow.cli.save import default_run_id, save_step
 from mi_crow.cli.steer_eval import DEFAULT_PROMPTS, put_steering
 from mi_crow.cli.train import train_step
 from mi_crow.mechanistic.sae.concepts import choose_by_sweep, feature_logit_lens, lens_candidates, track_from_run
+from mi_crow.mechanistic.sae.concepts.evaluation import DEFAULT_STRENGTHS
 
 
 class _Timer:
@@ -97,7 +98,7 @@ def _held_out(dataset: list[str], chosen: list[str], seed: int, n: int) -> list[
 FINALE_CANDIDATES = 3
 """Features measured by the finale's sweep (ranked without generating: logit-lens coherence and top texts)."""
 
-FINALE_STRENGTHS = (0.25, 0.35, 0.5)
+FINALE_STRENGTHS = DEFAULT_STRENGTHS
 """The finale's sweep of ``add`` strengths (multiples of each token's residual norm), generated as one batch per
 candidate."""
 

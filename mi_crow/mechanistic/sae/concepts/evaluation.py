@@ -39,8 +39,9 @@ from mi_crow.validation import check_choice, check_positive_int, check_texts
 
 __all__ = ["DEFAULT_STRENGTHS", "DEFINITIONS", "TARGETS", "count_words", "word_pattern", "SteeringEvaluation", "SteeringPoint", "evaluate_steering"]
 
-DEFAULT_STRENGTHS = (0.15, 0.3, 0.5, 0.8)
-"""Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer."""
+DEFAULT_STRENGTHS = (0.25, 0.35, 0.5)
+"""Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer. Measured on the demo's
+SAEs (SmolLM2-135M, layer 15 of 30): 0.15 barely moves the text, 0.5 costs about 1 nat/token of fluency, 0.8 loops."""
 
 TARGETS = {"feature_active": 0.8, "promoted_rate": 0.5, "plain_promoted_rate": 0.1, "loss_rise": 1.0}
 """What a successful steering reaches: feature active in >= 80% of continuations, promoted words in >= 50% (and in
