@@ -237,7 +237,8 @@ def choose_by_sweep(
         strengths: the sweep (default ``evaluation.DEFAULT_STRENGTHS``).
         max_new_tokens: tokens generated per prompt.
         lens: the ``LogitLens`` the candidates came from (saves recomputing it).
-        stop_early: each sweep stops at its first strength that meets the targets or loses too much fluency.
+        stop_early: each sweep stops at its first strength that meets the targets or loses too much fluency (only
+            when the sweep is not batched, see ``evaluate_steering``'s ``batch_sweep``).
         **kwargs: passed to ``evaluate_steering`` (``mode``, ``relative``, ...).
 
     Returns:
