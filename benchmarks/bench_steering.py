@@ -34,6 +34,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=30, help="the demo's default is 30 (quick: 16)")
     parser.add_argument("--features", help="comma-separated features to measure instead of the finale's choice")
     parser.add_argument("--strengths", help="comma-separated strengths (default: the finale's)")
+    parser.add_argument("--candidates", type=int,
+                        help="measure the first N features of the finale's ranking, all of them (not only until one "
+                             "meets the targets)")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
 
@@ -43,7 +46,7 @@ def main() -> int:
     from mi_crow.cli.demo import FINALE_STRENGTHS, _finale
     from mi_crow.cli.steer_eval import DEFAULT_PROMPTS
     from mi_crow.mechanistic.sae import TopKSae
-    from mi_crow.mechanistic.sae.concepts import evaluate_steering, feature_logit_lens
+    from mi_crow.mechanistic.sae.concepts import evaluate_steering, feature_logit_lens, lens_candidates
     from mi_crow.report import feature_stats_from_store
 
     store = open_store(args.store)
@@ -66,15 +69,25 @@ def main() -> int:
     strengths = [float(s) for s in args.strengths.split(",")] if args.strengths else list(FINALE_STRENGTHS)
     results = []
     t0 = time.perf_counter()
-    if args.features:
+    if args.features or args.candidates:
+        if args.features:
+            features = [int(x) for x in args.features.split(",")]
+            reason = "given with --features"
+        else:
+            ranked = lens_candidates(lens, stats.frequency, limit=args.candidates, top_texts=top_texts)
+            features = [c[0] for c in ranked]
+            reason = f"the first {args.candidates} of the finale's ranking: " + "; ".join(
+                f"{c[0]} ({c[2]})" for c in ranked)
         lm.attach_sae(sae, layer)
+        plain = None
         try:
-            for f in (int(x) for x in args.features.split(",")):
+            for f in features:
                 results.append(evaluate_steering(lm, sae, f, DEFAULT_PROMPTS, strengths,
-                                                 max_new_tokens=args.max_new_tokens, lens=lens))
+                                                 max_new_tokens=args.max_new_tokens, lens=lens,
+                                                 plain_continuations=plain))
+                plain = results[-1].plain.continuations
         finally:
             lm.detach_sae(sae)
-        reason = "given with --features"
     else:
         finale = _finale(lm, sae, layer, stats, lens, DEFAULT_PROMPTS, None, args.max_new_tokens, top_texts)
         if finale is None:

@@ -95,7 +95,7 @@ def _held_out(dataset: list[str], chosen: list[str], seed: int, n: int) -> list[
     return [t for t in order if t not in used and t.strip()][:n]
 
 
-FINALE_CANDIDATES = 2
+FINALE_CANDIDATES = 3
 """Features measured by the finale's sweep (ranked without generating: logit-lens coherence and top texts)."""
 
 FINALE_STRENGTHS = DEFAULT_STRENGTHS
