@@ -28,7 +28,8 @@ def test_the_finale_measures_the_ranked_candidates_as_evaluate_steering_does(tin
     top_texts = [[("the house by the river", 1.0)] for _ in range(24)]
     chosen, evaluation = _finale(lm, sae, LAYER, stats, lens, PROMPTS, None, 4, top_texts)
     ranked = lens_candidates(lens, stats.frequency, limit=FINALE_CANDIDATES, top_texts=top_texts)
-    assert len(ranked) == FINALE_CANDIDATES and {c[0] for c in ranked} <= {3, 11}  # the texts say house and river
+    # The texts say house and river, not water: those two first.
+    assert {c[0] for c in ranked[:2]} == {3, 11} and [c[0] for c in ranked[2:]] == [7][:FINALE_CANDIDATES - 2]
     assert chosen in ranked
     assert not lm.layers.is_registered(sae) and not sae.concepts.has_manipulations
     assert [p.strength for p in evaluation.points] == list(FINALE_STRENGTHS)
