@@ -1,8 +1,9 @@
 """``mi-crow demo``: the whole workflow on the embedded default model and corpus, step by step.
 
 load model and corpus -> save activations -> train a TopK SAE -> top texts per feature -> evaluate (on held-out
-texts of the corpus) and write the report -> steer a feature chosen by measured steering success: the coherence of
-the tokens its decoder direction promotes (logit lens), then a strength sweep measured by ``evaluate_steering``.
+texts of the corpus) and write the report -> steer a feature chosen by measured steering success: candidates ranked
+by the coherence of the tokens their decoder direction promotes (logit lens) and by how many of their top texts hold
+those words, then a strength sweep measured by ``evaluate_steering``.
 """
 
 from __future__ import annotations
