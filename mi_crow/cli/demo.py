@@ -1,8 +1,9 @@
 """``mi-crow demo``: the whole workflow on the embedded default model and corpus, step by step.
 
 load model and corpus -> save activations -> train a TopK SAE -> top texts per feature -> evaluate (on held-out
-texts of the corpus) and write the report -> steer a feature chosen by measured steering success: the coherence of
-the tokens its decoder direction promotes (logit lens), then a strength sweep measured by ``evaluate_steering``.
+texts of the corpus) and write the report -> steer a feature chosen by measured steering success: candidates ranked
+by the coherence of the tokens their decoder direction promotes (logit lens) and by how many of their top texts hold
+those words, then a strength sweep measured by ``evaluate_steering``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from mi_crow.cli.save import default_run_id, save_step
 from mi_crow.cli.steer_eval import DEFAULT_PROMPTS, put_steering
 from mi_crow.cli.train import train_step
 from mi_crow.mechanistic.sae.concepts import choose_by_sweep, feature_logit_lens, lens_candidates, track_from_run
+from mi_crow.mechanistic.sae.concepts.evaluation import DEFAULT_STRENGTHS
 
 
 class _Timer:
@@ -94,15 +96,34 @@ def _held_out(dataset: list[str], chosen: list[str], seed: int, n: int) -> list[
     return [t for t in order if t not in used and t.strip()][:n]
 
 
+FINALE_CANDIDATES = 3
+"""Features measured by the finale's sweep (ranked without generating: logit-lens coherence and top texts)."""
+
+FINALE_STRENGTHS = DEFAULT_STRENGTHS
+"""The finale's sweep of ``add`` strengths (multiples of each token's residual norm), generated as one batch per
+candidate."""
+
+
 def _finale(lm: Any, sae: Any, layer: str, stats: Any, lens: Any, prompts: list[str], strength: float | None,
-            max_new_tokens: int) -> tuple[Any, Any] | None:
-    """Choose the feature to steer by measured steering success; returns ``(candidate, evaluation)``."""
-    candidates = lens_candidates(lens, stats.frequency, limit=3)
+            max_new_tokens: int, top_texts: Any = None) -> tuple[Any, Any] | None:
+    """Choose the feature to steer by measured steering success; returns ``(candidate, evaluation)``.
+
+    The candidates are ranked without generating (how coherent the tokens their decoder direction promotes are,
+    and how many of their top texts hold those words: features that both read and write a word); only the best
+    :data:`FINALE_CANDIDATES` are steered, each over all of :data:`FINALE_STRENGTHS` in one batched generation, the
+    plain continuations generated once.
+    """
+    if top_texts is None:
+        try:
+            top_texts = sae.concepts.get_top_texts()
+        except RuntimeError:  # tracking never ran: rank by the logit lens alone
+            top_texts = None
+    candidates = lens_candidates(lens, stats.frequency, limit=FINALE_CANDIDATES, top_texts=top_texts)
     if not candidates:
         return None
     lm.attach_sae(sae, layer)
     try:
-        return choose_by_sweep(lm, sae, candidates, prompts, None if strength is None else [strength],
+        return choose_by_sweep(lm, sae, candidates, prompts, FINALE_STRENGTHS if strength is None else [strength],
                                max_new_tokens=max_new_tokens, lens=lens)
     finally:
         lm.detach_sae(sae)
@@ -119,10 +140,11 @@ def _show_finale(result: Any, reason: str) -> None:
     say(f"feature {result.neuron}: {reason}")
     say(f"steering: add {best.strength:g} x the residual norm along its decoder direction at every token "
         f"(strength chosen by the sweep {', '.join(f'{p.strength:g}' for p in result.points)})")
+    words = ", ".join(repr(w) for w in result.promoted_words[:6])
     say(f"measured: feature active in {count(best.feature_active)} steered continuations "
-        f"({count(plain.feature_active)} plain); promoted tokens in {count(best.promoted_rate)} "
+        f"({count(plain.feature_active)} plain); its promoted words ({words}) in {count(best.promoted_rate)} "
         f"({count(plain.promoted_rate)} plain); clean-model loss {best.loss:.2f} vs {plain.loss:.2f} nat/token "
-        f"(+{best.loss_rise:.2f}); KL {best.kl:.2f}; targets " + ("met" if best.passes else "NOT met"))
+        f"({best.loss_rise:+.2f}); KL {best.kl:.2f}; targets " + ("met" if best.passes else "NOT met"))
     for prompt, a, b in zip(result.prompts, plain.continuations, best.continuations):
         say(f"prompt:  {prompt!r}\nplain:   {a!r}\nsteered: {b!r}")
 
@@ -187,7 +209,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = args.prompt or DEFAULT_PROMPTS
     # The logit lens of every feature that fired: candidates for steering, and the report's feature pages.
     lens = feature_logit_lens(lm, sae, [i for i, n in enumerate(stats.fire_count.tolist()) if n > 0], top=10)
+    timer.end("lens")
+    timer.begin()
     finale = _finale(lm, sae, layer, stats, lens, prompts, args.strength, max_new_tokens)
+    timer.end("steer")
+    timer.begin()
     steering = {}
     if finale is not None:
         (idx, word, reason), evaluation = finale
@@ -203,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         say("no feature promotes a coherent set of tokens (train longer, e.g. more --tokens); steering skipped")
     else:
         _show_finale(evaluation, reason)
-    timer.end("steer+report")
+    timer.end("report")
 
     step(timer.summary())
     say(f"activations: {store.location(f'activations/{run_id}')}")

@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--feature", required=True, help="feature index or concept name")
     p.add_argument("--prompt", action="append", help="prompt (repeatable; default: three generic prompts)")
     p.add_argument("--strengths", type=_finite_floats,
-                   help="comma-separated sweep (default 0.15,0.3,0.5,0.8: multiples of the residual norm for add)")
+                   help="comma-separated sweep (default 0.25,0.35,0.5: multiples of the residual norm for add)")
     p.add_argument("--mode", choices=["add", "clamp", "scale", "cap", "ablate"], default="add")
     p.add_argument("--absolute", action="store_true",
                    help="strengths of add/clamp/cap are activations, not multiples of the residual norm")

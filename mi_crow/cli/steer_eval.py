@@ -61,12 +61,14 @@ def run(args: argparse.Namespace) -> int:
     say(f"feature {result.neuron} on {layer}, mode {result.mode}{unit}; {len(prompts)} prompts, "
         f"{result.max_new_tokens} new tokens each")
     say(f"promotes: {', '.join(repr(t) for t in result.promoted_tokens)}")
+    say(f"words counted in the continuations (whole words): {', '.join(repr(w) for w in result.promoted_words)}")
     say(f"suppresses: {', '.join(repr(t) for t in result.suppressed_tokens)}")
     say(result.table())
     best = result.best
     if best is not None:
         say(f"chosen strength {best.strength:g}: " + ("meets" if best.passes else "does not meet")
-            + " the targets (feature active >= 80%, promoted tokens >= 50%, loss rise < 1 nat/token)")
+            + " the targets (feature active >= 80%, promoted words >= 50% and < 10% plain, loss rise < 1 "
+            "nat/token)")
         for prompt, plain, steered in zip(prompts, result.plain.continuations, best.continuations):
             say(f"prompt:  {prompt!r}\nplain:   {plain!r}\nsteered: {steered!r}")
     put_steering(store, args.sae_id, result)

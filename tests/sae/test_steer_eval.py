@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from mi_crow.hooks import LayerActivationDetector
 from mi_crow.mechanistic.sae import TopKSae
 from mi_crow.mechanistic.sae.concepts import evaluate_steering, feature_logit_lens
-from mi_crow.mechanistic.sae.concepts.evaluation import SteeringPoint, choose_strength
-from mi_crow.mechanistic.sae.concepts.logit_lens import coherence
+import re
+
+from mi_crow.mechanistic.sae.concepts.evaluation import SteeringPoint, choose_strength, count_words
+from mi_crow.mechanistic.sae.concepts.logit_lens import _STOPWORDS, coherence, normalize_token, readable_words
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,6 +82,20 @@ def test_evaluate_steering_measures_against_hand_computations(tiny_llama):
     assert result.plain.loss == pytest.approx(total / count, rel=1e-4)
     assert result.plain.feature_active == pytest.approx(sum(active) / len(active))
 
+    # Promoted words: the lens's top tokens reduced to letters (3+ letters), counted as whole words by hand.
+    lens = feature_logit_lens(lm, sae, [neuron], top=5)
+    words = []
+    for t in lens.promoted[0]:
+        w = normalize_token(t)
+        if len(w) >= 3 and w not in words and w not in _STOPWORDS:
+            words.append(w)
+    assert result.promoted_words == words
+    for point in [result.plain, *result.points]:
+        hits = [sum(1 for w in words for _ in re.finditer(rf"(?<![a-zA-Z]){w}(?![a-zA-Z])", c, re.I))
+                for c in point.continuations]
+        assert point.promoted_count == sum(hits)
+        assert point.promoted_rate == pytest.approx(sum(1 for h in hits if h) / len(hits))
+
     # The KL of a point: the steered model against the plain one on the plain texts.
     sae.concepts.add_concept(neuron, strength=4.0, exclude_special=True)
     steered_logits = lm.forwards(texts).logits
@@ -90,9 +106,31 @@ def test_evaluate_steering_measures_against_hand_computations(tiny_llama):
     assert result.points[1].kl > result.points[0].kl > 0
     assert result.best_strength in (0.5, 4.0)
     for p in result.points:
-        assert p.passes == (p.feature_active >= 0.8 and p.promoted_rate >= 0.5 and p.loss_rise < 1.0)
+        assert p.passes == (p.feature_active >= 0.8 and p.promoted_rate >= 0.5 and p.loss_rise < 1.0
+                            and result.plain.promoted_rate < 0.1)
     data = result.to_dict()
     assert data["neuron"] == neuron and len(data["points"]) == 2 and "strength" in result.table()
+
+
+def test_promoted_words_count_as_whole_words_only():
+    assert count_words(["a line.", "online", "Lines of LINE", "x"], ["line"]) == (0.5, 2)
+    assert count_words(["Paris, paris2 and PARIS"], ["paris", "par"]) == (1.0, 3)
+    assert count_words(["anything"], []) == (0.0, 0)
+    assert readable_words([" Line", "line", " lines", "the", ",", "ab"]) == ["line", "lines"]
+
+
+def test_plain_continuations_given_are_used_and_checked(tiny_llama):
+    lm = tiny_llama
+    sae = make_sae(lm)
+    lm.attach_sae(sae, LAYER)
+    plain = lm.generate(PROMPTS, max_new_tokens=4)
+    a = evaluate_steering(lm, sae, 2, PROMPTS, [1.0], max_new_tokens=4)
+    b = evaluate_steering(lm, sae, 2, PROMPTS, [1.0], max_new_tokens=4, plain_continuations=plain)
+    assert a.plain == b.plain and a.points == b.points
+    data = b.to_dict()
+    assert "whole word" in data["definitions"]["promoted_rate"] and data["promoted_words"] == b.promoted_words
+    with pytest.raises(ValueError, match=r"plain_continuations must hold one continuation per prompt \(2\), got 1"):
+        evaluate_steering(lm, sae, 2, PROMPTS, [1.0], max_new_tokens=4, plain_continuations=plain[:1])
 
 
 def test_evaluate_steering_bad_input(tiny_llama):
@@ -119,3 +157,51 @@ def test_the_sweep_prefers_passing_then_fluent_points():
     none_pass = [point(0.5, 0.5, 0.2, 0.1, False), point(1.0, 0.7, 0.4, 0.9, False), point(2.0, 1.0, 1.0, 2.0, False)]
     assert choose_strength(none_pass) == 1.0
     assert choose_strength([point(1.0, 1, 1, 3.0, False), point(2.0, 1, 1, 2.0, False)]) == 2.0
+
+
+def _lens(rows):
+    """A LogitLens built by hand: ``rows`` is ``{neuron: promoted tokens}``."""
+    from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens
+
+    neurons = list(rows)
+    n = len(neurons)
+    top = max(len(v) for v in rows.values())
+    logits = torch.arange(top, 0, -1, dtype=torch.float32).repeat(n, 1)
+    return LogitLens(neurons, torch.zeros(n, top, dtype=torch.int64), logits, torch.zeros(n, top, dtype=torch.int64),
+                     -logits, [list(v) for v in rows.values()], [[] for _ in rows])
+
+
+def test_lens_candidates_prefer_features_that_read_the_words_they_write():
+    from mi_crow.mechanistic.sae.concepts import lens_candidates
+
+    lens = _lens({0: [" river", " rivers", " River", " the", ","],      # coherent, top texts about rivers
+                  1: [" music", " musical", " Music", " a", "."],       # as coherent, top texts never say it
+                  2: [" cat", " dog", " car", " sun", " sea"],          # incoherent
+                  3: [" bread", " breads", " Bread", " of", "x"]})      # coherent but too dense
+    freq = [0.01, 0.01, 0.01, 0.2]
+    top_texts = [[("The river flooded.", 3.0), ("Rivers of Europe", 2.0), ("a long way", 1.0)],
+                 [("the concert hall", 3.0), ("a musician's guitar", 2.0), ("the song", 1.0)],
+                 [("cat and dog", 1.0)], [("bread", 1.0)]]
+    # By the lens alone, 0 and 1 tie on coherence (3/5 each).
+    by_lens = lens_candidates(lens, freq, limit=4)
+    assert {c[0] for c in by_lens} == {0, 1}
+    ranked = lens_candidates(lens, freq, limit=4, top_texts=top_texts)
+    assert [c[0] for c in ranked] == [0, 1]  # 2 is below min_coherence, 3 outside the frequency window
+    assert ranked[0][1] == "river" and "2/3 of its top texts hold" in ranked[0][2]
+    assert "0/3 of its top texts hold" in ranked[1][2]
+
+
+def test_the_batched_sweep_measures_what_one_generation_per_strength_does(tiny_llama):
+    lm = tiny_llama
+    sae = make_sae(lm)
+    lm.attach_sae(sae, LAYER)
+    for mode in ("add", "clamp"):
+        one_by_one = evaluate_steering(lm, sae, 4, PROMPTS, [0.5, 2.0, 6.0], mode=mode, max_new_tokens=5,
+                                       batch_sweep=False)
+        batched = evaluate_steering(lm, sae, 4, PROMPTS, [0.5, 2.0, 6.0], mode=mode, max_new_tokens=5)
+        assert batched.plain == one_by_one.plain
+        for a, b in zip(batched.points, one_by_one.points):
+            assert a.strength == b.strength and a.continuations == b.continuations
+            assert a.feature_active == b.feature_active and a.promoted_count == b.promoted_count
+            assert a.loss == pytest.approx(b.loss, rel=1e-4) and a.kl == pytest.approx(b.kl, rel=1e-3, abs=1e-6)
+        assert not sae.concepts.has_manipulations and sae.concepts._steering.row_scales is None

@@ -215,3 +215,21 @@ def test_positional_steering_hits_the_intended_tokens_with_and_without_kv_cache(
     sae.concepts.add_concept(3, 5.0, positions=[1, target])
     hit = _steered_text_positions(lm, sae, prompts, use_cache)
     assert hit == [{1, target}, {1, target}]
+
+
+def test_row_scales_multiply_each_texts_edit_value():
+    sae = fake_sae()
+    concepts = AutoencoderConcepts(sae)
+    values, indices, x = random_code(b=3)
+    concepts.add_concept(2, strength=1.0)
+    concepts._steering.row_scales = torch.tensor([0.0, 0.5, 2.0])
+    delta = residual_change(sae, values, indices, concepts.modify_code(values, indices, x))
+    unit = sae.W_dec[2] / sae.W_dec[2].norm()
+    want = torch.tensor([0.0, 0.5, 2.0]).view(3, 1, 1) * x.norm(dim=-1, keepdim=True) * unit
+    torch.testing.assert_close(delta, want, rtol=1e-5, atol=1e-5)
+    concepts._steering.row_scales = torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"row_scales holds 2 values but this forward's code has leading shape "
+                                         r"\(3, 4\)"):
+        concepts.modify_code(values, indices, x)
+    concepts.reset_manipulations()
+    assert concepts._steering.row_scales is None

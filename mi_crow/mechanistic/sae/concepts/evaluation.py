@@ -5,23 +5,26 @@ continuations of a few prompts, and measures, against the same prompts generated
 
 1. **feature active**: the share of steered continuations in which the feature fires (the continuation,
    re-read by the clean model, re-encoded by the SAE: the text itself carries the feature);
-2. **promoted tokens**: the share of continuations holding one of the tokens the feature's decoder direction
-   promotes by the logit lens (:mod:`~mi_crow.mechanistic.sae.concepts.logit_lens`), next to the same share
-   without steering;
+2. **promoted words**: the share of continuations holding, as a whole word, one of the words the feature's
+   decoder direction promotes by the logit lens (:mod:`~mi_crow.mechanistic.sae.concepts.logit_lens`: its top
+   tokens reduced to letters, 3+ letters, no stopwords; "line" counts in "a line." but not in "online"), next to
+   the same share without steering;
 3. **fluency**: the clean model's loss (nats per token) on the steered continuation, and its rise over the loss
    on the plain continuation;
 4. **KL**: between the steered and the plain model's next-token distributions, on the prompts and plain
    continuations (how much the intervention moves the model at all).
 
-The strength that meets the targets (feature active in at least 80% of continuations, promoted tokens in at least
-half, loss rise under 1 nat/token) with the most promoted tokens is :attr:`SteeringEvaluation.best_strength`; when
-none meets them, the one closest to them within the loss limit.
+:data:`DEFINITIONS` spells each measure out; every result's JSON carries it. The strength that meets the targets
+(:data:`TARGETS`: feature active in at least 80% of continuations, promoted words in at least half and in under 10%
+of the plain ones, loss rise under 1 nat/token) with the most promoted words is
+:attr:`SteeringEvaluation.best_strength`; when none meets them, the one closest to them within the loss limit.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -30,18 +33,34 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mi_crow.errors import UserInputError
-from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit_lens, normalize_token, vocab_texts
+from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit_lens, readable_words
 from mi_crow.mechanistic.sae.concepts.steering import MODES, _check_finite_number
 from mi_crow.validation import check_choice, check_positive_int, check_texts
 
-__all__ = ["DEFAULT_STRENGTHS", "TARGETS", "SteeringEvaluation", "SteeringPoint", "evaluate_steering"]
+__all__ = ["DEFAULT_STRENGTHS", "DEFINITIONS", "TARGETS", "count_words", "word_pattern", "SteeringEvaluation", "SteeringPoint", "evaluate_steering"]
 
-DEFAULT_STRENGTHS = (0.15, 0.3, 0.5, 0.8)
-"""Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer."""
+DEFAULT_STRENGTHS = (0.25, 0.35, 0.5)
+"""Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer. Measured on the demo's
+SAEs (SmolLM2-135M, layer 15 of 30): 0.15 barely moves the text, 0.5 costs about 1 nat/token of fluency, 0.8 loops."""
 
-TARGETS = {"feature_active": 0.8, "promoted_rate": 0.5, "loss_rise": 1.0}
-"""What a successful steering reaches: feature active in >= 80% of continuations, promoted tokens in >= 50%,
-clean-model loss rise < 1 nat/token."""
+TARGETS = {"feature_active": 0.8, "promoted_rate": 0.5, "plain_promoted_rate": 0.1, "loss_rise": 1.0}
+"""What a successful steering reaches: feature active in >= 80% of continuations, promoted words in >= 50% (and in
+under 10% of the plain continuations), clean-model loss rise < 1 nat/token."""
+
+DEFINITIONS = {
+    "feature_active": "share of continuations in which the feature is among the SAE's top-k latents with a positive "
+                      "value on at least one continuation token, the prompt + continuation re-read by the model "
+                      "WITHOUT steering and the layer's residual re-encoded by the SAE",
+    "promoted_rate": "share of continuations holding, as a whole word (case-insensitive; not inside a longer word), "
+                     "one of promoted_words: the feature's top promoted tokens by the logit lens of its decoder "
+                     "direction, reduced to letters, 3+ letters, stopwords left out",
+    "promoted_count": "whole-word occurrences of promoted_words in all continuations",
+    "loss": "the model's mean loss (nats per token) on the continuation tokens given the prompt, WITHOUT steering",
+    "loss_rise": "loss minus the loss of the plain (unsteered) continuations",
+    "kl": "mean KL(steered || plain) of the next-token distributions over the prompt and plain continuation tokens",
+    "continuations": "greedy decoding of max_new_tokens tokens per prompt",
+}
+"""What each measure means, recorded in every result's JSON."""
 
 
 @dataclass
@@ -83,6 +102,7 @@ class SteeringEvaluation:
         prompts: the prompts.
         promoted_tokens: the feature's promoted tokens (logit lens), highest first.
         suppressed_tokens: its suppressed tokens, lowest first.
+        promoted_words: the words counted in the continuations (see :data:`DEFINITIONS`).
         plain: the unsteered measurements.
         points: one :class:`SteeringPoint` per strength, in sweep order.
         best_strength: the strength chosen by the sweep (see the module docstring).
@@ -95,6 +115,7 @@ class SteeringEvaluation:
     prompts: list[str]
     promoted_tokens: list[str]
     suppressed_tokens: list[str]
+    promoted_words: list[str]
     plain: SteeringPoint
     points: list[SteeringPoint]
     best_strength: float | None
@@ -110,6 +131,7 @@ class SteeringEvaluation:
         """A JSON-able dict of everything measured."""
         data = asdict(self)
         data["best"] = None if self.best is None else asdict(self.best)
+        data["definitions"] = dict(DEFINITIONS)
         return data
 
     def to_json(self) -> str:
@@ -155,10 +177,30 @@ class _Capture:
         self.handle.remove()
 
 
+def word_pattern(words: Sequence[str]) -> re.Pattern[str] | None:
+    """A case-insensitive pattern matching any of ``words`` as a whole word (not inside a longer word: "line"
+    matches "a line." but not "online" or "lines"); ``None`` for no words."""
+    words = [w for w in words if w]
+    if not words:
+        return None
+    alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
+    return re.compile(rf"(?<![^\W\d_])(?:{alternatives})(?![^\W\d_])", re.IGNORECASE)
+
+
+def count_words(texts: Sequence[str], words: Sequence[str]) -> tuple[float, int]:
+    """``(share of texts holding one of words as a whole word, whole-word occurrences in all texts)``."""
+    pattern = word_pattern(words)
+    if pattern is None or not texts:
+        return 0.0, 0
+    counts = [len(pattern.findall(t)) for t in texts]
+    return sum(1 for c in counts if c) / len(texts), sum(counts)
+
+
 def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuations: list[str], neuron: int,
-                 promoted: set[int], max_length: int | None) -> tuple[float, float, float, int, Tensor, Tensor]:
-    """Clean forward over prompt + continuation: (feature active share, promoted share, mean loss per
-    continuation token, promoted token count, logits, continuation mask)."""
+                 max_length: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Clean forward over each prompt + continuation: per text, whether the feature is active on a continuation
+    token (bool ``[n]``), the summed loss of its continuation tokens and their count (``[n]`` each); and the logits
+    and attention mask."""
     texts = [p + c for p, c in zip(prompts, continuations)]
     prompt_lens = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     capture = _Capture(lm.layers.get_module(layer))
@@ -176,8 +218,8 @@ def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuation
     log_probs = F.log_softmax(logits[:, :-1], dim=-1)
     token_loss = -log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     target = cont[:, 1:]
-    n_tokens = int(target.sum())
-    loss = float(token_loss[target].sum()) / max(n_tokens, 1)
+    loss_sum = (token_loss * target).sum(dim=1).double()
+    n_tokens = target.sum(dim=1)
     # Is the feature active on a continuation token, as the SAE reads the clean residual?
     hidden = capture.hidden
     if hidden is None:
@@ -186,15 +228,7 @@ def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuation
         code = sae.encode(hidden)
     values = code.values.cpu()
     fired = ((code.indices.cpu() == neuron) & (values > 0)).any(dim=-1) & cont
-    active = float(fired.any(dim=1).float().mean())
-    promoted_ids = torch.tensor(sorted(promoted), dtype=torch.int64)
-    has = torch.isin(ids, promoted_ids) & cont
-    return active, float(has.any(dim=1).float().mean()), loss, int(has.sum()), logits, mask
-
-
-def _promoted_vocab(lm: Any, words: set[str]) -> set[int]:
-    """Every vocabulary id whose token reads as one of ``words`` (so " Wedding" counts for "wedding")."""
-    return {i for i, text in enumerate(vocab_texts(lm.tokenizer)) if normalize_token(text) in words}
+    return fired.any(dim=1), loss_sum, n_tokens, logits, mask
 
 
 def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:
@@ -204,9 +238,14 @@ def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:
     return float(kl[mask].mean()) if bool(mask.any()) else 0.0
 
 
-def _passes(p: SteeringPoint, targets: dict[str, float]) -> bool:
+def _chunks(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _passes(p: SteeringPoint, plain: SteeringPoint, targets: dict[str, float]) -> bool:
     return (p.feature_active >= targets["feature_active"] and p.promoted_rate >= targets["promoted_rate"]
-            and p.loss_rise < targets["loss_rise"])
+            and plain.promoted_rate < targets["plain_promoted_rate"] and p.loss_rise < targets["loss_rise"]
+            and math.isfinite(p.loss) and math.isfinite(p.kl))
 
 
 def choose_strength(points: Sequence[SteeringPoint], targets: dict[str, float] = TARGETS) -> float | None:
@@ -239,6 +278,8 @@ def evaluate_steering(
     max_length: int | None = None,
     lens: LogitLens | None = None,
     stop_early: bool = False,
+    plain_continuations: Sequence[str] | None = None,
+    batch_sweep: bool = True,
 ) -> SteeringEvaluation:
     """Steer one feature at each strength of a sweep and measure whether it worked (see the module docstring).
 
@@ -261,6 +302,11 @@ def evaluate_steering(
         lens: a precomputed logit lens holding ``neuron`` (saves recomputing it).
         stop_early: stop the sweep at the first strength that meets the targets or whose loss rise reaches the
             limit (for a sweep in increasing order: the later strengths would only cost more fluency).
+        plain_continuations: the unsteered continuations of ``prompts`` when already generated (with the same
+            ``max_new_tokens``; saves one generation when several features are measured on the same prompts).
+        batch_sweep: for ``add`` / ``clamp`` / ``cap``, generate every strength in one batch (each prompt once per
+            strength; the same greedy texts as one generation per strength, up to float rounding, for about the
+            cost of one on a CPU); ``stop_early`` then has nothing to save. ``False``: one generation per strength.
 
     Returns:
         A :class:`SteeringEvaluation` (``.table()``, ``.to_json()``, ``.best_strength``).
@@ -271,6 +317,7 @@ def evaluate_steering(
     """
     layer = _attached_layer(lm, sae)
     concepts = sae.concepts
+    targets = dict(TARGETS)
     idx = concepts.dictionary.resolve(neuron)
     prompts = check_texts(list(prompts) if not isinstance(prompts, str) else prompts, "prompts")
     mode = check_choice(mode, "mode", MODES)
@@ -290,9 +337,8 @@ def evaluate_steering(
         lens = feature_logit_lens(lm, sae, [idx], top=top_tokens)
     row = lens.row(idx)
     promoted_text = lens.promoted[row][:top_tokens]
-    # Words a reader would recognise (3+ letters): "a" or "," in a continuation says nothing about the feature.
-    words = {w for w in (normalize_token(t) for t in promoted_text) if len(w) >= 3}
-    promoted_ids = _promoted_vocab(lm, words) if words else {-1}
+    # Words a reader would recognise (3+ letters, no stopwords): "a" or "," in a continuation says nothing.
+    words = readable_words(promoted_text)
 
     def apply(strength: float) -> None:
         if mode == "ablate":
@@ -305,36 +351,61 @@ def evaluate_steering(
             getattr(concepts, {"add": "add_concept", "clamp": "clamp_concept", "cap": "cap_concept"}[mode])(
                 idx, exclude_special=exclude_special, **key)
 
-    try:
-        plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
-        active, rate, loss, count, plain_logits, mask = _score_texts(lm, sae, layer, prompts, plain_text, idx,
-                                                                     promoted_ids, max_length)
-        plain = SteeringPoint(None, active, rate, loss, 0.0, 0.0, count, plain_text)
+    def measure(strengths: list[float | None], texts: list[str], kls: list[float],
+                base: float | None) -> tuple[list[SteeringPoint], Tensor, Tensor]:
+        """One point per strength; ``texts`` holds len(prompts) continuations per strength, in order."""
+        active, loss_sum, n_tok, logits, mask = _score_texts(lm, sae, layer, prompts * len(strengths), texts, idx,
+                                                             max_length)
         points = []
-        for strength in sweep:
-            apply(strength)
+        n = len(prompts)
+        for i, (strength, group, kl) in enumerate(zip(strengths, _chunks(texts, n), kls)):
+            rows = slice(i * n, (i + 1) * n)
+            loss = float(loss_sum[rows].sum()) / max(int(n_tok[rows].sum()), 1)
+            rate, count = count_words(group, words)
+            rise = 0.0 if base is None else loss - base
+            points.append(SteeringPoint(strength, float(active[rows].float().mean()), rate, loss, rise, kl, count,
+                                        group))
+        return points, logits, mask
+
+    steering = concepts._steering
+    try:
+        if plain_continuations is None:
+            plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
+        else:
+            plain_text = check_texts(list(plain_continuations), "plain_continuations")
+            if len(plain_text) != len(prompts):
+                raise UserInputError(f"plain_continuations must hold one continuation per prompt ({len(prompts)}), "
+                                     f"got {len(plain_text)}")
+        (plain,), plain_logits, mask = measure([None], plain_text, [0.0], None)
+        plain_texts = [p + c for p, c in zip(prompts, plain_text)]
+        # Edits whose value scales (add / clamp / cap) run the whole sweep as one batch: every prompt once per
+        # strength, the edit's value 1 times a per-text factor (Steering.row_scales).
+        batched = batch_sweep and mode in ("add", "clamp", "cap") and len(sweep) > 1
+        groups = [sweep] if batched else [[s] for s in sweep]
+        points: list[SteeringPoint] = []
+        for group in groups:
+            apply(1.0 if batched else group[0])
+            if batched:
+                steering.row_scales = torch.tensor([s for s in group for _ in prompts], dtype=torch.float64)
             try:
-                steered = lm.generate(prompts, max_new_tokens=max_new_tokens)
+                steered = lm.generate(prompts * len(group), max_new_tokens=max_new_tokens)
                 # The steered model's distributions on the plain texts, against the plain model's.
-                out, _ = lm.inference.forward_batch([p + c for p, c in zip(prompts, plain_text)],
-                                                    max_length=max_length)
-                kl = _kl(out.logits.float().cpu(), plain_logits, mask)
+                out, _ = lm.inference.forward_batch(plain_texts * len(group), max_length=max_length)
             finally:
                 concepts.reset_manipulations()
-            active, rate, loss, count, _, _ = _score_texts(lm, sae, layer, prompts, steered, idx, promoted_ids,
-                                                           max_length)
-            point = SteeringPoint(strength, active, rate, loss, loss - plain.loss, kl, count, steered)
-            point.passes = _passes(point, TARGETS)
-            points.append(point)
-            if stop_early and (point.passes or point.loss_rise >= TARGETS["loss_rise"]):
+            steered_logits = out.logits.float().cpu()
+            n = len(prompts)
+            kls = [_kl(steered_logits[i * n:(i + 1) * n], plain_logits, mask) for i in range(len(group))]
+            measured, _, _ = measure(list(group), steered, kls, plain.loss)
+            for point in measured:
+                point.passes = _passes(point, plain, targets)
+            points.extend(measured)
+            if stop_early and not batched and (points[-1].passes or points[-1].loss_rise >= targets["loss_rise"]):
                 break
     finally:
         concepts.reset_manipulations()
-    for p in points:
-        if not all(math.isfinite(v) for v in (p.loss, p.kl)):
-            p.passes = False
     return SteeringEvaluation(
         neuron=idx, layer=layer, mode=mode, prompts=prompts, promoted_tokens=promoted_text,
-        suppressed_tokens=lens.suppressed[row][:top_tokens], plain=plain, points=points,
-        best_strength=choose_strength(points), max_new_tokens=max_new_tokens,
+        suppressed_tokens=lens.suppressed[row][:top_tokens], promoted_words=words, plain=plain, points=points,
+        best_strength=choose_strength(points, targets), max_new_tokens=max_new_tokens, targets=dict(targets),
     )

@@ -25,7 +25,7 @@ from mi_crow.errors import UserInputError
 from mi_crow.validation import check_positive_int
 
 __all__ = ["LogitLens", "coherence", "feature_logit_lens", "final_norm_and_unembedding", "normalize_token",
-           "vocab_texts"]
+           "readable_words", "vocab_texts"]
 
 _NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm", "norm_f")
 _STOPWORDS = frozenset(
@@ -190,6 +190,17 @@ def feature_logit_lens(
 def normalize_token(text: str) -> str:
     """A token's text reduced to what a reader would call its word: lower case, letters only."""
     return re.sub(r"[^a-z]", "", text.lower())
+
+
+def readable_words(tokens: Sequence[str]) -> list[str]:
+    """The words a reader would recognise among ``tokens``: each reduced with :func:`normalize_token`, kept when it
+    has three or more letters and is not a stopword; first occurrence order, no repeats."""
+    out: list[str] = []
+    for t in tokens:
+        w = normalize_token(t)
+        if len(w) >= 3 and w not in _STOPWORDS and w not in out:
+            out.append(w)
+    return out
 
 
 def coherence(tokens: Sequence[str]) -> tuple[float, str]:

@@ -161,13 +161,16 @@ def lens_candidates(
     min_frequency: float = 5e-4,
     max_frequency: float = 5e-2,
     min_coherence: float = 0.3,
+    top_texts: Sequence[Sequence[Any]] | None = None,
 ) -> list[tuple[int, str, str]]:
-    """Rank features by the coherence of the tokens they promote (the logit lens of their decoder direction).
+    """Rank features by how visible steering them should be, without generating anything.
 
     Among features that fire on ``min_frequency`` to ``max_frequency`` of tokens (neither rare noise nor dense),
-    the score is :func:`~mi_crow.mechanistic.sae.concepts.logit_lens.coherence` of the promoted tokens (the share
-    agreeing on one readable word) plus a tie-break by the top promoted logit; features below ``min_coherence``
-    are left out.
+    the score is :func:`~mi_crow.mechanistic.sae.concepts.logit_lens.coherence` of the tokens their decoder direction
+    promotes (the share agreeing on one readable word; below ``min_coherence`` a feature is left out), plus, with
+    ``top_texts``, the share of the feature's top texts that hold one of its promoted words as a whole word: a
+    feature that both reads and writes a word is one whose steered text the SAE recognises again, plus a tie-break
+    by the top promoted logit.
 
     Args:
         lens: a ``LogitLens`` over the features to consider.
@@ -175,11 +178,14 @@ def lens_candidates(
         limit: most candidates returned.
         min_frequency / max_frequency: the firing-frequency window.
         min_coherence: the least coherence kept.
+        top_texts: per feature, its top-text records (``.text``, or ``(text, activation)`` pairs), as
+            ``sae.concepts.get_top_texts()`` gives them; ``None`` ranks by the logit lens alone.
 
     Returns:
         Up to ``limit`` tuples ``(index, word, reason)``, best first.
     """
-    from mi_crow.mechanistic.sae.concepts.logit_lens import coherence
+    from mi_crow.mechanistic.sae.concepts.evaluation import count_words
+    from mi_crow.mechanistic.sae.concepts.logit_lens import coherence, readable_words
 
     freq = frequency.tolist() if hasattr(frequency, "tolist") else list(frequency)
     top_logit = lens.promoted_logits[:, 0].tolist() if len(lens.neurons) else []
@@ -188,13 +194,21 @@ def lens_candidates(
     for row, idx in enumerate(lens.neurons):
         if not min_frequency <= freq[idx] <= max_frequency:
             continue
-        score, word = coherence(lens.promoted[row])
+        promoted = lens.promoted[row][:10]
+        score, word = coherence(promoted)
         if score < min_coherence or not word:
             continue
-        shown = ", ".join(repr(t) for t in lens.promoted[row][:5])
-        reason = (f"its decoder direction promotes {shown} ({round(score * len(lens.promoted[row]))}/"
-                  f"{len(lens.promoted[row])} of its top tokens are '{word}'); it fires on {100 * freq[idx]:.2f}% "
-                  f"of tokens")
+        shown = ", ".join(repr(t) for t in promoted[:5])
+        reason = (f"its decoder direction promotes {shown} ({round(score * len(promoted))}/{len(promoted)} of its "
+                  f"top tokens are '{word}')")
+        if top_texts is not None:
+            records = top_texts[idx] if idx < len(top_texts) else []
+            texts = [r[0] for r in records]  # TopText unpacks as (text, activation)
+            reads, _ = count_words(texts, readable_words(promoted))
+            if texts:
+                reason += f"; {round(reads * len(texts))}/{len(texts)} of its top texts hold one of its promoted words"
+            score += reads
+        reason += f"; it fires on {100 * freq[idx]:.2f}% of tokens"
         scored.append((score + 0.1 * top_logit[row] / scale, idx, word, reason))
     scored.sort(key=lambda item: -item[0])
     return [(idx, word, reason) for _, idx, word, reason in scored[:limit]]
@@ -209,9 +223,12 @@ def choose_by_sweep(
     max_new_tokens: int = 24,
     lens: Any = None,
     stop_early: bool = True,
+    **kwargs: Any,
 ) -> tuple[tuple[int, str, str], Any] | None:
     """Measure each candidate's steering (the SAE must be attached to ``lm``) and keep the first that meets the
     targets, else the one closest to them.
+
+    The plain continuations are generated once and shared by every candidate's measurement.
 
     Args:
         lm, sae: the model and the attached SAE.
@@ -220,7 +237,9 @@ def choose_by_sweep(
         strengths: the sweep (default ``evaluation.DEFAULT_STRENGTHS``).
         max_new_tokens: tokens generated per prompt.
         lens: the ``LogitLens`` the candidates came from (saves recomputing it).
-        stop_early: each sweep stops at its first strength that meets the targets or loses too much fluency.
+        stop_early: each sweep stops at its first strength that meets the targets or loses too much fluency (only
+            when the sweep is not batched, see ``evaluate_steering``'s ``batch_sweep``).
+        **kwargs: passed to ``evaluate_steering`` (``mode``, ``relative``, ...).
 
     Returns:
         ``(candidate, SteeringEvaluation)`` of the chosen feature, or None without candidates.
@@ -229,9 +248,11 @@ def choose_by_sweep(
 
     best = None
     best_key = None
+    plain = None
     for candidate in candidates:
         result = evaluate_steering(lm, sae, candidate[0], prompts, strengths, max_new_tokens=max_new_tokens,
-                                   lens=lens, stop_early=stop_early)
+                                   lens=lens, stop_early=stop_early, plain_continuations=plain, **kwargs)
+        plain = result.plain.continuations
         point = result.best
         if point is None:
             continue

@@ -111,6 +111,10 @@ class Steering:
         self.edits: dict[int, Edit] = {}
         self._scale_tables: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         self._prompt_lengths: Tensor | None = None
+        self.row_scales: Tensor | None = None
+        """``[batch]`` multipliers of every ``add`` / ``clamp`` / ``cap`` value, one per text of the batch (None:
+        all 1). A sweep of strengths then runs as one batch: rows of strength ``s`` carry the value 1 times ``s``
+        (``evaluate_steering`` does this). Applies only to forwards whose batch has exactly that many texts."""
 
     # ------------------------------------------------------------------ editing
     def set_scale(self, neuron: int, scale: Any) -> None:
@@ -146,9 +150,10 @@ class Steering:
         return {n: e for n, e in self.edits.items() if e.mode == "add"}
 
     def reset(self) -> None:
-        """Remove every scale and edit."""
+        """Remove every scale and edit (and the per-text ``row_scales``)."""
         self.scales.clear()
         self.edits.clear()
+        self.row_scales = None
         self._scale_tables.clear()
 
     def remove_scale(self, neuron: int) -> None:
@@ -330,6 +335,16 @@ class Steering:
                 mask = keep if mask is None else mask & keep
         return mask
 
+    def _row_factor(self, lead: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``row_scales`` shaped to broadcast over ``lead`` (``[batch, seq]``)."""
+        scales = self.row_scales
+        if scales is None or len(lead) != 2 or scales.shape[0] != lead[0]:
+            raise UserInputError(
+                f"row_scales holds {None if scales is None else scales.shape[0]} values but this forward's code has "
+                f"leading shape {tuple(lead)}; per-text scales need a [batch, seq] code with one value per text"
+            )
+        return scales.to(device=device, dtype=dtype).view(-1, 1)
+
     def modify_code(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Apply the manipulations to a sparse code (see ``AutoencoderConcepts.modify_code``).
 
@@ -375,6 +390,8 @@ class Steering:
             edit = self.edits[neuron]
             mask = self._edit_mask(edit, lead, device)
             amount = torch.full(lead, edit.value, dtype=dtype, device=device)
+            if self.row_scales is not None:
+                amount = amount * self._row_factor(lead, device, dtype)
             if edit.relative:
                 amount = amount * x_norm
             if edit.mode == "add":
