@@ -16,12 +16,15 @@ as the first encode, and usually nothing. Memory: the ``[B, c]`` candidate lists
 
 Gradients flow to ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through the selected values only, with the same
 formulas as `topk_encode`'s backward (a sparse ``scatter_rows`` for ``W_enc``), on the same kernels. The Triton
-path is this same composition over the CUDA kernels of ``topk_encode``/``scatter_rows``/``sparse_decode``
-(``encode_fn`` lets a test run it on the interpreted Triton launcher).
+path is this same composition over the CUDA kernels of ``topk_encode``/``scatter_rows``/``sparse_decode``, with the
+global selection on its own Triton kernel (`mi_crow.ops.triton.batch_select`: a radix bisection for the ``K``-th
+largest candidate, then per-token counts; no sort of the ``B * c`` candidates). ``encode_fn`` and ``select_fn``
+let a test run both on the interpreted Triton launchers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -110,6 +113,19 @@ class _SelectedValues(torch.autograd.Function):
         return grad_x, grad_w, grad_be, grad_bd, None, None
 
 
+def _default_select(values: Tensor, total: int) -> Tensor:
+    """The global selection: the Triton radix bisection on CUDA (`mi_crow.ops.triton.batch_select`), else
+    `batch_topk_select`."""
+    if values.is_cuda and os.environ.get("MI_CROW_DISABLE_TRITON", "").strip().lower() not in {"1", "true", "yes", "on"}:
+        try:
+            from mi_crow.ops.triton.batch_select import batch_topk_select_triton
+        except ImportError:  # no triton: torch.topk serves CUDA too
+            pass
+        else:
+            return batch_topk_select_triton(values, total)
+    return batch_topk_select(values, total)
+
+
 def _default_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype):  # type: ignore[no-untyped-def]
     return torch.ops.mi_crow.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype)
 
@@ -126,6 +142,7 @@ def batch_topk_encode(
     candidates: int | None = None,
     compute_dtype: torch.dtype | None = None,
     encode_fn: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    select_fn: Callable[[Tensor, int], Tensor] | None = None,
 ) -> BatchTopKCode:
     """BatchTopK encode: the ``k * B`` largest of ``relu((x - b_dec) @ W_enc.T + b_enc)`` over the whole batch.
 
@@ -138,6 +155,9 @@ def batch_topk_encode(
         candidates: first candidate width per token (default ``min(n, 4 k)``); only speed depends on it.
         compute_dtype: dtype of the encoder product (as for `topk_encode`).
         encode_fn: the ``topk_encode`` kernel to use (default the dispatched op; tests pass the Triton launcher).
+        select_fn: the global selection ``(values [B, c], total) -> counts [B]`` (default: the Triton kernel of
+            `mi_crow.ops.triton.batch_select` on CUDA, `batch_topk_select` elsewhere; tests pass the interpreted
+            Triton launcher).
 
     Returns:
         `BatchTopKCode`.
@@ -161,6 +181,7 @@ def batch_topk_encode(
     checks.int_in_range(fn, "candidates", c, 1, n)
     c = max(c, min(k, n))
     encode = encode_fn or _default_encode
+    select = select_fn or _default_select
     if b_enc.dtype != x.dtype:
         b_enc = b_enc.to(x.dtype)
     if b_dec.dtype != x.dtype:
@@ -174,7 +195,7 @@ def batch_topk_encode(
         total = k * B
         refinements = 0
         while True:
-            counts = batch_topk_select(values, total) if B else values.new_zeros((0,), dtype=torch.int64)
+            counts = select(values, total) if B else values.new_zeros((0,), dtype=torch.int64)
             # A token whose last listed candidate is 0 cannot hide a positive winner (unlisted values are <= 0).
             full = (counts == c) & (values[:, c - 1] > 0) if c < n else counts.new_zeros((B,), dtype=torch.bool)
             saturated = full.nonzero().squeeze(1)
