@@ -238,7 +238,9 @@ def part_b(data: dict[str, Any], n: int, k: int, batch: int, budget: int, heldou
         row.update({"loss_clean": clean, "loss_mlp_zero_ablated": zero, "loss_spliced": spliced,
                     "loss_recovered": (zero - spliced) / (zero - clean), "n_predictions": res["n_predictions"],
                     "sink_tokens_kept": res["sink_tokens_kept"]})
-    print(f"LM passes: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(f"LM passes over {len(heldout_texts)} texts: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    for row in rows:
+        row["loss_texts"] = len(heldout_texts)
     return rows
 
 
@@ -253,6 +255,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--budget", type=int, default=499712)
     parser.add_argument("--skip", default="no,yes", help="transcoder variants: no (plain), yes (skip), or both")
+    parser.add_argument("--loss-texts", type=int, default=None,
+                        help="held-out texts for the LM-loss passes (default: all of them)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -283,6 +287,7 @@ def main() -> None:
     if "b" in parts:
         skips = [{"no": False, "yes": True}[s] for s in args.skip.split(",") if s]
         _, heldout_texts = split_texts(args.train_texts, args.eval_texts)
+        heldout_texts = heldout_texts[: args.loss_texts]
         rows = part_b(data, args.n, args.k, args.batch, budget, heldout_texts, max_length, skips)
         out["b_transcoder"] = {"measured_utc": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
         RESULTS.mkdir(exist_ok=True)
