@@ -18,9 +18,10 @@ from all three, so the rows stay aligned token by token. The tensors are cached 
     block's input residual with the same rule, keep the MLP's own output) against the clean loss and the loss with
     the MLP's output zero-ablated (at the same tokens): loss recovered = (zero - spliced) / (zero - clean).
 
-Usage: ``python benchmarks/bench_family_model.py [--parts a,b] [--budget 499712] [--threads 1]``; prints the figures
-and writes ``benchmarks/results/bench_family_model.json`` (``--parts`` keeps the other part's rows already there).
-Wall times are measured on a shared CPU: rough.
+Usage: ``python benchmarks/bench_family_model.py [--parts a,b] [--budget 499712] [--lr-mult 1.5] [--threads 1]``;
+prints the figures and writes ``benchmarks/results/bench_family_model.json`` (a run keeps the other parts' results
+already there; ``--lr-mult`` trains part (a) at that multiple of the default recipe's peak learning rate, both
+architectures, and files the rows under their own key). Wall times are measured on a shared CPU: rough.
 """
 
 from __future__ import annotations
@@ -98,15 +99,24 @@ def mean_l0(values: Tensor) -> float:
     return float((values > 0).sum(dim=-1).double().mean())
 
 
-def config(batch: int, budget: int):  # type: ignore[no-untyped-def]
+def config(batch: int, budget: int, lr: float | None = None):  # type: ignore[no-untyped-def]
     from mi_crow.mechanistic.sae import SaeTrainingConfig
 
-    return SaeTrainingConfig(batch_size=batch, n_tokens=budget, progress=False, checkpoint_every=None, save_sae=False)
+    return SaeTrainingConfig(batch_size=batch, n_tokens=budget, lr=lr, progress=False, checkpoint_every=None,
+                             save_sae=False)
+
+
+def dead_pct(indices: Tensor, values: Tensor, n: int) -> float:
+    """Latents never active on the held-out set, in percent."""
+    fired = torch.zeros(n, dtype=torch.bool)
+    fired[indices[values > 0]] = True
+    return 100.0 * float((~fired).double().mean())
 
 
 # -- (a) TopK vs BatchTopK -------------------------------------------------------------------------------------------
-def part_a(data: dict[str, Any], n: int, k: int, batch: int, budget: int) -> list[dict[str, Any]]:
+def part_a(data: dict[str, Any], n: int, k: int, batch: int, budget: int, lr_mult: float = 1.0) -> list[dict[str, Any]]:
     from mi_crow.mechanistic.sae import BatchTopKSae, SaeTrainer, TopKSae
+    from mi_crow.mechanistic.sae.train.schedule import default_lr
     from mi_crow.ops.batch_topk import batch_topk_encode
 
     train, heldout = data["train"]["resid"], data["heldout"]["resid"]
@@ -115,13 +125,16 @@ def part_a(data: dict[str, Any], n: int, k: int, batch: int, budget: int) -> lis
         torch.manual_seed(0)
         sae = cls(n, train.shape[1], k)
         start = time.perf_counter()
-        result = SaeTrainer(sae).train_on_tensor(train, config(batch, budget))
+        lr = None if lr_mult == 1.0 else lr_mult * default_lr(n, budget)
+        result = SaeTrainer(sae).train_on_tensor(train, config(batch, budget, lr))
         wall = time.perf_counter() - start
         sae.eval()
         with torch.no_grad():
             out = sae(heldout)  # TopK: per-token top-k; BatchTopK: the inference threshold
-            row = {"arch": arch, "budget_tokens": budget, "wall_s": round(wall, 1),
-                   "train_final_fvu": _final(result, "fvu")}
+            row = {"arch": arch, "budget_tokens": budget, "lr_multiple_of_default": lr_mult,
+                   "lr": lr_mult * default_lr(n, budget), "wall_s": round(wall, 1),
+                   "train_final_fvu": _final(result, "fvu"),
+                   "heldout_dead_pct": dead_pct(out.code.indices, out.code.values, n)}
             if arch == "topk":
                 row.update({"selection": "per-token top-k", "heldout_fvu": fvu(heldout, out.reconstruction),
                             "heldout_l0": mean_l0(out.code.values)})
@@ -255,6 +268,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--budget", type=int, default=499712)
     parser.add_argument("--skip", default="no,yes", help="transcoder variants: no (plain), yes (skip), or both")
+    parser.add_argument("--lr-mult", type=float, default=1.0,
+                        help="part a: peak learning rate as a multiple of the default recipe's (results under their "
+                             "own key)")
     parser.add_argument("--loss-texts", type=int, default=None,
                         help="held-out texts for the LM-loss passes (default: all of them)")
     parser.add_argument("--threads", type=int, default=1)
@@ -275,13 +291,13 @@ def main() -> None:
     meta = {**machine_meta(), "cpu": "AMD EPYC (AVX2), 2 cores shared with other sessions", "n": args.n, "k": args.k,
             "batch": args.batch, "train_tokens": int(data["train"]["resid"].shape[0]),
             "heldout_tokens": int(data["heldout"]["resid"].shape[0]), "data": meta_data}
-    out: dict[str, Any] = {"meta": meta, "a_topk_vs_batchtopk": old.get("a_topk_vs_batchtopk"),
-                           "b_transcoder": old.get("b_transcoder")}
+    out: dict[str, Any] = {**old, "meta": meta}
+    key_a = "a_topk_vs_batchtopk" if args.lr_mult == 1.0 else f"a_topk_vs_batchtopk_lr_x{args.lr_mult:g}"
     print(f"train {meta['train_tokens']:,} tokens, held-out {meta['heldout_tokens']:,} tokens; n={args.n} k={args.k} "
           f"batch={args.batch} budget={budget:,}", file=sys.stderr)
     if "a" in parts:
-        rows = part_a(data, args.n, args.k, args.batch, budget)
-        out["a_topk_vs_batchtopk"] = {"measured_utc": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
+        rows = part_a(data, args.n, args.k, args.batch, budget, args.lr_mult)
+        out[key_a] = {"measured_utc": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
     if "b" in parts:
@@ -292,7 +308,7 @@ def main() -> None:
         out["b_transcoder"] = {"measured_utc": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
-    for key in ("a_topk_vs_batchtopk", "b_transcoder"):
+    for key in sorted(k for k in out if k != "meta"):
         if out.get(key):
             print(f"## {key} (measured {out[key]['measured_utc']} UTC)")
             for row in out[key]["rows"]:

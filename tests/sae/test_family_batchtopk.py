@@ -125,6 +125,21 @@ def test_matryoshka_prefix_sse_matches_dense_prefix_losses_and_their_gradients(c
         torch.testing.assert_close(a, r, msg=name)
 
 
+@pytest.mark.parametrize("B", [0, 3])
+def test_matryoshka_prefix_sse_with_no_active_slot(B):
+    W = torch.randn(10, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    values = torch.zeros(B, 4, requires_grad=True)
+    target = torch.randn(B, 3)
+    sse, err = matryoshka_prefix_sse(values, torch.zeros(B, 4, dtype=torch.int64), W, b, target, [5, 10])
+    sse.sum().backward()
+    ref = ((target - b) ** 2).sum()
+    torch.testing.assert_close(sse, torch.stack([ref, ref]).detach())
+    torch.testing.assert_close(err, (target - b).detach())
+    assert float(W.grad.abs().sum()) == 0.0
+    torch.testing.assert_close(b.grad, -4 * (target - b).sum(0).detach())
+
+
 def test_matryoshka_loss_and_gradients_match_a_dense_reference():
     torch.manual_seed(0)
     sae = MatryoshkaSae(30, 8, 3, [5, 10, 15], batch_topk=False)

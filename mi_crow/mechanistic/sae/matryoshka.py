@@ -217,7 +217,7 @@ class _PrefixSSE(torch.autograd.Function):
         if need_b:
             grad_b = Gc[0].sum(0)
         if need_v or need_w:
-            grad_parts = Gc.view(G * B, -1).index_select(0, layout.row_segment)
+            grad_parts = Gc.view(G * B, S.shape[2]).index_select(0, layout.row_segment)
             grad_V, grad_W = torch.ops.mi_crow.sparse_decode_backward(grad_parts, V, layout.indices, W_dec)
             if need_v:
                 grad_values = grad_V.new_zeros(B * w)
