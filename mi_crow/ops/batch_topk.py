@@ -7,12 +7,15 @@ its (descending) candidate list that was selected.
 Why the candidate lists suffice (the bound): let ``tau`` be the ``K``-th largest candidate value. A token whose
 ``c``-th (last) candidate is *not* selected has every selected value among its candidates, and any latent it did not
 list is ``<=`` its last candidate ``<= tau``, so the per-token lists contain a valid global top-``K``. A token
-whose last candidate *is* selected and positive ("saturated") might hold more than ``c`` of the batch's winners: only those
-tokens are encoded again with twice the candidates, and the global selection is redone, until no token is
+whose last candidate *is* selected and positive ("saturated") might hold more than ``c`` of the batch's winners:
+only those tokens are encoded again with twice the candidates, and the global selection is redone, until no token is
 saturated or ``c = n``. The result is therefore exact (equal to the dense top-``K`` up to the order of ties).
 Since a saturated token holds ``c`` of the ``K`` winners, at most ``K / c = B k / c`` tokens are saturated at
 width ``c`` (a quarter of the batch at the default ``c = 4k``), so the refinement costs at most about as much again
-as the first encode, and usually nothing. Memory: the ``[B, c]`` candidate lists.
+as the first encode, and usually nothing. Memory: the ``[B, c]`` candidate lists. Measured on SmolLM2-135M's
+layer 15 (a BatchTopK SAE with n = 4608, k = 32 trained there, batches of 1024 tokens): a token's share of the
+batch's winners has median 28, 90th percentile 54, 99th 83 and maximum 112, so ``4k = 128`` candidates needed no
+refinement, and ``2k`` needed one and was no faster (0.155 s against 0.139 s per encode; per-token top-32: 0.126 s).
 
 Gradients flow to ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through the selected values only, with the same
 formulas as `topk_encode`'s backward (a sparse ``scatter_rows`` for ``W_enc``), on the same kernels. The Triton
@@ -116,7 +119,8 @@ class _SelectedValues(torch.autograd.Function):
 def _default_select(values: Tensor, total: int) -> Tensor:
     """The global selection: the Triton radix bisection on CUDA (`mi_crow.ops.triton.batch_select`), else
     `batch_topk_select`."""
-    if values.is_cuda and os.environ.get("MI_CROW_DISABLE_TRITON", "").strip().lower() not in {"1", "true", "yes", "on"}:
+    disabled = os.environ.get("MI_CROW_DISABLE_TRITON", "").strip().lower() in {"1", "true", "yes", "on"}
+    if values.is_cuda and not disabled:
         try:
             from mi_crow.ops.triton.batch_select import batch_topk_select_triton
         except ImportError:  # no triton: torch.topk serves CUDA too
