@@ -21,7 +21,7 @@ from all three, so the rows stay aligned token by token. The tensors are cached 
 Usage: ``python benchmarks/bench_family_model.py [--parts a,b] [--budget 499712] [--lr-mult 1.5] [--threads 1]``;
 prints the figures and writes ``benchmarks/results/bench_family_model.json`` (a run keeps the other parts' results
 already there; ``--lr-mult`` trains part (a) at that multiple of the default recipe's peak learning rate, both
-architectures, and files the rows under their own key). Wall times are measured on a shared CPU: rough.
+architectures, and files the rows under their own key, as does a ``--budget`` other than the default). Wall times are measured on a shared CPU: rough.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, machine_meta  # noqa: E402
 
 BLOCK = 15
+DEFAULT_BUDGET = 499712
 SINK_FACTOR = 10.0
 
 
@@ -266,7 +267,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--budget", type=int, default=499712)
+    parser.add_argument("--budget", type=int, default=DEFAULT_BUDGET)
     parser.add_argument("--skip", default="no,yes", help="transcoder variants: no (plain), yes (skip), or both")
     parser.add_argument("--lr-mult", type=float, default=1.0,
                         help="part a: peak learning rate as a multiple of the default recipe's (results under their "
@@ -292,7 +293,8 @@ def main() -> None:
             "batch": args.batch, "train_tokens": int(data["train"]["resid"].shape[0]),
             "heldout_tokens": int(data["heldout"]["resid"].shape[0]), "data": meta_data}
     out: dict[str, Any] = {**old, "meta": meta}
-    key_a = "a_topk_vs_batchtopk" if args.lr_mult == 1.0 else f"a_topk_vs_batchtopk_lr_x{args.lr_mult:g}"
+    key_a = "a_topk_vs_batchtopk" + ("" if args.lr_mult == 1.0 else f"_lr_x{args.lr_mult:g}") + \
+        ("" if budget == DEFAULT_BUDGET else f"_{budget}_tokens")
     print(f"train {meta['train_tokens']:,} tokens, held-out {meta['heldout_tokens']:,} tokens; n={args.n} k={args.k} "
           f"batch={args.batch} budget={budget:,}", file=sys.stderr)
     if "a" in parts:
