@@ -17,6 +17,8 @@ the resident parameters + Adam state, with every allocation of 1 MiB or more map
 scale. Results go to ``benchmarks/results/bench_family.json``.
 
 On a shared CPU the timings are noisy: compare the ratios of one run, not absolute figures across runs.
+``--variants`` runs a subset (with ``topk``), ``--no-memory`` skips the memory subprocesses (the step-time ratio
+alone, for a loaded machine).
 """
 
 from __future__ import annotations
@@ -99,34 +101,42 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B=512, d=128, n=4096, k=16")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="comma-separated subset of the variants (topk always runs: the ratios' base)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         print(json.dumps(memory_child(*json.loads(args.memory_child))))
         return
     B, d, n, k = (512, 128, 4096, 16) if args.quick else (4096, 768, 32768, 32)
+    variants = ["topk"] + [v for v in args.variants.split(",") if v and v != "topk"]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; expected some of {VARIANTS}")
     x = torch.randn(B, d, generator=torch.Generator().manual_seed(1))
-    trainers = {v: make(v, n, d, k) for v in VARIANTS}
-    for v in VARIANTS:
+    trainers = {v: make(v, n, d, k) for v in variants}
+    for v in variants:
         step(trainers[v], x)  # warm-up: Adam state, caches
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[float]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for v in VARIANTS:
+        for v in variants:
             start = time.perf_counter()
             step(trainers[v], x)
             times[v].append(time.perf_counter() - start)
     med = {v: statistics.median(t) for v, t in times.items()}
-    refinements = None
+    refinements = width = None
     from mi_crow.ops.batch_topk import batch_topk_encode
 
-    with torch.no_grad():
-        sae = trainers["batchtopk"].sae
-        code = batch_topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k)
-        refinements, width = code.refinements, code.values.shape[1]
+    if "batchtopk" in trainers:
+        with torch.no_grad():
+            sae = trainers["batchtopk"].sae
+            code = batch_topk_encode(x, sae.W_enc, sae.b_enc, sae.b_dec, k)
+            refinements, width = code.refinements, code.values.shape[1]
     params_mib = sum(p.numel() * p.element_size() for p in trainers["topk"].sae.parameters()) / 2**20
     rows = []
-    for v in VARIANTS:
-        mem = measure_memory(v, B, d, n, k)
+    for v in variants:
+        mem = measure_memory(v, B, d, n, k) if not args.no_memory else {"step_peak_MiB": None}
         rows.append({
             "variant": v,
             "step_ms": round(med[v] * 1e3, 1),
@@ -136,10 +146,12 @@ def main() -> None:
     dense_mib = round(B * n * 4 / 2**20, 1)
     print(f"B={B} d={d} n={n} k={k}, {args.rounds} interleaved rounds, threads={torch.get_num_threads()}")
     print(markdown(rows))
-    print(f"parameters {params_mib:.0f} MiB (+ Adam state 2x); a dense [B, n] fp32 matrix would be {dense_mib} MiB; "
-          f"BatchTopK selection on this batch: width {width}, {refinements} refinement(s)")
+    print(f"parameters {params_mib:.0f} MiB (+ Adam state 2x); a dense [B, n] fp32 matrix would be {dense_mib} MiB"
+          + (f"; BatchTopK selection on this batch: width {width}, {refinements} refinement(s)" if width else ""))
     RESULTS.mkdir(exist_ok=True)
-    out = {"meta": {**machine_meta(), "shape": {"B": B, "d": d, "n": n, "k": k}, "rounds": args.rounds,
+    out = {"meta": {**machine_meta(), "measured_utc": time.strftime("%Y-%m-%d %H:%M"),
+                    "cpu": "AMD EPYC (AVX2), 2 cores shared with other sessions (timings rough)",
+                    "shape": {"B": B, "d": d, "n": n, "k": k}, "rounds": args.rounds,
                     "dense_BxN_fp32_MiB": dense_mib, "params_MiB": round(params_mib, 1),
                     "batchtopk_width": width, "batchtopk_refinements": refinements},
            "rows": rows, "raw_seconds": times}

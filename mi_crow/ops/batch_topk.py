@@ -7,21 +7,27 @@ its (descending) candidate list that was selected.
 Why the candidate lists suffice (the bound): let ``tau`` be the ``K``-th largest candidate value. A token whose
 ``c``-th (last) candidate is *not* selected has every selected value among its candidates, and any latent it did not
 list is ``<=`` its last candidate ``<= tau``, so the per-token lists contain a valid global top-``K``. A token
-whose last candidate *is* selected and positive ("saturated") might hold more than ``c`` of the batch's winners: only those
-tokens are encoded again with twice the candidates, and the global selection is redone, until no token is
+whose last candidate *is* selected and positive ("saturated") might hold more than ``c`` of the batch's winners:
+only those tokens are encoded again with twice the candidates, and the global selection is redone, until no token is
 saturated or ``c = n``. The result is therefore exact (equal to the dense top-``K`` up to the order of ties).
 Since a saturated token holds ``c`` of the ``K`` winners, at most ``K / c = B k / c`` tokens are saturated at
 width ``c`` (a quarter of the batch at the default ``c = 4k``), so the refinement costs at most about as much again
-as the first encode, and usually nothing. Memory: the ``[B, c]`` candidate lists.
+as the first encode, and usually nothing. Memory: the ``[B, c]`` candidate lists. Measured on SmolLM2-135M's
+layer 15 (a BatchTopK SAE with n = 4608, k = 32 trained there, batches of 1024 tokens): a token's share of the
+batch's winners has median 28, 90th percentile 54, 99th 83 and maximum 112, so ``4k = 128`` candidates needed no
+refinement, and ``2k`` needed one and was no faster (0.155 s against 0.139 s per encode; per-token top-32: 0.126 s).
 
 Gradients flow to ``x``, ``W_enc``, ``b_enc`` and ``b_dec`` through the selected values only, with the same
 formulas as `topk_encode`'s backward (a sparse ``scatter_rows`` for ``W_enc``), on the same kernels. The Triton
-path is this same composition over the CUDA kernels of ``topk_encode``/``scatter_rows``/``sparse_decode``
-(``encode_fn`` lets a test run it on the interpreted Triton launcher).
+path is this same composition over the CUDA kernels of ``topk_encode``/``scatter_rows``/``sparse_decode``, with the
+global selection on its own Triton kernel (`mi_crow.ops.triton.batch_select`: a radix bisection for the ``K``-th
+largest candidate, then per-token counts; no sort of the ``B * c`` candidates). ``encode_fn`` and ``select_fn``
+let a test run both on the interpreted Triton launchers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -110,6 +116,20 @@ class _SelectedValues(torch.autograd.Function):
         return grad_x, grad_w, grad_be, grad_bd, None, None
 
 
+def _default_select(values: Tensor, total: int) -> Tensor:
+    """The global selection: the Triton radix bisection on CUDA (`mi_crow.ops.triton.batch_select`), else
+    `batch_topk_select`."""
+    disabled = os.environ.get("MI_CROW_DISABLE_TRITON", "").strip().lower() in {"1", "true", "yes", "on"}
+    if values.is_cuda and not disabled:
+        try:
+            from mi_crow.ops.triton.batch_select import batch_topk_select_triton
+        except ImportError:  # no triton: torch.topk serves CUDA too
+            pass
+        else:
+            return batch_topk_select_triton(values, total)
+    return batch_topk_select(values, total)
+
+
 def _default_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype):  # type: ignore[no-untyped-def]
     return torch.ops.mi_crow.topk_encode(x, W_enc, b_enc, b_dec, k, dead_mask, k_aux, compute_dtype)
 
@@ -140,10 +160,12 @@ def batch_topk_encode(
         candidates: first candidate width per token (default ``min(n, 4 k)``); only speed depends on it.
         compute_dtype: dtype of the encoder product (as for `topk_encode`).
         encode_fn: the ``topk_encode`` kernel to use (default the dispatched op; tests pass the Triton launcher).
-        select_fn, any_fn: the seam of a selection over several processes (data-parallel ranks each holding some
-            tokens): ``select_fn(values, k * B)`` gives the per-token counts (default `batch_topk_select`) and
-            ``any_fn(flag)`` whether ``flag`` holds on any process (default: ``flag``), so every process refines
-            as often as the others. Both are called the same number of times on every process, even with ``B = 0``.
+        select_fn, any_fn: the global selection ``(values [B, c], total) -> counts [B]`` (default: the Triton kernel
+            of `mi_crow.ops.triton.batch_select` on CUDA, `batch_topk_select` elsewhere; tests pass the interpreted
+            Triton launcher) and ``any_fn(flag)``, whether ``flag`` holds on any process (default: ``flag``). They
+            are the seam of a selection over several processes (data-parallel ranks each holding some tokens): a
+            given ``select_fn`` is called the same number of times on every process, even with ``B = 0``, and
+            ``any_fn`` makes every process refine as often as the others.
 
     Returns:
         `BatchTopKCode`.
@@ -167,6 +189,7 @@ def batch_topk_encode(
     checks.int_in_range(fn, "candidates", c, 1, n)
     c = max(c, min(k, n))
     encode = encode_fn or _default_encode
+    select = select_fn or _default_select
     if b_enc.dtype != x.dtype:
         b_enc = b_enc.to(x.dtype)
     if b_dec.dtype != x.dtype:
@@ -183,7 +206,7 @@ def batch_topk_encode(
             if select_fn is not None:
                 counts = select_fn(values, total)
             else:
-                counts = batch_topk_select(values, total) if B else values.new_zeros((0,), dtype=torch.int64)
+                counts = select(values, total) if B else values.new_zeros((0,), dtype=torch.int64)
             # A token whose last listed candidate is 0 cannot hide a positive winner (unlisted values are <= 0).
             full = (counts == c) & (values[:, c - 1] > 0) if c < n else counts.new_zeros((B,), dtype=torch.bool)
             saturated = full.nonzero().squeeze(1)

@@ -16,6 +16,7 @@ from mi_crow.mechanistic.sae import (
     SaeTrainingConfig,
     TopKSae,
 )
+from mi_crow.mechanistic.sae.matryoshka import matryoshka_prefix_sse
 from mi_crow.mechanistic.sae.train.losses import matryoshka_reconstructions
 from mi_crow.mechanistic.sae.synthetic import SyntheticConfig, make_ground_truth, score_recovery
 from mi_crow.ops.batch_topk import batch_topk_encode, batch_topk_ref
@@ -94,6 +95,49 @@ def test_matryoshka_prefix_reconstructions_are_masked_dense_decodes(chunk):
     ref_grads = torch.autograd.grad((ref * weights).sum(), (values, W, b))
     for name, a, r in zip(("values", "W_dec", "b_dec"), grads, ref_grads):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_matryoshka_prefix_sse_matches_dense_prefix_losses_and_their_gradients(chunk, dtype):
+    g = torch.Generator().manual_seed(5)
+    n, d, B, w = 40, 6, 7, 9
+    W = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(d, generator=g, dtype=dtype, requires_grad=True)
+    values = torch.rand(B, w, generator=g, dtype=dtype)
+    values[values < 0.3] = 0  # unused slots (BatchTopK) and ReLU zeros are left out of the decode
+    values.requires_grad_(True)
+    target = torch.randn(B, d, generator=g, dtype=dtype, requires_grad=True)
+    indices = torch.stack([torch.randperm(n, generator=g)[:w] for _ in range(B)])
+    prefixes = [4, 10, 25, 40]
+    weights = torch.randn(len(prefixes), generator=g, dtype=dtype)
+    sse, err = matryoshka_prefix_sse(values, indices, W, b, target, prefixes, chunk=chunk)
+    grads = torch.autograd.grad((sse.to(dtype) * weights).sum(), (values, W, b, target))
+    dense = torch.zeros(B, n, dtype=dtype).scatter(1, indices, values)
+    ref = torch.stack([((target - dense[:, :p] @ W[:p] - b) ** 2).sum() for p in prefixes])
+    ref_grads = torch.autograd.grad((ref * weights).sum(), (values, W, b, target))
+    torch.testing.assert_close(sse.to(dtype), ref)
+    torch.testing.assert_close(err, (target - dense @ W - b).detach())
+    assert not err.requires_grad
+    # A slot of value 0 gets no value gradient (the encoders' backward drops it anyway: ReLU at 0).
+    torch.testing.assert_close(grads[0], ref_grads[0] * (values != 0), msg="values")
+    for name, a, r in zip(("W_dec", "b_dec", "target"), grads[1:], ref_grads[1:]):
+        torch.testing.assert_close(a, r, msg=name)
+
+
+@pytest.mark.parametrize("B", [0, 3])
+def test_matryoshka_prefix_sse_with_no_active_slot(B):
+    W = torch.randn(10, 3, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    values = torch.zeros(B, 4, requires_grad=True)
+    target = torch.randn(B, 3)
+    sse, err = matryoshka_prefix_sse(values, torch.zeros(B, 4, dtype=torch.int64), W, b, target, [5, 10])
+    sse.sum().backward()
+    ref = ((target - b) ** 2).sum()
+    torch.testing.assert_close(sse, torch.stack([ref, ref]).detach())
+    torch.testing.assert_close(err, (target - b).detach())
+    assert float(W.grad.abs().sum()) == 0.0
+    torch.testing.assert_close(b.grad, -4 * (target - b).sum(0).detach())
 
 
 def test_matryoshka_loss_and_gradients_match_a_dense_reference():

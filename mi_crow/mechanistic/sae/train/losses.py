@@ -8,7 +8,9 @@
 - Matryoshka: the prefix reconstructions as masked sparse decodes: each group's slots are decoded on their own
   (rows of one group only, all in one `sparse_decode` call, so one decoder gradient), and the groups'
   contributions summed cumulatively, ``x_hat_m = b_dec + sum_{g <= m} contribution_g``; the loss is the sum of the
-  prefix FVUs (see `matryoshka_reconstructions`);
+  prefix FVUs, computed by one autograd node with a written-out backward (see
+  `mi_crow.mechanistic.sae.matryoshka.matryoshka_prefix_sse`; `matryoshka_reconstructions` returns the prefix
+  reconstructions themselves);
 - transcoders: the batch rows are ``[x | y]`` (input, then target): the encoder reads ``x`` without the ``b_dec``
   shift, the decoder (plus the skip term) predicts ``y``, and the FVU is against ``y``'s variance.
 
@@ -25,6 +27,7 @@ from torch import Tensor
 from mi_crow import ops
 from mi_crow.errors import NotSupportedError
 from mi_crow.ops.batch_topk import batch_topk_encode
+from mi_crow.mechanistic.sae.matryoshka import matryoshka_prefix_sse
 from mi_crow.mechanistic.sae.train.results import LossOutput
 
 if TYPE_CHECKING:
@@ -144,16 +147,12 @@ def family_losses(
     prefixes = getattr(sae, "prefix_sizes", None)
     e_hat = None
     if prefixes is not None and len(prefixes) > 1:
-        recons = matryoshka_reconstructions(values, indices, W_dec, sae.b_dec, prefixes)
-        if skip is not None:
-            recons = recons + skip.unsqueeze(1)
-        x_hat = recons[:, -1]
-        errs = target.unsqueeze(1) - recons
-        flat = errs if errs.dtype in (torch.float32, torch.float64) else errs.float()
-        prefix_sse = stepper._all_reduce_sum(flat.pow(2).sum(dim=(0, 2)))  # dist: over every rank's tokens
+        # Every prefix reconstructs the target minus the skip term; one fused node (see matryoshka_prefix_sse).
+        goal = target if skip is None else target - skip
+        prefix_sse, err = matryoshka_prefix_sse(values, indices, W_dec, sae.b_dec, goal, prefixes)
+        prefix_sse = stepper._all_reduce_sum(prefix_sse)  # dist: over every rank's tokens (the logged mse too)
         prefix_fvu = prefix_sse / total_var
         loss = prefix_fvu.sum()
-        err = errs[:, -1]
         sse = prefix_sse[-1]
         fvu = prefix_fvu[-1]
         if use_aux and code.aux_values is not None:
