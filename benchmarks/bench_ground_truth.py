@@ -44,7 +44,14 @@ SIZES = {
 #: `schedule.default_lr` of the width and the budget).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "lr_x2": {"lr_scale": 2.0},
+    "lr_x3": {"lr_scale": 3.0},
     "lr_x4": {"lr_scale": 4.0},
+    "lr_x2_normalize_inputs": {"lr_scale": 2.0, "normalize_inputs": True},
+    "normalize_inputs": {"normalize_inputs": True},
+    "no_auxk": {"auxk_coef": 0.0},
+    "k_anneal_10pct": {"k_anneal_fraction": 0.1},
+    "decay_from_0.5": {"lr_decay_start": 0.5},
     "no_decoder_norm": {"normalize_decoder": False},
 }
 
@@ -71,7 +78,7 @@ def run(size: dict[str, Any], variant: str, batch: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CI gate's size")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="default")
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = parser.parse_args()

@@ -7,7 +7,7 @@ import math
 
 from mi_crow.mechanistic.sae.config import SaeTrainingConfig
 
-__all__ = ["default_lr", "k_at_step", "lr_at_step"]
+__all__ = ["default_lr", "k_at_step", "lr_at_step", "width_lr"]
 
 
 #: The fitted rule of `default_lr`: the peak learning rate
@@ -17,6 +17,12 @@ __all__ = ["default_lr", "k_at_step", "lr_at_step"]
 LR_RULE_C = 1.508e-3
 LR_RULE_WIDTH_EXPONENT = 0.0
 LR_RULE_BUDGET_EXPONENT = -0.5
+
+
+def width_lr(n_latents: int) -> float:
+    """OpenAI's learning rate for a dictionary of ``n_latents`` latents, ``2e-4 / sqrt(n_latents / 2**14)`` (Gao et
+    al., 2024, fitted on runs of billions of tokens): the floor of `default_lr`."""
+    return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
 def default_lr(n_latents: int, budget_tokens: int) -> float:
@@ -50,7 +56,7 @@ def default_lr(n_latents: int, budget_tokens: int) -> float:
         n_latents: dictionary size.
         budget_tokens: tokens the run will train on (optimizer steps times batch size).
     """
-    openai = 2e-4 / math.sqrt(n_latents / 2**14)
+    openai = width_lr(n_latents)
     fitted = (LR_RULE_C * (n_latents / 2**14) ** LR_RULE_WIDTH_EXPONENT
               * (max(1, budget_tokens) / 2**20) ** LR_RULE_BUDGET_EXPONENT)
     return max(openai, fitted)
