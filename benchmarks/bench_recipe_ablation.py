@@ -61,6 +61,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lr_x2": ("twice the default peak learning rate", {"lr_multiple": 2.0}),
     "lr_x3": ("three times the default peak learning rate", {"lr_multiple": 3.0}),
     "lr_x4": ("four times the default peak learning rate", {"lr_multiple": 4.0}),
+    "lr_x2_auxk_1_8": ("twice the default peak learning rate, AuxK coefficient 1/8",
+                       {"lr_multiple": 2.0, "auxk_coef": 1.0 / 8.0}),
+    "lr_x2_dead_window_2pct": ("twice the default peak learning rate, dead window 2% of the budget",
+                               {"lr_multiple": 2.0, "dead_window_fraction": 0.02}),
 }
 
 
