@@ -45,6 +45,7 @@ SIZES = {
 #: `schedule.default_lr` of the width and the budget).
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    "lr_x1.25": {"lr_scale": 1.25},
     "lr_x2": {"lr_scale": 2.0},
     "lr_x3": {"lr_scale": 3.0},
     "lr_x4": {"lr_scale": 4.0},

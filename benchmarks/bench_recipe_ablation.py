@@ -57,6 +57,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "random_encoder": ("a random encoder instead of the decoder's transpose", {"init_encoder_from_decoder": False}),
     "k_anneal_10pct": ("k annealed from 4k over the first 10% of the steps", {"k_anneal_fraction": 0.1}),
     "lr_x0.5": ("half the default peak learning rate", {"lr_multiple": 0.5}),
+    "lr_x1.25": ("1.25x the default peak learning rate", {"lr_multiple": 1.25}),
     "lr_x1.5": ("1.5x the default peak learning rate", {"lr_multiple": 1.5}),
     "lr_x2": ("twice the default peak learning rate", {"lr_multiple": 2.0}),
     "lr_x3": ("three times the default peak learning rate", {"lr_multiple": 3.0}),
