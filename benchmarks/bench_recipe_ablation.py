@@ -13,7 +13,9 @@ and reused (as bench_lr_sweep.py does): the runs are exactly the recipe's, only 
 Usage: ``python benchmarks/bench_recipe_ablation.py [--data PATH] [--budget 1000000] [--variants defaults,...]
 [--resume]``; prints a table ordered by held-out FVU and writes ``benchmarks/results/bench_recipe_ablation.json``
 after every run (``--resume`` keeps the runs already there, so an ablation can be run in pieces; a run is identified
-by its variant name and budget). ``--list`` prints the variants.
+by its variant name and budget). ``--list`` prints the variants. ``lr_multiple`` variants are relative to the rule
+in force when they ran (recorded per row as ``default_lr_rule``); rows with a ``source`` were measured by another
+benchmark on the same data and recipe and copied in.
 """
 
 from __future__ import annotations
@@ -86,6 +88,14 @@ def _memoise_b_dec_init() -> None:
     init.geometric_median = cached
 
 
+def _rule() -> str:
+    """The default learning-rate rule that ``lr_multiple`` multiplies (it changes when the rule is re-fitted)."""
+    from mi_crow.mechanistic.sae.train import schedule
+
+    return (f"max(2e-4 / sqrt(n / 2**14), {schedule.LR_RULE_C:.4g} * (n / 2**14) ** {schedule.LR_RULE_WIDTH_EXPONENT:.3g}"
+            f" * (budget / 2**20) ** {schedule.LR_RULE_BUDGET_EXPONENT:.3g})")
+
+
 def config_for(overrides: dict[str, Any], n: int, batch: int, budget: int) -> SaeTrainingConfig:
     """The run's config: defaults plus ``overrides`` (``lr_multiple``, ``dead_window_fraction`` and
     ``warmup_fraction`` are resolved here into ``lr``, ``dead_window_tokens`` and ``warmup_steps``)."""
@@ -153,7 +163,8 @@ def main() -> None:
     budget = (args.budget // args.batch) * args.batch
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "n": args.n, "k": args.k, "batch": args.batch,
-            "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]), "data": data.get("meta")}
+            "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]), "data": data.get("meta"),
+            "default_lr_rule": _rule()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = json.loads(args.out.read_text())["rows"] if args.resume and args.out.exists() else []
     for name in names:
@@ -162,7 +173,7 @@ def main() -> None:
         what, overrides = VARIANTS[name]
         print(f"-- {name} ({what}), {budget} tokens", file=sys.stderr, flush=True)
         res = run(train, heldout, args.n, args.k, args.batch, budget, overrides)
-        row = {"variant": name, "what": what, "overrides": {k: list(v) if isinstance(v, tuple) else v
+        row = {"variant": name, "what": what, "default_lr_rule": _rule(), "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                              for k, v in overrides.items()},
                "n": args.n, "budget": budget, "measured_utc": time.strftime("%Y-%m-%d %H:%M"), **res}
         print(json.dumps(row), file=sys.stderr, flush=True)
