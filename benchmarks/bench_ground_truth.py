@@ -62,8 +62,8 @@ def _rule() -> str:
     """The default learning-rate rule the ``lr_scale`` variants multiply (it changes when the rule is re-fitted)."""
     from mi_crow.mechanistic.sae.train import schedule
 
-    return (f"max(2e-4 / sqrt(n / 2**14), {schedule.LR_RULE_C:.4g} * (n / 2**14) ** {schedule.LR_RULE_WIDTH_EXPONENT:.3g}"
-            f" * (budget / 2**20) ** {schedule.LR_RULE_BUDGET_EXPONENT:.3g})")
+    return (f"max(2e-4 / sqrt(n / 2**14), {schedule.LR_RULE_C:.4g} * (n / 2**14) ** "
+            f"{schedule.LR_RULE_WIDTH_EXPONENT:.3g} * (budget / 2**20) ** {schedule.LR_RULE_BUDGET_EXPONENT:.3g})")
 
 
 def run(size: dict[str, Any], variant: str, batch: int) -> dict[str, Any]:

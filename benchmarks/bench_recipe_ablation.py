@@ -92,8 +92,8 @@ def _rule() -> str:
     """The default learning-rate rule that ``lr_multiple`` multiplies (it changes when the rule is re-fitted)."""
     from mi_crow.mechanistic.sae.train import schedule
 
-    return (f"max(2e-4 / sqrt(n / 2**14), {schedule.LR_RULE_C:.4g} * (n / 2**14) ** {schedule.LR_RULE_WIDTH_EXPONENT:.3g}"
-            f" * (budget / 2**20) ** {schedule.LR_RULE_BUDGET_EXPONENT:.3g})")
+    return (f"max(2e-4 / sqrt(n / 2**14), {schedule.LR_RULE_C:.4g} * (n / 2**14) ** "
+            f"{schedule.LR_RULE_WIDTH_EXPONENT:.3g} * (budget / 2**20) ** {schedule.LR_RULE_BUDGET_EXPONENT:.3g})")
 
 
 def config_for(overrides: dict[str, Any], n: int, batch: int, budget: int) -> SaeTrainingConfig:
@@ -173,8 +173,8 @@ def main() -> None:
         what, overrides = VARIANTS[name]
         print(f"-- {name} ({what}), {budget} tokens", file=sys.stderr, flush=True)
         res = run(train, heldout, args.n, args.k, args.batch, budget, overrides)
-        row = {"variant": name, "what": what, "default_lr_rule": _rule(), "overrides": {k: list(v) if isinstance(v, tuple) else v
-                                                             for k, v in overrides.items()},
+        row = {"variant": name, "what": what, "default_lr_rule": _rule(),
+               "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
                "n": args.n, "budget": budget, "measured_utc": time.strftime("%Y-%m-%d %H:%M"), **res}
         print(json.dumps(row), file=sys.stderr, flush=True)
         if args.resume and args.out.exists():  # another process may have added rows meanwhile
