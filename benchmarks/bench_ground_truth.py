@@ -82,7 +82,7 @@ def run(size: dict[str, Any], variant: str, batch: int) -> dict[str, Any]:
     result = SaeTrainer(sae).train_on_tensor(x, cfg)
     wall = time.perf_counter() - start
     scores = score_recovery(truth, sae, n_tokens=32768)
-    return {"variant": variant, **scores, "train_tokens": result.tokens, "wall_s": wall}
+    return {"variant": variant, "default_lr_rule": _rule(), **scores, "train_tokens": result.tokens, "wall_s": wall}
 
 
 def main() -> None:
@@ -114,7 +114,7 @@ def main() -> None:
         rows = [r for r in json.loads(path.read_text())["rows"] if r["variant"] not in names] + rows
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(),
             "truth": asdict(truth), "latents": size["latents"], "k": size["k"], "batch": args.batch,
-            "train_tokens": size["tokens"] * size["epochs"], "default_lr_rule": _rule(),
+            "train_tokens": size["tokens"] * size["epochs"],
             "variants": {r["variant"]: VARIANTS[r["variant"]] for r in rows}}
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {path}")
