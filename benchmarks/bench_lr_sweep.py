@@ -10,7 +10,9 @@ neighbours in log-lr, and a power law ``lr* = c * (n / 2**14)**a * (T / 2**20)**
 
 Usage: ``python benchmarks/bench_lr_sweep.py [--quick] [--data PATH] [--cells 4608:1048576,...] [--resume]``; prints
 the grid and the fitted rule and writes ``benchmarks/results/bench_lr_sweep[_quick].json`` after every run (``--resume``
-keeps the runs already there, so a sweep can be run in pieces).
+keeps the runs already there, so a sweep can be run in pieces). Rows with a ``source`` field were measured by
+bench_recipe_ablation.py or bench_quality.py (the same data and recipe, only the peak learning rate set) and copied in;
+``--resume`` with ``--extend 0`` and multiples already measured re-fits the rule without training.
 """
 
 from __future__ import annotations

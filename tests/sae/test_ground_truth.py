@@ -2,7 +2,7 @@
 training maths — the recipe recovers a known dictionary, and a broken recipe does not.
 
 The gate trains on 1M synthetic tokens (about 10-20 s on one core). Its threshold sits well below what the recipe
-reaches (MCC ~0.88 at seed 0, see benchmarks/bench_ground_truth.py for the full size) and well above what a 100x
+reaches (MCC ~0.88-0.92 at seed 0, see benchmarks/bench_ground_truth.py for the full size) and well above what a 100x
 learning rate reaches (~0.27), so a regression of the recipe fails it.
 """
 

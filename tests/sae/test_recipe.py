@@ -241,3 +241,8 @@ def test_default_lr_is_the_rule_fitted_by_the_sweep_and_the_trainer_uses_it():
         torch.randn(512, 8), SaeTrainingConfig(batch_size=32, n_tokens=32 * 40, log_every=1, **QUIET)
     )
     assert max(row["lr"] for row in result.history) == pytest.approx(schedule.default_lr(16, 32 * 40), rel=1e-12)
+    # the SAE's own default_lr is the same rule (with a budget), and the rule's floor without one
+    assert sae.default_lr(32 * 40) == schedule.default_lr(16, 32 * 40)
+    big = TopKSae(4608, 8, 2)
+    assert big.default_lr(1 << 20) == schedule.default_lr(4608, 1 << 20) > big.default_lr()
+    assert big.default_lr() == pytest.approx(2e-4 / math.sqrt(4608 / 2**14), rel=1e-12)

@@ -25,7 +25,6 @@ the architecture recorded in ``config.json`` (``"architecture"``); `load_sae` re
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
@@ -805,9 +804,17 @@ class SaeBase(nn.Module, Controller):
         norms = self.W_dec.norm(dim=1, keepdim=True)
         self.W_dec.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))
 
-    def default_lr(self) -> float:
-        """OpenAI's learning rate for this dictionary size: ``2e-4 / sqrt(n_latents / 2**14)``."""
-        return 2e-4 / math.sqrt(self.n_latents / 2**14)
+    def default_lr(self, budget_tokens: int | None = None) -> float:
+        """The trainer's default peak learning rate for this dictionary size and a run of ``budget_tokens`` tokens
+        (`mi_crow.mechanistic.sae.train.schedule.default_lr`, the rule `SaeTrainer` uses when
+        ``SaeTrainingConfig.lr`` is None).
+
+        Without a budget: the rule's floor, OpenAI's width rule ``2e-4 / sqrt(n_latents / 2**14)``, which is what
+        runs long enough (tens of millions of tokens and more) get; shorter runs get a higher rate.
+        """
+        from mi_crow.mechanistic.sae.train.schedule import default_lr, width_lr
+
+        return width_lr(self.n_latents) if budget_tokens is None else default_lr(self.n_latents, budget_tokens)
 
 
 def load_sae(

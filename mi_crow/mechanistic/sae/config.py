@@ -92,8 +92,8 @@ class SaeTrainingConfig:
 
     lr: float | None = None
     """Peak learning rate. None uses `mi_crow.mechanistic.sae.train.schedule.default_lr` of the dictionary size and
-    the run's token budget: ``1.51e-3 * (budget / 2**20) ** -0.5`` (fitted by ``benchmarks/bench_lr_sweep.py``),
-    never below OpenAI's ``2e-4 / sqrt(n_latents / 2**14)``."""
+    the run's token budget: ``1.97e-3 * (n_latents / 2**14) ** 0.049 * (budget / 2**20) ** -0.435`` (fitted by
+    ``benchmarks/bench_lr_sweep.py``), never below OpenAI's ``2e-4 / sqrt(n_latents / 2**14)``."""
 
     warmup_steps: int | None = None
     """Steps of linear learning-rate warm-up from 0. None means ``min(1000, total_steps // 20)``."""
