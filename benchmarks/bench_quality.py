@@ -52,8 +52,15 @@ LIBRARIES = ("mi_crow", "sparsify", "sae_lens")
 
 
 # -- data ---------------------------------------------------------------------------------------------------------
-def build_data(path: Path, train_texts: int, eval_texts: int, max_length: int, layer_index: int) -> None:
-    """Save ``{"train": [N, d], "heldout": [M, d], "meta": ...}`` from the default model (needs mi_crow)."""
+def build_data(path: Path, train_texts: int, eval_texts: int, max_length: int, layer_index: int,
+               split: str = "order") -> None:
+    """Save ``{"train": [N, d], "heldout": [M, d], "meta": ...}`` from the default model (needs mi_crow).
+
+    ``split="order"``: the first ``train_texts`` paragraphs train, the next ``eval_texts`` are held out (the corpus is
+    ordered by article, so the held-out texts are mostly other articles: held-out FVU includes a shift in topic).
+    ``split="random"``: ``train_texts + eval_texts`` paragraphs drawn at random (seed 0) from the whole corpus, then
+    split, as the demo holds out random paragraphs.
+    """
     from mi_crow import defaults
     from mi_crow.mechanistic.sae.outliers import attention_sink_mask
     from mi_crow.store import LocalStore
@@ -61,22 +68,25 @@ def build_data(path: Path, train_texts: int, eval_texts: int, max_length: int, l
     paragraphs = defaults.default_corpus_paragraphs()
     if len(paragraphs) < train_texts + eval_texts:
         raise SystemExit(f"the default corpus has {len(paragraphs)} paragraphs, fewer than {train_texts + eval_texts}")
+    if split == "random":
+        order = torch.randperm(len(paragraphs), generator=torch.Generator().manual_seed(0)).tolist()
+        paragraphs = [paragraphs[i] for i in order[: train_texts + eval_texts]]
     with tempfile.TemporaryDirectory() as tmp:
         store = LocalStore(Path(tmp) / "store", fsync=False)
         lm = defaults.load_default_model(store=store)
         layer = lm.layers.resolve(layer_index)
         out: dict[str, Any] = {}
-        for split, texts in (("train", paragraphs[:train_texts]),
-                             ("heldout", paragraphs[train_texts : train_texts + eval_texts])):
-            run_id = lm.activations.save(texts, layers=layer, run_id=split, batch_size=16, max_length=max_length,
+        for part, texts in (("train", paragraphs[:train_texts]),
+                            ("heldout", paragraphs[train_texts : train_texts + eval_texts])):
+            run_id = lm.activations.save(texts, layers=layer, run_id=part, batch_size=16, max_length=max_length,
                                          progress=True)
             reader = store.activation_reader(run_id, layer, 8192, shuffle=False, drop_last=False, dtype=torch.float32)
             x = torch.cat(list(reader))
             sinks = attention_sink_mask(x, factor=10.0)
-            out[split] = x[~sinks].contiguous()
-            out[f"{split}_sinks"] = int(sinks.sum())
+            out[part] = x[~sinks].contiguous()
+            out[f"{part}_sinks"] = int(sinks.sum())
         out["meta"] = {"model": "SmolLM2-135M-Instruct (embedded GGUF)", "layer": layer, "train_texts": train_texts,
-                       "eval_texts": eval_texts, "max_length": max_length,
+                       "eval_texts": eval_texts, "max_length": max_length, "split": split,
                        "sinks_removed": {"train": out.pop("train_sinks"), "heldout": out.pop("heldout_sinks")}}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
@@ -259,6 +269,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--train-texts", type=int, default=None)
     parser.add_argument("--eval-texts", type=int, default=None)
+    parser.add_argument("--split", choices=("order", "random"), default="order",
+                        help="held-out texts: the paragraphs after the training ones (default) or a random draw "
+                             "(results in bench_quality_random.json)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows already in the results file except those this run replaces (run the "
                              "libraries or budgets in pieces)")
@@ -279,10 +292,11 @@ def main() -> None:
     if args.data is None:
         from mi_crow.defaults import get_cache_dir
 
-        args.data = get_cache_dir() / "bench_quality" / f"smollm2_l15_{train_texts}_{eval_texts}.pt"
+        suffix = "" if args.split == "order" else f"_{args.split}"
+        args.data = get_cache_dir() / "bench_quality" / f"smollm2_l15_{train_texts}_{eval_texts}{suffix}.pt"
     if not args.data.exists():
         print(f"building the activation tensors into {args.data} ...", file=sys.stderr)
-        build_data(args.data, train_texts, eval_texts, max_length=128, layer_index=15)
+        build_data(args.data, train_texts, eval_texts, max_length=128, layer_index=15, split=args.split)
     data = torch.load(args.data, weights_only=True)
     heldout = data["heldout"]
     print(f"data: {data['meta']}; train {tuple(data['train'].shape)}, held-out {tuple(heldout.shape)}", file=sys.stderr)
@@ -293,7 +307,7 @@ def main() -> None:
             "train_tokens": int(data["train"].shape[0]), "heldout_tokens": int(heldout.shape[0]),
             "data": data["meta"]}
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench_quality{'_quick' if quick else ''}.json"
+    path = RESULTS / f"bench_quality{'_quick' if quick else ''}{'_random' if args.split == 'random' else ''}.json"
     rows: list[dict[str, Any]] = []
     found: dict[str, str | None] = {}
     if args.merge and path.exists():

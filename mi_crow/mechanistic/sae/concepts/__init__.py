@@ -16,7 +16,12 @@ All reached through ``sae.concepts`` (an :class:`AutoencoderConcepts`, in ``faca
 
 from mi_crow.mechanistic.sae.concepts.dictionary import Concept, ConceptDictionary, check_neuron_index
 from mi_crow.mechanistic.sae.concepts.facade import AutoencoderConcepts
-from mi_crow.mechanistic.sae.concepts.evaluation import SteeringEvaluation, SteeringPoint, evaluate_steering
+from mi_crow.mechanistic.sae.concepts.evaluation import (
+    SteeringEvaluation,
+    SteeringPoint,
+    evaluate_steering,
+    evaluate_steering_many,
+)
 from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit_lens
 from mi_crow.mechanistic.sae.concepts.replay import track_from_run
 from mi_crow.mechanistic.sae.concepts.steer_choice import (
@@ -44,6 +49,7 @@ __all__ = [
     "choose_by_sweep",
     "choose_steering_feature",
     "evaluate_steering",
+    "evaluate_steering_many",
     "feature_logit_lens",
     "generate_steered",
     "lens_candidates",

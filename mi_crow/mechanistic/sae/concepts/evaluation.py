@@ -37,7 +37,8 @@ from mi_crow.mechanistic.sae.concepts.logit_lens import LogitLens, feature_logit
 from mi_crow.mechanistic.sae.concepts.steering import MODES, _check_finite_number
 from mi_crow.validation import check_choice, check_positive_int, check_texts
 
-__all__ = ["DEFAULT_STRENGTHS", "DEFINITIONS", "TARGETS", "count_words", "word_pattern", "SteeringEvaluation", "SteeringPoint", "evaluate_steering"]
+__all__ = ["DEFAULT_STRENGTHS", "DEFINITIONS", "TARGETS", "count_words", "word_pattern", "SteeringEvaluation", "SteeringPoint", "evaluate_steering",
+           "evaluate_steering_many"]
 
 DEFAULT_STRENGTHS = (0.25, 0.35, 0.5)
 """Default sweep of ``add`` strengths: multiples of each token's residual norm at the layer. Measured on the demo's
@@ -196,7 +197,8 @@ def count_words(texts: Sequence[str], words: Sequence[str]) -> tuple[float, int]
     return sum(1 for c in counts if c) / len(texts), sum(counts)
 
 
-def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuations: list[str], neuron: int,
+def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuations: list[str],
+                 neuron: int | Sequence[int],
                  max_length: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Clean forward over each prompt + continuation: per text, whether the feature is active on a continuation
     token (bool ``[n]``), the summed loss of its continuation tokens and their count (``[n]`` each); and the logits
@@ -227,8 +229,37 @@ def _score_texts(lm: Any, sae: Any, layer: str, prompts: list[str], continuation
     with torch.no_grad():
         code = sae.encode(hidden)
     values = code.values.cpu()
-    fired = ((code.indices.cpu() == neuron) & (values > 0)).any(dim=-1) & cont
+    if isinstance(neuron, int):
+        fired = ((code.indices.cpu() == neuron) & (values > 0)).any(dim=-1) & cont
+        return fired.any(dim=1), loss_sum, n_tokens, logits, mask
+    # Several features: [texts, features], each text's continuation tokens against every feature.
+    wanted = torch.tensor(list(neuron), dtype=code.indices.dtype)
+    hits = (code.indices.cpu().unsqueeze(-1) == wanted) & (values > 0).unsqueeze(-1)  # [n, seq, k, features]
+    fired = hits.any(dim=2) & cont.unsqueeze(-1)
     return fired.any(dim=1), loss_sum, n_tokens, logits, mask
+
+
+def _make_points(strengths: Sequence[float | None], texts: list[str], kls: Sequence[float], base: float | None,
+                 active: Tensor, loss_sum: Tensor, n_tok: Tensor, words: Sequence[str],
+                 n: int) -> list[SteeringPoint]:
+    """One point per strength from scored texts: ``texts`` (and the rows of ``active``, ``loss_sum``, ``n_tok``)
+    hold ``n`` continuations per strength, in order."""
+    points = []
+    for i, (strength, group, kl) in enumerate(zip(strengths, _chunks(texts, n), kls)):
+        rows = slice(i * n, (i + 1) * n)
+        loss = float(loss_sum[rows].sum()) / max(int(n_tok[rows].sum()), 1)
+        rate, count = count_words(group, words)
+        rise = 0.0 if base is None else loss - base
+        points.append(SteeringPoint(strength, float(active[rows].float().mean()), rate, loss, rise, kl, count,
+                                    group))
+    return points
+
+
+def _apply_edit(concepts: Any, idx: int, mode: str, relative: bool, exclude_special: bool, value: float) -> None:
+    """Set the ``add`` / ``clamp`` / ``cap`` edit of ``idx`` to ``value`` (a residual-norm multiple if relative)."""
+    key = {"strength": value} if relative else {{"add": "activation", "clamp": "value", "cap": "cap"}[mode]: value}
+    getattr(concepts, {"add": "add_concept", "clamp": "clamp_concept", "cap": "cap_concept"}[mode])(
+        idx, exclude_special=exclude_special, **key)
 
 
 def _kl(steered: Tensor, plain: Tensor, mask: Tensor) -> float:
@@ -346,26 +377,14 @@ def evaluate_steering(
         elif mode == "scale":
             concepts.manipulate_concept(idx, strength)
         else:
-            key = {"strength": strength} if relative else {{"add": "activation", "clamp": "value",
-                                                             "cap": "cap"}[mode]: strength}
-            getattr(concepts, {"add": "add_concept", "clamp": "clamp_concept", "cap": "cap_concept"}[mode])(
-                idx, exclude_special=exclude_special, **key)
+            _apply_edit(concepts, idx, mode, relative, exclude_special, strength)
 
     def measure(strengths: list[float | None], texts: list[str], kls: list[float],
                 base: float | None) -> tuple[list[SteeringPoint], Tensor, Tensor]:
         """One point per strength; ``texts`` holds len(prompts) continuations per strength, in order."""
         active, loss_sum, n_tok, logits, mask = _score_texts(lm, sae, layer, prompts * len(strengths), texts, idx,
                                                              max_length)
-        points = []
-        n = len(prompts)
-        for i, (strength, group, kl) in enumerate(zip(strengths, _chunks(texts, n), kls)):
-            rows = slice(i * n, (i + 1) * n)
-            loss = float(loss_sum[rows].sum()) / max(int(n_tok[rows].sum()), 1)
-            rate, count = count_words(group, words)
-            rise = 0.0 if base is None else loss - base
-            points.append(SteeringPoint(strength, float(active[rows].float().mean()), rate, loss, rise, kl, count,
-                                        group))
-        return points, logits, mask
+        return _make_points(strengths, texts, kls, base, active, loss_sum, n_tok, words, len(prompts)), logits, mask
 
     steering = concepts._steering
     try:
@@ -409,3 +428,110 @@ def evaluate_steering(
         suppressed_tokens=lens.suppressed[row][:top_tokens], promoted_words=words, plain=plain, points=points,
         best_strength=choose_strength(points, targets), max_new_tokens=max_new_tokens, targets=dict(targets),
     )
+
+
+def evaluate_steering_many(
+    lm: Any,
+    sae: Any,
+    neurons: Sequence[int | str],
+    prompts: Sequence[str],
+    strengths: Sequence[float] | None = None,
+    *,
+    mode: str = "add",
+    relative: bool = True,
+    max_new_tokens: int = 24,
+    top_tokens: int = 10,
+    exclude_special: bool = True,
+    max_length: int | None = None,
+    lens: LogitLens | None = None,
+    plain_continuations: Sequence[str] | None = None,
+) -> list[SteeringEvaluation]:
+    """:func:`evaluate_steering` for several features at once: every feature at every strength in one batched
+    generation (each feature steers only its own rows: ``Steering.row_masks``), one forward for the KL, one scoring
+    forward for the steered and one for the plain continuations. Each result holds what ``evaluate_steering`` gives
+    for that feature (the same greedy texts, up to float rounding), for about the cost of one feature on a CPU,
+    where generating a few rows is bound by reading the weights.
+
+    Args:
+        neurons: the features (indices or concept names), distinct.
+        mode: ``"add"`` (default), ``"clamp"`` or ``"cap"``: the modes whose strength scales a value.
+        others: as for :func:`evaluate_steering`.
+
+    Returns:
+        One :class:`SteeringEvaluation` per feature, in the order given.
+
+    Raises:
+        UserInputError: as :func:`evaluate_steering`; no features, or a feature given twice.
+    """
+    layer = _attached_layer(lm, sae)
+    concepts = sae.concepts
+    targets = dict(TARGETS)
+    if isinstance(neurons, (str, bytes)) or not isinstance(neurons, Sequence) or len(neurons) == 0:
+        raise UserInputError(f"neurons must be a non-empty sequence of feature indices or names, got {neurons!r}")
+    idxs = [concepts.dictionary.resolve(n) for n in neurons]
+    if len(set(idxs)) != len(idxs):
+        raise UserInputError(f"neurons must be distinct features, got {list(neurons)!r} (indices {idxs})")
+    prompts = check_texts(list(prompts) if not isinstance(prompts, str) else prompts, "prompts")
+    mode = check_choice(mode, "mode", ("add", "clamp", "cap"))
+    max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
+    top_tokens = check_positive_int(top_tokens, "top_tokens")
+    raw = DEFAULT_STRENGTHS if strengths is None else strengths
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) == 0:
+        raise UserInputError(f"strengths must be a non-empty sequence of finite numbers, got {raw!r}")
+    sweep = [_check_finite_number(s, f"strengths[{i}]") for i, s in enumerate(raw)]
+    if concepts.has_manipulations:
+        raise UserInputError("the SAE already carries manipulations; call sae.concepts.reset_manipulations() "
+                             "before evaluating steering (the plain baseline must be unsteered)")
+    if lens is None or any(i not in lens.neurons for i in idxs):
+        lens = feature_logit_lens(lm, sae, idxs, top=top_tokens)
+    lens_rows = [lens.row(i) for i in idxs]
+    promoted = [lens.promoted[r][:top_tokens] for r in lens_rows]
+    words = [readable_words(p) for p in promoted]
+    n, n_s, n_f = len(prompts), len(sweep), len(idxs)
+
+    steering = concepts._steering
+    try:
+        if plain_continuations is None:
+            plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
+        else:
+            plain_text = check_texts(list(plain_continuations), "plain_continuations")
+            if len(plain_text) != n:
+                raise UserInputError(f"plain_continuations must hold one continuation per prompt ({n}), "
+                                     f"got {len(plain_text)}")
+        p_active, p_loss, p_tok, plain_logits, mask = _score_texts(lm, sae, layer, prompts, plain_text, idxs,
+                                                                    max_length)
+        plain_texts = [p + c for p, c in zip(prompts, plain_text)]
+        # Rows: feature-major, then strength, then prompt; each feature's edit has value 1 on its own rows only,
+        # times the row's strength.
+        for idx in idxs:
+            _apply_edit(concepts, idx, mode, relative, exclude_special, 1.0)
+        steering.row_scales = torch.tensor([s for _ in idxs for s in sweep for _ in prompts], dtype=torch.float64)
+        steering.row_masks = {
+            idx: torch.tensor([f == j for f in range(n_f) for _ in sweep for _ in prompts]) for j, idx in enumerate(idxs)
+        }
+        try:
+            steered = lm.generate(prompts * (n_f * n_s), max_new_tokens=max_new_tokens)
+            out, _ = lm.inference.forward_batch(plain_texts * (n_f * n_s), max_length=max_length)
+        finally:
+            concepts.reset_manipulations()
+        steered_logits = out.logits.float().cpu()
+        s_active, s_loss, s_tok, _, _ = _score_texts(lm, sae, layer, prompts * (n_f * n_s), steered, idxs,
+                                                     max_length)
+    finally:
+        concepts.reset_manipulations()
+    results = []
+    for j, idx in enumerate(idxs):
+        (plain,) = _make_points([None], plain_text, [0.0], None, p_active[:, j], p_loss, p_tok, words[j], n)
+        block = slice(j * n_s * n, (j + 1) * n_s * n)
+        kls = [_kl(steered_logits[block][i * n:(i + 1) * n], plain_logits, mask) for i in range(n_s)]
+        points = _make_points(sweep, steered[block], kls, plain.loss, s_active[block, j], s_loss[block],
+                              s_tok[block], words[j], n)
+        for point in points:
+            point.passes = _passes(point, plain, targets)
+        results.append(SteeringEvaluation(
+            neuron=idx, layer=layer, mode=mode, prompts=prompts, promoted_tokens=promoted[j],
+            suppressed_tokens=lens.suppressed[lens_rows[j]][:top_tokens], promoted_words=words[j], plain=plain,
+            points=points, best_strength=choose_strength(points, targets), max_new_tokens=max_new_tokens,
+            targets=dict(targets),
+        ))
+    return results

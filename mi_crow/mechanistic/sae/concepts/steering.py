@@ -115,6 +115,10 @@ class Steering:
         """``[batch]`` multipliers of every ``add`` / ``clamp`` / ``cap`` value, one per text of the batch (None:
         all 1). A sweep of strengths then runs as one batch: rows of strength ``s`` carry the value 1 times ``s``
         (``evaluate_steering`` does this). Applies only to forwards whose batch has exactly that many texts."""
+        self.row_masks: dict[int, Tensor] | None = None
+        """Per edited neuron, a ``[batch]`` bool mask of the texts its edit applies to (None, or a neuron not in it:
+        every text). Several features then run as one batch, each steering its own rows
+        (``evaluate_steering_many`` does this). Applies only to forwards whose batch has exactly that many texts."""
 
     # ------------------------------------------------------------------ editing
     def set_scale(self, neuron: int, scale: Any) -> None:
@@ -150,10 +154,11 @@ class Steering:
         return {n: e for n, e in self.edits.items() if e.mode == "add"}
 
     def reset(self) -> None:
-        """Remove every scale and edit (and the per-text ``row_scales``)."""
+        """Remove every scale and edit (and the per-text ``row_scales`` and ``row_masks``)."""
         self.scales.clear()
         self.edits.clear()
         self.row_scales = None
+        self.row_masks = None
         self._scale_tables.clear()
 
     def remove_scale(self, neuron: int) -> None:
@@ -345,6 +350,20 @@ class Steering:
             )
         return scales.to(device=device, dtype=dtype).view(-1, 1)
 
+    def _row_mask(self, neuron: int, lead: torch.Size, device: torch.device) -> Tensor | None:
+        """``row_masks[neuron]`` broadcast to ``lead`` (``[batch, seq]``), or None when the edit applies to every
+        text."""
+        masks = self.row_masks
+        if masks is None or neuron not in masks:
+            return None
+        rows = masks[neuron]
+        if len(lead) != 2 or rows.shape != (lead[0],):
+            raise UserInputError(
+                f"row_masks[{neuron}] holds {tuple(rows.shape)} values but this forward's code has leading shape "
+                f"{tuple(lead)}; per-text masks need a [batch, seq] code with one value per text"
+            )
+        return rows.to(device=device, dtype=torch.bool).view(-1, 1).expand(lead)
+
     def modify_code(self, values: Tensor, indices: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
         """Apply the manipulations to a sparse code (see ``AutoencoderConcepts.modify_code``).
 
@@ -389,6 +408,9 @@ class Steering:
         for j, neuron in enumerate(neurons):
             edit = self.edits[neuron]
             mask = self._edit_mask(edit, lead, device)
+            rows_on = self._row_mask(neuron, lead, device)
+            if rows_on is not None:
+                mask = rows_on if mask is None else mask & rows_on
             amount = torch.full(lead, edit.value, dtype=dtype, device=device)
             if self.row_scales is not None:
                 amount = amount * self._row_factor(lead, device, dtype)
