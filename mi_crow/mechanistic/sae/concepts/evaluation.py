@@ -294,6 +294,31 @@ def choose_strength(points: Sequence[SteeringPoint], targets: dict[str, float] =
     return min(points, key=lambda p: p.loss_rise).strength
 
 
+def _check_sweep(strengths: Sequence[float] | None) -> list[float]:
+    """The strengths of a sweep (default :data:`DEFAULT_STRENGTHS`), each a finite number."""
+    raw = DEFAULT_STRENGTHS if strengths is None else strengths
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) == 0:
+        raise UserInputError(f"strengths must be a non-empty sequence of finite numbers, got {raw!r}")
+    return [_check_finite_number(s, f"strengths[{i}]") for i, s in enumerate(raw)]
+
+
+def _check_unsteered(concepts: Any) -> None:
+    if concepts.has_manipulations:
+        raise UserInputError("the SAE already carries manipulations; call sae.concepts.reset_manipulations() "
+                             "before evaluating steering (the plain baseline must be unsteered)")
+
+
+def _plain_texts(lm: Any, prompts: list[str], given: Sequence[str] | None, max_new_tokens: int) -> list[str]:
+    """The unsteered continuations: ``given`` (checked: one per prompt) or generated."""
+    if given is None:
+        return lm.generate(prompts, max_new_tokens=max_new_tokens)
+    texts = check_texts(list(given), "plain_continuations")
+    if len(texts) != len(prompts):
+        raise UserInputError(f"plain_continuations must hold one continuation per prompt ({len(prompts)}), "
+                             f"got {len(texts)}")
+    return texts
+
+
 def evaluate_steering(
     lm: Any,
     sae: Any,
@@ -357,13 +382,8 @@ def evaluate_steering(
     if mode == "ablate":
         sweep: list[float] = [0.0]
     else:
-        raw = DEFAULT_STRENGTHS if strengths is None else strengths
-        if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) == 0:
-            raise UserInputError(f"strengths must be a non-empty sequence of finite numbers, got {raw!r}")
-        sweep = [_check_finite_number(s, f"strengths[{i}]") for i, s in enumerate(raw)]
-    if concepts.has_manipulations:
-        raise UserInputError("the SAE already carries manipulations; call sae.concepts.reset_manipulations() "
-                             "before evaluating steering (the plain baseline must be unsteered)")
+        sweep = _check_sweep(strengths)
+    _check_unsteered(concepts)
     if lens is None or idx not in lens.neurons:
         lens = feature_logit_lens(lm, sae, [idx], top=top_tokens)
     row = lens.row(idx)
@@ -388,13 +408,7 @@ def evaluate_steering(
 
     steering = concepts._steering
     try:
-        if plain_continuations is None:
-            plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
-        else:
-            plain_text = check_texts(list(plain_continuations), "plain_continuations")
-            if len(plain_text) != len(prompts):
-                raise UserInputError(f"plain_continuations must hold one continuation per prompt ({len(prompts)}), "
-                                     f"got {len(plain_text)}")
+        plain_text = _plain_texts(lm, prompts, plain_continuations, max_new_tokens)
         (plain,), plain_logits, mask = measure([None], plain_text, [0.0], None)
         plain_texts = [p + c for p, c in zip(prompts, plain_text)]
         # Edits whose value scales (add / clamp / cap) run the whole sweep as one batch: every prompt once per
@@ -475,13 +489,8 @@ def evaluate_steering_many(
     mode = check_choice(mode, "mode", ("add", "clamp", "cap"))
     max_new_tokens = check_positive_int(max_new_tokens, "max_new_tokens")
     top_tokens = check_positive_int(top_tokens, "top_tokens")
-    raw = DEFAULT_STRENGTHS if strengths is None else strengths
-    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) == 0:
-        raise UserInputError(f"strengths must be a non-empty sequence of finite numbers, got {raw!r}")
-    sweep = [_check_finite_number(s, f"strengths[{i}]") for i, s in enumerate(raw)]
-    if concepts.has_manipulations:
-        raise UserInputError("the SAE already carries manipulations; call sae.concepts.reset_manipulations() "
-                             "before evaluating steering (the plain baseline must be unsteered)")
+    sweep = _check_sweep(strengths)
+    _check_unsteered(concepts)
     if lens is None or any(i not in lens.neurons for i in idxs):
         lens = feature_logit_lens(lm, sae, idxs, top=top_tokens)
     lens_rows = [lens.row(i) for i in idxs]
@@ -491,13 +500,7 @@ def evaluate_steering_many(
 
     steering = concepts._steering
     try:
-        if plain_continuations is None:
-            plain_text = lm.generate(prompts, max_new_tokens=max_new_tokens)
-        else:
-            plain_text = check_texts(list(plain_continuations), "plain_continuations")
-            if len(plain_text) != n:
-                raise UserInputError(f"plain_continuations must hold one continuation per prompt ({n}), "
-                                     f"got {len(plain_text)}")
+        plain_text = _plain_texts(lm, prompts, plain_continuations, max_new_tokens)
         p_active, p_loss, p_tok, plain_logits, mask = _score_texts(lm, sae, layer, prompts, plain_text, idxs,
                                                                     max_length)
         plain_texts = [p + c for p, c in zip(prompts, plain_text)]
