@@ -461,8 +461,9 @@ def evaluate_steering_many(
     plain_continuations: Sequence[str] | None = None,
 ) -> list[SteeringEvaluation]:
     """:func:`evaluate_steering` for several features at once: every feature at every strength in one batched
-    generation (each feature steers only its own rows: ``Steering.row_masks``), one forward for the KL, one scoring
-    forward for the steered and one for the plain continuations. Each result holds what ``evaluate_steering`` gives
+    generation (each feature steers only its own rows: ``Steering.row_masks``; the plain continuations, unless
+    given, are unsteered rows of the same batch), one forward for the KL, one scoring forward for the steered and one
+    for the plain continuations. Each result holds what ``evaluate_steering`` gives
     for that feature (the same greedy texts, up to float rounding), for about the cost of one feature on a CPU,
     where generating a few rows is bound by reading the weights.
 
@@ -499,21 +500,38 @@ def evaluate_steering_many(
     n, n_s, n_f = len(prompts), len(sweep), len(idxs)
 
     steering = concepts._steering
+    steered_rows = n_f * n_s * n
+    # The plain continuations, when not given, are generated as unsteered rows of the same batch (no edit applies to
+    # them): on a CPU a few more rows cost far less than a generation of their own.
+    extra = n if plain_continuations is None else 0
+
+    def steer_rows(rows_plain: int) -> None:
+        """Every feature's edit, value 1 on its own rows only, times the row's strength. Rows: feature-major, then
+        strength, then prompt; then ``rows_plain`` unsteered rows."""
+        for idx in idxs:
+            _apply_edit(concepts, idx, mode, relative, exclude_special, 1.0)
+        steering.row_scales = torch.tensor([s for _ in idxs for s in sweep for _ in prompts] + [0.0] * rows_plain,
+                                           dtype=torch.float64)
+        steering.row_masks = {
+            idx: torch.tensor([f == j for f in range(n_f) for _ in sweep for _ in prompts] + [False] * rows_plain)
+            for j, idx in enumerate(idxs)
+        }
+
     try:
-        plain_text = _plain_texts(lm, prompts, plain_continuations, max_new_tokens)
+        steer_rows(extra)
+        try:
+            generated = lm.generate(prompts * (n_f * n_s) + prompts[:extra], max_new_tokens=max_new_tokens)
+        finally:
+            concepts.reset_manipulations()
+        steered = generated[:steered_rows]
+        plain_text = generated[steered_rows:] if extra else _plain_texts(lm, prompts, plain_continuations,
+                                                                          max_new_tokens)
         p_active, p_loss, p_tok, plain_logits, mask = _score_texts(lm, sae, layer, prompts, plain_text, idxs,
                                                                     max_length)
         plain_texts = [p + c for p, c in zip(prompts, plain_text)]
-        # Rows: feature-major, then strength, then prompt; each feature's edit has value 1 on its own rows only,
-        # times the row's strength.
-        for idx in idxs:
-            _apply_edit(concepts, idx, mode, relative, exclude_special, 1.0)
-        steering.row_scales = torch.tensor([s for _ in idxs for s in sweep for _ in prompts], dtype=torch.float64)
-        steering.row_masks = {
-            idx: torch.tensor([f == j for f in range(n_f) for _ in sweep for _ in prompts]) for j, idx in enumerate(idxs)
-        }
+        # The steered model's distributions on the plain texts, against the plain model's.
+        steer_rows(0)
         try:
-            steered = lm.generate(prompts * (n_f * n_s), max_new_tokens=max_new_tokens)
             out, _ = lm.inference.forward_batch(plain_texts * (n_f * n_s), max_length=max_length)
         finally:
             concepts.reset_manipulations()
