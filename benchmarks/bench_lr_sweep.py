@@ -39,25 +39,6 @@ def reference_lr(n: int) -> float:
     return 2e-4 / math.sqrt(n / 2**14)
 
 
-def _memoise_b_dec_init() -> None:
-    """Every run of the sweep initialises b_dec from the same sample (same data, same seed), so its geometric median
-    (200 Weiszfeld passes over 32768 tokens in float64, a fixed ~20 s per run) is computed once and reused: the runs
-    are exactly those of the default recipe, only faster."""
-    from mi_crow.mechanistic.sae.train import init
-
-    original = init.geometric_median
-    cache: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def cached(points: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        key = (tuple(points.shape), float(points.double().sum()), float(points[0].double().sum()),
-               float(points[-1].double().sum()), tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original(points, **kwargs)
-        return cache[key].clone()
-
-    init.geometric_median = cached
-
-
 def run(train: torch.Tensor, heldout: torch.Tensor, n: int, k: int, batch: int, budget: int, lr: float,
         extra: dict[str, Any]) -> dict[str, float]:
     torch.manual_seed(0)
@@ -159,7 +140,6 @@ def main() -> None:
         raise SystemExit(f"{args.data} is missing: run benchmarks/bench_quality.py first (it builds the tensors)")
     data = torch.load(args.data, weights_only=True)
     train, heldout = data["train"], data["heldout"]
-    _memoise_b_dec_init()
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor(), "k": args.k,
             "batch": args.batch, "train_tokens": int(train.shape[0]), "heldout_tokens": int(heldout.shape[0]),
             "reference_lr": "2e-4 / sqrt(n / 2**14)", "data": data.get("meta")}

@@ -7,9 +7,6 @@ learning-rate decay's start and shape, warm-up, Adam's betas, the ``b_dec`` and 
 and the peak learning rate as a multiple of `schedule.default_lr`. Every run reports held-out FVU (float64) and the
 latents never active on the held-out set; everything else (data, seed, shuffling) is the same for all.
 
-Every run initialises ``b_dec`` from the same sample (same data, same seed), so its geometric median is computed once
-and reused (as bench_lr_sweep.py does): the runs are exactly the recipe's, only faster.
-
 Usage: ``python benchmarks/bench_recipe_ablation.py [--data PATH] [--budget 1000000] [--variants defaults,...]
 [--resume]``; prints a table ordered by held-out FVU and writes ``benchmarks/results/bench_recipe_ablation.json``
 after every run (``--resume`` keeps the runs already there, so an ablation can be run in pieces; a run is identified
@@ -69,23 +66,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lr_x2_dead_window_2pct": ("twice the default peak learning rate, dead window 2% of the budget",
                                {"lr_multiple": 2.0, "dead_window_fraction": 0.02}),
 }
-
-
-def _memoise_b_dec_init() -> None:
-    """The geometric median of the (identical) b_dec sample, computed once for all runs."""
-    from mi_crow.mechanistic.sae.train import init
-
-    original = init.geometric_median
-    cache: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def cached(points: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        key = (tuple(points.shape), float(points.double().sum()), float(points[0].double().sum()),
-               float(points[-1].double().sum()), tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = original(points, **kwargs)
-        return cache[key].clone()
-
-    init.geometric_median = cached
 
 
 def _rule() -> str:
@@ -159,7 +139,6 @@ def main() -> None:
         raise SystemExit(f"{args.data} is missing: run benchmarks/bench_quality.py first (it builds the tensors)")
     data = torch.load(args.data, weights_only=True)
     train, heldout = data["train"], data["heldout"]
-    _memoise_b_dec_init()
     budget = (args.budget // args.batch) * args.batch
     meta = {"torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "n": args.n, "k": args.k, "batch": args.batch,
